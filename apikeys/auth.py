@@ -1,0 +1,220 @@
+"""Bearer-key authentication for the API (REST and WebSocket), built for the hot path.
+
+A key is looked up in three tiers: an in-process dict trusted for KEYWAY_KEY_LOCAL_TTL (0.5 s by default),
+the shared cache (Redis in production), then the database. Revoke and rotate delete the shared entry on
+commit, so every worker sees the change once its local copy ages out: within a second. Where the cache is
+process-local (the embedded default) the shared tier is skipped and the database is asked instead, because
+a revocation made by another process (the CLI) could not reach a process-local cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.cache import cache
+from django.core.cache.backends.locmem import LocMemCache
+from django.db import close_old_connections
+from django.utils import timezone
+
+from apikeys import keyformat
+from apikeys.exceptions import InvalidApiKey, MissingScope, ModelNotAllowed
+
+logger = logging.getLogger(__name__)
+
+_LAST_USED_EVERY = 60.0
+_INVALID_MESSAGE = "Incorrect API key provided. You can find your API keys in Settings → API Keys."
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticatedKey:
+    """What the API knows about the caller after authentication. Holds no secret."""
+
+    id: int
+    public_id: str
+    name: str
+    organization_id: int
+    organization_slug: str
+    pinned_model: str
+    scopes: frozenset[str]
+    allowed_models: frozenset[str]
+
+    def require_scope(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise MissingScope(scope)
+
+    def may_use_model(self, model: str) -> bool:
+        return not self.allowed_models or model in self.allowed_models
+
+    def require_model(self, model: str) -> None:
+        if not self.may_use_model(model):
+            raise ModelNotAllowed(model)
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyRecord:
+    """The cached form of a key row: enough to verify a secret and decide validity without a query."""
+
+    key: AuthenticatedKey
+    secret_hash: str
+    previous_secret_hash: str
+    previous_valid_until: float | None
+    expires_at: float | None
+    revoked: bool
+    last_used_at: float | None
+
+
+# A record of None means "no such key", cached like any other answer so unknown ids cannot hammer the DB.
+_local: dict[str, tuple[float, _KeyRecord | None]] = {}
+_LOCAL_MAX = 50_000
+_background: set[asyncio.Task[None]] = set()
+
+
+def _cache_key(public_id: str) -> str:
+    return f"apikey:{public_id}"
+
+
+def _shared_cache_is_process_local() -> bool:
+    return isinstance(cache, LocMemCache) or isinstance(getattr(cache, "_cache", None), LocMemCache)
+
+
+def _timestamp(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def _load_record(public_id: str) -> _KeyRecord | None:
+    # Imported here because the model registry is not ready when this module is first imported by services.
+    from apikeys.models import ApiKey
+
+    close_old_connections()
+    row = (
+        ApiKey.objects.select_related("organization")
+        .filter(public_id=public_id)
+        .only(
+            "id", "public_id", "name", "secret_hash", "previous_secret_hash", "previous_secret_expires_at",
+            "scopes", "allowed_models", "expires_at", "revoked_at", "last_used_at",
+            "organization__id", "organization__slug", "organization__pinned_model",
+        )
+        .first()
+    )
+    if row is None:
+        return None
+    return _KeyRecord(
+        key=AuthenticatedKey(
+            id=row.id,
+            public_id=row.public_id,
+            name=row.name,
+            organization_id=row.organization.id,
+            organization_slug=row.organization.slug,
+            pinned_model=row.organization.pinned_model,
+            scopes=frozenset(row.scopes),
+            allowed_models=frozenset(row.allowed_models),
+        ),
+        secret_hash=row.secret_hash,
+        previous_secret_hash=row.previous_secret_hash,
+        previous_valid_until=_timestamp(row.previous_secret_expires_at),
+        expires_at=_timestamp(row.expires_at),
+        revoked=row.revoked_at is not None,
+        last_used_at=_timestamp(row.last_used_at),
+    )
+
+
+_MISSING = "missing"
+
+
+def _fetch_record(public_id: str) -> _KeyRecord | None:
+    """Shared cache, then database. Runs in a worker thread."""
+    if _shared_cache_is_process_local():
+        return _load_record(public_id)
+    cached = cache.get(_cache_key(public_id))
+    if cached is not None:
+        return None if cached == _MISSING else cached
+    record = _load_record(public_id)
+    # Unknown ids are remembered briefly only: a key created a moment later must start working quickly.
+    if record is None:
+        cache.set(_cache_key(public_id), _MISSING, timeout=2)
+    else:
+        cache.set(_cache_key(public_id), record, timeout=settings.KEYWAY_KEY_CACHE_TTL)
+    return record
+
+
+def invalidate_cached_key(public_id: str) -> None:
+    """Forget every cached copy of a key that this process can reach. Called on commit of a key change."""
+    _local.pop(public_id, None)
+    cache.delete(_cache_key(public_id))
+
+
+async def _record_for(public_id: str) -> _KeyRecord | None:
+    now = time.monotonic()
+    hit = _local.get(public_id)
+    if hit is not None and now - hit[0] < settings.KEYWAY_KEY_LOCAL_TTL:
+        return hit[1]
+    record = await sync_to_async(_fetch_record, thread_sensitive=True)(public_id)
+    if len(_local) >= _LOCAL_MAX:
+        _local.clear()
+    _local[public_id] = (now, record)
+    return record
+
+
+def _touch_last_used(key_id: int, public_id: str) -> None:
+    from apikeys.models import ApiKey
+
+    # The shared cache makes "at most once a minute" hold across worker processes too.
+    if not cache.add(f"apikey-used:{public_id}", 1, timeout=int(_LAST_USED_EVERY)):
+        return
+    close_old_connections()
+    ApiKey.objects.filter(pk=key_id).update(last_used_at=timezone.now())
+
+
+def _schedule_touch(record: _KeyRecord) -> None:
+    task = asyncio.get_running_loop().create_task(
+        sync_to_async(_touch_last_used, thread_sensitive=False)(record.key.id, record.key.public_id)
+    )
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+_last_touch: dict[str, float] = {}
+
+
+def parse_bearer(header: str | None) -> str:
+    if not header:
+        raise InvalidApiKey(
+            "You didn't provide an API key. Provide it in the Authorization header as 'Bearer YOUR_KEY'."
+        )
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise InvalidApiKey("The Authorization header must be 'Bearer YOUR_KEY'.")
+    return token.strip()
+
+
+async def authenticate_key(raw_key: str) -> AuthenticatedKey:
+    """Return the key behind a raw secret, or raise InvalidApiKey. Malformed keys never reach a query."""
+    parsed = keyformat.parse_key(raw_key)
+    if parsed is None:
+        raise InvalidApiKey(_INVALID_MESSAGE)
+    public_id, secret = parsed
+    record = await _record_for(public_id)
+    if record is None or record.revoked:
+        raise InvalidApiKey(_INVALID_MESSAGE)
+    now = time.time()
+    if record.expires_at is not None and now >= record.expires_at:
+        raise InvalidApiKey(_INVALID_MESSAGE)
+    if not keyformat.secret_matches(public_id, secret, record.secret_hash):
+        still_in_grace = record.previous_valid_until is not None and now < record.previous_valid_until
+        if not (still_in_grace and keyformat.secret_matches(public_id, secret, record.previous_secret_hash)):
+            raise InvalidApiKey(_INVALID_MESSAGE)
+    last = _last_touch.get(public_id, record.last_used_at or 0.0)
+    if now - last >= _LAST_USED_EVERY:
+        _last_touch[public_id] = now
+        _schedule_touch(record)
+    return record.key
+
+
+async def authenticate_header(header: str | None) -> AuthenticatedKey:
+    return await authenticate_key(parse_bearer(header))

@@ -1,0 +1,87 @@
+"""The one mapping from exceptions to OpenAI error objects, as JSON before the first byte of a response."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpResponse
+
+from apikeys.exceptions import ApiKeyError, InvalidApiKey, MissingScope, ModelNotAllowed
+from completions.providers.base import ProviderError
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error the API answers with: status plus the four fields of OpenAI's error object."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        error_type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.error_type = error_type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(
+        f"The model `{model}` does not exist or you do not have access to it.",
+        status=404,
+        param="model",
+        code="model_not_found",
+    )
+
+
+def to_api_error(exc: BaseException, *, request_id: str) -> ApiError:
+    """Classify any exception. Unknown ones become a 500 that names the request id and nothing else."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InvalidApiKey):
+        return ApiError(exc.message, status=401, code="invalid_api_key")
+    if isinstance(exc, MissingScope):
+        return ApiError(exc.message, status=403, error_type="permission_error", code="missing_scope")
+    if isinstance(exc, ModelNotAllowed):
+        return ApiError(
+            exc.message, status=403, error_type="permission_error", param="model", code="model_not_allowed"
+        )
+    if isinstance(exc, ApiKeyError):
+        return ApiError(exc.message, status=403, error_type="permission_error")
+    if isinstance(exc, ProviderError):
+        return ApiError(exc.message, status=exc.status, error_type=exc.error_type, param=exc.param, code=exc.code)
+    if isinstance(exc, RequestDataTooBig):
+        return ApiError(
+            "The request body is too large.", status=413, code="request_too_large", error_type="invalid_request_error"
+        )
+    logger.exception("Unhandled error in request %s", request_id, exc_info=exc)
+    return ApiError(
+        f"The server had an error while processing your request. Quote request id {request_id} if you ask "
+        "for help.",
+        status=500,
+        error_type="server_error",
+        code="server_error",
+    )
+
+
+def error_response(error: ApiError, *, request_id: str) -> HttpResponse:
+    response = HttpResponse(orjson.dumps(error.body()), status=error.status, content_type="application/json")
+    for name, value in error.headers.items():
+        response[name] = value
+    response["x-request-id"] = request_id
+    return response

@@ -1,0 +1,72 @@
+"""The model catalog: which upstream providers exist and which public models they serve."""
+
+from __future__ import annotations
+
+import time
+
+from django.db import models
+
+from platform_site.crypto import decrypt_secret, encrypt_secret
+
+
+class Provider(models.Model):
+    class Kind(models.TextChoices):
+        LLAMACPP = "llamacpp", "llama.cpp (embedded GGUF)"
+        OPENAI_COMPATIBLE = "openai_compatible", "OpenAI-compatible HTTP upstream"
+
+    name = models.SlugField(max_length=64, unique=True)
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    # For openai_compatible: e.g. https://api.openai.com/v1 or http://127.0.0.1:8080/v1.
+    base_url = models.URLField(max_length=500, blank=True, default="")
+    # Encrypted at rest (platform_site.crypto); read through `api_key` / set through `set_api_key`.
+    api_key_encrypted = models.TextField(blank=True, default="")
+    extra_headers = models.JSONField(default=dict, blank=True)
+    # Total timeout of one upstream call in seconds; null uses KEYWAY_UPSTREAM_TIMEOUT.
+    timeout_seconds = models.FloatField(null=True, blank=True)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def api_key(self) -> str:
+        return decrypt_secret(self.api_key_encrypted)
+
+    def set_api_key(self, plaintext: str) -> None:
+        self.api_key_encrypted = encrypt_secret(plaintext)
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class Model(models.Model):
+    """A public model id as clients see it in /v1/models, served by one provider."""
+
+    class Capability(models.TextChoices):
+        CHAT = "chat", "chat"
+        EMBEDDINGS = "embeddings", "embeddings"
+        TOOLS = "tools", "tools"
+        VISION = "vision", "vision"
+        AUDIO = "audio", "audio"
+        FILES = "files", "files"
+
+    public_id = models.CharField(max_length=128, unique=True)
+    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="models")
+    # The provider's own name: an upstream model id, or for llamacpp a GGUF path or `pypi:<module>`.
+    upstream_model = models.CharField(max_length=500)
+    capabilities = models.JSONField(default=list, blank=True)
+    context_length = models.PositiveIntegerField(default=4096)
+    enabled = models.BooleanField(default=True)
+    created = models.PositiveBigIntegerField(default=_now, help_text="Unix seconds, as /v1/models reports it.")
+    owned_by = models.CharField(max_length=64, default="keyway")
+
+    class Meta:
+        ordering = ["public_id"]
+
+    def __str__(self) -> str:
+        return self.public_id

@@ -1,0 +1,1 @@
+"""Model providers: one module per backend, a registry, and the small async interface in `base`."""

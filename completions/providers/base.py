@@ -1,0 +1,93 @@
+"""The interface every provider implements, and the errors a provider may raise.
+
+Providers hold no ORM: they receive plain configuration and plain request dicts, and return OpenAI-shaped
+dicts. The API layer owns ids, public model names, usage policy and framing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    kind: str
+    base_url: str = ""
+    api_key: str = field(default="", repr=False)
+    extra_headers: tuple[tuple[str, str], ...] = ()
+    timeout: float | None = None
+
+
+@dataclass(slots=True)
+class ChatCall:
+    """One chat request as a provider sees it: the client's validated body and the upstream model name."""
+
+    upstream_model: str
+    body: dict[str, Any]
+    request_id: str
+
+
+@dataclass(slots=True)
+class EmbeddingsCall:
+    upstream_model: str
+    body: dict[str, Any]
+    request_id: str
+
+
+class ChatProvider(Protocol):
+    async def chat(self, call: ChatCall) -> dict[str, Any]:
+        """Return a `chat.completion` object (id, model and created are rewritten by the caller)."""
+
+    def chat_stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
+        """Yield `chat.completion.chunk` objects; the last one carries `usage` when the backend knows it.
+        Closing the iterator early must stop the generation upstream."""
+
+    async def embeddings(self, call: EmbeddingsCall) -> dict[str, Any]:
+        """Return an embeddings `list` object."""
+
+    def loaded_models(self) -> list[str]:
+        """Models this provider holds in memory in this process (empty for remote providers)."""
+
+
+class ProviderError(Exception):
+    """An upstream failure, already classified as the OpenAI error the client should see."""
+
+    status = 502
+    error_type = "upstream_error"
+    code: str | None = "upstream_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class UpstreamTimeout(ProviderError):
+    status = 504
+    error_type = "timeout_error"
+    code = "upstream_timeout"
+
+
+class UpstreamUnavailable(ProviderError):
+    """Connection refused or reset, a 5xx, or a body that is not what the protocol promises."""
+
+
+class UpstreamRejected(ProviderError):
+    """The upstream answered 4xx: its error is passed on with its status, in OpenAI's shape."""
+
+    def __init__(
+        self, message: str, *, status: int, error_type: str, code: str | None, param: str | None
+    ) -> None:
+        super().__init__(message, param=param)
+        self.status = status
+        self.error_type = error_type
+        self.code = code
+
+
+class UnsupportedByModel(ProviderError):
+    status = 400
+    error_type = "invalid_request_error"
+    code = "unsupported_model_capability"

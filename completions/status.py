@@ -1,0 +1,50 @@
+"""GET /status: version, uptime, loaded models, open streams and sockets. For a valid API key or staff."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest, JsonResponse
+
+from apikeys.auth import authenticate_header
+from apikeys.exceptions import ApiKeyError
+from completions.errors import ApiError, error_response, to_api_error
+from platform_site import runtime
+from platform_site.middleware import new_request_id
+
+
+def _version() -> str:
+    try:
+        return version("keyway")
+    except PackageNotFoundError:
+        return "0.1.0"
+
+
+def _is_staff(request: HttpRequest) -> bool:
+    user = request.user
+    return bool(user.is_authenticated and user.is_staff)
+
+
+async def status(request: HttpRequest) -> JsonResponse:
+    request_id = getattr(request, "request_id", None) or new_request_id()
+    if request.headers.get("Authorization"):
+        try:
+            await authenticate_header(request.headers.get("Authorization"))
+        except ApiKeyError as exc:
+            return error_response(to_api_error(exc, request_id=request_id), request_id=request_id)
+    elif not await sync_to_async(_is_staff)(request):
+        error = ApiError("Send an API key, or log in as staff, to read the status.", status=401,
+                         code="invalid_api_key")
+        return error_response(error, request_id=request_id)
+    counters = runtime.counters()
+    return JsonResponse(
+        {
+            "status": "ok",
+            "version": _version(),
+            "uptime_seconds": runtime.uptime_seconds(),
+            "loaded_models": runtime.loaded_models(),
+            "open_streams": counters.get("open_streams", 0),
+            "open_websockets": counters.get("open_websockets", 0),
+        }
+    )

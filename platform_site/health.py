@@ -1,0 +1,37 @@
+"""GET /health: is this process able to serve? Checks the database and the cache."""
+
+from __future__ import annotations
+
+import time
+
+from asgiref.sync import sync_to_async
+from django.core.cache import cache
+from django.db import close_old_connections, connection
+from django.http import HttpRequest, JsonResponse
+
+
+def _check_database() -> None:
+    close_old_connections()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+
+
+def _check_cache() -> None:
+    probe = f"health:{time.monotonic_ns()}"
+    cache.set(probe, "ok", timeout=5)
+    if cache.get(probe) != "ok":
+        raise RuntimeError("cache read-back failed")
+    cache.delete(probe)
+
+
+async def health(request: HttpRequest) -> JsonResponse:
+    checks: dict[str, str] = {}
+    for name, check in (("database", _check_database), ("cache", _check_cache)):
+        try:
+            await sync_to_async(check, thread_sensitive=True)()
+            checks[name] = "ok"
+        except Exception as exc:  # noqa: BLE001 - any failure of a dependency is what this endpoint reports
+            checks[name] = f"error: {type(exc).__name__}"
+    healthy = all(value == "ok" for value in checks.values())
+    return JsonResponse({"status": "ok" if healthy else "unavailable", "checks": checks}, status=200 if healthy else 503)

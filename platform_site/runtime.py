@@ -1,0 +1,34 @@
+"""Process-wide runtime facts reported by /status: start time, open streams and sockets, loaded models.
+
+Lower layers cannot import the apps that own these facts, so those apps register a reporter here instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+STARTED_AT = time.time()
+_counters: dict[str, int] = {"open_streams": 0, "open_websockets": 0}
+_loaded_models_reporters: list[Callable[[], list[str]]] = []
+
+
+def counter_add(name: str, delta: int) -> None:
+    _counters[name] = _counters.get(name, 0) + delta
+
+
+def counters() -> dict[str, int]:
+    return dict(_counters)
+
+
+def register_loaded_models_reporter(reporter: Callable[[], list[str]]) -> None:
+    if reporter not in _loaded_models_reporters:
+        _loaded_models_reporters.append(reporter)
+
+
+def loaded_models() -> list[str]:
+    return sorted({name for reporter in _loaded_models_reporters for name in reporter()})
+
+
+def uptime_seconds() -> float:
+    return round(time.time() - STARTED_AT, 3)

@@ -1,0 +1,155 @@
+"""Keyway settings, configured only from the environment (see README for the variables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+
+from platform_site.env import env_bool, env_float, env_int, env_list, env_secret, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("KEYWAY_VAR_DIR", str(BASE_DIR / "var")))
+
+DEBUG = env_bool("DEBUG", True)
+SECRET_KEY = env_secret("SECRET_KEY", debug=DEBUG, var_dir=VAR_DIR)
+# The pepper keys the HMAC under which API key secrets are stored. Changing it invalidates every key.
+KEYWAY_KEY_PEPPER = env_secret("KEYWAY_KEY_PEPPER", debug=DEBUG, var_dir=VAR_DIR)
+# Fernet-style key material for upstream provider secrets encrypted at rest.
+KEYWAY_ENCRYPTION_KEY = env_secret("KEYWAY_ENCRYPTION_KEY", debug=DEBUG, var_dir=VAR_DIR)
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"] if DEBUG else [])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "channels",
+    "platform_site",
+    "apikeys",
+    "billing",
+    "completions",
+]
+
+# The dashboard's middleware. The OpenAI-compatible API under /v1 and /api/v1 is served by a separate handler
+# (platform_site.asgi) that runs none of these, because sessions, auth, messages and CSRF cost more than the
+# whole proxy hop and mean nothing to a bearer-token API.
+MIDDLEWARE = [
+    "platform_site.middleware.RequestIdMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "platform_site.urls"
+ASGI_APPLICATION = "platform_site.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'keyway.sqlite3'}"),
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 600, minimum=0),
+        conn_health_checks=True,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets the server read while a management command writes; the timeout rides out short write locks.
+    DATABASES["default"]["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "timeout": 20,
+        "transaction_mode": "IMMEDIATE",
+    }
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env_str("REDIS_URL", "")
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": env_str("KEYWAY_CACHE_PREFIX", "kw"),
+        }
+    }
+    CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "keyway"}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+# Request bodies: the API maps a body over this size to a 413 OpenAI error.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("KEYWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024)
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {"django.request": {"level": "ERROR"}},
+}
+
+# --- Keyway -------------------------------------------------------------------------------------------------
+# How long a worker trusts its in-process copy of an API key before re-checking the shared cache. Revocation
+# deletes the shared entry, so this bounds how long a revoked key may still pass on another worker.
+KEYWAY_KEY_LOCAL_TTL = env_float("KEYWAY_KEY_LOCAL_TTL", 0.5, minimum=0.0)
+KEYWAY_KEY_CACHE_TTL = env_int("KEYWAY_KEY_CACHE_TTL", 300, minimum=1)
+KEYWAY_ROTATION_GRACE_SECONDS = env_int("KEYWAY_ROTATION_GRACE_SECONDS", 24 * 3600, minimum=0)
+KEYWAY_CATALOG_LOCAL_TTL = env_float("KEYWAY_CATALOG_LOCAL_TTL", 1.0, minimum=0.0)
+
+# Upstream HTTP providers.
+KEYWAY_UPSTREAM_TIMEOUT = env_float("KEYWAY_UPSTREAM_TIMEOUT", 180.0, minimum=0.1)
+KEYWAY_UPSTREAM_CONNECT_TIMEOUT = env_float("KEYWAY_UPSTREAM_CONNECT_TIMEOUT", 10.0, minimum=0.1)
+KEYWAY_UPSTREAM_POOL_SIZE = env_int("KEYWAY_UPSTREAM_POOL_SIZE", 256, minimum=1)
+
+# The embedded llama.cpp provider.
+KEYWAY_LLAMA_THREADS = env_int("KEYWAY_LLAMA_THREADS", 2, minimum=1)
+KEYWAY_LLAMA_CONTEXT = env_int("KEYWAY_LLAMA_CONTEXT", 4096, minimum=256)
+KEYWAY_MODEL_DIR = Path(env_str("KEYWAY_MODEL_DIR", str(VAR_DIR / "models")))
+# The default catalog entry created by migrations and `make run`; empty disables it.
+KEYWAY_DEFAULT_MODEL = env_str("KEYWAY_DEFAULT_MODEL", "gemma-3-270m")

@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path
+
+from completions.status import status
+from platform_site.health import health
+
+urlpatterns = [
+    path("v1/", include("completions.urls", namespace="v1")),
+    path("api/v1/", include("completions.urls", namespace="api-v1")),
+    path("health", health, name="health"),
+    path("status", status, name="status"),
+    path("admin/", admin.site.urls),
+]
