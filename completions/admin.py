@@ -11,6 +11,7 @@ from completions.models import Model, Provider
 
 
 class ProviderForm(forms.ModelForm):
+    base_url = forms.URLField(required=False, max_length=500, assume_scheme="https")
     # Write-only: the stored key is encrypted and never rendered back into the page.
     api_key = forms.CharField(
         required=False,

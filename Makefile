@@ -1,0 +1,36 @@
+# The two set-up commands of the README: `make run` and `make test`. Everything else here serves them.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# A native build of llama.cpp uses this CPU's AMX tiles and segfaults on the first decode. pip caches the
+# built wheel, so only the first install on a machine compiles it.
+export CMAKE_ARGS := -DGGML_NATIVE=OFF
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test serve lint bench
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.run-deps: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q ".[fast]"
+	touch $@
+
+$(VENV)/.test-deps: pyproject.toml $(VENV)/.run-deps
+	$(PIP) install -q ".[fast,test]"
+	touch $@
+
+run: $(VENV)/.run-deps
+	$(PY) manage.py migrate --no-input -v 0
+	$(PY) manage.py bootstrap
+	$(VENV)/bin/daphne -b 127.0.0.1 -p 8000 platform_site.asgi:application
+
+test: $(VENV)/.test-deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(PY) manage.py makemigrations --check --dry-run -v 0
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.test-deps
+	$(PY) bench/proxy_bench.py

@@ -1,0 +1,127 @@
+"""A fast OpenAI-compatible HTTP upstream for benchmarks and fault injection (a real server on loopback).
+
+The requested model name picks the behaviour:
+  ok (or anything else)  answer at once; streams send CHUNKS content chunks, a finish chunk and usage
+  slow                   sleep 30 s before answering (timeouts)
+  http500 / http429 / http400 / http401
+                         answer with that status and an OpenAI error body
+  badjson                answer 200 with a body that is not JSON
+  stream-break           send two chunks, then drop the connection (no [DONE])
+Run standalone: python bench/fake_upstream.py --port 9100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import orjson
+from aiohttp import web
+
+CHUNKS = 20
+
+
+def _completion(model: str) -> dict[str, object]:
+    return {
+        "id": "chatcmpl-upstream",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello from the fake upstream."},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16},
+    }
+
+
+def _chunk(model: str, delta: dict[str, object], finish: str | None = None) -> bytes:
+    body = {
+        "id": "chatcmpl-upstream",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def _error(status: int) -> web.Response:
+    body = {"error": {"message": f"fake upstream error {status}", "type": "invalid_request_error",
+                      "param": "messages", "code": f"fake_{status}"}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = orjson.loads(await request.read())
+    model = body.get("model", "ok")
+    request.app["seen"].append(body)
+    if model == "slow":
+        await asyncio.sleep(30)
+    if model.startswith("http"):
+        return _error(int(model[4:]))
+    if model == "badjson":
+        return web.Response(status=200, body=b"<html>not json</html>", content_type="text/html")
+    if not body.get("stream"):
+        return web.Response(body=orjson.dumps(_completion(model)), content_type="application/json")
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(_chunk(model, {"role": "assistant", "content": ""}))
+    count = 2 if model == "stream-break" else CHUNKS
+    for index in range(count):
+        await response.write(_chunk(model, {"content": f"t{index} "}))
+    if model == "stream-break":
+        request.transport.close()  # type: ignore[union-attr]
+        return response
+    await response.write(_chunk(model, {}, "stop"))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        usage = {"id": "chatcmpl-upstream", "object": "chat.completion.chunk", "created": int(time.time()),
+                 "model": model, "choices": [],
+                 "usage": {"prompt_tokens": 9, "completion_tokens": count, "total_tokens": 9 + count}}
+        await response.write(b"data: " + orjson.dumps(usage) + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.Response(body=orjson.dumps({"object": "list", "data": []}), content_type="application/json")
+
+
+def make_app() -> web.Application:
+    app = web.Application()
+    app["seen"] = []
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+async def start(host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int, web.Application]:
+    app = make_app()
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, bound, app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=9100)
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(make_app(), host="127.0.0.1", port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Shared fixtures: organizations, keys, an in-process client of the real ASGI app, schema validation."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+import yaml
+from django.conf import settings
+from django.core.cache import cache
+from jsonschema import Draft202012Validator
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
+
+from apikeys import auth
+from apikeys.models import ApiKey
+from apikeys.services import apikey_create
+from completions.catalog import catalog_invalidate
+from platform_site.models import Organization
+from platform_site.services import organization_create
+
+OPENAPI_PATH = Path(settings.BASE_DIR).parent / "shared" / "openai-openapi.yaml"
+USES_POSTGRES = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+USES_REDIS = bool(settings.REDIS_URL)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches() -> Iterator[None]:
+    """Module-level caches outlive a test; clear them so no test sees another's keys or catalog."""
+    cache.clear()
+    auth._local.clear()
+    auth._last_touch.clear()
+    catalog_invalidate()
+    yield
+    auth._local.clear()
+    catalog_invalidate()
+
+
+@pytest.fixture
+def org(db: None) -> Organization:
+    return organization_create(name="Acme", slug="acme", actor_label="test")
+
+
+@pytest.fixture
+def other_org(db: None) -> Organization:
+    return organization_create(name="Globex", slug="globex", actor_label="test")
+
+
+@pytest.fixture
+def api_key(org: Organization) -> tuple[ApiKey, str]:
+    return apikey_create(organization=org, name="test key", actor_label="test")
+
+
+@pytest.fixture
+def default_model(db: None) -> None:
+    from completions.services import catalog_ensure_default
+
+    catalog_ensure_default()
+
+
+@pytest.fixture
+async def asgi_client() -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client wired straight into platform_site.asgi.application: the same router, handlers and
+    views as production, without a socket."""
+    from platform_site.asgi import application
+
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def openapi() -> dict[str, Any]:
+    if not OPENAPI_PATH.exists():
+        pytest.skip(f"{OPENAPI_PATH} is missing")
+    with OPENAPI_PATH.open() as handle:
+        return yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
+
+
+@pytest.fixture(scope="session")
+def validate_schema(openapi: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """validate_schema(name, instance) checks an instance against components/schemas/<name>."""
+    registry = Registry().with_resource("urn:openai", DRAFT202012.create_resource(openapi))
+
+    def validate(name: str, instance: Any) -> None:
+        validator = Draft202012Validator({"$ref": f"urn:openai#/components/schemas/{name}"}, registry=registry)
+        errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.path))
+        assert not errors, f"{name}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
+
+    return validate
+
+
+def bearer(raw_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {raw_key}"}
+
+
+def running_in_ci() -> bool:
+    return os.environ.get("CI") == "true"

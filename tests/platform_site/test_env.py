@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from platform_site.env import env_bool, env_int, env_list, env_secret
+
+
+def test_env_bool_accepts_common_spellings_and_rejects_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("X_FLAG", "yes")
+    assert env_bool("X_FLAG", False) is True
+    monkeypatch.setenv("X_FLAG", "0")
+    assert env_bool("X_FLAG", True) is False
+    monkeypatch.setenv("X_FLAG", "maybe")
+    with pytest.raises(ImproperlyConfigured):
+        env_bool("X_FLAG", True)
+
+
+def test_env_int_fails_loudly_on_bad_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("X_INT", "abc")
+    with pytest.raises(ImproperlyConfigured):
+        env_int("X_INT", 1)
+    monkeypatch.setenv("X_INT", "0")
+    with pytest.raises(ImproperlyConfigured):
+        env_int("X_INT", 1, minimum=1)
+
+
+def test_env_list_splits_on_commas(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("X_LIST", "a, b,,c")
+    assert env_list("X_LIST", []) == ["a", "b", "c"]
+
+
+def test_secret_is_generated_once_in_debug_and_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("X_SECRET", raising=False)
+    first = env_secret("X_SECRET", debug=True, var_dir=tmp_path)
+    second = env_secret("X_SECRET", debug=True, var_dir=tmp_path)
+    assert first == second and len(first) >= 48
+    assert (tmp_path / "x_secret.secret").stat().st_mode & 0o077 == 0
+
+
+def test_production_refuses_to_start_without_its_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("X_SECRET", raising=False)
+    with pytest.raises(ImproperlyConfigured):
+        env_secret("X_SECRET", debug=False, var_dir=tmp_path)
