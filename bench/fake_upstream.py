@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 CHUNKS = 20
+SEEN = web.AppKey("seen", list)
 
 
 def _completion(model: str) -> dict[str, object]:
@@ -60,7 +61,7 @@ def _error(status: int) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = orjson.loads(await request.read())
     model = body.get("model", "ok")
-    request.app["seen"].append(body)
+    request.app[SEEN].append(body)
     if model == "slow":
         await asyncio.sleep(30)
     if model.startswith("http"):
@@ -94,7 +95,7 @@ async def models(request: web.Request) -> web.Response:
 
 def make_app() -> web.Application:
     app = web.Application()
-    app["seen"] = []
+    app[SEEN] = []
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     return app
@@ -102,7 +103,7 @@ def make_app() -> web.Application:
 
 async def start(host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int, web.Application]:
     app = make_app()
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

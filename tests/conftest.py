@@ -81,9 +81,28 @@ def openapi() -> dict[str, Any]:
         return yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
 
 
+def _nullable_to_json_schema(node: Any) -> Any:
+    """The document is OpenAPI 3.1 but still marks some fields with 3.0's `nullable: true`; JSON Schema
+    ignores that keyword, so spell it the 3.1 way (null in `type` and `enum`) before validating."""
+    if isinstance(node, list):
+        return [_nullable_to_json_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _nullable_to_json_schema(value) for key, value in node.items()}
+    if node.pop("nullable", False) is True:
+        if "enum" in node and None not in node["enum"]:
+            node["enum"] = [*node["enum"], None]
+        if isinstance(node.get("type"), str):
+            node["type"] = [node["type"], "null"]
+        elif "type" not in node:
+            node = {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
 @pytest.fixture(scope="session")
 def validate_schema(openapi: dict[str, Any]):  # type: ignore[no-untyped-def]
     """validate_schema(name, instance) checks an instance against components/schemas/<name>."""
+    openapi = _nullable_to_json_schema(openapi)
     registry = Registry().with_resource("urn:openai", DRAFT202012.create_resource(openapi))
 
     def validate(name: str, instance: Any) -> None:
@@ -100,3 +119,11 @@ def bearer(raw_key: str) -> dict[str, str]:
 
 def running_in_ci() -> bool:
     return os.environ.get("CI") == "true"
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def _close_upstream_pool() -> AsyncIterator[None]:
+    yield
+    from completions.providers.openai_compatible import close_shared_session
+
+    await close_shared_session()

@@ -178,3 +178,10 @@ class OpenAICompatibleProvider:
             else:
                 # Closing the connection is what tells the upstream to stop generating.
                 response.close()
+
+
+async def close_shared_session() -> None:
+    """Close this event loop's pool (on shutdown, and between test sessions)."""
+    session = _sessions.pop(asyncio.get_running_loop(), None)
+    if session is not None and not session.closed:
+        await session.close()

@@ -1,0 +1,173 @@
+"""Every failure under /v1 and /api/v1 is an OpenAI error object with the right status (in-process ASGI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from apikeys.models import ApiKey
+from apikeys.services import apikey_create, apikey_revoke
+from completions import views
+from platform_site.models import Organization
+from tests.conftest import bearer
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHAT = "/v1/chat/completions"
+
+
+def assert_error(response: Any, status: int, code: str | None, validate_schema: Any) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["x-request-id"].startswith("req_")
+    body = response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    validate_schema("ErrorResponse", body)
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+async def test_missing_malformed_unknown_and_revoked_keys_get_401(
+    asgi_client, api_key: tuple[ApiKey, str], validate_schema
+) -> None:
+    key, raw = api_key
+    assert_error(await asgi_client.get("/v1/models"), 401, "invalid_api_key", validate_schema)
+    assert_error(await asgi_client.get("/v1/models", headers=bearer("nope")), 401, "invalid_api_key", validate_schema)
+    unknown = raw[:-4] + ("AAAA" if not raw.endswith("AAAA") else "BBBB")
+    assert_error(await asgi_client.get("/v1/models", headers=bearer(unknown)), 401, "invalid_api_key", validate_schema)
+    assert (await asgi_client.get("/v1/models", headers=bearer(raw))).status_code == 200
+    await sync_to_async(apikey_revoke)(key=key)
+    error = assert_error(await asgi_client.get("/v1/models", headers=bearer(raw)), 401, "invalid_api_key",
+                         validate_schema)
+    assert raw not in error["message"]
+
+
+async def test_missing_scope_gets_403_naming_the_scope(asgi_client, org: Organization, validate_schema) -> None:
+    _, raw = await sync_to_async(apikey_create)(organization=org, name="ro", scopes=["models:read"])
+    response = await asgi_client.post(CHAT, headers=bearer(raw), json={"model": "x", "messages": []})
+    error = assert_error(response, 403, "missing_scope", validate_schema)
+    assert "'chat'" in error["message"]
+
+
+async def test_key_sees_and_uses_only_its_allowed_models(
+    asgi_client, org: Organization, default_model: None, validate_schema
+) -> None:
+    _, raw = await sync_to_async(apikey_create)(organization=org, name="limited", allowed_models=["other-model"])
+    listing = (await asgi_client.get("/v1/models", headers=bearer(raw))).json()
+    assert listing == {"object": "list", "data": []}
+    assert_error(await asgi_client.get("/v1/models/gemma-3-270m", headers=bearer(raw)), 404, "model_not_found",
+                 validate_schema)
+    response = await asgi_client.post(
+        CHAT, headers=bearer(raw), json={"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    error = assert_error(response, 403, "model_not_allowed", validate_schema)
+    assert "gemma-3-270m" in error["message"]
+
+
+async def test_models_list_and_retrieve_match_the_openai_schema(
+    asgi_client, api_key: tuple[ApiKey, str], default_model: None, validate_schema
+) -> None:
+    _, raw = api_key
+    for path in ("/v1/models", "/api/v1/models", "/api/v1/chat/models"):
+        response = await asgi_client.get(path, headers=bearer(raw))
+        assert response.status_code == 200
+        validate_schema("ListModelsResponse", response.json())
+        assert [m["id"] for m in response.json()["data"]] == ["gemma-3-270m"]
+    model = (await asgi_client.get("/v1/models/gemma-3-270m", headers=bearer(raw))).json()
+    validate_schema("Model", model)
+    assert model["owned_by"] == "google"
+    assert_error(await asgi_client.get("/v1/models/gpt-9", headers=bearer(raw)), 404, "model_not_found",
+                 validate_schema)
+
+
+async def test_unknown_route_and_wrong_method_are_json_errors(
+    asgi_client, api_key: tuple[ApiKey, str], validate_schema
+) -> None:
+    _, raw = api_key
+    assert_error(await asgi_client.get("/v1/nothing/here", headers=bearer(raw)), 404, "unknown_url", validate_schema)
+    assert_error(await asgi_client.post("/api/v1/whatever"), 404, "unknown_url", validate_schema)
+    assert_error(await asgi_client.get("/v1"), 404, "unknown_url", validate_schema)
+    response = await asgi_client.get(CHAT, headers=bearer(raw))
+    assert_error(response, 405, "method_not_allowed", validate_schema)
+    assert response.headers["allow"] == "POST"
+    assert_error(await asgi_client.delete("/v1/models", headers=bearer(raw)), 405, "method_not_allowed",
+                 validate_schema)
+
+
+async def test_malformed_json_gets_400(asgi_client, api_key: tuple[ApiKey, str], validate_schema) -> None:
+    _, raw = api_key
+    for content in (b"{not json", b"[1, 2]", b""):
+        response = await asgi_client.post(
+            CHAT, headers={**bearer(raw), "Content-Type": "application/json"}, content=content
+        )
+        assert_error(response, 400, "invalid_json", validate_schema)
+
+
+async def test_body_too_large_gets_413(asgi_client, api_key: tuple[ApiKey, str], settings, validate_schema) -> None:
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2048
+    _, raw = api_key
+    big = {"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]}
+    assert_error(await asgi_client.post(CHAT, headers=bearer(raw), json=big), 413, "request_too_large",
+                 validate_schema)
+
+
+async def test_unexpected_exception_is_a_500_with_the_request_id_and_no_internals(
+    asgi_client, api_key: tuple[ApiKey, str], monkeypatch: pytest.MonkeyPatch, validate_schema
+) -> None:
+    async def explode() -> None:
+        raise RuntimeError("secret internal detail /etc/passwd")
+
+    monkeypatch.setattr(views, "catalog", explode)
+    _, raw = api_key
+    response = await asgi_client.get("/v1/models", headers=bearer(raw))
+    error = assert_error(response, 500, "server_error", validate_schema)
+    assert response.headers["x-request-id"] in error["message"]
+    assert "secret internal detail" not in response.text and "Traceback" not in response.text
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+        ({"model": "gemma-3-270m"}, "messages"),
+        ({"model": "gemma-3-270m", "messages": "hi"}, "messages"),
+        ({"model": "gemma-3-270m", "messages": []}, "messages"),
+        ({"model": "gemma-3-270m", "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"model": "gemma-3-270m", "messages": [{"role": "tool", "content": "42"}]}, "messages[0].tool_call_id"),
+        ({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}, "temperature"),
+        ({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], "top_p": -0.1}, "top_p"),
+        ({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+        ({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1.5}, "max_tokens"),
+        ({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**7},
+         "max_tokens"),
+        ({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
+         "stop"),
+    ],
+)
+async def test_invalid_chat_requests_get_400_naming_the_field(
+    asgi_client, api_key: tuple[ApiKey, str], default_model: None, body: dict[str, Any], param: str, validate_schema
+) -> None:
+    _, raw = api_key
+    error = assert_error(await asgi_client.post(CHAT, headers=bearer(raw), json=body), 400, None, validate_schema)
+    assert error["param"] == param
+
+
+async def test_unknown_model_gets_404(asgi_client, api_key: tuple[ApiKey, str], validate_schema) -> None:
+    _, raw = api_key
+    response = await asgi_client.post(
+        CHAT, headers=bearer(raw), json={"model": "gpt-404", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert_error(response, 404, "model_not_found", validate_schema)
+
+
+async def test_health_and_status(asgi_client, api_key: tuple[ApiKey, str], validate_schema) -> None:
+    health = await asgi_client.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.headers["x-request-id"].startswith("req_")
+    assert_error(await asgi_client.get("/status"), 401, "invalid_api_key", validate_schema)
+    _, raw = api_key
+    status = (await asgi_client.get("/status", headers=bearer(raw))).json()
+    assert {"version", "uptime_seconds", "loaded_models", "open_streams", "open_websockets"} <= set(status)

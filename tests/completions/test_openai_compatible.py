@@ -1,0 +1,148 @@
+"""The HTTP provider against a real fake upstream on loopback, driven by the official SDK in-process."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+from asgiref.sync import sync_to_async
+
+from apikeys.models import ApiKey
+from bench import fake_upstream
+from completions.models import Provider
+from completions.services import provider_upsert_openai_compatible
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MODELS = ["ok", "slow", "http500", "http429", "http400", "http401", "badjson", "stream-break"]
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[int, Any]]:
+    runner, port, app = await fake_upstream.start()
+    yield port, app
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def sdk(upstream: tuple[int, Any], api_key: tuple[ApiKey, str]) -> AsyncIterator[openai.AsyncOpenAI]:
+    port, _ = upstream
+    await sync_to_async(provider_upsert_openai_compatible)(
+        name="fake", base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-upstream-secret", models=MODELS
+    )
+    await sync_to_async(Provider.objects.filter(name="fake").update)(timeout_seconds=1.0)
+    from platform_site.asgi import application
+
+    http_client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=application))
+    client = openai.AsyncOpenAI(
+        base_url="http://127.0.0.1/v1", api_key=api_key[1], http_client=http_client, max_retries=0
+    )
+    yield client
+    await client.close()
+
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+async def test_json_completion_is_proxied_with_our_id_and_public_model(
+    sdk: openai.AsyncOpenAI, upstream: tuple[int, Any], validate_schema
+) -> None:
+    raw = await sdk.chat.completions.with_raw_response.create(model="ok", messages=MESSAGES)
+    body = raw.http_response.json()
+    validate_schema("CreateChatCompletionResponse", body)
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "Hello from the fake upstream."
+    assert completion.id.startswith("chatcmpl-") and completion.id != "chatcmpl-upstream"
+    assert completion.usage is not None and completion.usage.total_tokens == 16
+    assert raw.headers["x-keyway-provider"] == "fake" and raw.headers["x-keyway-model"] == "ok"
+    seen = upstream[1][fake_upstream.SEEN][-1]
+    assert seen["model"] == "ok" and seen["messages"] == MESSAGES
+
+
+async def test_stream_is_reframed_and_usage_only_sent_when_asked(
+    sdk: openai.AsyncOpenAI, upstream: tuple[int, Any], validate_schema
+) -> None:
+    chunks = [chunk async for chunk in await sdk.chat.completions.create(model="ok", messages=MESSAGES, stream=True)]
+    assert all(chunk.usage is None for chunk in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(chunk.choices[0].delta.role is None for chunk in chunks[1:])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "".join(f"t{i} " for i in range(20))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    # The gateway asks the upstream for usage whatever the client asked, for metering.
+    assert upstream[1][fake_upstream.SEEN][-1]["stream_options"] == {"include_usage": True}
+
+    stream = await sdk.chat.completions.create(
+        model="ok", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [chunk async for chunk in stream]
+    for chunk in chunks:
+        validate_schema("CreateChatCompletionStreamResponse", chunk.model_dump(exclude_unset=True))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 20
+
+
+async def test_stream_helper_of_the_sdk_accumulates_one_role(sdk: openai.AsyncOpenAI) -> None:
+    async with sdk.chat.completions.stream(model="ok", messages=MESSAGES) as stream:
+        final = await stream.get_final_completion()
+    assert final.choices[0].message.role == "assistant"
+    assert final.choices[0].message.content == "".join(f"t{i} " for i in range(20))
+
+
+@pytest.mark.parametrize(
+    ("model", "error_class", "status", "code"),
+    [
+        ("http500", openai.InternalServerError, 502, "upstream_error"),
+        ("badjson", openai.InternalServerError, 502, "upstream_error"),
+        ("http401", openai.InternalServerError, 502, "upstream_error"),
+        ("http400", openai.BadRequestError, 400, "fake_400"),
+        ("http429", openai.RateLimitError, 429, "fake_429"),
+        ("slow", openai.InternalServerError, 504, "upstream_timeout"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_failures_become_openai_errors(
+    sdk: openai.AsyncOpenAI, model: str, error_class: type, status: int, code: str, stream: bool
+) -> None:
+    with pytest.raises(error_class) as caught:
+        await sdk.chat.completions.create(model=model, messages=MESSAGES, stream=stream)
+    assert caught.value.status_code == status  # type: ignore[attr-defined]
+    assert caught.value.code == code  # type: ignore[attr-defined]
+    assert "sk-upstream-secret" not in str(caught.value.body)  # type: ignore[attr-defined]
+
+
+async def test_unreachable_upstream_is_a_502(api_key: tuple[ApiKey, str], asgi_client) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    await sync_to_async(provider_upsert_openai_compatible)(
+        name="gone", base_url=f"http://127.0.0.1:{closed_port}/v1", models=["gone-model"]
+    )
+    response = await asgi_client.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {api_key[1]}"},
+        json={"model": "gone-model", "messages": MESSAGES},
+    )
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+
+
+async def test_upstream_that_breaks_mid_stream_ends_with_an_error_event(sdk: openai.AsyncOpenAI) -> None:
+    received: list[str] = []
+    with pytest.raises(openai.APIError) as caught:
+        async for chunk in await sdk.chat.completions.create(model="stream-break", messages=MESSAGES, stream=True):
+            received.append(chunk.choices[0].delta.content or "")
+    assert "".join(received) == "t0 t1 "
+    assert "upstream" in str(caught.value.message).lower()
+
+
+def test_provider_key_is_encrypted_at_rest(db: None) -> None:
+    provider = provider_upsert_openai_compatible(
+        name="enc", base_url="http://127.0.0.1:1/v1", api_key="sk-upstream-very-secret", models=[]
+    )
+    stored = Provider.objects.filter(pk=provider.pk).values_list("api_key_encrypted", flat=True).get()
+    assert "sk-upstream-very-secret" not in stored and stored
+    assert Provider.objects.get(pk=provider.pk).api_key == "sk-upstream-very-secret"
