@@ -17,13 +17,13 @@ from datetime import datetime
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.core.cache import cache
+from django.core.cache import cache, caches
 from django.core.cache.backends.locmem import LocMemCache
-from django.db import close_old_connections
 from django.utils import timezone
 
 from apikeys import keyformat
 from apikeys.exceptions import InvalidApiKey, MissingScope, ModelNotAllowed
+from platform_site.db import returns_connection
 
 logger = logging.getLogger(__name__)
 
@@ -80,18 +80,18 @@ def _cache_key(public_id: str) -> str:
 
 
 def _shared_cache_is_process_local() -> bool:
-    return isinstance(cache, LocMemCache) or isinstance(getattr(cache, "_cache", None), LocMemCache)
+    return isinstance(caches["default"], LocMemCache)
 
 
 def _timestamp(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
+@returns_connection
 def _load_record(public_id: str) -> _KeyRecord | None:
     # Imported here because the model registry is not ready when this module is first imported by services.
     from apikeys.models import ApiKey
 
-    close_old_connections()
     row = (
         ApiKey.objects.select_related("organization")
         .filter(public_id=public_id)
@@ -161,19 +161,19 @@ async def _record_for(public_id: str) -> _KeyRecord | None:
     return record
 
 
+@returns_connection
 def _touch_last_used(key_id: int, public_id: str) -> None:
     from apikeys.models import ApiKey
 
     # The shared cache makes "at most once a minute" hold across worker processes too.
     if not cache.add(f"apikey-used:{public_id}", 1, timeout=int(_LAST_USED_EVERY)):
         return
-    close_old_connections()
     ApiKey.objects.filter(pk=key_id).update(last_used_at=timezone.now())
 
 
 def _schedule_touch(record: _KeyRecord) -> None:
     task = asyncio.get_running_loop().create_task(
-        sync_to_async(_touch_last_used, thread_sensitive=False)(record.key.id, record.key.public_id)
+        sync_to_async(_touch_last_used, thread_sensitive=True)(record.key.id, record.key.public_id)
     )
     _background.add(task)
     task.add_done_callback(_background.discard)

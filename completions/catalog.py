@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
 
 from completions.models import Model
 from completions.providers.base import ChatProvider, ProviderConfig
 from completions.providers.registry import provider_for
+from platform_site.db import returns_connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +44,8 @@ class Catalog:
     loaded_at: float
 
 
+@returns_connection
 def _build() -> Catalog:
-    close_old_connections()
     entries: dict[str, CatalogEntry] = {}
     for model in Model.objects.filter(enabled=True, provider__enabled=True).select_related("provider"):
         provider = model.provider

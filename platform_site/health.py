@@ -6,12 +6,14 @@ import time
 
 from asgiref.sync import sync_to_async
 from django.core.cache import cache
-from django.db import close_old_connections, connection
+from django.db import connection
 from django.http import HttpRequest, JsonResponse
 
+from platform_site.db import returns_connection
 
+
+@returns_connection
 def _check_database() -> None:
-    close_old_connections()
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
         cursor.fetchone()
@@ -34,4 +36,5 @@ async def health(request: HttpRequest) -> JsonResponse:
         except Exception as exc:  # noqa: BLE001 - any failure of a dependency is what this endpoint reports
             checks[name] = f"error: {type(exc).__name__}"
     healthy = all(value == "ok" for value in checks.values())
-    return JsonResponse({"status": "ok" if healthy else "unavailable", "checks": checks}, status=200 if healthy else 503)
+    body = {"status": "ok" if healthy else "unavailable", "checks": checks}
+    return JsonResponse(body, status=200 if healthy else 503)

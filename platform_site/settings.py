@@ -69,13 +69,21 @@ TEMPLATES = [
     },
 ]
 
+# Under ASGI a request's ORM calls may run on a different thread each time, so Django's per-thread persistent
+# connections would leak; PostgreSQL gets psycopg's connection pool instead (CONN_MAX_AGE must then be 0).
 DATABASES = {
     "default": dj_database_url.parse(
-        env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'keyway.sqlite3'}"),
-        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 600, minimum=0),
-        conn_health_checks=True,
+        env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'keyway.sqlite3'}"), conn_max_age=0, conn_health_checks=False
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"]["OPTIONS"] = {
+        "pool": {
+            "min_size": env_int("DATABASE_POOL_MIN", 2, minimum=0),
+            "max_size": env_int("DATABASE_POOL_MAX", 20, minimum=1),
+            "timeout": env_float("DATABASE_POOL_TIMEOUT", 10.0, minimum=0.1),
+        }
+    }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the server read while a management command writes; the timeout rides out short write locks.
     DATABASES["default"]["OPTIONS"] = {
@@ -83,7 +91,6 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": 20,
         "transaction_mode": "IMMEDIATE",
     }
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", "")

@@ -122,8 +122,15 @@ def running_in_ci() -> bool:
 
 
 @pytest.fixture(scope="session", autouse=True)
-async def _close_upstream_pool() -> AsyncIterator[None]:
+async def _close_upstream_pool(django_db_setup: None, django_db_blocker: Any) -> AsyncIterator[None]:
     yield
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
     from completions.providers.openai_compatible import close_shared_session
 
     await close_shared_session()
+    # Tests call services through sync_to_async; that worker thread's connections must go before the test
+    # database is dropped.
+    with django_db_blocker.unblock():
+        await sync_to_async(connections.close_all, thread_sensitive=True)()

@@ -9,6 +9,7 @@ every token, so its generation stops at once and the next request in the queue s
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 import time
 import uuid
@@ -126,6 +127,16 @@ def _load(upstream_model: str) -> _LoadedModel:
         )
         _models[upstream_model] = loaded
         return loaded
+
+
+@atexit.register
+def _close_models() -> None:
+    # Free the models while the interpreter is still whole; llama-cpp-python's own finalizer fails if it
+    # only runs during interpreter teardown.
+    for loaded in list(_models.values()):
+        loaded.executor.shutdown(wait=True, cancel_futures=True)
+        loaded.llama.close()
+    _models.clear()
 
 
 def loaded_model_paths() -> list[str]:

@@ -5,7 +5,6 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from platform_site.models import Organization
 from platform_site.services import organization_create
 
 

@@ -1,0 +1,94 @@
+"""The embedded llama.cpp provider on the real Gemma 3 270M. Structure, limits and determinism, not wisdom."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+
+from apikeys.models import ApiKey
+from completions.providers import llamacpp
+from completions.providers.base import ChatCall, ProviderConfig
+from completions.services import GEMMA_PACKAGE
+
+PROVIDER = llamacpp.LlamaCppProvider(ProviderConfig(name="local", kind="llamacpp"))
+
+
+def call(content: str = "Name a colour.", **options: Any) -> ChatCall:
+    body = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": content}], **options}
+    return ChatCall(upstream_model=GEMMA_PACKAGE, body=body, request_id="req_test")
+
+
+async def test_same_seed_gives_the_same_answer_and_max_tokens_is_a_hard_limit() -> None:
+    first = await PROVIDER.chat(call(max_tokens=6, seed=7, temperature=0.8))
+    second = await PROVIDER.chat(call(max_tokens=6, seed=7, temperature=0.8))
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+    assert first["usage"]["completion_tokens"] <= 6
+    assert first["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+async def test_stream_reports_the_same_usage_as_the_plain_call() -> None:
+    plain = await PROVIDER.chat(call(max_tokens=5, seed=3, temperature=0))
+    chunks = [chunk async for chunk in PROVIDER.chat_stream(call(max_tokens=5, seed=3, temperature=0))]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == plain["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+
+
+async def test_system_messages_reach_the_model() -> None:
+    with_system = call(max_tokens=3, seed=1, temperature=0)
+    with_system.body["messages"].insert(0, {"role": "system", "content": "Answer only in French."})
+    result = await PROVIDER.chat(with_system)
+    assert result["usage"]["prompt_tokens"] > (await PROVIDER.chat(call(max_tokens=3, seed=1)))["usage"][
+        "prompt_tokens"
+    ]
+
+
+async def test_concurrent_requests_queue_instead_of_crashing() -> None:
+    results = await asyncio.gather(*(PROVIDER.chat(call(f"Count to {n}.", max_tokens=4, seed=n)) for n in range(4)))
+    assert all(r["usage"]["completion_tokens"] >= 1 for r in results)
+
+
+async def test_a_client_that_goes_away_stops_its_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    meters: list[llamacpp._Meter] = []
+    original = llamacpp._Meter
+
+    def recording_meter(*args: Any, **kwargs: Any) -> llamacpp._Meter:
+        meters.append(original(*args, **kwargs))
+        return meters[-1]
+
+    monkeypatch.setattr(llamacpp, "_Meter", recording_meter)
+    stream = PROVIDER.chat_stream(call("Tell a very long story.", max_tokens=400, seed=5))
+    for _ in range(3):
+        await anext(stream)
+    await stream.aclose()
+    loaded = llamacpp._models[GEMMA_PACKAGE]
+    # Once the model's worker thread is free again, the abandoned generation must have stopped early.
+    await asyncio.get_running_loop().run_in_executor(loaded.executor, lambda: None)
+    assert meters[0].cancel.is_set()
+    assert meters[0].sampled < 100
+
+
+@pytest.fixture
+async def sdk(api_key: tuple[ApiKey, str], default_model: None) -> AsyncIterator[openai.AsyncOpenAI]:
+    from platform_site.asgi import application
+
+    http_client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=application))
+    client = openai.AsyncOpenAI(base_url="http://127.0.0.1/v1", api_key=api_key[1], http_client=http_client)
+    yield client
+    await client.close()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_chat_through_the_api_matches_the_openai_schema(sdk: openai.AsyncOpenAI, validate_schema) -> None:
+    raw = await sdk.chat.completions.with_raw_response.create(
+        model="gemma-3-270m", messages=[{"role": "user", "content": "Hello"}], max_tokens=4, seed=11
+    )
+    validate_schema("CreateChatCompletionResponse", raw.http_response.json())
+    completion = raw.parse()
+    assert completion.model == "gemma-3-270m" and completion.usage is not None
+    assert completion.usage.completion_tokens <= 4

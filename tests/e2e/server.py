@@ -1,0 +1,117 @@
+"""Real server processes for end-to-end tests: daphne serving Keyway, and llama.cpp's own OpenAI server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx2
+
+BASE_DIR = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(url: str, *, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            if httpx2.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx2.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not come up in {timeout} s")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def make_environment(var_dir: Path) -> tuple[dict[str, str], str | None]:
+    """Environment for server and CLI processes: their own var dir and database. Returns (env, pg_db_name)."""
+    env = dict(os.environ)
+    env.update(
+        DEBUG="1",
+        KEYWAY_VAR_DIR=str(var_dir),
+        KEYWAY_MODEL_DIR=str(BASE_DIR / "var" / "models"),
+        KEYWAY_LLAMA_THREADS="2",
+        PYTHONUNBUFFERED="1",
+    )
+    database_name = None
+    database_url = os.environ.get("DATABASE_URL", "")
+    if database_url.startswith("postgres"):
+        import psycopg
+
+        database_name = f"keyway_e2e_{uuid.uuid4().hex[:10]}"
+        admin_url = database_url.rsplit("/", 1)[0] + "/postgres"
+        with psycopg.connect(admin_url, autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{database_name}"')
+        env["DATABASE_URL"] = database_url.rsplit("/", 1)[0] + f"/{database_name}"
+    if os.environ.get("REDIS_URL"):
+        # A prefix of its own, so a test run never reads another run's cached keys.
+        env["KEYWAY_CACHE_PREFIX"] = f"e2e-{uuid.uuid4().hex[:8]}"
+    return env, database_name
+
+
+def drop_database(name: str | None) -> None:
+    if name is None:
+        return
+    import psycopg
+
+    admin_url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin_url, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def manage(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run(
+        [PYTHON, "manage.py", *args], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=300
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def start_keyway(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    handle = log.open("ab")
+    process = subprocess.Popen(
+        [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "platform_site.asgi:application"],
+        cwd=BASE_DIR, env=env, stdout=handle, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for(f"{url}/health", process=process)
+    return process, url
+
+
+def start_llama_server(model_path: Path, log: Path, alias: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    handle = log.open("ab")
+    process = subprocess.Popen(
+        [PYTHON, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", alias,
+         "--chat_format", "gemma", "--host", "127.0.0.1", "--port", str(port), "--n_threads", "1",
+         "--n_ctx", "2048"],
+        cwd=BASE_DIR, stdout=handle, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for(f"{url}/v1/models", process=process, timeout=120)
+    return process, url
