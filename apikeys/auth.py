@@ -72,6 +72,7 @@ class _KeyRecord:
 # A record of None means "no such key", cached like any other answer so unknown ids cannot hammer the DB.
 _local: dict[str, tuple[float, _KeyRecord | None]] = {}
 _LOCAL_MAX = 50_000
+_inflight: dict[str, asyncio.Task[_KeyRecord | None]] = {}
 _background: set[asyncio.Task[None]] = set()
 
 
@@ -146,6 +147,7 @@ def _fetch_record(public_id: str) -> _KeyRecord | None:
 def invalidate_cached_key(public_id: str) -> None:
     """Forget every cached copy of a key that this process can reach. Called on commit of a key change."""
     _local.pop(public_id, None)
+    _inflight.pop(public_id, None)
     cache.delete(_cache_key(public_id))
 
 
@@ -154,11 +156,26 @@ async def _record_for(public_id: str) -> _KeyRecord | None:
     hit = _local.get(public_id)
     if hit is not None and now - hit[0] < settings.KEYWAY_KEY_LOCAL_TTL:
         return hit[1]
-    record = await sync_to_async(_fetch_record, thread_sensitive=True)(public_id)
+    # Single flight: when a busy key's local copy expires, every request in flight sees it at once; they
+    # share one lookup instead of queueing dozens of identical queries (measured: p99 408 ms → see bench/).
+    loop = asyncio.get_running_loop()
+    pending = _inflight.get(public_id)
+    if pending is None or pending.get_loop() is not loop:
+        pending = loop.create_task(sync_to_async(_fetch_record, thread_sensitive=True)(public_id))
+        _inflight[public_id] = pending
+        pending.add_done_callback(lambda done: _remember(public_id, now, done))
+    return await asyncio.shield(pending)
+
+
+def _remember(public_id: str, fetched_at: float, done: asyncio.Task[_KeyRecord | None]) -> None:
+    if _inflight.get(public_id) is done:
+        del _inflight[public_id]
+    if done.cancelled() or done.exception() is not None:
+        return
     if len(_local) >= _LOCAL_MAX:
         _local.clear()
-    _local[public_id] = (now, record)
-    return record
+    # Timestamped with the start of the lookup, so the copy never counts as fresher than it is.
+    _local[public_id] = (fetched_at, done.result())
 
 
 @returns_connection
@@ -211,6 +228,8 @@ async def authenticate_key(raw_key: str) -> AuthenticatedKey:
             raise InvalidApiKey(_INVALID_MESSAGE)
     last = _last_touch.get(public_id, record.last_used_at or 0.0)
     if now - last >= _LAST_USED_EVERY:
+        if len(_last_touch) >= _LOCAL_MAX:
+            _last_touch.clear()
         _last_touch[public_id] = now
         _schedule_touch(record)
     return record.key
