@@ -17,6 +17,7 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 # Django must be set up before anything imports models, so the dashboard app is built first.
 dashboard_app = get_asgi_application()
 
+from platform_site import runtime  # noqa: E402
 from platform_site.api_handler import ApiHandler  # noqa: E402
 
 api_app = ApiHandler()
@@ -31,4 +32,24 @@ async def http_app(scope, receive, send):  # type: ignore[no-untyped-def]
         await dashboard_app(scope, receive, send)
 
 
-application = ProtocolTypeRouter({"http": http_app})
+_router = ProtocolTypeRouter({"http": http_app})
+
+
+async def _lifespan(receive, send):  # type: ignore[no-untyped-def]
+    # uvicorn speaks lifespan, daphne does not; either way nothing is needed at start-up (everything loads
+    # lazily), and shutdown closes pooled upstream connections cleanly.
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await runtime.run_shutdown_hooks()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def application(scope, receive, send):  # type: ignore[no-untyped-def]
+    if scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+    else:
+        await _router(scope, receive, send)

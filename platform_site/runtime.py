@@ -6,11 +6,12 @@ Lower layers cannot import the apps that own these facts, so those apps register
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 STARTED_AT = time.time()
 _counters: dict[str, int] = {"open_streams": 0, "open_websockets": 0}
 _loaded_models_reporters: list[Callable[[], list[str]]] = []
+_shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
 
 
 def counter_add(name: str, delta: int) -> None:
@@ -32,3 +33,14 @@ def loaded_models() -> list[str]:
 
 def uptime_seconds() -> float:
     return round(time.time() - STARTED_AT, 3)
+
+
+def register_shutdown_hook(hook: Callable[[], Awaitable[None]]) -> None:
+    """Run `hook` when the ASGI server shuts the application down (lifespan.shutdown)."""
+    if hook not in _shutdown_hooks:
+        _shutdown_hooks.append(hook)
+
+
+async def run_shutdown_hooks() -> None:
+    for hook in _shutdown_hooks:
+        await hook()

@@ -7,6 +7,7 @@ aiohttp rather than httpx: measured here as a bare proxy on loopback, aiohttp su
 from __future__ import annotations
 
 import asyncio
+import atexit
 import weakref
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,6 +25,7 @@ from completions.providers.base import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from platform_site.runtime import register_shutdown_hook
 
 # One client session (and so one connection pool) per event loop: a session must not cross loops, and a
 # server process runs a single loop, so in production this is exactly one pool per worker.
@@ -181,7 +183,22 @@ class OpenAICompatibleProvider:
 
 
 async def close_shared_session() -> None:
-    """Close this event loop's pool (on shutdown, and between test sessions)."""
+    """Close this event loop's pool (on lifespan shutdown, and at the end of a test session)."""
     session = _sessions.pop(asyncio.get_running_loop(), None)
     if session is not None and not session.closed:
         await session.close()
+
+
+@atexit.register
+def _abandon_pools() -> None:
+    # Servers without lifespan (daphne) exit without awaiting close_shared_session; drop the sockets
+    # synchronously so aiohttp does not report every pool as leaked at exit. `_close` is aiohttp's own
+    # synchronous half of `close()`.
+    for session in list(_sessions.values()):
+        connector = session.connector
+        if connector is not None and not connector.closed:
+            connector._close()
+    _sessions.clear()
+
+
+register_shutdown_hook(close_shared_session)

@@ -171,3 +171,34 @@ async def test_health_and_status(asgi_client, api_key: tuple[ApiKey, str], valid
     _, raw = api_key
     status = (await asgi_client.get("/status", headers=bearer(raw))).json()
     assert {"version", "uptime_seconds", "loaded_models", "open_streams", "open_websockets"} <= set(status)
+
+
+async def test_status_is_open_to_logged_in_staff(asgi_client, db: None) -> None:
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    def staff_session_cookie() -> str:
+        user = get_user_model().objects.create_user("ops", password="x" * 16, is_staff=True)
+        client = Client()
+        client.force_login(user)
+        return client.cookies["sessionid"].value
+
+    cookie = await sync_to_async(staff_session_cookie)()
+    response = await asgi_client.get("/status", headers={"Cookie": f"sessionid={cookie}"})
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+async def test_lifespan_startup_and_shutdown_complete() -> None:
+    from platform_site.asgi import application
+
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await application({"type": "lifespan"}, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
