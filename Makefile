@@ -29,6 +29,7 @@ run: $(VENV)/.run-deps
 test: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy platform_site apikeys completions billing
 	$(PY) manage.py makemigrations --check --dry-run -v 0
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 

@@ -62,9 +62,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
                        "previous_secret_expires_at"]
     actions = ["rotate_keys", "revoke_keys"]
 
-    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[str]:
-        editable = ["organization", "name", "scopes", "allowed_models", "expires_at"]
-        return editable if obj is None else editable + self.readonly_fields
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
+        editable = ("organization", "name", "scopes", "allowed_models", "expires_at")
+        return editable if obj is None else editable + tuple(self.readonly_fields)
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: forms.ModelForm, change: bool) -> None:
         if change:

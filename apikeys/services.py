@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils import timezone
 
@@ -36,7 +36,7 @@ def apikey_create(
     scopes: Iterable[str] = ALL_SCOPES,
     allowed_models: Iterable[str] = (),
     expires_at: datetime | None = None,
-    created_by: AbstractBaseUser | None = None,
+    created_by: User | None = None,
     actor_label: str = "",
 ) -> tuple[ApiKey, str]:
     """Create a key and return it with its raw secret. The raw secret is returned exactly once: only its
@@ -72,7 +72,7 @@ def apikey_rotate(
     *,
     key: ApiKey,
     grace: timedelta | None = None,
-    actor: AbstractBaseUser | None = None,
+    actor: User | None = None,
     actor_label: str = "",
 ) -> tuple[ApiKey, str]:
     """Give the key a new secret and return it, exactly once. The old secret keeps working for `grace`
@@ -103,7 +103,7 @@ def apikey_rotate(
 
 
 @transaction.atomic
-def apikey_revoke(*, key: ApiKey, actor: AbstractBaseUser | None = None, actor_label: str = "") -> ApiKey:
+def apikey_revoke(*, key: ApiKey, actor: User | None = None, actor_label: str = "") -> ApiKey:
     """Revoke the key for good: both its current and any previous secret are refused from now on."""
     key = ApiKey.objects.select_for_update().get(pk=key.pk)
     if key.revoked_at is not None:

@@ -25,13 +25,14 @@ def json_response(payload: Any, *, status: int = 200, headers: dict[str, str] | 
     return HttpResponse(orjson.dumps(payload), status=status, content_type="application/json", headers=headers)
 
 
-def api_endpoint(*, methods: tuple[str, ...], scope: str | None) -> Callable[[View], View]:
+def api_endpoint(*, methods: tuple[str, ...], scope: str | None) -> Callable[[View], Any]:
     """Wrap an async API view: request id, method check, bearer authentication and scope, error mapping.
 
     Errors are values here: anything a view raises becomes an OpenAI error object, never an HTML page.
     """
 
-    def decorate(view: View) -> View:
+    # Returns Any because django-stubs types URL patterns for sync views only.
+    def decorate(view: View) -> Any:
         @functools.wraps(view)
         async def wrapper(request: ApiRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             request.request_id = request_id = new_request_id()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from asgiref.sync import sync_to_async
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from apikeys.auth import authenticate_header
 from apikeys.exceptions import ApiKeyError
@@ -26,7 +26,7 @@ def _is_staff(request: HttpRequest) -> bool:
     return bool(user.is_authenticated and user.is_staff)
 
 
-async def status(request: HttpRequest) -> JsonResponse:
+async def status(request: HttpRequest) -> HttpResponse:
     request_id = getattr(request, "request_id", None) or new_request_id()
     if request.headers.get("Authorization"):
         try:

@@ -41,10 +41,10 @@ class _BodyTooLarge(Exception):
 class ApiHandler(ASGIHandler):
     def load_middleware(self, is_async: bool = False) -> None:
         # No middleware on the API path; the views do request ids, authentication and error mapping.
-        self._view_middleware = []
-        self._template_response_middleware = []
-        self._exception_middleware = []
-        self._middleware_chain = self._get_response_async
+        self._view_middleware: list[Any] = []
+        self._template_response_middleware: list[Any] = []
+        self._exception_middleware: list[Any] = []
+        self._middleware_chain = self._get_response_async  # type: ignore[attr-defined]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":

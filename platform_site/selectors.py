@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 
 from platform_site.models import AuditLog, Organization
 
 
-def organizations_for_user(*, user: AbstractBaseUser) -> QuerySet[Organization]:
+def organizations_for_user(*, user: User) -> QuerySet[Organization]:
     return Organization.objects.filter(memberships__user=user)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils.text import slugify
 
@@ -16,7 +16,7 @@ def audit_log_record(
     organization: Organization,
     action: str,
     target: str = "",
-    actor: AbstractBaseUser | None = None,
+    actor: User | None = None,
     actor_label: str = "",
     details: dict[str, Any] | None = None,
 ) -> AuditLog:
@@ -32,7 +32,7 @@ def audit_log_record(
 
 @transaction.atomic
 def organization_create(
-    *, name: str, slug: str = "", owner: AbstractBaseUser | None = None, actor_label: str = ""
+    *, name: str, slug: str = "", owner: User | None = None, actor_label: str = ""
 ) -> Organization:
     organization = Organization.objects.create(name=name, slug=slug or slugify(name)[:64])
     if owner is not None:
@@ -51,9 +51,9 @@ def organization_create(
 def membership_set(
     *,
     organization: Organization,
-    user: AbstractBaseUser,
+    user: User,
     role: str,
-    actor: AbstractBaseUser | None = None,
+    actor: User | None = None,
     actor_label: str = "",
 ) -> Membership:
     membership, _ = Membership.objects.update_or_create(

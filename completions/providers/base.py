@@ -6,7 +6,7 @@ dicts. The API layer owns ids, public model names, usage policy and framing.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,7 +41,7 @@ class ChatProvider(Protocol):
     async def chat(self, call: ChatCall) -> dict[str, Any]:
         """Return a `chat.completion` object (id, model and created are rewritten by the caller)."""
 
-    def chat_stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
+    def chat_stream(self, call: ChatCall) -> AsyncGenerator[dict[str, Any], None]:
         """Yield `chat.completion.chunk` objects; the last one carries `usage` when the backend knows it.
         Closing the iterator early must stop the generation upstream."""
 

@@ -13,7 +13,7 @@ import atexit
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,7 +242,7 @@ class LlamaCppProvider:
             raise
         return result
 
-    async def chat_stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
+    async def chat_stream(self, call: ChatCall) -> AsyncGenerator[dict[str, Any], None]:
         loaded = await self._model(call.upstream_model)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -126,7 +126,7 @@ class OpenAICompatibleProvider:
             raise UpstreamUnavailable("The upstream provider sent an embeddings answer without data.")
         return data
 
-    async def chat_stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
+    async def chat_stream(self, call: ChatCall) -> AsyncGenerator[dict[str, Any], None]:
         payload = {**call.body, "model": call.upstream_model, "stream": True}
         # Always ask for usage: metering must not depend on what the client asked for.
         payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
