@@ -89,7 +89,11 @@ class OpenAICompatibleProvider:
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
         total = config.timeout or settings.KEYWAY_UPSTREAM_TIMEOUT
-        self.timeout = aiohttp.ClientTimeout(total=total, connect=settings.KEYWAY_UPSTREAM_CONNECT_TIMEOUT)
+        connect = settings.KEYWAY_UPSTREAM_CONNECT_TIMEOUT
+        self.timeout = aiohttp.ClientTimeout(total=total, connect=connect)
+        # A stream that keeps producing is not cut at the total limit: the limit applies to each wait for the
+        # upstream (the first byte, then every read), so only a silent upstream times out.
+        self.stream_timeout = aiohttp.ClientTimeout(total=None, connect=connect, sock_read=total)
 
     def loaded_models(self) -> list[str]:
         return []
@@ -133,7 +137,7 @@ class OpenAICompatibleProvider:
         try:
             response = await shared_session().post(
                 self.base_url + "/chat/completions", data=orjson.dumps(payload), headers=self.headers,
-                timeout=self.timeout,
+                timeout=self.stream_timeout,
             )
         except TimeoutError:
             raise UpstreamTimeout("The upstream provider did not answer in time.") from None

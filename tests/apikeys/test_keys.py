@@ -141,3 +141,21 @@ def test_createorg_command_creates_an_organization(db: None) -> None:
     out = StringIO()
     call_command("createorg", "Initech", stdout=out)
     assert Organization.objects.filter(slug=out.getvalue().strip()).exists()
+
+
+async def test_last_used_at_is_written_at_most_once_a_minute(api_key: tuple[ApiKey, str]) -> None:
+    import asyncio
+
+    from asgiref.sync import sync_to_async
+
+    key, raw = api_key
+    await authenticate_key(raw)
+    await asyncio.gather(*auth._background)
+    await sync_to_async(key.refresh_from_db)()
+    first = key.last_used_at
+    assert first is not None
+    for _ in range(3):
+        await authenticate_key(raw)
+    await asyncio.gather(*auth._background)
+    await sync_to_async(key.refresh_from_db)()
+    assert key.last_used_at == first

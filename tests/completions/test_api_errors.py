@@ -202,3 +202,15 @@ async def test_lifespan_startup_and_shutdown_complete() -> None:
 
     await application({"type": "lifespan"}, receive, send)
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+async def test_health_is_503_when_a_dependency_fails(asgi_client, monkeypatch: pytest.MonkeyPatch) -> None:
+    from platform_site import health
+
+    def broken_cache() -> None:
+        raise ConnectionError("cache down")
+
+    monkeypatch.setattr(health, "_check_cache", broken_cache)
+    response = await asgi_client.get("/health")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unavailable", "checks": {"database": "ok", "cache": "error: ConnectionError"}}
