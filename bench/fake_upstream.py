@@ -89,6 +89,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    body = orjson.loads(await request.read())
+    request.app[SEEN].append(body)
+    inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+    data = [{"object": "embedding", "index": i, "embedding": [0.5, -0.25, float(i)]} for i in range(len(inputs))]
+    payload = {"object": "list", "data": data, "model": body.get("model"),
+               "usage": {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)}}
+    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
 async def models(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps({"object": "list", "data": []}), content_type="application/json")
 
@@ -97,6 +107,7 @@ def make_app() -> web.Application:
     app = web.Application()
     app[SEEN] = []
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
     return app
 

@@ -22,7 +22,9 @@ class ApiRequest(HttpRequest):
 
 
 def json_response(payload: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> HttpResponse:
-    return HttpResponse(orjson.dumps(payload), status=status, content_type="application/json", headers=headers)
+    # OPT_SERIALIZE_NUMPY writes embedding vectors straight from their arrays, without a Python list between.
+    body = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    return HttpResponse(body, status=status, content_type="application/json", headers=headers)
 
 
 def api_endpoint(*, methods: tuple[str, ...], scope: str | None) -> Callable[[View], Any]:

@@ -13,6 +13,7 @@ class Provider(models.Model):
     class Kind(models.TextChoices):
         LLAMACPP = "llamacpp", "llama.cpp (embedded GGUF)"
         OPENAI_COMPATIBLE = "openai_compatible", "OpenAI-compatible HTTP upstream"
+        ONNX_EMBEDDINGS = "onnx_embeddings", "ONNX sentence embeddings (embedded)"
 
     name = models.SlugField(max_length=64, unique=True)
     kind = models.CharField(max_length=32, choices=Kind.choices)

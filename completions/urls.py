@@ -13,5 +13,6 @@ urlpatterns = [
     path("models/<path:model_id>", views.model_retrieve, name="models-retrieve"),
     path("chat/models", views.models_list, name="chat-models-list"),
     path("chat/completions", views.chat_completions, name="chat-completions"),
+    path("embeddings", views.embeddings, name="embeddings"),
     re_path(r"^(?P<rest>.*)$", views.unknown_route, name="unknown"),
 ]

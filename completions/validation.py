@@ -94,3 +94,45 @@ def validate_max_tokens_fit(body: dict[str, Any], *, context_length: int) -> Non
                 param=name,
                 code="context_length_exceeded",
             )
+
+
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def _is_token_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def validate_embeddings(body: dict[str, Any]) -> list[str | list[int]]:
+    """Check an embeddings request and return its inputs as a list of strings and token-id lists."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError("you must provide a model parameter", param="model", code="missing_required_parameter")
+    raw = body.get("input")
+    if raw is None:
+        raise ApiError("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
+    inputs: list[str | list[int]]
+    if isinstance(raw, str):
+        inputs = [raw]
+    elif _is_token_list(raw) and raw:
+        inputs = [raw]
+    elif isinstance(raw, list) and raw and all(isinstance(item, str) or _is_token_list(item) for item in raw):
+        inputs = raw
+    else:
+        raise ApiError(
+            "'input' must be a string, an array of strings, an array of token ids, or an array of token-id arrays.",
+            param="input",
+            code="invalid_type",
+        )
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise _invalid(f"'input' may hold at most {MAX_EMBEDDING_INPUTS} items; got {len(inputs)}.", "input")
+    for index, item in enumerate(inputs):
+        if len(item) == 0:
+            raise _invalid(f"'input[{index}]' is empty; every input must hold text or tokens.", "input")
+    encoding = body.get("encoding_format")
+    if encoding is not None and encoding not in ("float", "base64"):
+        raise _invalid(f"'encoding_format' must be 'float' or 'base64'; got {encoding!r}.", "encoding_format")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1):
+        raise _invalid(f"'dimensions' must be a positive integer; got {dimensions!r}.", "dimensions")
+    return inputs

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 from django.http import HttpResponseBase, StreamingHttpResponse
 
-from apikeys.scopes import CHAT, MODELS_READ
+from apikeys.scopes import CHAT, EMBEDDINGS, MODELS_READ
 from completions import sse
 from completions.api import ApiRequest, api_endpoint, json_body, json_response
 from completions.catalog import CatalogEntry, catalog
 from completions.errors import ApiError, model_not_found, to_api_error
-from completions.providers.base import ChatCall
-from completions.validation import validate_chat, validate_max_tokens_fit
+from completions.providers.base import ChatCall, EmbeddingsCall
+from completions.validation import validate_chat, validate_embeddings, validate_max_tokens_fit
 from platform_site import runtime
 
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
@@ -42,17 +44,14 @@ async def unknown_route(request: ApiRequest, rest: str = "") -> HttpResponseBase
     raise ApiError(f"Invalid URL ({request.method} {request.path})", status=404, code="unknown_url")
 
 
-async def _resolve_chat_model(request: ApiRequest, body: dict[str, Any]) -> CatalogEntry:
-    key = request.api_key
-    # An organization that pins a model gets it whatever the request says (the response names it).
-    public_id = key.pinned_model or body["model"]
+async def _resolve_model(request: ApiRequest, public_id: str, *, capability: str, purpose: str) -> CatalogEntry:
     entry = (await catalog()).entries.get(public_id)
     if entry is None:
         raise model_not_found(public_id)
-    key.require_model(public_id)
-    if "chat" not in entry.capabilities:
+    request.api_key.require_model(public_id)
+    if capability not in entry.capabilities:
         raise ApiError(
-            f"The model `{public_id}` does not support chat completions.", param="model", code="model_not_supported"
+            f"The model `{public_id}` does not support {purpose}.", param="model", code="model_not_supported"
         )
     return entry
 
@@ -65,7 +64,9 @@ def _routing_headers(entry: CatalogEntry) -> dict[str, str]:
 async def chat_completions(request: ApiRequest) -> HttpResponseBase:
     body = json_body(request)
     validate_chat(body, model_required=not request.api_key.pinned_model)
-    entry = await _resolve_chat_model(request, body)
+    # An organization that pins a model gets it whatever the request says (the response names it).
+    public_id = request.api_key.pinned_model or body["model"]
+    entry = await _resolve_model(request, public_id, capability="chat", purpose="chat completions")
     validate_max_tokens_fit(body, context_length=entry.context_length)
     call = ChatCall(upstream_model=entry.upstream_model, body=body, request_id=request.request_id)
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
@@ -81,6 +82,33 @@ async def chat_completions(request: ApiRequest) -> HttpResponseBase:
         message = choice.get("message")
         if isinstance(message, dict):
             message.setdefault("refusal", None)
+    return json_response(result, headers=_routing_headers(entry))
+
+
+@api_endpoint(methods=("POST",), scope=EMBEDDINGS)
+async def embeddings(request: ApiRequest) -> HttpResponseBase:
+    body = json_body(request)
+    inputs = validate_embeddings(body)
+    entry = await _resolve_model(request, body["model"], capability="embeddings", purpose="embeddings")
+    if body.get("dimensions") is not None and "dimensions" not in entry.capabilities:
+        raise ApiError(
+            f"The model `{entry.public_id}` does not support the 'dimensions' parameter.",
+            param="dimensions",
+            code="unsupported_parameter",
+        )
+    call = EmbeddingsCall(
+        upstream_model=entry.upstream_model,
+        body={**body, "input": inputs},
+        request_id=request.request_id,
+        context_length=entry.context_length,
+    )
+    result = await entry.provider.embeddings(call)
+    result["model"] = entry.public_id
+    if body.get("encoding_format") == "base64":
+        for item in result["data"]:
+            if isinstance(item["embedding"], np.ndarray):
+                # Little-endian float32, which is what the SDKs decode (and request by default).
+                item["embedding"] = base64.b64encode(item["embedding"].astype("<f4").tobytes()).decode()
     return json_response(result, headers=_routing_headers(entry))
 
 

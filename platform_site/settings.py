@@ -157,6 +157,8 @@ KEYWAY_UPSTREAM_POOL_SIZE = env_int("KEYWAY_UPSTREAM_POOL_SIZE", 256, minimum=1)
 # The embedded llama.cpp provider.
 KEYWAY_LLAMA_THREADS = env_int("KEYWAY_LLAMA_THREADS", 2, minimum=1)
 KEYWAY_LLAMA_CONTEXT = env_int("KEYWAY_LLAMA_CONTEXT", 4096, minimum=256)
+KEYWAY_EMBEDDING_THREADS = env_int("KEYWAY_EMBEDDING_THREADS", 2, minimum=1)
 KEYWAY_MODEL_DIR = Path(env_str("KEYWAY_MODEL_DIR", str(VAR_DIR / "models")))
-# The default catalog entry created by migrations and `make run`; empty disables it.
+# The default catalog entries `make run` creates (public ids); empty disables one.
 KEYWAY_DEFAULT_MODEL = env_str("KEYWAY_DEFAULT_MODEL", "gemma-3-270m")
+KEYWAY_DEFAULT_EMBEDDING_MODEL = env_str("KEYWAY_DEFAULT_EMBEDDING_MODEL", "all-minilm-l6-v2")

@@ -32,9 +32,12 @@ class ChatCall:
 
 @dataclass(slots=True)
 class EmbeddingsCall:
+    """`body["input"]` is normalised to a list whose items are strings or lists of token ids."""
+
     upstream_model: str
     body: dict[str, Any]
     request_id: str
+    context_length: int
 
 
 class ChatProvider(Protocol):

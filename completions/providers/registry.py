@@ -6,12 +6,14 @@ import threading
 
 from completions.providers.base import ChatProvider, ProviderConfig
 from completions.providers.llamacpp import LlamaCppProvider
+from completions.providers.onnx_embeddings import OnnxEmbeddingsProvider
 from completions.providers.openai_compatible import OpenAICompatibleProvider
 from platform_site.runtime import register_loaded_models_reporter
 
 _KINDS: dict[str, type] = {
     "llamacpp": LlamaCppProvider,
     "openai_compatible": OpenAICompatibleProvider,
+    "onnx_embeddings": OnnxEmbeddingsProvider,
 }
 _instances: dict[ProviderConfig, ChatProvider] = {}
 _lock = threading.Lock()

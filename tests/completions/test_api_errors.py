@@ -55,9 +55,9 @@ async def test_missing_scope_gets_403_naming_the_scope(asgi_client, org: Organiz
 async def test_key_sees_and_uses_only_its_allowed_models(
     asgi_client, org: Organization, default_model: None, validate_schema
 ) -> None:
-    _, raw = await sync_to_async(apikey_create)(organization=org, name="limited", allowed_models=["other-model"])
+    _, raw = await sync_to_async(apikey_create)(organization=org, name="limited", allowed_models=["all-minilm-l6-v2"])
     listing = (await asgi_client.get("/v1/models", headers=bearer(raw))).json()
-    assert listing == {"object": "list", "data": []}
+    assert [m["id"] for m in listing["data"]] == ["all-minilm-l6-v2"]
     assert_error(await asgi_client.get("/v1/models/gemma-3-270m", headers=bearer(raw)), 404, "model_not_found",
                  validate_schema)
     response = await asgi_client.post(
@@ -75,7 +75,7 @@ async def test_models_list_and_retrieve_match_the_openai_schema(
         response = await asgi_client.get(path, headers=bearer(raw))
         assert response.status_code == 200
         validate_schema("ListModelsResponse", response.json())
-        assert [m["id"] for m in response.json()["data"]] == ["gemma-3-270m"]
+        assert sorted(m["id"] for m in response.json()["data"]) == ["all-minilm-l6-v2", "gemma-3-270m"]
     model = (await asgi_client.get("/v1/models/gemma-3-270m", headers=bearer(raw))).json()
     validate_schema("Model", model)
     assert model["owned_by"] == "google"

@@ -116,7 +116,9 @@ async def test_async_sdk_json_and_stream(stack: dict[str, Any]) -> None:
             assert chunks[-1].choices[0].finish_reason in ("stop", "length")
             assert all(chunk.usage is None for chunk in chunks)
             models = await client.models.list()
-            assert {m.id for m in models.data} == {"gemma-3-270m", "gemma-upstream"}
+            assert {m.id for m in models.data} == {"gemma-3-270m", "gemma-upstream", "all-minilm-l6-v2"}
+        embedded = await client.embeddings.create(model="all-minilm-l6-v2", input=["one", "two"])
+        assert [len(item.embedding) for item in embedded.data] == [384, 384]
 
 
 def test_revoked_key_is_refused_within_a_second(stack: dict[str, Any]) -> None:
