@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from completions.errors import ApiError
@@ -74,6 +75,12 @@ def validate_chat(body: dict[str, Any], *, model_required: bool) -> None:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError("'seed' must be an integer.", param="seed", code="invalid_type")
+    _validate_choices_and_logprobs(body)
+    _validate_metadata(body.get("metadata"))
+    if stream_options is not None and not stream:
+        raise _invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+    _validate_response_format(body.get("response_format"))
+    _validate_tools(body)
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, list):
@@ -83,6 +90,130 @@ def validate_chat(body: dict[str, Any], *, model_required: bool) -> None:
                 raise ApiError("'stop' must be a string or an array of strings.", param="stop", code="invalid_type")
         elif not isinstance(stop, str):
             raise ApiError("'stop' must be a string or an array of strings.", param="stop", code="invalid_type")
+
+
+def _integer(body: dict[str, Any], name: str, low: int, high: int) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(f"'{name}' must be an integer.", param=name, code="invalid_type")
+    if not low <= value <= high:
+        raise _invalid(f"'{name}' must be between {low} and {high}; got {value}.", name)
+
+
+def _validate_choices_and_logprobs(body: dict[str, Any]) -> None:
+    _integer(body, "n", 1, 128)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise ApiError("'logprobs' must be a boolean.", param="logprobs", code="invalid_type")
+    _integer(body, "top_logprobs", 0, 20)
+    if body.get("top_logprobs") is not None and not logprobs:
+        raise _invalid("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
+
+
+def _validate_metadata(metadata: Any) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise ApiError("'metadata' must be an object of strings.", param="metadata", code="invalid_type")
+    if len(metadata) > 16:
+        raise _invalid(f"'metadata' may hold at most 16 pairs; got {len(metadata)}.", "metadata")
+    for key, value in metadata.items():
+        if len(key) > 64:
+            raise _invalid(f"'metadata' keys may be at most 64 characters; {key[:20]!r}… is {len(key)}.", "metadata")
+        if not isinstance(value, str) or len(value) > 512:
+            raise _invalid(f"'metadata.{key}' must be a string of at most 512 characters.", "metadata")
+
+
+def _validate_response_format(response_format: Any) -> None:
+    if response_format is None:
+        return
+    if not isinstance(response_format, dict):
+        raise ApiError("'response_format' must be an object.", param="response_format", code="invalid_type")
+    kind = response_format.get("type")
+    if kind in ("text", "json_object"):
+        return
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise ApiError(
+                "Missing required parameter: 'response_format.json_schema.name'.",
+                param="response_format.json_schema.name",
+                code="missing_required_parameter",
+            )
+        if spec.get("schema") is not None and not isinstance(spec["schema"], dict):
+            raise ApiError("'response_format.json_schema.schema' must be an object.",
+                           param="response_format.json_schema.schema", code="invalid_type")
+        return
+    if kind == "json":
+        # Seed 002's legacy form: {"type": "json", "schema"?, "name"?, "description"?}.
+        if response_format.get("schema") is not None and not isinstance(response_format["schema"], dict):
+            raise ApiError("'response_format.schema' must be an object.", param="response_format.schema",
+                           code="invalid_type")
+        return
+    raise _invalid(
+        f"Invalid value for 'response_format.type': {kind!r}. Supported: 'text', 'json_object', 'json_schema'.",
+        "response_format.type",
+    )
+
+
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def _validate_tools(body: dict[str, Any]) -> None:
+    tools = body.get("tools")
+    names: set[str] = set()
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise ApiError("'tools' must be an array.", param="tools", code="invalid_type")
+        for index, tool in enumerate(tools):
+            param = f"tools[{index}]"
+            is_function = isinstance(tool, dict) and tool.get("type") == "function"
+            if not is_function or not isinstance(tool.get("function"), dict):
+                raise _invalid(f"'{param}' must be {{'type': 'function', 'function': {{...}}}}.", param)
+            name = tool["function"].get("name")
+            if not isinstance(name, str) or not _TOOL_NAME.match(name):
+                raise _invalid(
+                    f"'{param}.function.name' must be 1-64 characters of a-z, A-Z, 0-9, underscores and dashes.",
+                    f"{param}.function.name",
+                )
+            parameters = tool["function"].get("parameters")
+            if parameters is not None and not isinstance(parameters, dict):
+                raise ApiError(f"'{param}.function.parameters' must be a JSON Schema object.",
+                               param=f"{param}.function.parameters", code="invalid_type")
+            names.add(name)
+    choice = body.get("tool_choice")
+    if choice is None:
+        return
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise _invalid(f"Invalid value for 'tool_choice': {choice!r}.", "tool_choice")
+        if choice == "required" and not names:
+            raise _invalid("'tool_choice' is 'required' but no 'tools' were given.", "tool_choice")
+        return
+    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(choice.get("function"), dict):
+        raise _invalid("'tool_choice' must be 'none', 'auto', 'required' or a named function.", "tool_choice")
+    if choice["function"].get("name") not in names:
+        raise _invalid(
+            f"'tool_choice' names the function {choice['function'].get('name')!r}, which is not among 'tools'.",
+            "tool_choice",
+        )
+
+
+def normalize_response_format(body: dict[str, Any]) -> None:
+    """Rewrite seed 002's legacy {"type": "json", "schema": …} into the standard forms providers understand."""
+    response_format = body.get("response_format")
+    if not isinstance(response_format, dict) or response_format.get("type") != "json":
+        return
+    schema = response_format.get("schema")
+    if schema is None:
+        body["response_format"] = {"type": "json_object"}
+        return
+    spec: dict[str, Any] = {"name": response_format.get("name") or "response", "schema": schema, "strict": True}
+    if response_format.get("description"):
+        spec["description"] = response_format["description"]
+    body["response_format"] = {"type": "json_schema", "json_schema": spec}
 
 
 def validate_max_tokens_fit(body: dict[str, Any], *, context_length: int) -> None:

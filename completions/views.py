@@ -18,7 +18,12 @@ from completions.api import ApiRequest, api_endpoint, json_body, json_response
 from completions.catalog import CatalogEntry, catalog
 from completions.errors import ApiError, model_not_found, to_api_error
 from completions.providers.base import ChatCall, EmbeddingsCall
-from completions.validation import validate_chat, validate_embeddings, validate_max_tokens_fit
+from completions.validation import (
+    normalize_response_format,
+    validate_chat,
+    validate_embeddings,
+    validate_max_tokens_fit,
+)
 from platform_site import runtime
 
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
@@ -68,6 +73,11 @@ async def chat_completions(request: ApiRequest) -> HttpResponseBase:
     public_id = request.api_key.pinned_model or body["model"]
     entry = await _resolve_model(request, public_id, capability="chat", purpose="chat completions")
     validate_max_tokens_fit(body, context_length=entry.context_length)
+    normalize_response_format(body)
+    if body.get("tools") and body.get("tool_choice") != "none" and "tools" not in entry.capabilities:
+        raise ApiError(
+            f"The model `{entry.public_id}` does not support tools.", param="tools", code="unsupported_parameter"
+        )
     call = ChatCall(upstream_model=entry.upstream_model, body=body, request_id=request.request_id)
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
     if body.get("stream"):

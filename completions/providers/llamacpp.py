@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from django.conf import settings
 
 from completions.providers.base import ChatCall, EmbeddingsCall, ProviderConfig, UnsupportedByModel
@@ -179,6 +180,34 @@ def _prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     return turns
 
 
+_JSON_GRAMMARS: dict[str, Any] = {}
+
+
+def _grammar(response_format: Any) -> Any:
+    """A grammar that forces valid JSON (json_object) or JSON valid for a schema (json_schema).
+
+    Each schema is turned into a grammar once per process and the grammar reused.
+    """
+    if not isinstance(response_format, dict) or response_format.get("type") not in ("json_object", "json_schema"):
+        return None
+    from llama_cpp import llama_grammar
+
+    schema = None
+    if response_format["type"] == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+    key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode() if schema is not None else ""
+    grammar = _JSON_GRAMMARS.get(key)
+    if grammar is None:
+        if schema is None:
+            grammar = llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
+        else:
+            grammar = llama_grammar.LlamaGrammar.from_json_schema(key, verbose=False)
+        if len(_JSON_GRAMMARS) > 256:
+            _JSON_GRAMMARS.clear()
+        _JSON_GRAMMARS[key] = grammar
+    return grammar
+
+
 def _sampling(body: dict[str, Any], n_ctx: int) -> dict[str, Any]:
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     stop = body.get("stop")
@@ -193,6 +222,9 @@ def _sampling(body: dict[str, Any], n_ctx: int) -> dict[str, Any]:
     }
     if body.get("seed") is not None:
         kwargs["seed"] = int(body["seed"])
+    grammar = _grammar(body.get("response_format"))
+    if grammar is not None:
+        kwargs["grammar"] = grammar
     return kwargs
 
 

@@ -16,6 +16,7 @@ from tests.conftest import bearer
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CHAT = "/v1/chat/completions"
+OK = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def assert_error(response: Any, status: int, code: str | None, validate_schema: Any) -> dict[str, Any]:
@@ -145,6 +146,25 @@ async def test_unexpected_exception_is_a_500_with_the_request_id_and_no_internal
          "max_tokens"),
         ({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
          "stop"),
+        ({**OK, "n": 0}, "n"),
+        ({**OK, "n": 129}, "n"),
+        ({**OK, "seed": "42"}, "seed"),
+        ({**OK, "presence_penalty": 2.5}, "presence_penalty"),
+        ({**OK, "frequency_penalty": -3}, "frequency_penalty"),
+        ({**OK, "top_logprobs": 3}, "top_logprobs"),
+        ({**OK, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({**OK, "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({**OK, "metadata": {"k": "v" * 513}}, "metadata"),
+        ({**OK, "metadata": {"k" * 65: "v"}}, "metadata"),
+        ({**OK, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({**OK, "response_format": {"type": "yaml"}}, "response_format.type"),
+        ({**OK, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+         "response_format.json_schema.name"),
+        ({**OK, "tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+        ({**OK, "tools": [{"type": "function", "function": {"name": "f"}}],
+          "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+        ({**OK, "tool_choice": "required"}, "tool_choice"),
+        ({**OK, "max_completion_tokens": -1}, "max_completion_tokens"),
     ],
 )
 async def test_invalid_chat_requests_get_400_naming_the_field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -92,3 +93,63 @@ async def test_chat_through_the_api_matches_the_openai_schema(sdk: openai.AsyncO
     completion = raw.parse()
     assert completion.model == "gemma-3-270m" and completion.usage is not None
     assert completion.usage.completion_tokens <= 4
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_json_schema_output_is_enforced_and_parses_with_the_sdk(sdk: openai.AsyncOpenAI) -> None:
+    import jsonschema
+    from pydantic import BaseModel
+
+    completion = await sdk.chat.completions.create(
+        model="gemma-3-270m",
+        messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        max_tokens=60,
+        seed=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+    )
+    jsonschema.validate(json.loads(completion.choices[0].message.content or ""), PERSON)
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    parsed = await sdk.chat.completions.parse(
+        model="gemma-3-270m", messages=[{"role": "user", "content": "A person."}], max_tokens=60, seed=4,
+        response_format=Person,
+    )
+    assert isinstance(parsed.choices[0].message.parsed, Person)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_json_object_and_legacy_json_formats_give_json(sdk: openai.AsyncOpenAI) -> None:
+    import jsonschema
+
+    plain = await sdk.chat.completions.create(
+        model="gemma-3-270m", messages=[{"role": "user", "content": "JSON please."}], max_tokens=40, seed=1,
+        response_format={"type": "json_object"},
+    )
+    if plain.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(plain.choices[0].message.content or ""), dict | list)
+    legacy = await sdk.chat.completions.create(
+        model="gemma-3-270m", messages=[{"role": "user", "content": "A person."}], max_tokens=60, seed=3,
+        response_format={"type": "json", "schema": PERSON},  # type: ignore[arg-type,typeddict-item]
+    )
+    jsonschema.validate(json.loads(legacy.choices[0].message.content or ""), PERSON)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_tools_are_refused_by_a_model_without_the_capability(sdk: openai.AsyncOpenAI) -> None:
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(
+            model="gemma-3-270m", messages=[{"role": "user", "content": "time?"}], tools=[tool]  # type: ignore[list-item]
+        )
+    assert caught.value.code == "unsupported_parameter" and caught.value.param == "tools"  # type: ignore[attr-defined]
