@@ -140,7 +140,7 @@ async def _chat_stream(
 
     async def events() -> AsyncIterator[bytes]:
         runtime.counter_add("open_streams", 1)
-        role_sent = False
+        roles_sent: set[int] = set()
         usage: dict[str, Any] | None = None
         try:
             chunk = first
@@ -155,14 +155,15 @@ async def _chat_stream(
                         choice["delta"] = delta
                         choice.setdefault("logprobs", None)
                         choice.setdefault("finish_reason", None)
-                        # The SDK's stream helpers concatenate strings: the role must be sent exactly once.
-                        if role_sent:
+                        # The SDK's stream helpers concatenate strings: the role is sent once per choice.
+                        index = choice.get("index", 0)
+                        if index in roles_sent:
                             delta.pop("role", None)
                         else:
+                            roles_sent.add(index)
                             delta["role"] = "assistant"
                             if "tool_calls" not in delta:
                                 delta.setdefault("content", "")
-                    role_sent = True
                     yield sse.frame(
                         {
                             "id": completion_id,

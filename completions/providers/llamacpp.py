@@ -13,7 +13,7 @@ import atexit
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,23 +33,35 @@ class _Cancelled(Exception):
 
 @dataclass(slots=True)
 class _Meter:
-    """Per-generation facts gathered in the token loop, where llama-cpp-python's stream reports no usage."""
+    """Per-request facts gathered in the token loop (llama-cpp-python's stream reports no usage, and its
+    logprobs would need logits for every position: n_ctx × vocabulary floats, gigabytes for Gemma)."""
 
     cancel: threading.Event
+    top_logprobs: int | None = None  # None: logprobs were not asked for
     prompt_tokens: int = 0
-    sampled: int = 0
-    last_token: int | None = None
+    completion_tokens: int = 0
+    scores: Any = None  # the raw distribution of the step being sampled, while logprobs are on
+    entries: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 def _metered_llama_class() -> type:
     # Imported lazily: importing llama_cpp loads the shared library, which only a process that serves an
     # embedded model should pay for.
+    import llama_cpp
+    import numpy as np
     from llama_cpp import Llama
 
     class MeteredLlama(Llama):  # type: ignore[misc]
-        """Llama whose token generator counts tokens and honours a cancel flag, for streams and not."""
+        """Llama whose token generator counts tokens, honours a cancel flag and records logprobs."""
 
         meter: _Meter | None = None
+
+        def capture_scores(self, input_ids: Any, scores: Any) -> Any:
+            """A logits processor: keeps the model's raw log-distribution of this step; changes nothing."""
+            if self.meter is not None:
+                peak = scores.max()
+                self.meter.scores = scores - (peak + np.log(np.exp(scores - peak).sum()))
+            return scores
 
         def generate(self, tokens, *args, **kwargs):  # type: ignore[no-untyped-def]
             meter = self.meter
@@ -58,14 +70,23 @@ def _metered_llama_class() -> type:
                 yield from inner
                 return
             meter.prompt_tokens = len(tokens)
+            vocab = self._model.vocab
             try:
                 token = next(inner)
                 while True:
                     if meter.cancel.is_set():
                         inner.close()
                         raise _Cancelled
-                    meter.sampled += 1
-                    meter.last_token = token
+                    if not llama_cpp.llama_vocab_is_eog(vocab, token):
+                        meter.completion_tokens += 1
+                        if meter.top_logprobs is not None and meter.scores is not None:
+                            logprobs = meter.scores
+                            top: list[tuple[int, float]] = []
+                            if meter.top_logprobs:
+                                best = np.argpartition(-logprobs, meter.top_logprobs)[: meter.top_logprobs]
+                                best = best[np.argsort(-logprobs[best])]
+                                top = [(int(i), float(logprobs[i])) for i in best]
+                            meter.entries.append((int(token), float(logprobs[token]), top))
                     sent = yield token
                     token = inner.send(sent)
             except StopIteration:
@@ -228,6 +249,63 @@ def _sampling(body: dict[str, Any], n_ctx: int) -> dict[str, Any]:
     return kwargs
 
 
+def _token_logprob(llama: Any, token: int, logprob: float) -> dict[str, Any]:
+    raw = llama.detokenize([token])
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+
+def _logprobs_content(llama: Any, entries: list[tuple[int, float, list[tuple[int, float]]]]) -> list[dict[str, Any]]:
+    return [
+        {**_token_logprob(llama, token, logprob), "top_logprobs": [_token_logprob(llama, t, lp) for t, lp in top]}
+        for token, logprob, top in entries
+    ]
+
+
+def _generate(loaded: _LoadedModel, call: ChatCall, meter: _Meter, emit: Any) -> None:
+    """Run every choice of a request in the model's worker thread, handing each chunk to `emit`.
+
+    Choices run one after another (`n` > 1), each with its own seed when the request fixed one, so they
+    differ from each other yet repeat across identical requests.
+    """
+    if meter.cancel.is_set():
+        raise _Cancelled
+    llama = loaded.llama
+    body = call.body
+    messages = _prompt_messages(body["messages"])
+    kwargs = _sampling(body, llama.n_ctx())
+    if meter.top_logprobs is not None:
+        from llama_cpp import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([llama.capture_scores])
+    llama.meter = meter
+    try:
+        for index in range(int(body.get("n") or 1)):
+            if "seed" in kwargs and index:
+                kwargs["seed"] = int(body["seed"]) + index
+            for chunk in llama.create_chat_completion(messages=messages, stream=True, **kwargs):
+                choice = chunk["choices"][0]
+                choice["index"] = index
+                if meter.top_logprobs is not None:
+                    entries, meter.entries = meter.entries, []
+                    choice["logprobs"] = {"content": _logprobs_content(llama, entries), "refusal": None}
+                emit(chunk)
+    finally:
+        llama.meter = None
+
+
+def _usage(meter: _Meter) -> dict[str, int]:
+    return {
+        "prompt_tokens": meter.prompt_tokens,
+        "completion_tokens": meter.completion_tokens,
+        "total_tokens": meter.prompt_tokens + meter.completion_tokens,
+    }
+
+
+def _new_meter(body: dict[str, Any]) -> _Meter:
+    top = body.get("top_logprobs")
+    return _Meter(cancel=threading.Event(), top_logprobs=int(top or 0) if body.get("logprobs") else None)
+
+
 class LlamaCppProvider:
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -241,28 +319,36 @@ class LlamaCppProvider:
             loaded = await asyncio.to_thread(_load, upstream_model)
         return loaded
 
-    def _completion_tokens(self, loaded: _LoadedModel, meter: _Meter) -> int:
-        import llama_cpp
-
-        ended_on_eog = meter.last_token is not None and llama_cpp.llama_vocab_is_eog(
-            loaded.llama._model.vocab, meter.last_token
-        )
-        return meter.sampled - (1 if ended_on_eog else 0)
-
     async def chat(self, call: ChatCall) -> dict[str, Any]:
         loaded = await self._model(call.upstream_model)
-        meter = _Meter(cancel=threading.Event())
-        messages = _prompt_messages(call.body["messages"])
-        kwargs = _sampling(call.body, loaded.llama.n_ctx())
+        meter = _new_meter(call.body)
 
         def work() -> dict[str, Any]:
-            if meter.cancel.is_set():
-                raise _Cancelled
-            loaded.llama.meter = meter
-            try:
-                return loaded.llama.create_chat_completion(messages=messages, stream=False, **kwargs)
-            finally:
-                loaded.llama.meter = None
+            choices: dict[int, dict[str, Any]] = {}
+
+            def collect(chunk: dict[str, Any]) -> None:
+                piece = chunk["choices"][0]
+                choice = choices.setdefault(
+                    piece["index"],
+                    {"index": piece["index"], "message": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None},
+                )
+                choice["message"]["content"] += piece["delta"].get("content") or ""
+                if piece.get("finish_reason"):
+                    choice["finish_reason"] = piece["finish_reason"]
+                if piece.get("logprobs") is not None:
+                    if choice["logprobs"] is None:
+                        choice["logprobs"] = {"content": [], "refusal": None}
+                    choice["logprobs"]["content"] += piece["logprobs"]["content"]
+
+            _generate(loaded, call, meter, collect)
+            return {
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": call.upstream_model,
+                "choices": [choices[index] for index in sorted(choices)],
+                "usage": _usage(meter),
+            }
 
         future = asyncio.get_running_loop().run_in_executor(loaded.executor, work)
         try:
@@ -278,25 +364,14 @@ class LlamaCppProvider:
         loaded = await self._model(call.upstream_model)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        meter = _Meter(cancel=threading.Event())
-        messages = _prompt_messages(call.body["messages"])
-        kwargs = _sampling(call.body, loaded.llama.n_ctx())
+        meter = _new_meter(call.body)
 
         def work() -> None:
             try:
-                if meter.cancel.is_set():
-                    raise _Cancelled
-                loaded.llama.meter = meter
-                chunks: Iterator[dict[str, Any]] = loaded.llama.create_chat_completion(
-                    messages=messages, stream=True, **kwargs
-                )
-                for chunk in chunks:
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                _generate(loaded, call, meter, lambda chunk: loop.call_soon_threadsafe(queue.put_nowait, chunk))
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
             except BaseException as exc:  # noqa: BLE001 - handed to the event loop, which re-raises it
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loaded.llama.meter = None
 
         started = time.monotonic()
         loaded.executor.submit(work)
@@ -310,19 +385,13 @@ class LlamaCppProvider:
                         return
                     raise item
                 yield item
-            prompt_tokens = meter.prompt_tokens
-            completion_tokens = self._completion_tokens(loaded, meter)
             yield {
                 "id": "",
                 "object": "chat.completion.chunk",
                 "created": int(started),
                 "model": call.upstream_model,
                 "choices": [],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
+                "usage": _usage(meter),
             }
         finally:
             # Runs on normal end, on error and when the client disconnects (the generator is closed).

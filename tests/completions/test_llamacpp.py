@@ -71,7 +71,7 @@ async def test_a_client_that_goes_away_stops_its_generation(monkeypatch: pytest.
     # Once the model's worker thread is free again, the abandoned generation must have stopped early.
     await asyncio.get_running_loop().run_in_executor(loaded.executor, lambda: None)
     assert meters[0].cancel.is_set()
-    assert meters[0].sampled < 100
+    assert meters[0].completion_tokens < 100
 
 
 @pytest.fixture
@@ -153,3 +153,52 @@ async def test_tools_are_refused_by_a_model_without_the_capability(sdk: openai.A
             model="gemma-3-270m", messages=[{"role": "user", "content": "time?"}], tools=[tool]  # type: ignore[list-item]
         )
     assert caught.value.code == "unsupported_parameter" and caught.value.param == "tools"  # type: ignore[attr-defined]
+
+
+async def test_n_choices_differ_by_seed_and_share_one_prompt_in_usage() -> None:
+    result = await PROVIDER.chat(call(max_tokens=5, seed=9, temperature=1.0, n=3))
+    assert [choice["index"] for choice in result["choices"]] == [0, 1, 2]
+    single = await PROVIDER.chat(call(max_tokens=5, seed=9, temperature=1.0))
+    assert result["choices"][0]["message"]["content"] == single["choices"][0]["message"]["content"]
+    assert result["usage"]["prompt_tokens"] == single["usage"]["prompt_tokens"]
+    assert result["usage"]["completion_tokens"] <= 15
+
+
+async def test_logprobs_cover_every_completion_token_with_sorted_alternatives() -> None:
+    result = await PROVIDER.chat(call(max_tokens=6, seed=1, temperature=0, logprobs=True, top_logprobs=3))
+    content = result["choices"][0]["logprobs"]["content"]
+    assert len(content) == result["usage"]["completion_tokens"]
+    text = result["choices"][0]["message"]["content"]
+    assert "".join(entry["token"] for entry in content) == text
+    for entry in content:
+        assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 3
+        alternatives = [alt["logprob"] for alt in entry["top_logprobs"]]
+        assert alternatives == sorted(alternatives, reverse=True)
+        # At temperature 0 the chosen token is the most likely one.
+        assert entry["token"] == entry["top_logprobs"][0]["token"]
+        assert bytes(entry["bytes"]).decode("utf-8", errors="replace") == entry["token"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_stream_with_n_and_logprobs_through_the_sdk(sdk: openai.AsyncOpenAI, validate_schema) -> None:
+    stream = await sdk.chat.completions.create(
+        model="gemma-3-270m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, seed=5, n=2,
+        logprobs=True, top_logprobs=2, stream=True,
+    )
+    roles: dict[int, list[str]] = {0: [], 1: []}
+    tokens: dict[int, int] = {0: 0, 1: 0}
+    async for chunk in stream:
+        validate_schema("CreateChatCompletionStreamResponse", chunk.model_dump(exclude_unset=True))
+        for choice in chunk.choices:
+            if choice.delta.role:
+                roles[choice.index].append(choice.delta.role)
+            if choice.logprobs and choice.logprobs.content:
+                assert all(len(entry.top_logprobs) == 2 for entry in choice.logprobs.content)
+                tokens[choice.index] += len(choice.logprobs.content)
+    assert roles == {0: ["assistant"], 1: ["assistant"]}
+    assert tokens[0] >= 1 and tokens[1] >= 1
+    raw = await sdk.chat.completions.with_raw_response.create(
+        model="gemma-3-270m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, seed=5, logprobs=True,
+        top_logprobs=2,
+    )
+    validate_schema("CreateChatCompletionResponse", raw.http_response.json())
