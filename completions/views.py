@@ -6,7 +6,7 @@ import asyncio
 import base64
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -15,9 +15,10 @@ from django.http import HttpResponseBase, StreamingHttpResponse
 from apikeys.scopes import CHAT, EMBEDDINGS, MODELS_READ
 from completions import sse
 from completions.api import ApiRequest, api_endpoint, json_body, json_response
-from completions.catalog import CatalogEntry, catalog
+from completions.catalog import CatalogEntry, DeploymentEntry, catalog
 from completions.errors import ApiError, model_not_found, to_api_error
 from completions.providers.base import ChatCall, EmbeddingsCall
+from completions.routing import first_success, parse_preferences, plan
 from completions.validation import (
     normalize_response_format,
     validate_chat,
@@ -61,28 +62,57 @@ async def _resolve_model(request: ApiRequest, public_id: str, *, capability: str
     return entry
 
 
-def _routing_headers(entry: CatalogEntry) -> dict[str, str]:
-    return {"x-keyway-model": entry.public_id, "x-keyway-provider": entry.provider_config.name}
+def _routing_headers(entry: CatalogEntry, deployment: DeploymentEntry) -> dict[str, str]:
+    return {"x-keyway-model": entry.public_id, "x-keyway-provider": deployment.provider_name}
+
+
+# Fields that steer the gateway and mean nothing (or an error) to an upstream.
+GATEWAY_FIELDS = frozenset({"provider", "models"})
+
+
+def _upstream_body(body: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in body.items() if name not in GATEWAY_FIELDS}
+
+
+async def _chat_models(request: ApiRequest, body: dict[str, Any]) -> list[CatalogEntry]:
+    """The model to use and, from the request's `models` list, the ones to fall back to, all checked."""
+    fallbacks: list[str] = body.get("models") or []
+    if request.api_key.pinned_model:
+        # An organization that pins a model gets it whatever the request says (the response names it).
+        names = [request.api_key.pinned_model]
+    else:
+        primary = body.get("model") or fallbacks[0]
+        names = [primary, *(name for name in fallbacks if name != primary)]
+    entries = []
+    for name in dict.fromkeys(names):
+        entry = await _resolve_model(request, name, capability="chat", purpose="chat completions")
+        validate_max_tokens_fit(body, context_length=entry.context_length)
+        if body.get("tools") and body.get("tool_choice") != "none" and "tools" not in entry.capabilities:
+            raise ApiError(
+                f"The model `{entry.public_id}` does not support tools.", param="tools", code="unsupported_parameter"
+            )
+        entries.append(entry)
+    return entries
 
 
 @api_endpoint(methods=("POST",), scope=CHAT)
 async def chat_completions(request: ApiRequest) -> HttpResponseBase:
     body = json_body(request)
-    validate_chat(body, model_required=not request.api_key.pinned_model)
-    # An organization that pins a model gets it whatever the request says (the response names it).
-    public_id = request.api_key.pinned_model or body["model"]
-    entry = await _resolve_model(request, public_id, capability="chat", purpose="chat completions")
-    validate_max_tokens_fit(body, context_length=entry.context_length)
+    validate_chat(body, model_required=not request.api_key.pinned_model and not body.get("models"))
+    preferences = parse_preferences(body)
+    entries = await _chat_models(request, body)
     normalize_response_format(body)
-    if body.get("tools") and body.get("tool_choice") != "none" and "tools" not in entry.capabilities:
-        raise ApiError(
-            f"The model `{entry.public_id}` does not support tools.", param="tools", code="unsupported_parameter"
-        )
-    call = ChatCall(upstream_model=entry.upstream_model, body=body, request_id=request.request_id)
+    upstream_body = _upstream_body(body)
+    attempts = [(entry, deployment) for entry in entries for deployment in plan(entry, preferences)]
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
     if body.get("stream"):
-        return await _chat_stream(request, entry, call, completion_id)
-    result = await entry.provider.chat(call)
+        return await _chat_stream(request, attempts, upstream_body, completion_id)
+
+    async def complete(entry: CatalogEntry, deployment: DeploymentEntry) -> dict[str, Any]:
+        call = ChatCall(deployment.upstream_model, upstream_body, request.request_id, deployment.timeout)
+        return await deployment.provider.chat(call)
+
+    result, entry, deployment = await first_success(attempts, complete)
     result["id"] = completion_id
     result["object"] = "chat.completion"
     result["model"] = entry.public_id
@@ -92,13 +122,14 @@ async def chat_completions(request: ApiRequest) -> HttpResponseBase:
         message = choice.get("message")
         if isinstance(message, dict):
             message.setdefault("refusal", None)
-    return json_response(result, headers=_routing_headers(entry))
+    return json_response(result, headers=_routing_headers(entry, deployment))
 
 
 @api_endpoint(methods=("POST",), scope=EMBEDDINGS)
 async def embeddings(request: ApiRequest) -> HttpResponseBase:
     body = json_body(request)
     inputs = validate_embeddings(body)
+    preferences = parse_preferences(body)
     entry = await _resolve_model(request, body["model"], capability="embeddings", purpose="embeddings")
     if body.get("dimensions") is not None and "dimensions" not in entry.capabilities:
         raise ApiError(
@@ -106,34 +137,47 @@ async def embeddings(request: ApiRequest) -> HttpResponseBase:
             param="dimensions",
             code="unsupported_parameter",
         )
-    call = EmbeddingsCall(
-        upstream_model=entry.upstream_model,
-        body={**body, "input": inputs},
-        request_id=request.request_id,
-        context_length=entry.context_length,
-    )
-    result = await entry.provider.embeddings(call)
+    upstream_body = {**_upstream_body(body), "input": inputs}
+
+    async def embed(entry: CatalogEntry, deployment: DeploymentEntry) -> dict[str, Any]:
+        call = EmbeddingsCall(
+            deployment.upstream_model, upstream_body, request.request_id, entry.context_length, deployment.timeout
+        )
+        return await deployment.provider.embeddings(call)
+
+    result, entry, deployment = await first_success([(entry, d) for d in plan(entry, preferences)], embed)
     result["model"] = entry.public_id
     if body.get("encoding_format") == "base64":
         for item in result["data"]:
             if isinstance(item["embedding"], np.ndarray):
                 # Little-endian float32, which is what the SDKs decode (and request by default).
                 item["embedding"] = base64.b64encode(item["embedding"].astype("<f4").tobytes()).decode()
-    return json_response(result, headers=_routing_headers(entry))
+    return json_response(result, headers=_routing_headers(entry, deployment))
+
+
+Opened = tuple[AsyncGenerator[dict[str, Any], None], dict[str, Any] | None]
 
 
 async def _chat_stream(
-    request: ApiRequest, entry: CatalogEntry, call: ChatCall, completion_id: str
+    request: ApiRequest,
+    attempts: list[tuple[CatalogEntry, DeploymentEntry]],
+    body: dict[str, Any],
+    completion_id: str,
 ) -> HttpResponseBase:
-    upstream = entry.provider.chat_stream(call)
-    # Wait for the first chunk before answering, so that an upstream that fails at once still gets the
-    # client a proper HTTP status and a JSON error rather than a 200 with an error event.
-    try:
-        first: dict[str, Any] | None = await anext(upstream, None)
-    except BaseException:
-        await upstream.aclose()
-        raise
-    stream_options = call.body.get("stream_options") or {}
+    async def open_stream(entry: CatalogEntry, deployment: DeploymentEntry) -> Opened:
+        call = ChatCall(deployment.upstream_model, body, request.request_id, deployment.timeout)
+        stream = deployment.provider.chat_stream(call)
+        # Wait for the first chunk before answering: an upstream that fails at once can still be replaced by
+        # the next deployment, or get the client a proper HTTP status and a JSON error. Once a byte has gone
+        # to the client there is no retry.
+        try:
+            return stream, await anext(stream, None)
+        except BaseException:
+            await stream.aclose()
+            raise
+
+    (upstream, first), entry, deployment = await first_success(attempts, open_stream)
+    stream_options = body.get("stream_options") or {}
     include_usage = bool(stream_options.get("include_usage"))
     created = int(time.time())
     request_id = request.request_id
@@ -195,6 +239,5 @@ async def _chat_stream(
             runtime.counter_add("open_streams", -1)
             await upstream.aclose()
 
-    response = StreamingHttpResponse(events(), content_type=sse.CONTENT_TYPE, headers={**sse.HEADERS,
-                                     **_routing_headers(entry)})
-    return response
+    headers = {**sse.HEADERS, **_routing_headers(entry, deployment)}
+    return StreamingHttpResponse(events(), content_type=sse.CONTENT_TYPE, headers=headers)

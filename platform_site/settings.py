@@ -154,6 +154,10 @@ KEYWAY_UPSTREAM_TIMEOUT = env_float("KEYWAY_UPSTREAM_TIMEOUT", 180.0, minimum=0.
 KEYWAY_UPSTREAM_CONNECT_TIMEOUT = env_float("KEYWAY_UPSTREAM_CONNECT_TIMEOUT", 10.0, minimum=0.1)
 KEYWAY_UPSTREAM_POOL_SIZE = env_int("KEYWAY_UPSTREAM_POOL_SIZE", 256, minimum=1)
 
+# Routing: a deployment that fails this many times in a row sits out the cool-down (seconds).
+KEYWAY_BREAKER_FAILURES = env_int("KEYWAY_BREAKER_FAILURES", 3, minimum=1)
+KEYWAY_BREAKER_COOLDOWN = env_float("KEYWAY_BREAKER_COOLDOWN", 30.0, minimum=0.0)
+
 # The embedded llama.cpp provider.
 KEYWAY_LLAMA_THREADS = env_int("KEYWAY_LLAMA_THREADS", 2, minimum=1)
 KEYWAY_LLAMA_CONTEXT = env_int("KEYWAY_LLAMA_CONTEXT", 4096, minimum=256)

@@ -20,6 +20,7 @@ from apikeys import auth
 from apikeys.models import ApiKey
 from apikeys.services import apikey_create
 from completions.catalog import catalog_invalidate
+from completions.routing import reset_breakers
 from platform_site.models import Organization
 from platform_site.services import organization_create
 
@@ -35,6 +36,7 @@ def _fresh_caches() -> Iterator[None]:
     auth._local.clear()
     auth._last_touch.clear()
     catalog_invalidate()
+    reset_breakers()
     yield
     auth._local.clear()
     catalog_invalidate()

@@ -28,6 +28,8 @@ class ChatCall:
     upstream_model: str
     body: dict[str, Any]
     request_id: str
+    # The deployment's own timeout, over the provider's and the global default.
+    timeout: float | None = None
 
 
 @dataclass(slots=True)
@@ -38,6 +40,7 @@ class EmbeddingsCall:
     body: dict[str, Any]
     request_id: str
     context_length: int
+    timeout: float | None = None
 
 
 class ChatProvider(Protocol):

@@ -88,20 +88,26 @@ class OpenAICompatibleProvider:
         self.headers = {"Content-Type": "application/json", **dict(config.extra_headers)}
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
-        total = config.timeout or settings.KEYWAY_UPSTREAM_TIMEOUT
-        connect = settings.KEYWAY_UPSTREAM_CONNECT_TIMEOUT
-        self.timeout = aiohttp.ClientTimeout(total=total, connect=connect)
+        self.timeout, self.stream_timeout = self._timeouts(config.timeout or settings.KEYWAY_UPSTREAM_TIMEOUT)
+
+    @staticmethod
+    def _timeouts(total: float) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
+        connect = min(total, settings.KEYWAY_UPSTREAM_CONNECT_TIMEOUT)
         # A stream that keeps producing is not cut at the total limit: the limit applies to each wait for the
         # upstream (the first byte, then every read), so only a silent upstream times out.
-        self.stream_timeout = aiohttp.ClientTimeout(total=None, connect=connect, sock_read=total)
+        return (
+            aiohttp.ClientTimeout(total=total, connect=connect),
+            aiohttp.ClientTimeout(total=None, connect=connect, sock_read=total),
+        )
 
     def loaded_models(self) -> list[str]:
         return []
 
-    async def _post_json(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _post_json(self, path: str, payload: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        client_timeout = self._timeouts(timeout)[0] if timeout else self.timeout
         try:
             async with shared_session().post(
-                self.base_url + path, data=orjson.dumps(payload), headers=self.headers, timeout=self.timeout
+                self.base_url + path, data=orjson.dumps(payload), headers=self.headers, timeout=client_timeout
             ) as response:
                 raw = await response.read()
                 if response.status >= 400:
@@ -119,13 +125,13 @@ class OpenAICompatibleProvider:
         return data
 
     async def chat(self, call: ChatCall) -> dict[str, Any]:
-        data = await self._post_json("/chat/completions", {**call.body, "model": call.upstream_model})
+        data = await self._post_json("/chat/completions", {**call.body, "model": call.upstream_model}, call.timeout)
         if not isinstance(data.get("choices"), list):
             raise UpstreamUnavailable("The upstream provider sent a chat completion without choices.")
         return data
 
     async def embeddings(self, call: EmbeddingsCall) -> dict[str, Any]:
-        data = await self._post_json("/embeddings", {**call.body, "model": call.upstream_model})
+        data = await self._post_json("/embeddings", {**call.body, "model": call.upstream_model}, call.timeout)
         if not isinstance(data.get("data"), list):
             raise UpstreamUnavailable("The upstream provider sent an embeddings answer without data.")
         return data
@@ -137,7 +143,7 @@ class OpenAICompatibleProvider:
         try:
             response = await shared_session().post(
                 self.base_url + "/chat/completions", data=orjson.dumps(payload), headers=self.headers,
-                timeout=self.stream_timeout,
+                timeout=self._timeouts(call.timeout)[1] if call.timeout else self.stream_timeout,
             )
         except TimeoutError:
             raise UpstreamTimeout("The upstream provider did not answer in time.") from None
