@@ -7,6 +7,10 @@ The requested model name picks the behaviour:
                          answer with that status and an OpenAI error body
   badjson                answer 200 with a body that is not JSON
   stream-break           send two chunks, then drop the connection (no [DONE])
+  tools-split / tools-repeat / tools-whole
+                         answer with two tool calls (get_weather for Paris, get_time), framed as OpenAI does,
+                         with id/type/name repeated on every delta and no index, or each call whole with its
+                         arguments as an object and finish_reason "stop"
 Run standalone: python bench/fake_upstream.py --port 9100
 """
 
@@ -52,6 +56,28 @@ def _chunk(model: str, delta: dict[str, object], finish: str | None = None) -> b
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
+TOOL_CALLS = [("call_w", "get_weather", '{"city": "Paris"}'), ("call_t", "get_time", "{}")]
+
+
+def _tool_deltas(model: str) -> list[dict[str, object]]:
+    deltas: list[dict[str, object]] = []
+    for index, (call_id, name, arguments) in enumerate(TOOL_CALLS):
+        if model == "tools-whole":
+            deltas.append({"tool_calls": [{"id": call_id, "type": "function",
+                                           "function": {"name": name, "arguments": orjson.loads(arguments)}}]})
+            continue
+        pieces = [arguments[: len(arguments) // 2], arguments[len(arguments) // 2 :]]
+        if model == "tools-repeat":
+            for piece in pieces:
+                deltas.append({"role": "assistant", "tool_calls": [
+                    {"id": call_id, "type": "function", "function": {"name": name, "arguments": piece}}]})
+            continue
+        deltas.append({"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                                       "function": {"name": name, "arguments": ""}}]})
+        deltas += [{"tool_calls": [{"index": index, "function": {"arguments": piece}}]} for piece in pieces]
+    return deltas
+
+
 def _error(status: int) -> web.Response:
     body = {"error": {"message": f"fake upstream error {status}", "type": "invalid_request_error",
                       "param": "messages", "code": f"fake_{status}"}}
@@ -69,9 +95,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if model == "badjson":
         return web.Response(status=200, body=b"<html>not json</html>", content_type="text/html")
     if not body.get("stream"):
-        return web.Response(body=orjson.dumps(_completion(model)), content_type="application/json")
+        completion = _completion(model)
+        if model.startswith("tools"):
+            message = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call_id, "type": "function", "function": {"name": name, "arguments": orjson.loads(arguments)}}
+                for call_id, name, arguments in TOOL_CALLS]}
+            completion["choices"] = [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}]
+        return web.Response(body=orjson.dumps(completion), content_type="application/json")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
+    if model.startswith("tools"):
+        for delta in _tool_deltas(model):
+            await response.write(_chunk(model, delta))
+        await response.write(_chunk(model, {}, "stop" if model != "tools-split" else "tool_calls"))
+        await response.write(b"data: [DONE]\n\n")
+        return response
     await response.write(_chunk(model, {"role": "assistant", "content": ""}))
     count = 2 if model == "stream-break" else CHUNKS
     for index in range(count):

@@ -17,6 +17,7 @@ from completions import sse
 from completions.api import ApiRequest, api_endpoint, json_body, json_response
 from completions.catalog import CatalogEntry, DeploymentEntry, catalog
 from completions.errors import ApiError, model_not_found, to_api_error
+from completions.framing import ChunkFramer, normalize_completion
 from completions.providers.base import ChatCall, EmbeddingsCall
 from completions.routing import first_success, parse_preferences, plan
 from completions.validation import (
@@ -117,11 +118,7 @@ async def chat_completions(request: ApiRequest) -> HttpResponseBase:
     result["object"] = "chat.completion"
     result["model"] = entry.public_id
     result.setdefault("created", int(time.time()))
-    for choice in result["choices"]:
-        choice.setdefault("logprobs", None)
-        message = choice.get("message")
-        if isinstance(message, dict):
-            message.setdefault("refusal", None)
+    normalize_completion(result)
     return json_response(result, headers=_routing_headers(entry, deployment))
 
 
@@ -184,7 +181,7 @@ async def _chat_stream(
 
     async def events() -> AsyncIterator[bytes]:
         runtime.counter_add("open_streams", 1)
-        roles_sent: set[int] = set()
+        framer = ChunkFramer()
         usage: dict[str, Any] | None = None
         try:
             chunk = first
@@ -194,20 +191,7 @@ async def _chat_stream(
                     usage = chunk_usage
                 choices = chunk.get("choices") or []
                 if choices:
-                    for choice in choices:
-                        delta = choice.get("delta") or {}
-                        choice["delta"] = delta
-                        choice.setdefault("logprobs", None)
-                        choice.setdefault("finish_reason", None)
-                        # The SDK's stream helpers concatenate strings: the role is sent once per choice.
-                        index = choice.get("index", 0)
-                        if index in roles_sent:
-                            delta.pop("role", None)
-                        else:
-                            roles_sent.add(index)
-                            delta["role"] = "assistant"
-                            if "tool_calls" not in delta:
-                                delta.setdefault("content", "")
+                    framer.frame_choices(choices)
                     yield sse.frame(
                         {
                             "id": completion_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -146,3 +147,51 @@ def test_provider_key_is_encrypted_at_rest(db: None) -> None:
     stored = Provider.objects.filter(pk=provider.pk).values_list("api_key_encrypted", flat=True).get()
     assert "sk-upstream-very-secret" not in stored and stored
     assert Provider.objects.get(pk=provider.pk).api_key == "sk-upstream-very-secret"
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+]
+
+
+@pytest.fixture
+async def tool_sdk(sdk: openai.AsyncOpenAI, upstream: tuple[int, Any]) -> openai.AsyncOpenAI:
+    port, _ = upstream
+    await sync_to_async(provider_upsert_openai_compatible)(
+        name="fake-tools", base_url=f"http://127.0.0.1:{port}/v1",
+        models=["tools-split", "tools-repeat", "tools-whole"],
+    )
+    return sdk
+
+
+@pytest.mark.parametrize("model", ["tools-split", "tools-repeat", "tools-whole"])
+async def test_tool_call_streams_are_reframed_whatever_the_upstream_sent(
+    tool_sdk: openai.AsyncOpenAI, upstream: tuple[int, Any], model: str, validate_schema
+) -> None:
+    async with tool_sdk.chat.completions.stream(
+        model=model, messages=[{"role": "user", "content": "Weather and time?"}], tools=TOOLS  # type: ignore[arg-type]
+    ) as stream:
+        async for event in stream:
+            if event.type == "chunk":
+                validate_schema("CreateChatCompletionStreamResponse", event.chunk.model_dump(exclude_unset=True))
+        final = await stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.role == "assistant"
+    calls = [(c.id, c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls or []]
+    assert calls == [("call_w", "get_weather", {"city": "Paris"}), ("call_t", "get_time", {})]
+    assert upstream[1][fake_upstream.SEEN][-1]["tools"] == TOOLS
+
+
+async def test_non_streamed_tool_calls_get_string_arguments_and_the_right_finish_reason(
+    tool_sdk: openai.AsyncOpenAI, validate_schema
+) -> None:
+    raw = await tool_sdk.chat.completions.with_raw_response.create(
+        model="tools-whole", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS  # type: ignore[arg-type]
+    )
+    validate_schema("CreateChatCompletionResponse", raw.http_response.json())
+    choice = raw.parse().choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris"}  # type: ignore[index,union-attr]
