@@ -54,7 +54,7 @@ def catalog_ensure_default() -> Model | None:
         public_id=settings.KEYWAY_DEFAULT_MODEL,
         provider=provider,
         upstream_model=GEMMA_PACKAGE,
-        capabilities=[Model.Capability.CHAT],
+        capabilities=[Model.Capability.CHAT, Model.Capability.TOOLS],
         context_length=settings.KEYWAY_LLAMA_CONTEXT,
         owned_by="google",
     )

@@ -173,23 +173,41 @@ def _text_of(content: Any) -> str:
     return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
 
 
-def _prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+def _prompt_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[dict[str, str]]:
     """Fold OpenAI messages into the user/assistant turns a Gemma-style template understands.
 
-    System and developer text goes in front of the first user turn (what Gemma's own template does); tool
-    results become user turns so the model sees them.
+    System and developer text (and the description of any tools) goes in front of the first user turn,
+    which is what Gemma's own template does; an assistant's tool calls are shown as the JSON it would emit,
+    and tool results become user turns so the model sees them.
     """
     system: list[str] = []
     turns: list[dict[str, str]] = []
+    names_by_id: dict[str, str] = {}
     for message in messages:
         role = message.get("role")
         text = _text_of(message.get("content"))
         if role in ("system", "developer"):
             system.append(text)
         elif role == "assistant":
+            calls = message.get("tool_calls") or []
+            for call in calls:
+                names_by_id[call.get("id", "")] = call.get("function", {}).get("name", "")
+            if calls:
+                functions = [call.get("function", {}) for call in calls]
+                shown = [{"name": f.get("name"), "arguments": f.get("arguments")} for f in functions]
+                text = (text + "\n" if text else "") + orjson.dumps(shown).decode()
             turns.append({"role": "assistant", "content": text})
+        elif role == "tool":
+            name = names_by_id.get(message.get("tool_call_id", ""), "the function")
+            turns.append({"role": "user", "content": f"Result of {name}: {text}"})
         else:
             turns.append({"role": "user", "content": text})
+    if tools:
+        functions = [tool["function"] for tool in tools]
+        system.append(
+            "You can call these functions by answering with a JSON array of "
+            '{"name": ..., "arguments": {...}} objects:\n' + orjson.dumps(functions).decode()
+        )
     if system:
         preamble = "\n\n".join(system)
         for turn in turns:
@@ -201,21 +219,49 @@ def _prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     return turns
 
 
+def _tool_mode(body: dict[str, Any]) -> str | None:
+    """None (answer in words), "auto" (the model chooses) or "call" (it must call a function)."""
+    choice = body.get("tool_choice")
+    if not body.get("tools") or choice == "none":
+        return None
+    return "auto" if choice in (None, "auto") else "call"
+
+
+def _tool_calls_schema(body: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema of the answer when calling: an array of {name, arguments} valid for each function."""
+    tools = body["tools"]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        tools = [tool for tool in tools if tool["function"]["name"] == choice["function"]["name"]]
+    variants = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": tool["function"]["name"]},
+                "arguments": tool["function"].get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for tool in tools
+    ]
+    schema: dict[str, Any] = {
+        "type": "array",
+        "minItems": 1,
+        "items": variants[0] if len(variants) == 1 else {"anyOf": variants},
+    }
+    if body.get("parallel_tool_calls") is False:
+        schema["maxItems"] = 1
+    return schema
+
+
 _JSON_GRAMMARS: dict[str, Any] = {}
 
 
-def _grammar(response_format: Any) -> Any:
-    """A grammar that forces valid JSON (json_object) or JSON valid for a schema (json_schema).
-
-    Each schema is turned into a grammar once per process and the grammar reused.
-    """
-    if not isinstance(response_format, dict) or response_format.get("type") not in ("json_object", "json_schema"):
-        return None
+def _schema_grammar(schema: dict[str, Any] | None) -> Any:
+    """A grammar for any JSON (schema None) or for JSON valid against `schema`, built once per schema."""
     from llama_cpp import llama_grammar
 
-    schema = None
-    if response_format["type"] == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
     key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode() if schema is not None else ""
     grammar = _JSON_GRAMMARS.get(key)
     if grammar is None:
@@ -227,6 +273,19 @@ def _grammar(response_format: Any) -> Any:
             _JSON_GRAMMARS.clear()
         _JSON_GRAMMARS[key] = grammar
     return grammar
+
+
+def _grammar(response_format: Any) -> Any:
+    """The grammar `response_format` asks for: any JSON (json_object) or JSON valid for a schema."""
+    if not isinstance(response_format, dict) or response_format.get("type") not in ("json_object", "json_schema"):
+        return None
+    schema = None
+    if response_format["type"] == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+    return _schema_grammar(schema)
+
+
+_DECISION = 'root ::= "call" | "reply"'
 
 
 def _sampling(body: dict[str, Any], n_ctx: int) -> dict[str, Any]:
@@ -271,7 +330,8 @@ def _generate(loaded: _LoadedModel, call: ChatCall, meter: _Meter, emit: Any) ->
         raise _Cancelled
     llama = loaded.llama
     body = call.body
-    messages = _prompt_messages(body["messages"])
+    mode = _tool_mode(body)
+    messages = _prompt_messages(body["messages"], body.get("tools") if mode else None)
     kwargs = _sampling(body, llama.n_ctx())
     if meter.top_logprobs is not None:
         from llama_cpp import LogitsProcessorList
@@ -282,6 +342,9 @@ def _generate(loaded: _LoadedModel, call: ChatCall, meter: _Meter, emit: Any) ->
         for index in range(int(body.get("n") or 1)):
             if "seed" in kwargs and index:
                 kwargs["seed"] = int(body["seed"]) + index
+            if mode is not None and _decide_to_call(llama, messages, mode, kwargs):
+                _emit_tool_calls(llama, messages, body, kwargs, index, emit)
+                continue
             for chunk in llama.create_chat_completion(messages=messages, stream=True, **kwargs):
                 choice = chunk["choices"][0]
                 choice["index"] = index
@@ -291,6 +354,49 @@ def _generate(loaded: _LoadedModel, call: ChatCall, meter: _Meter, emit: Any) ->
                 emit(chunk)
     finally:
         llama.meter = None
+
+
+def _decide_to_call(llama: Any, messages: list[dict[str, str]], mode: str, kwargs: dict[str, Any]) -> bool:
+    """With tool_choice "auto" the model first says, under a two-word grammar, whether it calls or replies."""
+    if mode == "call":
+        return True
+    from llama_cpp import llama_grammar
+
+    question = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"]
+                                 + '\n\nAnswer "call" to call a function or "reply" to answer in words.'}]
+    options = {**kwargs, "max_tokens": 2, "grammar": llama_grammar.LlamaGrammar.from_string(_DECISION, verbose=False)}
+    options.pop("logits_processor", None)
+    answer = llama.create_chat_completion(messages=question, stream=False, **options)
+    return (answer["choices"][0]["message"]["content"] or "").strip() == "call"
+
+
+def _emit_tool_calls(
+    llama: Any, messages: list[dict[str, str]], body: dict[str, Any], kwargs: dict[str, Any], index: int, emit: Any
+) -> None:
+    """Generate the calls under a grammar of the tools' schemas (so the arguments always validate), then
+    stream them the way OpenAI does: id, type and name once per call, then the arguments."""
+    options = {**kwargs, "grammar": _schema_grammar(_tool_calls_schema(body))}
+    options.pop("logits_processor", None)
+    answer = llama.create_chat_completion(messages=messages, stream=False, **options)
+    text = answer["choices"][0]["message"]["content"] or ""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    try:
+        calls = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        # Only a length cut can leave the grammar's JSON unfinished: say so, as OpenAI would.
+        emit(chunk({"role": "assistant", "content": text}))
+        emit(chunk({}, "length"))
+        return
+    emit(chunk({"role": "assistant", "content": None}))
+    for position, call in enumerate(calls):
+        arguments = orjson.dumps(call["arguments"]).decode()
+        emit(chunk({"tool_calls": [{"index": position, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                                    "function": {"name": call["name"], "arguments": ""}}]}))
+        emit(chunk({"tool_calls": [{"index": position, "function": {"arguments": arguments}}]}))
+    emit(chunk({}, "tool_calls"))
 
 
 def _usage(meter: _Meter) -> dict[str, int]:
@@ -333,7 +439,17 @@ class LlamaCppProvider:
                     {"index": piece["index"], "message": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None},
                 )
-                choice["message"]["content"] += piece["delta"].get("content") or ""
+                delta = piece["delta"]
+                if delta.get("tool_calls"):
+                    calls = choice["message"].setdefault("tool_calls", [])
+                    for fragment in delta["tool_calls"]:
+                        if "id" in fragment:
+                            calls.append({"id": fragment["id"], "type": "function",
+                                          "function": {"name": fragment["function"]["name"], "arguments": ""}})
+                        calls[fragment["index"]]["function"]["arguments"] += fragment["function"]["arguments"]
+                    choice["message"]["content"] = None
+                elif choice["message"]["content"] is not None:
+                    choice["message"]["content"] += delta.get("content") or ""
                 if piece.get("finish_reason"):
                     choice["finish_reason"] = piece["finish_reason"]
                 if piece.get("logprobs") is not None:

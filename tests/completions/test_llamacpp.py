@@ -10,6 +10,7 @@ from typing import Any
 import httpx2
 import openai
 import pytest
+from asgiref.sync import sync_to_async
 
 from apikeys.models import ApiKey
 from completions.providers import llamacpp
@@ -147,10 +148,18 @@ async def test_json_object_and_legacy_json_formats_give_json(sdk: openai.AsyncOp
 
 @pytest.mark.django_db(transaction=True)
 async def test_tools_are_refused_by_a_model_without_the_capability(sdk: openai.AsyncOpenAI) -> None:
+    from completions.models import Deployment, Model, Provider
+
+    def text_only_model() -> None:
+        model = Model.objects.create(public_id="text-only", capabilities=["chat"])
+        local = Provider.objects.get(name="local")
+        Deployment.objects.create(model=model, provider=local, upstream_model=GEMMA_PACKAGE)
+
+    await sync_to_async(text_only_model)()
     tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
     with pytest.raises(openai.BadRequestError) as caught:
         await sdk.chat.completions.create(
-            model="gemma-3-270m", messages=[{"role": "user", "content": "time?"}], tools=[tool]  # type: ignore[list-item]
+            model="text-only", messages=[{"role": "user", "content": "time?"}], tools=[tool]  # type: ignore[list-item]
         )
     assert caught.value.code == "unsupported_parameter" and caught.value.param == "tools"  # type: ignore[attr-defined]
 
@@ -202,3 +211,108 @@ async def test_stream_with_n_and_logprobs_through_the_sdk(sdk: openai.AsyncOpenA
         top_logprobs=2,
     )
     validate_schema("CreateChatCompletionResponse", raw.http_response.json())
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 10}}, "required": ["zone"],
+    "additionalProperties": False}}}
+SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, TIME)}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def assert_valid_calls(calls: Any) -> list[str]:
+    import jsonschema
+
+    assert calls
+    for call in calls:
+        assert call.id.startswith("call_") and call.type == "function"
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    return [call.function.name for call in calls]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_required_tool_calls_are_valid_for_their_schemas(sdk: openai.AsyncOpenAI, validate_schema) -> None:
+    raw = await sdk.chat.completions.with_raw_response.create(
+        model="gemma-3-270m", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", seed=3,  # type: ignore[list-item]
+        max_tokens=80,
+    )
+    validate_schema("CreateChatCompletionResponse", raw.http_response.json())
+    choice = raw.parse().choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert set(assert_valid_calls(choice.message.tool_calls)) <= {"get_weather", "get_time"}
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_named_function_is_the_one_called_and_parallel_false_gives_one_call(sdk: openai.AsyncOpenAI) -> None:
+    completion = await sdk.chat.completions.create(
+        model="gemma-3-270m", messages=ASK, tools=[WEATHER, TIME], seed=5, max_tokens=80,  # type: ignore[list-item]
+        tool_choice={"type": "function", "function": {"name": "get_time"}}, parallel_tool_calls=False,
+    )
+    assert assert_valid_calls(completion.choices[0].message.tool_calls) == ["get_time"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_auto_either_answers_or_calls_validly(sdk: openai.AsyncOpenAI) -> None:
+    for seed in (1, 2, 3):
+        choice = (await sdk.chat.completions.create(
+            model="gemma-3-270m", messages=ASK, tools=[WEATHER], seed=seed, max_tokens=40,  # type: ignore[list-item]
+        )).choices[0]
+        if choice.finish_reason == "tool_calls":
+            assert set(assert_valid_calls(choice.message.tool_calls)) == {"get_weather"}
+        else:
+            assert choice.message.tool_calls is None and isinstance(choice.message.content, str)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_stream_helper_accumulates_tool_calls_and_parses_strict_pydantic_tools(sdk: openai.AsyncOpenAI) -> None:
+    from pydantic import BaseModel
+
+    async with sdk.chat.completions.stream(
+        model="gemma-3-270m", messages=ASK, tools=[WEATHER], tool_choice="required", seed=7, max_tokens=120,  # type: ignore[list-item]
+        parallel_tool_calls=False,
+    ) as stream:
+        final = await stream.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert assert_valid_calls(final.choices[0].message.tool_calls)
+
+    class GetWeather(BaseModel):
+        city: str
+
+    # A strict pydantic tool has no length limits on its strings; one call and room to finish it keep a small
+    # base model from running into max_tokens.
+    parsed = await sdk.chat.completions.parse(
+        model="gemma-3-270m", messages=ASK, tools=[openai.pydantic_function_tool(GetWeather)],
+        tool_choice="required", parallel_tool_calls=False, seed=2, max_tokens=150,
+    )
+    call = (parsed.choices[0].message.tool_calls or [])[0]
+    assert isinstance(call.function.parsed_arguments, GetWeather)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_tool_results_in_history_reach_the_model(sdk: openai.AsyncOpenAI) -> None:
+    history = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"},
+    ]
+    without = await sdk.chat.completions.create(model="gemma-3-270m", messages=ASK, max_tokens=2, seed=1)
+    answer = await sdk.chat.completions.create(
+        model="gemma-3-270m", messages=history, tools=[WEATHER], tool_choice="none", max_tokens=8, seed=1,  # type: ignore[arg-type,list-item]
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.choices[0].message.tool_calls is None
+    assert answer.usage and without.usage and answer.usage.prompt_tokens > without.usage.prompt_tokens + 10
