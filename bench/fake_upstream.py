@@ -137,6 +137,24 @@ async def embeddings(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
 
+# A 1×1 PNG, for server-side image fetching.
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360f8cfc0f01f0005000201a5a0b1a40000000049454e44ae426082"
+)
+
+
+async def image(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    if name == "slow.png":
+        await asyncio.sleep(30)
+    if name == "big.png":
+        return web.Response(body=PNG + b"\0" * (2 * 1024 * 1024), content_type="image/png")
+    if name == "page.html":
+        return web.Response(text="<html></html>", content_type="text/html")
+    return web.Response(body=PNG, content_type="image/png")
+
+
 async def models(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps({"object": "list", "data": []}), content_type="application/json")
 
@@ -147,6 +165,7 @@ def make_app() -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/files/{name}", image)
     return app
 
 

@@ -16,6 +16,13 @@ from apikeys.scopes import CHAT, EMBEDDINGS, MODELS_READ
 from completions import sse
 from completions.api import ApiRequest, api_endpoint, json_body, json_response
 from completions.catalog import CatalogEntry, DeploymentEntry, catalog
+from completions.content import (
+    ContentReport,
+    check_capabilities,
+    convert_pdfs_to_text,
+    inline_remote_images,
+    inspect_content,
+)
 from completions.errors import ApiError, model_not_found, to_api_error
 from completions.framing import ChunkFramer, normalize_completion
 from completions.providers.base import ChatCall, EmbeddingsCall
@@ -75,7 +82,7 @@ def _upstream_body(body: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in body.items() if name not in GATEWAY_FIELDS}
 
 
-async def _chat_models(request: ApiRequest, body: dict[str, Any]) -> list[CatalogEntry]:
+async def _chat_models(request: ApiRequest, body: dict[str, Any], content: ContentReport) -> list[CatalogEntry]:
     """The model to use and, from the request's `models` list, the ones to fall back to, all checked."""
     fallbacks: list[str] = body.get("models") or []
     if request.api_key.pinned_model:
@@ -88,6 +95,7 @@ async def _chat_models(request: ApiRequest, body: dict[str, Any]) -> list[Catalo
     for name in dict.fromkeys(names):
         entry = await _resolve_model(request, name, capability="chat", purpose="chat completions")
         validate_max_tokens_fit(body, context_length=entry.context_length)
+        check_capabilities(content, entry)
         if body.get("tools") and body.get("tool_choice") != "none" and "tools" not in entry.capabilities:
             raise ApiError(
                 f"The model `{entry.public_id}` does not support tools.", param="tools", code="unsupported_parameter"
@@ -96,18 +104,36 @@ async def _chat_models(request: ApiRequest, body: dict[str, Any]) -> list[Catalo
     return entries
 
 
+async def _prepare_content(
+    body: dict[str, Any], content: ContentReport, entries: list[CatalogEntry]
+) -> dict[str, str]:
+    """Turn PDFs into text where a model cannot take files, and fetch remote images; returns the headers
+    that tell the client what was done."""
+    if not content.parts:
+        return {}
+    messages = body["messages"]
+    if any(w.kind == "file" for w in content.parts) and any("files" not in e.capabilities for e in entries):
+        await convert_pdfs_to_text(messages, content)
+    await inline_remote_images(messages, content)
+    if content.pdfs_converted:
+        return {"x-keyway-file-conversion": f"pdf-to-text; files={content.pdfs_converted}"}
+    return {}
+
+
 @api_endpoint(methods=("POST",), scope=CHAT)
 async def chat_completions(request: ApiRequest) -> HttpResponseBase:
     body = json_body(request)
     validate_chat(body, model_required=not request.api_key.pinned_model and not body.get("models"))
     preferences = parse_preferences(body)
-    entries = await _chat_models(request, body)
+    content = inspect_content(body["messages"])
+    entries = await _chat_models(request, body, content)
+    extra_headers = await _prepare_content(body, content, entries)
     normalize_response_format(body)
     upstream_body = _upstream_body(body)
     attempts = [(entry, deployment) for entry in entries for deployment in plan(entry, preferences)]
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
     if body.get("stream"):
-        return await _chat_stream(request, attempts, upstream_body, completion_id)
+        return await _chat_stream(request, attempts, upstream_body, completion_id, extra_headers)
 
     async def complete(entry: CatalogEntry, deployment: DeploymentEntry) -> dict[str, Any]:
         call = ChatCall(deployment.upstream_model, upstream_body, request.request_id, deployment.timeout)
@@ -119,7 +145,7 @@ async def chat_completions(request: ApiRequest) -> HttpResponseBase:
     result["model"] = entry.public_id
     result.setdefault("created", int(time.time()))
     normalize_completion(result)
-    return json_response(result, headers=_routing_headers(entry, deployment))
+    return json_response(result, headers={**_routing_headers(entry, deployment), **extra_headers})
 
 
 @api_endpoint(methods=("POST",), scope=EMBEDDINGS)
@@ -160,6 +186,7 @@ async def _chat_stream(
     attempts: list[tuple[CatalogEntry, DeploymentEntry]],
     body: dict[str, Any],
     completion_id: str,
+    extra_headers: dict[str, str],
 ) -> HttpResponseBase:
     async def open_stream(entry: CatalogEntry, deployment: DeploymentEntry) -> Opened:
         call = ChatCall(deployment.upstream_model, body, request.request_id, deployment.timeout)
@@ -223,5 +250,5 @@ async def _chat_stream(
             runtime.counter_add("open_streams", -1)
             await upstream.aclose()
 
-    headers = {**sse.HEADERS, **_routing_headers(entry, deployment)}
+    headers = {**sse.HEADERS, **_routing_headers(entry, deployment), **extra_headers}
     return StreamingHttpResponse(events(), content_type=sse.CONTENT_TYPE, headers=headers)

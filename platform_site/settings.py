@@ -125,7 +125,7 @@ STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 
 # Request bodies: the API maps a body over this size to a 413 OpenAI error.
-DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("KEYWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("KEYWAY_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=1024)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
@@ -153,6 +153,14 @@ KEYWAY_CATALOG_LOCAL_TTL = env_float("KEYWAY_CATALOG_LOCAL_TTL", 1.0, minimum=0.
 KEYWAY_UPSTREAM_TIMEOUT = env_float("KEYWAY_UPSTREAM_TIMEOUT", 180.0, minimum=0.1)
 KEYWAY_UPSTREAM_CONNECT_TIMEOUT = env_float("KEYWAY_UPSTREAM_CONNECT_TIMEOUT", 10.0, minimum=0.1)
 KEYWAY_UPSTREAM_POOL_SIZE = env_int("KEYWAY_UPSTREAM_POOL_SIZE", 256, minimum=1)
+
+# Multimodal content parts: size limits (bytes) and how image URLs are fetched server-side.
+KEYWAY_MAX_IMAGE_BYTES = env_int("KEYWAY_MAX_IMAGE_BYTES", 20 * 1024 * 1024, minimum=1024)
+KEYWAY_MAX_AUDIO_BYTES = env_int("KEYWAY_MAX_AUDIO_BYTES", 25 * 1024 * 1024, minimum=1024)
+KEYWAY_MAX_FILE_BYTES = env_int("KEYWAY_MAX_FILE_BYTES", 32 * 1024 * 1024, minimum=1024)
+KEYWAY_FETCH_TIMEOUT = env_float("KEYWAY_FETCH_TIMEOUT", 10.0, minimum=0.1)
+# Off by default: fetching URLs that resolve to private addresses would let callers probe the network.
+KEYWAY_FETCH_ALLOW_PRIVATE = env_bool("KEYWAY_FETCH_ALLOW_PRIVATE", False)
 
 # Routing: a deployment that fails this many times in a row sits out the cool-down (seconds).
 KEYWAY_BREAKER_FAILURES = env_int("KEYWAY_BREAKER_FAILURES", 3, minimum=1)
