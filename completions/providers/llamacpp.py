@@ -320,6 +320,17 @@ def _logprobs_content(llama: Any, entries: list[tuple[int, float, list[tuple[int
     ]
 
 
+def _complete(llama: Any, **options: Any) -> Any:
+    """create_chat_completion from a clean state.
+
+    llama-cpp-python reuses the evaluated prefix of the previous prompt; logits computed over a different
+    batch differ in the last bits, which flips near-ties and breaks "same seed, same output" between
+    requests. Re-evaluating the prompt costs little next to generation and makes answers reproducible.
+    """
+    llama.reset()
+    return llama.create_chat_completion(**options)
+
+
 def _generate(loaded: _LoadedModel, call: ChatCall, meter: _Meter, emit: Any) -> None:
     """Run every choice of a request in the model's worker thread, handing each chunk to `emit`.
 
@@ -345,7 +356,7 @@ def _generate(loaded: _LoadedModel, call: ChatCall, meter: _Meter, emit: Any) ->
             if mode is not None and _decide_to_call(llama, messages, mode, kwargs):
                 _emit_tool_calls(llama, messages, body, kwargs, index, emit)
                 continue
-            for chunk in llama.create_chat_completion(messages=messages, stream=True, **kwargs):
+            for chunk in _complete(llama, messages=messages, stream=True, **kwargs):
                 choice = chunk["choices"][0]
                 choice["index"] = index
                 if meter.top_logprobs is not None:
@@ -366,7 +377,7 @@ def _decide_to_call(llama: Any, messages: list[dict[str, str]], mode: str, kwarg
                                  + '\n\nAnswer "call" to call a function or "reply" to answer in words.'}]
     options = {**kwargs, "max_tokens": 2, "grammar": llama_grammar.LlamaGrammar.from_string(_DECISION, verbose=False)}
     options.pop("logits_processor", None)
-    answer = llama.create_chat_completion(messages=question, stream=False, **options)
+    answer = _complete(llama, messages=question, stream=False, **options)
     return (answer["choices"][0]["message"]["content"] or "").strip() == "call"
 
 
@@ -377,7 +388,7 @@ def _emit_tool_calls(
     stream them the way OpenAI does: id, type and name once per call, then the arguments."""
     options = {**kwargs, "grammar": _schema_grammar(_tool_calls_schema(body))}
     options.pop("logits_processor", None)
-    answer = llama.create_chat_completion(messages=messages, stream=False, **options)
+    answer = _complete(llama, messages=messages, stream=False, **options)
     text = answer["choices"][0]["message"]["content"] or ""
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:

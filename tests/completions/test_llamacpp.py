@@ -316,3 +316,31 @@ async def test_tool_results_in_history_reach_the_model(sdk: openai.AsyncOpenAI) 
     )
     assert answer.choices[0].finish_reason in ("stop", "length") and answer.choices[0].message.tool_calls is None
     assert answer.usage and without.usage and answer.usage.prompt_tokens > without.usage.prompt_tokens + 10
+
+
+async def test_stop_sequences_end_the_answer_without_being_included() -> None:
+    free = await PROVIDER.chat(call("Count: one two three four", max_tokens=12, seed=1, temperature=0))
+    text = free["choices"][0]["message"]["content"]
+    words = text.split()
+    assert len(words) >= 2, text
+    stop = words[1]
+    stopped = await PROVIDER.chat(call("Count: one two three four", max_tokens=12, seed=1, temperature=0, stop=[stop]))
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stop not in stopped["choices"][0]["message"]["content"]
+    assert text.startswith(stopped["choices"][0]["message"]["content"])
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_pinned_organization_model_answers_whatever_the_request_names(
+    sdk: openai.AsyncOpenAI, api_key: tuple[ApiKey, str]
+) -> None:
+    from platform_site.models import Organization
+
+    await sync_to_async(Organization.objects.filter(pk=api_key[0].organization_id).update)(pinned_model="gemma-3-270m")
+    reply = await sdk.chat.completions.create(model="anything", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=2)
+    assert reply.model == "gemma-3-270m"
+    raw = await sdk.chat.completions.with_raw_response.create(
+        model="", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    assert raw.headers["x-keyway-model"] == "gemma-3-270m"

@@ -195,3 +195,17 @@ async def test_non_streamed_tool_calls_get_string_arguments_and_the_right_finish
     choice = raw.parse().choices[0]
     assert choice.finish_reason == "tool_calls"
     assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris"}  # type: ignore[index,union-attr]
+
+
+async def test_legacy_json_format_reaches_the_upstream_as_json_schema(
+    sdk: openai.AsyncOpenAI, upstream: tuple[int, Any]
+) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    await sdk.chat.completions.create(
+        model="ok", messages=MESSAGES, extra_body={"response_format": {"type": "json", "schema": schema, "name": "x"}}
+    )
+    sent = upstream[1][fake_upstream.SEEN][-1]
+    assert sent["response_format"] == {"type": "json_schema", "json_schema": {"name": "x", "schema": schema,
+                                                                              "strict": True}}
+    await sdk.chat.completions.create(model="ok", messages=MESSAGES, extra_body={"response_format": {"type": "json"}})
+    assert upstream[1][fake_upstream.SEEN][-1]["response_format"] == {"type": "json_object"}
