@@ -8,6 +8,7 @@ The snapshot is rebuilt from the database at most every KEYWAY_CATALOG_LOCAL_TTL
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -106,29 +107,50 @@ def _build() -> Catalog:
     return Catalog(entries=entries, loaded_at=time.monotonic())
 
 
+logger = logging.getLogger(__name__)
 _current: Catalog | None = None
 _refreshing: asyncio.Task[None] | None = None
 
 
+_generation = 0
+
+
 async def _refresh() -> None:
     global _current
-    _current = await sync_to_async(_build, thread_sensitive=True)()
+    started = _generation
+    built = await sync_to_async(_build, thread_sensitive=True)()
+    # A rebuild that began before an invalidation may hold what the invalidation replaced: drop it.
+    if started == _generation:
+        _current = built
 
 
 async def catalog() -> Catalog:
+    """The current snapshot. One rebuild at a time per process: a cold start under load waits on a single
+    query, and a stale snapshot keeps serving while its replacement is built."""
     global _refreshing
     current = _current
-    if current is None:
-        await _refresh()
-        assert _current is not None
-        return _current
-    if time.monotonic() - current.loaded_at >= settings.KEYWAY_CATALOG_LOCAL_TTL and (
-        _refreshing is None or _refreshing.done()
-    ):
-        _refreshing = asyncio.get_running_loop().create_task(_refresh())
+    if current is not None and time.monotonic() - current.loaded_at < settings.KEYWAY_CATALOG_LOCAL_TTL:
+        return current
+    loop = asyncio.get_running_loop()
+    if _refreshing is None or _refreshing.done() or _refreshing.get_loop() is not loop:
+        _refreshing = loop.create_task(_refresh())
+        _refreshing.add_done_callback(_report_failure)
+    while current is None:
+        await asyncio.shield(_refreshing)
+        current = _current
+        if current is None:  # invalidated meanwhile: build again
+            _refreshing = loop.create_task(_refresh())
+            _refreshing.add_done_callback(_report_failure)
     return current
 
 
+def _report_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("Rebuilding the model catalog failed", exc_info=task.exception())
+
+
 def catalog_invalidate() -> None:
-    global _current
+    global _current, _refreshing, _generation
     _current = None
+    _refreshing = None
+    _generation += 1
