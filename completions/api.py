@@ -33,7 +33,7 @@ def api_endpoint(*, methods: tuple[str, ...], scope: str | None) -> Callable[[Vi
     Errors are values here: anything a view raises becomes an OpenAI error object, never an HTML page.
     """
 
-    # Returns Any because django-stubs types URL patterns for sync views only.
+    # Returns Any: the typed URL patterns of django-stubs (the mypy plugin) know only sync views.
     def decorate(view: View) -> Any:
         @functools.wraps(view)
         async def wrapper(request: ApiRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:

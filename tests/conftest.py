@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+import openai
 import pytest
 import yaml
 from django.conf import settings
@@ -73,6 +74,29 @@ async def asgi_client() -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=application)
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         yield client
+
+
+@pytest.fixture
+async def sdk(api_key: tuple[ApiKey, str]) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official SDK, holding the `api_key` fixture's key, wired into the real ASGI app in-process."""
+    from platform_site.asgi import application
+
+    http_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=application))
+    client = openai.AsyncOpenAI(
+        base_url="http://127.0.0.1/v1", api_key=api_key[1], http_client=http_client, max_retries=0
+    )
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[int, Any]]:
+    """A fake OpenAI-compatible upstream (bench/fake_upstream.py) on a loopback port: (port, app)."""
+    from bench import fake_upstream
+
+    runner, port, app = await fake_upstream.start()
+    yield port, app
+    await runner.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2
 import openai
 import pytest
 from asgiref.sync import sync_to_async
 
-from apikeys.models import ApiKey
 from bench import fake_upstream
 from completions.services import provider_upsert_openai_compatible
 
@@ -44,31 +41,17 @@ def make_pdf(text: str) -> bytes:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[tuple[int, Any]]:
-    runner, port, app = await fake_upstream.start()
-    yield port, app
-    await runner.cleanup()
-
-
-@pytest.fixture
-async def sdk(api_key: tuple[ApiKey, str], default_model: None, upstream: tuple[int, Any]) -> AsyncIterator[Any]:
+async def sdk(sdk: openai.AsyncOpenAI, default_model: None, upstream: tuple[int, Any]) -> openai.AsyncOpenAI:
     port, _ = upstream
 
     def models() -> None:
-        provider_upsert_openai_compatible(name="vision", base_url=f"http://127.0.0.1:{port}/v1", models=["ok"],
+        base_url = f"http://127.0.0.1:{port}/v1"
+        provider_upsert_openai_compatible(name="vision", base_url=base_url, models=["ok"],
                                           capabilities=["chat", "vision", "audio", "files"])
-        provider_upsert_openai_compatible(name="plain", base_url=f"http://127.0.0.1:{port}/v1", models=["text-only"],
-                                          capabilities=["chat"])
+        provider_upsert_openai_compatible(name="plain", base_url=base_url, models=["text-only"], capabilities=["chat"])
 
     await sync_to_async(models)()
-    from platform_site.asgi import application
-
-    http_client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=application))
-    client = openai.AsyncOpenAI(
-        base_url="http://127.0.0.1/v1", api_key=api_key[1], http_client=http_client, max_retries=0
-    )
-    yield client
-    await client.close()
+    return sdk
 
 
 def user(*parts: dict[str, Any]) -> list[dict[str, Any]]:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2
 import numpy as np
 import openai
 import pytest
@@ -25,15 +23,8 @@ MODEL = "all-minilm-l6-v2"
 
 
 @pytest.fixture
-async def sdk(api_key: tuple[ApiKey, str], default_model: None) -> AsyncIterator[openai.AsyncOpenAI]:
-    from platform_site.asgi import application
-
-    http_client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=application))
-    client = openai.AsyncOpenAI(
-        base_url="http://127.0.0.1/v1", api_key=api_key[1], http_client=http_client, max_retries=0
-    )
-    yield client
-    await client.close()
+def sdk(sdk: openai.AsyncOpenAI, default_model: None) -> openai.AsyncOpenAI:
+    return sdk
 
 
 def vectors(response: Any) -> np.ndarray:

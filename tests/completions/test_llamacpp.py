@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2
 import openai
 import pytest
 from asgiref.sync import sync_to_async
@@ -76,13 +74,8 @@ async def test_a_client_that_goes_away_stops_its_generation(monkeypatch: pytest.
 
 
 @pytest.fixture
-async def sdk(api_key: tuple[ApiKey, str], default_model: None) -> AsyncIterator[openai.AsyncOpenAI]:
-    from platform_site.asgi import application
-
-    http_client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=application))
-    client = openai.AsyncOpenAI(base_url="http://127.0.0.1/v1", api_key=api_key[1], http_client=http_client)
-    yield client
-    await client.close()
+def sdk(sdk: openai.AsyncOpenAI, default_model: None) -> openai.AsyncOpenAI:
+    return sdk
 
 
 @pytest.mark.django_db(transaction=True)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2
 import openai
 import pytest
 from asgiref.sync import sync_to_async
@@ -23,27 +21,13 @@ MODELS = ["ok", "slow", "http500", "http429", "http400", "http401", "badjson", "
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[tuple[int, Any]]:
-    runner, port, app = await fake_upstream.start()
-    yield port, app
-    await runner.cleanup()
-
-
-@pytest.fixture
-async def sdk(upstream: tuple[int, Any], api_key: tuple[ApiKey, str]) -> AsyncIterator[openai.AsyncOpenAI]:
+async def sdk(sdk: openai.AsyncOpenAI, upstream: tuple[int, Any]) -> openai.AsyncOpenAI:
     port, _ = upstream
     await sync_to_async(provider_upsert_openai_compatible)(
         name="fake", base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-upstream-secret", models=MODELS
     )
     await sync_to_async(Provider.objects.filter(name="fake").update)(timeout_seconds=1.0)
-    from platform_site.asgi import application
-
-    http_client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=application))
-    client = openai.AsyncOpenAI(
-        base_url="http://127.0.0.1/v1", api_key=api_key[1], http_client=http_client, max_retries=0
-    )
-    yield client
-    await client.close()
+    return sdk
 
 
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -7,12 +7,10 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2
 import openai
 import pytest
 from asgiref.sync import sync_to_async
 
-from apikeys.models import ApiKey
 from bench import fake_upstream
 from completions.models import Model, Provider
 from completions.services import deployment_add
@@ -55,18 +53,6 @@ def _route(public_id: str, upstreams: dict[str, Upstream], *deployments: dict[st
         deployment_add(model=model, provider=provider, upstream_model=spec["upstream_model"],
                        weight=spec.get("weight", 1), priority=spec.get("priority", 0),
                        timeout_seconds=spec.get("timeout"))
-
-
-@pytest.fixture
-async def sdk(api_key: tuple[ApiKey, str]) -> AsyncIterator[openai.AsyncOpenAI]:
-    from platform_site.asgi import application
-
-    http_client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=application))
-    client = openai.AsyncOpenAI(
-        base_url="http://127.0.0.1/v1", api_key=api_key[1], http_client=http_client, max_retries=0
-    )
-    yield client
-    await client.close()
 
 
 async def _ask(sdk: openai.AsyncOpenAI, model: str = "routed", **extra: Any) -> Any:
