@@ -162,14 +162,6 @@ KEYWAY_FETCH_TIMEOUT = env_float("KEYWAY_FETCH_TIMEOUT", 10.0, minimum=0.1)
 # Off by default: fetching URLs that resolve to private addresses would let callers probe the network.
 KEYWAY_FETCH_ALLOW_PRIVATE = env_bool("KEYWAY_FETCH_ALLOW_PRIVATE", False)
 
-# Rate limits per key when the key sets none (requests and tokens per minute). KEYWAY_RATE_LIMITS=0 turns
-# limiting off altogether (for benchmarks that compare the hot path with and without it).
-KEYWAY_RATE_LIMITS = env_bool("KEYWAY_RATE_LIMITS", True)
-KEYWAY_DEFAULT_RPM = env_int("KEYWAY_DEFAULT_RPM", 600, minimum=1)
-KEYWAY_DEFAULT_TPM = env_int("KEYWAY_DEFAULT_TPM", 2_000_000, minimum=1)
-# Counters live in the default cache: Redis in production, so limits hold across worker processes.
-RATELIMIT_USE_CACHE = "default"
-
 # Routing: a deployment that fails this many times in a row sits out the cool-down (seconds).
 KEYWAY_BREAKER_FAILURES = env_int("KEYWAY_BREAKER_FAILURES", 3, minimum=1)
 KEYWAY_BREAKER_COOLDOWN = env_float("KEYWAY_BREAKER_COOLDOWN", 30.0, minimum=0.0)
