@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -125,7 +124,8 @@ def main() -> None:
         env.update(KEYWAY_UPSTREAM_BASE_URL=f"{upstream_url}/v1", KEYWAY_UPSTREAM_MODELS="bench",
                    KEYWAY_UPSTREAM_NAME="fake")
         manage(env, "migrate", "--no-input", "-v", "0")
-        key = re.search(r"sk-kw-[a-z0-9]+-[A-Za-z0-9]+", manage(env, "bootstrap")).group(0)  # type: ignore[union-attr]
+        manage(env, "bootstrap")
+        key = manage(env, "createapikey", "demo", "--name", "bench").strip()
         port = free_port()
         if args.server == "uvicorn":
             command = [sys.executable, "-m", "uvicorn", "platform_site.asgi:application", "--port", str(port),

@@ -44,3 +44,17 @@ def test_production_refuses_to_start_without_its_secrets(tmp_path: Path, monkeyp
     monkeypatch.delenv("X_SECRET", raising=False)
     with pytest.raises(ImproperlyConfigured):
         env_secret("X_SECRET", debug=False, var_dir=tmp_path)
+
+
+@pytest.mark.skipif(not __import__("django.conf").conf.settings.REDIS_URL, reason="needs REDIS_URL")
+def test_redis_cache_shares_one_client_across_backend_instances() -> None:
+    # Under ASGI every request context gets its own cache backend object; they must not each open
+    # connections of their own.
+    from django.core.cache import caches
+
+    first = caches.create_connection("default")
+    second = caches.create_connection("default")
+    assert first is not second
+    assert first._cache.get_client(write=True) is second._cache.get_client(write=True)  # type: ignore[attr-defined]
+    first.set("shared-client-probe", 1)
+    assert second.get("shared-client-probe") == 1
