@@ -43,6 +43,8 @@ class AuthenticatedKey:
     pinned_model: str
     scopes: frozenset[str]
     allowed_models: frozenset[str]
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
 
     def require_scope(self, scope: str) -> None:
         if scope not in self.scopes:
@@ -98,7 +100,7 @@ def _load_record(public_id: str) -> _KeyRecord | None:
         .filter(public_id=public_id)
         .only(
             "id", "public_id", "name", "secret_hash", "previous_secret_hash", "previous_secret_expires_at",
-            "scopes", "allowed_models", "expires_at", "revoked_at", "last_used_at",
+            "scopes", "allowed_models", "expires_at", "revoked_at", "last_used_at", "rpm_limit", "tpm_limit",
             "organization__id", "organization__slug", "organization__pinned_model",
         )
         .first()
@@ -115,6 +117,8 @@ def _load_record(public_id: str) -> _KeyRecord | None:
             pinned_model=row.organization.pinned_model,
             scopes=frozenset(row.scopes),
             allowed_models=frozenset(row.allowed_models),
+            rpm_limit=row.rpm_limit,
+            tpm_limit=row.tpm_limit,
         ),
         secret_hash=row.secret_hash,
         previous_secret_hash=row.previous_secret_hash,

@@ -21,6 +21,9 @@ class ApiKey(models.Model):
     scopes = models.JSONField(default=list)
     # Public model ids this key may use; empty means every model of the catalog.
     allowed_models = models.JSONField(default=list, blank=True)
+    # Per-key rate limits; null uses the platform default (KEYWAY_DEFAULT_RPM / KEYWAY_DEFAULT_TPM).
+    rpm_limit = models.PositiveIntegerField(null=True, blank=True, help_text="Requests per minute.")
+    tpm_limit = models.PositiveIntegerField(null=True, blank=True, help_text="Tokens (input + output) per minute.")
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)

@@ -36,6 +36,8 @@ def apikey_create(
     scopes: Iterable[str] = ALL_SCOPES,
     allowed_models: Iterable[str] = (),
     expires_at: datetime | None = None,
+    rpm_limit: int | None = None,
+    tpm_limit: int | None = None,
     created_by: User | None = None,
     actor_label: str = "",
 ) -> tuple[ApiKey, str]:
@@ -53,6 +55,8 @@ def apikey_create(
         scopes=_clean_scopes(scopes),
         allowed_models=sorted(set(allowed_models)),
         expires_at=expires_at,
+        rpm_limit=rpm_limit,
+        tpm_limit=tpm_limit,
         created_by=created_by if created_by is not None and created_by.is_authenticated else None,
     )
     audit_log_record(

@@ -110,10 +110,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", default="1,32")
+    parser.add_argument("--no-limits", action="store_true", help="run Keyway with rate limiting off")
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="keyway-bench-"))
-    env = dict(os.environ, DEBUG="1", KEYWAY_VAR_DIR=str(scratch), KEYWAY_DEFAULT_MODEL="", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, DEBUG="1", KEYWAY_VAR_DIR=str(scratch), KEYWAY_DEFAULT_MODEL="",
+               KEYWAY_DEFAULT_EMBEDDING_MODEL="", PYTHONUNBUFFERED="1",
+               # Limits on but out of reach: the benchmark measures their cost, not their refusals.
+               KEYWAY_DEFAULT_RPM=str(10**9), KEYWAY_DEFAULT_TPM=str(10**12),
+               KEYWAY_RATE_LIMITS="0" if args.no_limits else "1")
     upstream_port = free_port()
     upstream = subprocess.Popen([sys.executable, str(BASE_DIR / "bench" / "fake_upstream.py"), "--port",
                                  str(upstream_port)], cwd=BASE_DIR)
@@ -151,7 +156,8 @@ def main() -> None:
                 results.append(asyncio.run(run_case(
                     f"keyway {kind}", f"{keyway_url}/v1/chat/completions", auth, stream=stream,
                     concurrency=concurrency, seconds=args.seconds, pid=keyway.pid)))
-        print(f"\nserver: {args.server}, workers: {args.workers}, {args.seconds:g} s per case, "
+        print(f"\nserver: {args.server}, workers: {args.workers}, rate limits: {'off' if args.no_limits else 'on'}, "
+              f"{args.seconds:g} s per case, "
               f"database: {env.get('DATABASE_URL', 'sqlite')}, cache: {'redis' if env.get('REDIS_URL') else 'local'}")
         print(f"{'case':<28}{'conc':>5}{'req':>8}{'err':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'cpu ms/req':>12}")
         for row in results:

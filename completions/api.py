@@ -19,6 +19,8 @@ View = Callable[..., Awaitable[HttpResponseBase]]
 class ApiRequest(HttpRequest):
     request_id: str
     api_key: AuthenticatedKey
+    # Set by metered views once the rate limiter has counted the request; sent on every response after that.
+    rate_headers: dict[str, str]
 
 
 def json_response(payload: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> HttpResponse:
@@ -38,6 +40,7 @@ def api_endpoint(*, methods: tuple[str, ...], scope: str | None) -> Callable[[Vi
         @functools.wraps(view)
         async def wrapper(request: ApiRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             request.request_id = request_id = new_request_id()
+            request.rate_headers = {}
             try:
                 if request.method not in methods:
                     raise ApiError(
@@ -51,7 +54,9 @@ def api_endpoint(*, methods: tuple[str, ...], scope: str | None) -> Callable[[Vi
                     request.api_key.require_scope(scope)
                 response = await view(request, *args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - the one mapping from exceptions to error objects
-                return error_response(to_api_error(exc, request_id=request_id), request_id=request_id)
+                response = error_response(to_api_error(exc, request_id=request_id), request_id=request_id)
+            for name, value in request.rate_headers.items():
+                response.setdefault(name, value)
             response["x-request-id"] = request_id
             return response
 

@@ -10,6 +10,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse
 
 from apikeys.exceptions import ApiKeyError, InvalidApiKey, MissingScope, ModelNotAllowed
+from billing.exceptions import RateLimitExceeded
 from completions.providers.base import ProviderError
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,14 @@ def to_api_error(exc: BaseException, *, request_id: str) -> ApiError:
         )
     if isinstance(exc, ApiKeyError):
         return ApiError(exc.message, status=403, error_type="permission_error")
+    if isinstance(exc, RateLimitExceeded):
+        return ApiError(
+            exc.message,
+            status=429,
+            error_type=exc.kind,
+            code="rate_limit_exceeded",
+            headers={**exc.headers, "Retry-After": str(exc.retry_after)},
+        )
     if isinstance(exc, ProviderError):
         return ApiError(exc.message, status=exc.status, error_type=exc.error_type, param=exc.param, code=exc.code)
     if isinstance(exc, RequestDataTooBig):

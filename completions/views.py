@@ -13,6 +13,7 @@ import numpy as np
 from django.http import HttpResponseBase, StreamingHttpResponse
 
 from apikeys.scopes import CHAT, EMBEDDINGS, MODELS_READ
+from billing.ratelimits import check_rate_limits, estimate_tokens, record_tokens_later
 from completions import sse
 from completions.api import ApiRequest, api_endpoint, json_body, json_response
 from completions.catalog import CatalogEntry, DeploymentEntry, catalog
@@ -74,6 +75,15 @@ def _routing_headers(entry: CatalogEntry, deployment: DeploymentEntry) -> dict[s
     return {"x-keyway-model": entry.public_id, "x-keyway-provider": deployment.provider_name}
 
 
+def _total_tokens(usage: Any) -> int:
+    if not isinstance(usage, dict):
+        return 0
+    total = usage.get("total_tokens")
+    if isinstance(total, int):
+        return total
+    return int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+
+
 # Fields that steer the gateway and mean nothing (or an error) to an upstream.
 GATEWAY_FIELDS = frozenset({"provider", "models"})
 
@@ -127,6 +137,9 @@ async def chat_completions(request: ApiRequest) -> HttpResponseBase:
     preferences = parse_preferences(body)
     content = inspect_content(body["messages"])
     entries = await _chat_models(request, body, content)
+    limits = await check_rate_limits(request.api_key, estimate_tokens(body["messages"]))
+    if limits is not None:
+        request.rate_headers = limits.headers()
     extra_headers = await _prepare_content(body, content, entries)
     normalize_response_format(body)
     upstream_body = _upstream_body(body)
@@ -140,6 +153,7 @@ async def chat_completions(request: ApiRequest) -> HttpResponseBase:
         return await deployment.provider.chat(call)
 
     result, entry, deployment = await first_success(attempts, complete)
+    record_tokens_later(request.api_key, _total_tokens(result.get("usage")))
     result["id"] = completion_id
     result["object"] = "chat.completion"
     result["model"] = entry.public_id
@@ -160,6 +174,9 @@ async def embeddings(request: ApiRequest) -> HttpResponseBase:
             param="dimensions",
             code="unsupported_parameter",
         )
+    limits = await check_rate_limits(request.api_key, estimate_tokens(inputs))
+    if limits is not None:
+        request.rate_headers = limits.headers()
     upstream_body = {**_upstream_body(body), "input": inputs}
 
     async def embed(entry: CatalogEntry, deployment: DeploymentEntry) -> dict[str, Any]:
@@ -169,6 +186,7 @@ async def embeddings(request: ApiRequest) -> HttpResponseBase:
         return await deployment.provider.embeddings(call)
 
     result, entry, deployment = await first_success([(entry, d) for d in plan(entry, preferences)], embed)
+    record_tokens_later(request.api_key, _total_tokens(result.get("usage")))
     result["model"] = entry.public_id
     if body.get("encoding_format") == "base64":
         for item in result["data"]:
@@ -205,6 +223,7 @@ async def _chat_stream(
     include_usage = bool(stream_options.get("include_usage"))
     created = int(time.time())
     request_id = request.request_id
+    api_key = request.api_key
 
     async def events() -> AsyncIterator[bytes]:
         runtime.counter_add("open_streams", 1)
@@ -248,6 +267,7 @@ async def _chat_stream(
             yield sse.DONE
         finally:
             runtime.counter_add("open_streams", -1)
+            record_tokens_later(api_key, _total_tokens(usage))
             await upstream.aclose()
 
     headers = {**sse.HEADERS, **_routing_headers(entry, deployment), **extra_headers}

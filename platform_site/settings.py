@@ -94,12 +94,16 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", "")
+# Namespaces every key Keyway puts in Redis (cache and rate-limit counters).
+KEYWAY_CACHE_PREFIX = env_str("KEYWAY_CACHE_PREFIX", "kw")
+# Connections per worker process for the rate limiter's asynchronous Redis client.
+KEYWAY_REDIS_POOL_SIZE = env_int("KEYWAY_REDIS_POOL_SIZE", 64, minimum=1)
 if REDIS_URL:
     CACHES = {
         "default": {
             "BACKEND": "platform_site.cache.SharedClientRedisCache",
             "LOCATION": REDIS_URL,
-            "KEY_PREFIX": env_str("KEYWAY_CACHE_PREFIX", "kw"),
+            "KEY_PREFIX": KEYWAY_CACHE_PREFIX,
         }
     }
     CHANNEL_LAYERS = {
@@ -161,6 +165,12 @@ KEYWAY_MAX_FILE_BYTES = env_int("KEYWAY_MAX_FILE_BYTES", 32 * 1024 * 1024, minim
 KEYWAY_FETCH_TIMEOUT = env_float("KEYWAY_FETCH_TIMEOUT", 10.0, minimum=0.1)
 # Off by default: fetching URLs that resolve to private addresses would let callers probe the network.
 KEYWAY_FETCH_ALLOW_PRIVATE = env_bool("KEYWAY_FETCH_ALLOW_PRIVATE", False)
+
+# Rate limits per key when the key sets none (requests and tokens per minute). KEYWAY_RATE_LIMITS=0 turns
+# limiting off altogether (for benchmarks that compare the hot path with and without it).
+KEYWAY_RATE_LIMITS = env_bool("KEYWAY_RATE_LIMITS", True)
+KEYWAY_DEFAULT_RPM = env_int("KEYWAY_DEFAULT_RPM", 600, minimum=1)
+KEYWAY_DEFAULT_TPM = env_int("KEYWAY_DEFAULT_TPM", 2_000_000, minimum=1)
 
 # Routing: a deployment that fails this many times in a row sits out the cool-down (seconds).
 KEYWAY_BREAKER_FAILURES = env_int("KEYWAY_BREAKER_FAILURES", 3, minimum=1)

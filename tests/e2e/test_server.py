@@ -4,6 +4,7 @@ own OpenAI server on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -180,5 +181,40 @@ def test_revocation_reaches_every_worker_process_within_a_second(stack: dict[str
                     pending.remove(client)
             assert time.monotonic() - revoked_at < 1.0, f"{len(pending)} worker(s) still accepted a revoked key"
             time.sleep(0.05)
+    finally:
+        server.stop(second)
+
+
+@pytest.mark.skipif(not server.os.environ.get("REDIS_URL"), reason="needs REDIS_URL: limits are shared via Redis")
+def test_an_rpm_limit_holds_across_two_server_processes(stack: dict[str, Any]) -> None:
+    second, second_url = server.start_keyway(stack["env"], Path(stack["log"]))
+    try:
+        key = server.manage(stack["env"], "createapikey", "demo", "--name", "rpm20", "--rpm", "20").strip()
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": "all-minilm-l6-v2", "input": "x"}
+
+        def probe(url: str) -> httpx2.Response:
+            return httpx2.post(f"{url}/v1/embeddings", json=body, headers=headers, timeout=30)
+
+        first = probe(stack["url"])
+        reset = first.headers["x-ratelimit-reset-requests"]
+        seconds = float(reset[:-2]) / 1000 if reset.endswith("ms") else float(reset.rstrip("s").split("m")[-1])
+        if seconds < 10:
+            # Too close to the end of the window for 40 requests to land in it: start in the next one.
+            time.sleep(seconds + 0.5)
+            first = probe(stack["url"])
+        assert first.status_code == 200
+
+        async def burst() -> list[int]:
+            async with httpx2.AsyncClient(timeout=30) as client:
+                urls = [stack["url"], second_url] * 20
+                responses = await asyncio.gather(*(
+                    client.post(f"{url}/v1/embeddings", json=body, headers=headers) for url in urls[:39]
+                ))
+            return [response.status_code for response in responses]
+
+        statuses = asyncio.run(burst())
+        assert statuses.count(200) == 19, statuses  # 20 with the probe, not 40
+        assert statuses.count(429) == 20
     finally:
         server.stop(second)

@@ -21,6 +21,8 @@ class Command(BaseCommand):
         parser.add_argument("--scopes", default=",".join(ALL_SCOPES), help="Comma-separated scopes.")
         parser.add_argument("--models", default="", help="Comma-separated allowed models (empty: all).")
         parser.add_argument("--expires-in-days", type=int, default=None)
+        parser.add_argument("--rpm", type=int, default=None, help="Requests per minute (default: the platform's).")
+        parser.add_argument("--tpm", type=int, default=None, help="Tokens per minute (default: the platform's).")
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
@@ -37,6 +39,8 @@ class Command(BaseCommand):
                 scopes=[s.strip() for s in options["scopes"].split(",") if s.strip()],
                 allowed_models=[m.strip() for m in options["models"].split(",") if m.strip()],
                 expires_at=expires_at,
+                rpm_limit=options["rpm"],
+                tpm_limit=options["tpm"],
                 actor_label="cli",
             )
         except ApiKeyError as exc:
