@@ -35,7 +35,7 @@ def api_endpoint(*, methods: tuple[str, ...], scope: str | None) -> Callable[[Vi
     Errors are values here: anything a view raises becomes an OpenAI error object, never an HTML page.
     """
 
-    # Returns Any: the typed URL patterns of django-stubs (the mypy plugin) know only sync views.
+    # Returns Any: the typed URL patterns of the mypy plugin for Django know only sync views.
     def decorate(view: View) -> Any:
         @functools.wraps(view)
         async def wrapper(request: ApiRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
