@@ -6,9 +6,13 @@ dicts. The API layer owns ids, public model names, usage policy and framing.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+import threading
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,37 @@ class ChatProvider(Protocol):
 
     def loaded_models(self) -> list[str]:
         """Models this provider holds in memory in this process (empty for remote providers)."""
+
+
+class LoadedOnce(Generic[T]):
+    """Models an embedded provider holds in memory: each loaded lazily, once per process, off the event
+    loop, however many requests ask for it at the same moment."""
+
+    def __init__(self, load: Callable[[str], T]) -> None:
+        self._load = load
+        self._items: dict[str, T] = {}
+        self._lock = threading.Lock()
+
+    def get_sync(self, name: str) -> T:
+        item = self._items.get(name)
+        if item is None:
+            with self._lock:
+                item = self._items.get(name)
+                if item is None:
+                    item = self._items[name] = self._load(name)
+        return item
+
+    async def get(self, name: str) -> T:
+        item = self._items.get(name)
+        if item is None:
+            item = await asyncio.to_thread(self.get_sync, name)
+        return item
+
+    def items(self) -> dict[str, T]:
+        return dict(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()
 
 
 class ProviderError(Exception):

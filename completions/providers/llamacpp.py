@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 
-from completions.providers.base import ChatCall, EmbeddingsCall, ProviderConfig, UnsupportedByModel
+from completions.providers.base import ChatCall, EmbeddingsCall, LoadedOnce, ProviderConfig, UnsupportedByModel
 
 _DONE = object()
 
@@ -100,11 +100,6 @@ class _LoadedModel:
     llama: Any
     executor: ThreadPoolExecutor
     path: str
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-_models: dict[str, _LoadedModel] = {}
-_models_lock = threading.Lock()
 
 
 def resolve_model_path(upstream_model: str) -> Path:
@@ -128,41 +123,38 @@ def resolve_model_path(upstream_model: str) -> Path:
 
 
 def _load(upstream_model: str) -> _LoadedModel:
-    with _models_lock:
-        loaded = _models.get(upstream_model)
-        if loaded is not None:
-            return loaded
-        path = resolve_model_path(upstream_model)
-        llama = _metered_llama_class()(
-            model_path=str(path),
-            # Gemma's GGUF carries no chat template; without this every chat answer comes back empty.
-            chat_format="gemma" if "gemma" in path.name.lower() else None,
-            n_ctx=settings.KEYWAY_LLAMA_CONTEXT,
-            n_threads=settings.KEYWAY_LLAMA_THREADS,
-            n_threads_batch=settings.KEYWAY_LLAMA_THREADS,
-            verbose=False,
-        )
-        loaded = _LoadedModel(
-            llama=llama,
-            executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{path.stem}"),
-            path=str(path),
-        )
-        _models[upstream_model] = loaded
-        return loaded
+    path = resolve_model_path(upstream_model)
+    llama = _metered_llama_class()(
+        model_path=str(path),
+        # Gemma's GGUF carries no chat template; without this every chat answer comes back empty.
+        chat_format="gemma" if "gemma" in path.name.lower() else None,
+        n_ctx=settings.KEYWAY_LLAMA_CONTEXT,
+        n_threads=settings.KEYWAY_LLAMA_THREADS,
+        n_threads_batch=settings.KEYWAY_LLAMA_THREADS,
+        verbose=False,
+    )
+    return _LoadedModel(
+        llama=llama,
+        executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{path.stem}"),
+        path=str(path),
+    )
+
+
+models: LoadedOnce[_LoadedModel] = LoadedOnce(_load)
 
 
 @atexit.register
 def _close_models() -> None:
     # Free the models while the interpreter is still whole; llama-cpp-python's own finalizer fails if it
     # only runs during interpreter teardown.
-    for loaded in list(_models.values()):
+    for loaded in models.items().values():
         loaded.executor.shutdown(wait=True, cancel_futures=True)
         loaded.llama.close()
-    _models.clear()
+    models.clear()
 
 
 def loaded_model_paths() -> list[str]:
-    return [loaded.path for loaded in _models.values()]
+    return [loaded.path for loaded in models.items().values()]
 
 
 def _text_of(content: Any) -> str:
@@ -430,14 +422,8 @@ class LlamaCppProvider:
     def loaded_models(self) -> list[str]:
         return loaded_model_paths()
 
-    async def _model(self, upstream_model: str) -> _LoadedModel:
-        loaded = _models.get(upstream_model)
-        if loaded is None:
-            loaded = await asyncio.to_thread(_load, upstream_model)
-        return loaded
-
     async def chat(self, call: ChatCall) -> dict[str, Any]:
-        loaded = await self._model(call.upstream_model)
+        loaded = await models.get(call.upstream_model)
         meter = _new_meter(call.body)
 
         def work() -> dict[str, Any]:
@@ -488,7 +474,7 @@ class LlamaCppProvider:
         return result
 
     async def chat_stream(self, call: ChatCall) -> AsyncGenerator[dict[str, Any], None]:
-        loaded = await self._model(call.upstream_model)
+        loaded = await models.get(call.upstream_model)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         meter = _new_meter(call.body)

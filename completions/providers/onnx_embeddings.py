@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import threading
+import importlib.util
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from django.conf import settings
 
-from completions.providers.base import ChatCall, EmbeddingsCall, ProviderConfig, UnsupportedByModel
+from completions.providers.base import ChatCall, EmbeddingsCall, LoadedOnce, ProviderConfig, UnsupportedByModel
 
 # Inputs are embedded in batches sorted by length, so short texts are not padded to the longest one.
 _BATCH = 64
@@ -35,9 +35,6 @@ class _Loaded:
     sep_id: int
     vocab_size: int
 
-
-_loaded: dict[str, _Loaded] = {}
-_lock = threading.Lock()
 
 
 def _tokenizer_path() -> Path:
@@ -55,37 +52,34 @@ def _model_path(upstream_model: str) -> Path:
 
 
 def _load(upstream_model: str) -> _Loaded:
-    with _lock:
-        loaded = _loaded.get(upstream_model)
-        if loaded is not None:
-            return loaded
-        import onnxruntime
-        from tokenizers import Tokenizer
+    import onnxruntime
+    from tokenizers import Tokenizer
 
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = settings.KEYWAY_EMBEDDING_THREADS
-        options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(
-            str(_model_path(upstream_model)), options, providers=["CPUExecutionProvider"]
-        )
-        tokenizer = Tokenizer.from_file(str(_tokenizer_path()))
-        # The shipped tokenizer.json pads to 128 and truncates; we pad per batch and refuse (not cut) long inputs.
-        tokenizer.no_padding()
-        tokenizer.no_truncation()
-        cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-        if cls_id is None or sep_id is None:
-            raise ValueError("The tokenizer lacks BERT's [CLS] and [SEP] tokens.")
-        loaded = _Loaded(
-            session=session,
-            tokenizer=tokenizer,
-            executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="embeddings"),
-            name=upstream_model,
-            cls_id=cls_id,
-            sep_id=sep_id,
-            vocab_size=tokenizer.get_vocab_size(),
-        )
-        _loaded[upstream_model] = loaded
-        return loaded
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = settings.KEYWAY_EMBEDDING_THREADS
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(
+        str(_model_path(upstream_model)), options, providers=["CPUExecutionProvider"]
+    )
+    tokenizer = Tokenizer.from_file(str(_tokenizer_path()))
+    # The shipped tokenizer.json pads to 128 and truncates; we pad per batch and refuse (not cut) long inputs.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    if cls_id is None or sep_id is None:
+        raise ValueError("The tokenizer lacks BERT's [CLS] and [SEP] tokens.")
+    return _Loaded(
+        session=session,
+        tokenizer=tokenizer,
+        executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="embeddings"),
+        name=upstream_model,
+        cls_id=cls_id,
+        sep_id=sep_id,
+        vocab_size=tokenizer.get_vocab_size(),
+    )
+
+
+models: LoadedOnce[_Loaded] = LoadedOnce(_load)
 
 
 def tokenize(loaded: _Loaded, inputs: list[str | list[int]]) -> list[list[int]]:
@@ -123,17 +117,11 @@ class OnnxEmbeddingsProvider:
         self.config = config
 
     def loaded_models(self) -> list[str]:
-        return list(_loaded)
-
-    async def _model(self, upstream_model: str) -> _Loaded:
-        loaded = _loaded.get(upstream_model)
-        if loaded is None:
-            loaded = await asyncio.to_thread(_load, upstream_model)
-        return loaded
+        return list(models.items())
 
     async def embeddings(self, call: EmbeddingsCall) -> dict[str, Any]:
         """`call.body["input"]` is already normalised to a list of strings and token-id lists."""
-        loaded = await self._model(call.upstream_model)
+        loaded = await models.get(call.upstream_model)
         inputs: list[str | list[int]] = call.body["input"]
         max_tokens = call.context_length - 2  # room for [CLS] and [SEP]
 

@@ -74,7 +74,7 @@ async def test_a_batch_is_one_model_call_and_equals_single_calls(
 
 
 async def test_token_arrays_embed_like_their_text(sdk: openai.AsyncOpenAI) -> None:
-    loaded = onnx_embeddings._load(MINILM_PACKAGE)
+    loaded = onnx_embeddings.models.get_sync(MINILM_PACKAGE)
     ids = loaded.tokenizer.encode("hello world", add_special_tokens=False).ids
     from_text = await sdk.embeddings.create(model=MODEL, input="hello world")
     from_ids = await sdk.embeddings.create(model=MODEL, input=ids)

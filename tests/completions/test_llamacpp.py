@@ -66,7 +66,7 @@ async def test_a_client_that_goes_away_stops_its_generation(monkeypatch: pytest.
     for _ in range(3):
         await anext(stream)
     await stream.aclose()
-    loaded = llamacpp._models[GEMMA_PACKAGE]
+    loaded = llamacpp.models.get_sync(GEMMA_PACKAGE)
     # Once the model's worker thread is free again, the abandoned generation must have stopped early.
     await asyncio.get_running_loop().run_in_executor(loaded.executor, lambda: None)
     assert meters[0].cancel.is_set()
