@@ -26,7 +26,8 @@ class ApiKeyForm(forms.ModelForm):
 
     class Meta:
         model = ApiKey
-        fields = ["organization", "name", "scopes", "allowed_models", "rpm_limit", "tpm_limit", "expires_at"]
+        fields = ["organization", "name", "scopes", "allowed_models", "rpm_limit", "tpm_limit", "monthly_budget_micros",
+                  "expires_at"]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -63,7 +64,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
     actions = ["rotate_keys", "revoke_keys"]
 
     def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
-        editable = ("organization", "name", "scopes", "allowed_models", "rpm_limit", "tpm_limit", "expires_at")
+        editable = ("organization", "name", "scopes", "allowed_models", "rpm_limit", "tpm_limit",
+                    "monthly_budget_micros", "expires_at")
         return editable if obj is None else editable + tuple(self.readonly_fields)
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: forms.ModelForm, change: bool) -> None:
@@ -81,6 +83,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
             expires_at=form.cleaned_data.get("expires_at"),
             rpm_limit=form.cleaned_data.get("rpm_limit"),
             tpm_limit=form.cleaned_data.get("tpm_limit"),
+            monthly_budget_micros=form.cleaned_data.get("monthly_budget_micros"),
             created_by=request.user,  # type: ignore[arg-type]
         )
         obj.pk = key.pk

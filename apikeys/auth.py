@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -45,6 +46,7 @@ class AuthenticatedKey:
     allowed_models: frozenset[str]
     rpm_limit: int | None = None
     tpm_limit: int | None = None
+    monthly_budget_micros: int | None = None
 
     def require_scope(self, scope: str) -> None:
         if scope not in self.scopes:
@@ -90,8 +92,7 @@ def _timestamp(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
-@returns_connection
-def _load_record(public_id: str) -> _KeyRecord | None:
+def _query_record(public_id: str) -> _KeyRecord | None:
     # Imported here because the model registry is not ready when this module is first imported by services.
     from apikeys.models import ApiKey
 
@@ -101,7 +102,7 @@ def _load_record(public_id: str) -> _KeyRecord | None:
         .only(
             "id", "public_id", "name", "secret_hash", "previous_secret_hash", "previous_secret_expires_at",
             "scopes", "allowed_models", "expires_at", "revoked_at", "last_used_at", "rpm_limit", "tpm_limit",
-            "organization__id", "organization__slug", "organization__pinned_model",
+            "monthly_budget_micros", "organization__id", "organization__slug", "organization__pinned_model",
         )
         .first()
     )
@@ -119,6 +120,7 @@ def _load_record(public_id: str) -> _KeyRecord | None:
             allowed_models=frozenset(row.allowed_models),
             rpm_limit=row.rpm_limit,
             tpm_limit=row.tpm_limit,
+            monthly_budget_micros=row.monthly_budget_micros,
         ),
         secret_hash=row.secret_hash,
         previous_secret_hash=row.previous_secret_hash,
@@ -129,17 +131,23 @@ def _load_record(public_id: str) -> _KeyRecord | None:
     )
 
 
+# Off the request cycle (the async hot path) the connection must be handed back after the query; inside
+# Django's request cycle (authenticate_key_sync) the request's own connection is used and closed by Django.
+_load_record = returns_connection(_query_record)
+
 _MISSING = "missing"
 
 
-def _fetch_record(public_id: str) -> _KeyRecord | None:
+def _fetch_record(
+    public_id: str, *, load: Callable[[str], _KeyRecord | None] = _load_record
+) -> _KeyRecord | None:
     """Shared cache, then database. Runs in a worker thread."""
     if _shared_cache_is_process_local():
-        return _load_record(public_id)
+        return load(public_id)
     cached = cache.get(_cache_key(public_id))
     if cached is not None:
         return None if cached == _MISSING else cached
-    record = _load_record(public_id)
+    record = load(public_id)
     # Unknown ids are remembered briefly only: a key created a moment later must start working quickly.
     if record is None:
         cache.set(_cache_key(public_id), _MISSING, timeout=2)
@@ -182,14 +190,16 @@ def _remember(public_id: str, fetched_at: float, done: asyncio.Task[_KeyRecord |
     _local[public_id] = (fetched_at, done.result())
 
 
-@returns_connection
-def _touch_last_used(key_id: int, public_id: str) -> None:
+def _mark_used(key_id: int, public_id: str) -> None:
     from apikeys.models import ApiKey
 
     # The shared cache makes "at most once a minute" hold across worker processes too.
     if not cache.add(f"apikey-used:{public_id}", 1, timeout=int(_LAST_USED_EVERY)):
         return
     ApiKey.objects.filter(pk=key_id).update(last_used_at=timezone.now())
+
+
+_touch_last_used = returns_connection(_mark_used)
 
 
 def _schedule_touch(record: _KeyRecord) -> None:
@@ -214,13 +224,9 @@ def parse_bearer(header: str | None) -> str:
     return token.strip()
 
 
-async def authenticate_key(raw_key: str) -> AuthenticatedKey:
-    """Return the key behind a raw secret, or raise InvalidApiKey. Malformed keys never reach a query."""
-    parsed = keyformat.parse_key(raw_key)
-    if parsed is None:
-        raise InvalidApiKey(_INVALID_MESSAGE)
-    public_id, secret = parsed
-    record = await _record_for(public_id)
+def _verified(record: _KeyRecord | None, public_id: str, secret: str) -> tuple[float, _KeyRecord]:
+    """The record if it is live and the secret (or, within its grace period, the previous secret) matches;
+    InvalidApiKey otherwise. Returns the time the check was made at, too."""
     if record is None or record.revoked:
         raise InvalidApiKey(_INVALID_MESSAGE)
     now = time.time()
@@ -230,6 +236,16 @@ async def authenticate_key(raw_key: str) -> AuthenticatedKey:
         still_in_grace = record.previous_valid_until is not None and now < record.previous_valid_until
         if not (still_in_grace and keyformat.secret_matches(public_id, secret, record.previous_secret_hash)):
             raise InvalidApiKey(_INVALID_MESSAGE)
+    return now, record
+
+
+async def authenticate_key(raw_key: str) -> AuthenticatedKey:
+    """Return the key behind a raw secret, or raise InvalidApiKey. Malformed keys never reach a query."""
+    parsed = keyformat.parse_key(raw_key)
+    if parsed is None:
+        raise InvalidApiKey(_INVALID_MESSAGE)
+    public_id, secret = parsed
+    now, record = _verified(await _record_for(public_id), public_id, secret)
     last = _last_touch.get(public_id, record.last_used_at or 0.0)
     if now - last >= _LAST_USED_EVERY:
         if len(_last_touch) >= _LOCAL_MAX:
@@ -241,3 +257,20 @@ async def authenticate_key(raw_key: str) -> AuthenticatedKey:
 
 async def authenticate_header(header: str | None) -> AuthenticatedKey:
     return await authenticate_key(parse_bearer(header))
+
+
+def authenticate_key_sync(raw_key: str) -> AuthenticatedKey:
+    """authenticate_key for synchronous code inside Django's request cycle (the DRF management API).
+
+    The same checks on the same record, fetched through the shared cache. The in-process tier and the
+    single flight are left out: they exist for the hot path's request rates, and they belong to one event
+    loop. The request's own database connection is used, and Django returns it when the request ends.
+    """
+    parsed = keyformat.parse_key(raw_key)
+    if parsed is None:
+        raise InvalidApiKey(_INVALID_MESSAGE)
+    public_id, secret = parsed
+    now, record = _verified(_fetch_record(public_id, load=_query_record), public_id, secret)
+    if now - (record.last_used_at or 0.0) >= _LAST_USED_EVERY:
+        _mark_used(record.key.id, public_id)
+    return record.key

@@ -24,6 +24,10 @@ class ApiKey(models.Model):
     # Per-key rate limits; null uses the platform default (KEYWAY_DEFAULT_RPM / KEYWAY_DEFAULT_TPM).
     rpm_limit = models.PositiveIntegerField(null=True, blank=True, help_text="Requests per minute.")
     tpm_limit = models.PositiveIntegerField(null=True, blank=True, help_text="Tokens (input + output) per minute.")
+    # Spend cap per calendar month (UTC) in micro-USD; null means no cap of its own (the organization's holds).
+    monthly_budget_micros = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Spend cap per calendar month (UTC), micro-USD."
+    )
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)

@@ -38,6 +38,7 @@ def apikey_create(
     expires_at: datetime | None = None,
     rpm_limit: int | None = None,
     tpm_limit: int | None = None,
+    monthly_budget_micros: int | None = None,
     created_by: User | None = None,
     actor_label: str = "",
 ) -> tuple[ApiKey, str]:
@@ -57,6 +58,7 @@ def apikey_create(
         expires_at=expires_at,
         rpm_limit=rpm_limit,
         tpm_limit=tpm_limit,
+        monthly_budget_micros=monthly_budget_micros,
         created_by=created_by if created_by is not None and created_by.is_authenticated else None,
     )
     audit_log_record(

@@ -13,3 +13,37 @@ class RateLimitExceeded(Exception):
         self.kind = kind
         self.retry_after = retry_after
         self.headers = headers
+
+
+class BillingError(Exception):
+    """A billing change that cannot be made (bad amount, missing reason)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class QuotaExceeded(Exception):
+    """429: the request's worst-case cost does not fit. `code` says what ran out: insufficient_quota (prepaid
+    credit), organization_budget_exceeded or key_budget_exceeded (a monthly spend cap)."""
+
+    MESSAGES = {
+        "insufficient_quota": (
+            "You exceeded your current quota, please check your plan and billing details. Your organization's "
+            "prepaid credit does not cover this request's worst-case cost."
+        ),
+        "organization_budget_exceeded": (
+            "Your organization has reached its monthly spend cap. Ask an administrator to raise it, or wait "
+            "for the next calendar month (UTC)."
+        ),
+        "key_budget_exceeded": (
+            "This API key has reached its monthly spend cap. Raise the key's cap in Settings → API Keys, or "
+            "wait for the next calendar month (UTC)."
+        ),
+    }
+
+    def __init__(self, code: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(self.MESSAGES[code])
+        self.message = self.MESSAGES[code]
+        self.code = code
+        self.headers = headers or {}

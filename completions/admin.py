@@ -56,7 +56,7 @@ class DeploymentInline(admin.TabularInline):
 
 @admin.register(Model)
 class ModelAdmin(admin.ModelAdmin):
-    list_display = ["public_id", "deployment_list", "context_length", "enabled"]
+    list_display = ["public_id", "deployment_list", "context_length", "tokenizer", "enabled"]
     list_filter = ["enabled"]
     search_fields = ["public_id", "deployments__upstream_model"]
     inlines = [DeploymentInline]

@@ -48,6 +48,8 @@ class CatalogEntry:
     created: int
     owned_by: str
     deployments: tuple[DeploymentEntry, ...]
+    # How to count tokens an upstream did not report (completions/tokenizers.py); "" when there is no way.
+    tokenizer: str = ""
 
     def as_openai(self) -> dict[str, object]:
         return {"id": self.public_id, "object": "model", "created": self.created, "owned_by": self.owned_by}
@@ -103,6 +105,7 @@ def _build() -> Catalog:
             created=model.created,
             owned_by=model.owned_by,
             deployments=tuple(routes),
+            tokenizer=model.tokenizer,
         )
     return Catalog(entries=entries, loaded_at=time.monotonic())
 

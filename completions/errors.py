@@ -10,7 +10,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse
 
 from apikeys.exceptions import ApiKeyError, InvalidApiKey, MissingScope, ModelNotAllowed
-from billing.exceptions import RateLimitExceeded
+from billing.exceptions import QuotaExceeded, RateLimitExceeded
 from completions.providers.base import ProviderError
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,9 @@ def to_api_error(exc: BaseException, *, request_id: str) -> ApiError:
             code="rate_limit_exceeded",
             headers={**exc.headers, "Retry-After": str(exc.retry_after)},
         )
+    if isinstance(exc, QuotaExceeded):
+        # No Retry-After: waiting does not help, someone has to add credit or raise a cap.
+        return ApiError(exc.message, status=429, error_type="insufficient_quota", code=exc.code, headers=exc.headers)
     if isinstance(exc, ProviderError):
         return ApiError(exc.message, status=exc.status, error_type=exc.error_type, param=exc.param, code=exc.code)
     if isinstance(exc, RequestDataTooBig):

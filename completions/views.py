@@ -13,7 +13,8 @@ import numpy as np
 from django.http import HttpResponseBase, StreamingHttpResponse
 
 from apikeys.scopes import CHAT, EMBEDDINGS, MODELS_READ
-from billing.ratelimits import check_rate_limits, estimate_tokens, record_tokens_later
+from billing.metering import Endpoint, Meter, Status, admit
+from billing.ratelimits import estimate_tokens
 from completions import sse
 from completions.api import ApiRequest, api_endpoint, json_body, json_response
 from completions.catalog import CatalogEntry, DeploymentEntry, catalog
@@ -28,6 +29,8 @@ from completions.errors import ApiError, model_not_found, to_api_error
 from completions.framing import ChunkFramer, normalize_completion
 from completions.providers.base import ChatCall, EmbeddingsCall
 from completions.routing import first_success, parse_preferences, plan
+from completions.tokenizers import preload_token_counter
+from completions.usage import Produced, max_output_tokens, settle_chat, settle_embeddings
 from completions.validation import (
     normalize_response_format,
     validate_chat,
@@ -73,15 +76,6 @@ async def _resolve_model(request: ApiRequest, public_id: str, *, capability: str
 
 def _routing_headers(entry: CatalogEntry, deployment: DeploymentEntry) -> dict[str, str]:
     return {"x-keyway-model": entry.public_id, "x-keyway-provider": deployment.provider_name}
-
-
-def _total_tokens(usage: Any) -> int:
-    if not isinstance(usage, dict):
-        return 0
-    total = usage.get("total_tokens")
-    if isinstance(total, int):
-        return total
-    return int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
 
 
 # Fields that steer the gateway and mean nothing (or an error) to an upstream.
@@ -137,23 +131,55 @@ async def chat_completions(request: ApiRequest) -> HttpResponseBase:
     preferences = parse_preferences(body)
     content = inspect_content(body["messages"])
     entries = await _chat_models(request, body, content)
-    limits = await check_rate_limits(request.api_key, estimate_tokens(body["messages"]))
-    if limits is not None:
-        request.rate_headers = limits.headers()
-    extra_headers = await _prepare_content(body, content, entries)
-    normalize_response_format(body)
+    prompt_tokens = estimate_tokens(body["messages"])
+    meter = await admit(
+        key=request.api_key,
+        request_id=request.request_id,
+        endpoint=Endpoint.CHAT,
+        models=[entry.public_id for entry in entries],
+        prompt_tokens=prompt_tokens,
+        max_output_tokens=max(
+            max_output_tokens(body, context_length=entry.context_length, prompt_tokens=prompt_tokens)
+            for entry in entries
+        ),
+    )
+    request.rate_headers = meter.rate_headers
+    try:
+        extra_headers = await _prepare_content(body, content, entries)
+        normalize_response_format(body)
+    except BaseException:
+        settle_chat(meter, entry=entries[0], deployment=None, status=Status.ERROR, messages=body["messages"])
+        raise
     upstream_body = _upstream_body(body)
     attempts = [(entry, deployment) for entry in entries for deployment in plan(entry, preferences)]
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
     if body.get("stream"):
-        return await _chat_stream(request, attempts, upstream_body, completion_id, extra_headers)
+        return await _chat_stream(request, meter, attempts, upstream_body, completion_id, extra_headers)
+
+    tried: list[tuple[CatalogEntry, DeploymentEntry]] = []
 
     async def complete(entry: CatalogEntry, deployment: DeploymentEntry) -> dict[str, Any]:
+        tried.append((entry, deployment))
+        await preload_token_counter(entry, deployment)
         call = ChatCall(deployment.upstream_model, upstream_body, request.request_id, deployment.timeout)
         return await deployment.provider.chat(call)
 
-    result, entry, deployment = await first_success(attempts, complete)
-    record_tokens_later(request.api_key, _total_tokens(result.get("usage")))
+    try:
+        result, entry, deployment = await first_success(attempts, complete)
+    except asyncio.CancelledError:
+        # The client left while the model was answering: the prompt was processed, nothing was delivered.
+        last = tried[-1] if tried else (None, None)
+        settle_chat(meter, entry=last[0], deployment=last[1], status=Status.CLIENT_DISCONNECTED,
+                    messages=body["messages"])
+        raise
+    except BaseException:
+        settle_chat(meter, entry=entries[0], deployment=None, status=Status.ERROR, messages=body["messages"])
+        raise
+    produced = Produced()
+    if not isinstance(result.get("usage"), dict):
+        produced.add_choices(result["choices"])
+    settle_chat(meter, entry=entry, deployment=deployment, status=Status.OK, messages=body["messages"],
+                usage=result.get("usage"), produced=produced.text())
     result["id"] = completion_id
     result["object"] = "chat.completion"
     result["model"] = entry.public_id
@@ -174,9 +200,15 @@ async def embeddings(request: ApiRequest) -> HttpResponseBase:
             param="dimensions",
             code="unsupported_parameter",
         )
-    limits = await check_rate_limits(request.api_key, estimate_tokens(inputs))
-    if limits is not None:
-        request.rate_headers = limits.headers()
+    meter = await admit(
+        key=request.api_key,
+        request_id=request.request_id,
+        endpoint=Endpoint.EMBEDDINGS,
+        models=[entry.public_id],
+        prompt_tokens=estimate_tokens(inputs),
+        max_output_tokens=0,
+    )
+    request.rate_headers = meter.rate_headers
     upstream_body = {**_upstream_body(body), "input": inputs}
 
     async def embed(entry: CatalogEntry, deployment: DeploymentEntry) -> dict[str, Any]:
@@ -185,8 +217,13 @@ async def embeddings(request: ApiRequest) -> HttpResponseBase:
         )
         return await deployment.provider.embeddings(call)
 
-    result, entry, deployment = await first_success([(entry, d) for d in plan(entry, preferences)], embed)
-    record_tokens_later(request.api_key, _total_tokens(result.get("usage")))
+    try:
+        result, entry, deployment = await first_success([(entry, d) for d in plan(entry, preferences)], embed)
+    except BaseException as error:
+        status = Status.CLIENT_DISCONNECTED if isinstance(error, asyncio.CancelledError) else Status.ERROR
+        settle_embeddings(meter, entry=entry, deployment=None, inputs=inputs, status=status)
+        raise
+    settle_embeddings(meter, entry=entry, deployment=deployment, inputs=inputs, usage=result.get("usage"))
     result["model"] = entry.public_id
     if body.get("encoding_format") == "base64":
         for item in result["data"]:
@@ -201,12 +238,16 @@ Opened = tuple[AsyncGenerator[dict[str, Any], None], dict[str, Any] | None]
 
 async def _chat_stream(
     request: ApiRequest,
+    meter: Meter,
     attempts: list[tuple[CatalogEntry, DeploymentEntry]],
     body: dict[str, Any],
     completion_id: str,
     extra_headers: dict[str, str],
 ) -> HttpResponseBase:
+    messages = body["messages"]
+
     async def open_stream(entry: CatalogEntry, deployment: DeploymentEntry) -> Opened:
+        await preload_token_counter(entry, deployment)
         call = ChatCall(deployment.upstream_model, body, request.request_id, deployment.timeout)
         stream = deployment.provider.chat_stream(call)
         # Wait for the first chunk before answering: an upstream that fails at once can still be replaced by
@@ -218,17 +259,30 @@ async def _chat_stream(
             await stream.aclose()
             raise
 
-    (upstream, first), entry, deployment = await first_success(attempts, open_stream)
+    try:
+        (upstream, first), entry, deployment = await first_success(attempts, open_stream)
+    except BaseException as error:
+        status = Status.CLIENT_DISCONNECTED if isinstance(error, asyncio.CancelledError) else Status.ERROR
+        settle_chat(meter, entry=attempts[0][0] if attempts else None, deployment=None, status=status,
+                    messages=messages)
+        raise
+    meter.first_token()
     stream_options = body.get("stream_options") or {}
     include_usage = bool(stream_options.get("include_usage"))
     created = int(time.time())
     request_id = request.request_id
-    api_key = request.api_key
+    produced = Produced()
+    usage: dict[str, Any] | None = None
+
+    def settle(status: int) -> None:
+        settle_chat(meter, entry=entry, deployment=deployment, status=status, messages=messages, usage=usage,
+                    produced=produced.text())
 
     async def events() -> AsyncIterator[bytes]:
+        nonlocal usage
         runtime.counter_add("open_streams", 1)
         framer = ChunkFramer()
-        usage: dict[str, Any] | None = None
+        status = Status.CLIENT_DISCONNECTED
         try:
             chunk = first
             while chunk is not None:
@@ -238,6 +292,7 @@ async def _chat_stream(
                 choices = chunk.get("choices") or []
                 if choices:
                     framer.frame_choices(choices)
+                    produced.add_choices(choices)
                     yield sse.frame(
                         {
                             "id": completion_id,
@@ -248,6 +303,8 @@ async def _chat_stream(
                         }
                     )
                 chunk = await anext(upstream, None)
+            # The upstream is done: from here on a client that leaves has had everything.
+            status = Status.OK
             if include_usage and usage is not None:
                 yield sse.frame(
                     {
@@ -260,15 +317,28 @@ async def _chat_stream(
                     }
                 )
             yield sse.DONE
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:  # noqa: BLE001 - after the first byte an error can only be an SSE event
+            # The upstream broke mid-stream: what it produced is charged, and the event says incomplete.
+            status = Status.INCOMPLETE
             yield sse.error_frame(to_api_error(exc, request_id=request_id).body())
             yield sse.DONE
         finally:
             runtime.counter_add("open_streams", -1)
-            record_tokens_later(api_key, _total_tokens(usage))
+            settle(status)
             await upstream.aclose()
 
     headers = {**sse.HEADERS, **_routing_headers(entry, deployment), **extra_headers}
-    return StreamingHttpResponse(events(), content_type=sse.CONTENT_TYPE, headers=headers)
+    response = StreamingHttpResponse(events(), content_type=sse.CONTENT_TYPE, headers=headers)
+    # A client that leaves before the first byte is sent never starts `events()`, whose `finally` then never
+    # runs: the handler calls this when the response is done or abandoned, and it settles what is left.
+    def on_close() -> None:
+        settle(Status.CLIENT_DISCONNECTED)
+        try:
+            asyncio.get_running_loop().create_task(upstream.aclose())
+        except RuntimeError:
+            pass
+
+    response.on_close = on_close  # type: ignore[attr-defined]
+    return response

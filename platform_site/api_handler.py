@@ -63,6 +63,7 @@ class ApiHandler(ASGIHandler):
         assert task is not None
         disconnected = asyncio.Event()
         listener = asyncio.create_task(self._listen_for_disconnect(receive, task, disconnected))
+        response: HttpResponseBase | None = None
         try:
             response = await self._respond(request)
             await self.send_response(response, send)
@@ -72,6 +73,11 @@ class ApiHandler(ASGIHandler):
                 raise
         finally:
             listener.cancel()
+            # A view may leave work for when its response is finished or abandoned (settling a stream that
+            # never started, for one). Synchronous on purpose: it must run even while being cancelled.
+            on_close = getattr(response, "on_close", None)
+            if on_close is not None:
+                on_close()
 
     async def _read_body(self, scope: dict[str, Any], receive: Any) -> bytes:
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE

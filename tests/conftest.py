@@ -20,6 +20,9 @@ from referencing.jsonschema import DRAFT202012
 from apikeys import auth
 from apikeys.models import ApiKey
 from apikeys.services import apikey_create
+from billing import counters
+from billing.ledger import ledger
+from billing.pricing import forget_cached_terms
 from completions.catalog import catalog_invalidate
 from completions.routing import reset_breakers
 from platform_site.models import Organization
@@ -30,17 +33,38 @@ USES_POSTGRES = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
 USES_REDIS = bool(settings.REDIS_URL)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_usage_journal(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The suite's usage journals live apart from a development server's, which a recovery would replay."""
+    settings.KEYWAY_USAGE_JOURNAL_DIR = tmp_path_factory.mktemp("usage-journal")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_caches() -> Iterator[None]:
-    """Module-level caches outlive a test; clear them so no test sees another's keys or catalog."""
+    """Module-level caches outlive a test; clear them so no test sees another's keys, catalog, prices or
+    billing counters."""
     cache.clear()
     auth._local.clear()
     auth._last_touch.clear()
     catalog_invalidate()
     reset_breakers()
+    forget_cached_terms()
+    counters._local.values.clear()
+    counters._local.credit.clear()
+    counters._unsent.clear()
     yield
     auth._local.clear()
     catalog_invalidate()
+    forget_cached_terms()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Write the usage a test produced before its database rows are torn down, in the test's own thread
+    (so a test inside a transaction writes inside it)."""
+    yield
+    if ledger.pending():
+        ledger.flush_sync()
 
 
 @pytest.fixture

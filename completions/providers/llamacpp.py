@@ -157,6 +157,13 @@ def loaded_model_paths() -> list[str]:
     return [loaded.path for loaded in models.items().values()]
 
 
+def loaded_llama(upstream_model: str) -> Any | None:
+    """The model's Llama if this process has loaded it already; never loads it. Metering borrows its
+    tokenizer, which reads only the vocabulary and so is safe beside a generation in the worker thread."""
+    loaded = models.items().get(upstream_model)
+    return None if loaded is None else loaded.llama
+
+
 def _text_of(content: Any) -> str:
     if content is None:
         return ""

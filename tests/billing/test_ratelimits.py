@@ -10,7 +10,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from apikeys.services import apikey_create
-from billing import ratelimits
+from billing import metering, ratelimits
 from completions.services import provider_upsert_openai_compatible
 from platform_site.models import Organization
 from tests.conftest import bearer
@@ -23,7 +23,7 @@ HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ra
 
 @pytest.mark.parametrize(("seconds", "text"), [(0.85, "850ms"), (1, "1s"), (59.9, "59s"), (360, "6m0s"), (61, "1m1s")])
 def test_reset_durations_are_written_like_openai(seconds: float, text: str) -> None:
-    assert ratelimits._duration(seconds) == text
+    assert ratelimits.duration(seconds) == text
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ async def test_tokens_over_the_tpm_limit_get_429_of_type_tokens(asgi_client, lim
         response = await asgi_client.post("/v1/chat/completions", headers=bearer(limited["tpm"]),
                                           json={"model": "ok", "messages": MESSAGES})
         statuses.append(response.status_code)
-        await ratelimits.flush()  # tokens are counted after the response, in batches
+        await metering.flush()  # tokens are counted after the response, in batches
     # The fake upstream reports 16 tokens a call: the fourth call would pass 50.
     assert statuses == [200, 200, 200, 429, 429]
     assert response.json()["error"]["type"] == "tokens"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -23,6 +24,9 @@ class Command(BaseCommand):
         parser.add_argument("--expires-in-days", type=int, default=None)
         parser.add_argument("--rpm", type=int, default=None, help="Requests per minute (default: the platform's).")
         parser.add_argument("--tpm", type=int, default=None, help="Tokens per minute (default: the platform's).")
+        parser.add_argument(
+            "--monthly-budget", type=Decimal, default=None, help="Spend cap per calendar month in USD (default: none)."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
@@ -41,6 +45,9 @@ class Command(BaseCommand):
                 expires_at=expires_at,
                 rpm_limit=options["rpm"],
                 tpm_limit=options["tpm"],
+                monthly_budget_micros=(
+                    None if options["monthly_budget"] is None else int(options["monthly_budget"] * 1_000_000)
+                ),
                 actor_label="cli",
             )
         except ApiKeyError as exc:

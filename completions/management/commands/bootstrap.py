@@ -41,6 +41,7 @@ class Command(BaseCommand):
                 base_url=upstream_url,
                 api_key=os.environ.get("KEYWAY_UPSTREAM_API_KEY", ""),
                 models=[m.strip() for m in os.environ.get("KEYWAY_UPSTREAM_MODELS", "").split(",") if m.strip()],
+                tokenizer=os.environ.get("KEYWAY_UPSTREAM_TOKENIZER", ""),
             )
         organization = Organization.objects.filter(slug="demo").first()
         if organization is None:

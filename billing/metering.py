@@ -1,0 +1,255 @@
+"""Metering of one request: admit (rate limits and a reservation of the worst-case cost) before the call,
+settle (the real cost, released hold, ledger event) after it.
+
+    meter = await admit(key=..., endpoint=..., models=[...], prompt_tokens=..., max_output_tokens=...)
+    try:
+        ...call the model...
+    finally:
+        meter.settle(...)   # synchronous: safe in the finally of a cancelled stream
+
+Settlement happens exactly once per admitted request, whatever happened in between: `settle` ignores a
+second call, and a request that failed before producing anything settles at zero, which releases its
+whole hold.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db.models import Sum
+
+from apikeys.auth import AuthenticatedKey
+from billing import counters
+from billing.exceptions import QuotaExceeded, RateLimitExceeded
+from billing.ledger import ledger
+from billing.models import UsageEvent
+from billing.pricing import AccountTerms, ModelPrice, account_terms, cost_micros, forget_cached_terms, price_table
+from billing.ratelimits import WINDOW, RateState
+from billing.services import SettledUsage, on_credit_change
+from platform_site.db import returns_connection
+
+Endpoint = UsageEvent.Endpoint
+Status = UsageEvent.Status
+UsageSource = UsageEvent.UsageSource
+
+# A credit change made in this process is seen by its next request; other processes see it within
+# KEYWAY_BILLING_LOCAL_TTL (every admission carries the credit total it knows, and the shared counter keeps
+# the newest).
+on_credit_change(lambda organization_id, total, version: forget_cached_terms(organization_id))
+
+_QUOTA_CODES = {
+    counters.REFUSED_CREDIT: "insufficient_quota",
+    counters.REFUSED_ORG_BUDGET: "organization_budget_exceeded",
+    counters.REFUSED_KEY_BUDGET: "key_budget_exceeded",
+}
+
+
+@dataclass(slots=True)
+class Meter:
+    key: AuthenticatedKey
+    request_id: str
+    endpoint: int
+    terms: AccountTerms | None
+    prices: dict[str, ModelPrice]
+    hold: int
+    # The counters the hold was added to; settlement moves each by (cost − hold).
+    hold_counters: tuple[str, ...]
+    tokens_counter: str
+    started_at: float
+    started_clock: float = field(default_factory=time.monotonic)
+    rate_state: RateState | None = None
+    first_token_clock: float | None = None
+    settled: bool = False
+
+    @property
+    def rate_headers(self) -> dict[str, str]:
+        return self.rate_state.headers() if self.rate_state is not None else {}
+
+    def first_token(self) -> None:
+        if self.first_token_clock is None:
+            self.first_token_clock = time.monotonic()
+
+    def settle(
+        self,
+        *,
+        model: str,
+        status: int,
+        usage_source: int,
+        prompt_tokens: int = 0,
+        cached_tokens: int = 0,
+        completion_tokens: int = 0,
+        deployment_id: int | None = None,
+        provider: str = "",
+    ) -> int:
+        """Charge the real cost, release the rest of the hold, and journal the usage event. Returns the cost
+        in micro-USD; a second call does nothing and returns 0."""
+        if self.settled:
+            return 0
+        self.settled = True
+        cost = 0
+        if self.terms is not None:
+            cost = cost_micros(
+                self.prices.get(model),
+                multiplier=self.terms.multiplier,
+                prompt_tokens=prompt_tokens,
+                cached_tokens=cached_tokens,
+                completion_tokens=completion_tokens,
+            )
+            now = time.monotonic()
+            # The journal line first: if the process dies right after it, the charge is in the journal and
+            # the hold merely stays at its worst case (refusing more, never overspending).
+            ledger.record(
+                SettledUsage(
+                    request_id=self.request_id,
+                    organization_id=self.key.organization_id,
+                    api_key_id=self.key.id,
+                    endpoint=self.endpoint,
+                    model=model,
+                    deployment_id=deployment_id,
+                    provider=provider,
+                    prompt_tokens=prompt_tokens,
+                    cached_tokens=cached_tokens,
+                    completion_tokens=completion_tokens,
+                    cost_micros=cost,
+                    status=status,
+                    usage_source=usage_source,
+                    latency_ms=int((now - self.started_clock) * 1000),
+                    ttft_ms=(
+                        int((self.first_token_clock - self.started_clock) * 1000)
+                        if self.first_token_clock is not None
+                        else None
+                    ),
+                    created_at=self.started_at,
+                )
+            )
+        adjustments = {name: cost - self.hold for name in self.hold_counters}
+        if self.rate_state is not None:
+            adjustments[self.tokens_counter] = prompt_tokens + completion_tokens
+        counters.adjust_later(adjustments)
+        return cost
+
+
+def _limits(key: AuthenticatedKey, terms: AccountTerms | None) -> tuple[int, int]:
+    if not settings.KEYWAY_RATE_LIMITS:
+        return 0, 0
+    rpm = key.rpm_limit or (terms.default_rpm if terms else None) or settings.KEYWAY_DEFAULT_RPM
+    tpm = key.tpm_limit or (terms.default_tpm if terms else None) or settings.KEYWAY_DEFAULT_TPM
+    return rpm, tpm
+
+
+@returns_connection
+def _month_spend(*, organization_id: int, key_id: int | None, started_at: float) -> int:
+    """This calendar month's charges from the ledger (seeds a cap counter the first time it is needed)."""
+    month = time.gmtime(started_at)
+    rows = UsageEvent.objects.filter(
+        organization_id=organization_id, created_at__year=month.tm_year, created_at__month=month.tm_mon
+    )
+    if key_id is not None:
+        rows = rows.filter(api_key_id=key_id)
+    return int(rows.aggregate(total=Sum("cost_micros"))["total"] or 0)
+
+
+async def admit(
+    *,
+    key: AuthenticatedKey,
+    request_id: str,
+    endpoint: int,
+    models: list[str],
+    prompt_tokens: int,
+    max_output_tokens: int,
+) -> Meter:
+    """Count the request against the key's rate limits and reserve its worst-case cost (the dearest of
+    `models`, for `prompt_tokens` in and `max_output_tokens` out). Raises RateLimitExceeded or
+    QuotaExceeded, with nothing reserved."""
+    now = time.time()
+    names = counters.names(
+        organization_id=key.organization_id, key_public_id=key.public_id, key_id=key.id, now=now
+    )
+    metering = settings.KEYWAY_METERING
+    terms = await account_terms(key.organization_id) if metering else None
+    rpm, tpm = _limits(key, terms)
+    if terms is None and not rpm:
+        return Meter(key=key, request_id=request_id, endpoint=endpoint, terms=None, prices={}, hold=0,
+                     hold_counters=(), tokens_counter=names[1], started_at=now)
+    prices = await price_table() if terms is not None else {}
+    hold = 0
+    if terms is not None:
+        hold = max(
+            cost_micros(prices.get(model), multiplier=terms.multiplier, prompt_tokens=prompt_tokens,
+                        cached_tokens=0, completion_tokens=max_output_tokens)
+            for model in models
+        )
+    org_cap = terms.monthly_budget_micros if terms is not None and terms.monthly_budget_micros is not None else -1
+    key_cap = key.monthly_budget_micros if terms is not None and key.monthly_budget_micros is not None else -1
+    ask = counters.Ask(
+        keys=names,  # type: ignore[arg-type]
+        rpm=rpm,
+        tpm=tpm,
+        estimated_tokens=prompt_tokens,
+        hold=hold,
+        prepaid=terms is not None and terms.prepaid,
+        spend_seed=terms.usage_total_micros if terms is not None else -1,
+        credit_total=terms.credit_total_micros if terms is not None else 0,
+        credit_version=terms.credit_version if terms is not None else 0,
+        org_cap=org_cap,
+        key_cap=key_cap,
+    )
+    store = counters.store()
+    status, requests, tokens = await store.admit(ask)
+    while status in (counters.NEEDS_ORG_MONTH, counters.NEEDS_KEY_MONTH):
+        # First request of the month (or of this Redis) under a cap: seed the counter from the ledger.
+        await counters.flush()
+        await sync_to_async(ledger.flush_sync)()
+        seed_key = key.id if status == counters.NEEDS_KEY_MONTH else None
+        name = names[5] if seed_key is not None else names[4]
+        spent = await sync_to_async(_month_spend, thread_sensitive=True)(
+            organization_id=key.organization_id, key_id=seed_key, started_at=now
+        )
+        await store.seed({name: spent})
+        status, requests, tokens = await store.admit(ask)
+    rate_state = None
+    if rpm:
+        tokens += counters.unsent(names[1])
+        rate_state = RateState(
+            limit_requests=rpm,
+            remaining_requests=rpm - requests,
+            limit_tokens=tpm,
+            remaining_tokens=tpm - tokens,
+            reset=WINDOW - now % WINDOW,
+        )
+    if status == counters.REFUSED_REQUESTS or status == counters.REFUSED_TOKENS:
+        assert rate_state is not None
+        raise RateLimitExceeded(
+            kind="requests" if status == counters.REFUSED_REQUESTS else "tokens",
+            limit=rpm if status == counters.REFUSED_REQUESTS else tpm,
+            retry_after=rate_state.retry_after,
+            headers=rate_state.headers(),
+        )
+    if status in _QUOTA_CODES:
+        raise QuotaExceeded(_QUOTA_CODES[status], headers=rate_state.headers() if rate_state else None)
+    hold_counters = [names[2]] if terms is not None else []
+    if org_cap >= 0:
+        hold_counters.append(names[4])
+    if key_cap >= 0:
+        hold_counters.append(names[5])
+    return Meter(
+        key=key,
+        request_id=request_id,
+        endpoint=endpoint,
+        terms=terms,
+        prices=prices,
+        hold=hold,
+        hold_counters=tuple(hold_counters),
+        tokens_counter=names[1],
+        started_at=now,
+        rate_state=rate_state,
+    )
+
+
+async def flush() -> None:
+    """Send queued counter adjustments and write the buffered usage events (tests, shutdown)."""
+    await counters.flush()
+    await ledger.flush()

@@ -1,0 +1,171 @@
+"""Money and usage. All amounts are integer micro-USD (1 USD = 1,000,000), all token counts integers.
+
+Two append-only ledgers hold the truth: `UsageEvent` (one row per metered request, idempotent on the request
+id) and `CreditEntry` (top-ups and adjustments). `BillingAccount` keeps their running totals, updated in the
+same transaction as the rows that change them, so an organization's balance is always
+credit_total − usage_total and always equals what the two ledgers add up to.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.validators import MinValueValidator
+from django.db import models
+
+from apikeys.models import ApiKey
+from platform_site.models import Organization
+
+MICROS_PER_USD = 1_000_000
+
+
+class Plan(models.Model):
+    """What an organization is sold: prepaid or postpaid, a price multiplier and default limits."""
+
+    class Mode(models.TextChoices):
+        PREPAID = "prepaid", "Prepaid (requests need credit)"
+        POSTPAID = "postpaid", "Postpaid (no balance check; billed afterwards)"
+
+    name = models.SlugField(max_length=64, unique=True)
+    billing_mode = models.CharField(max_length=16, choices=Mode.choices, default=Mode.PREPAID)
+    # Applied to every price at settlement: 1.2 charges 20 % over list prices, 0.5 half.
+    price_multiplier = models.DecimalField(
+        max_digits=8, decimal_places=4, default=Decimal(1), validators=[MinValueValidator(Decimal(0))]
+    )
+    default_rpm = models.PositiveIntegerField(null=True, blank=True, help_text="Per key, when the key sets none.")
+    default_tpm = models.PositiveIntegerField(null=True, blank=True, help_text="Per key, when the key sets none.")
+    monthly_budget_micros = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Organization spend cap per calendar month (UTC), micro-USD."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class BillingAccount(models.Model):
+    """An organization's money: its plan, its own cap, and the running totals of its two ledgers."""
+
+    organization = models.OneToOneField(
+        Organization, on_delete=models.CASCADE, primary_key=True, related_name="billing_account"
+    )
+    plan = models.ForeignKey(Plan, null=True, blank=True, on_delete=models.PROTECT, related_name="accounts")
+    monthly_budget_micros = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Overrides the plan's organization cap (micro-USD per month)."
+    )
+    credit_total_micros = models.BigIntegerField(default=0)
+    usage_total_micros = models.BigIntegerField(default=0)
+    # The id of the newest credit entry included in credit_total_micros: lets the hot path's shared counters
+    # take a newer total and never an older one, whatever order workers learn of them in.
+    credit_version = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.organization} account"
+
+    @property
+    def balance_micros(self) -> int:
+        return self.credit_total_micros - self.usage_total_micros
+
+
+class Price(models.Model):
+    """List prices of one public model, per million tokens, in micro-USD (2.50 USD / 1M → 2500000)."""
+
+    model = models.CharField(max_length=128, unique=True, help_text="Public model id, as in /v1/models.")
+    input_per_million_micros = models.PositiveBigIntegerField(default=0)
+    cached_input_per_million_micros = models.PositiveBigIntegerField(default=0)
+    output_per_million_micros = models.PositiveBigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model"]
+
+    def __str__(self) -> str:
+        return self.model
+
+
+class CreditEntry(models.Model):
+    """A change to an organization's prepaid credit, by staff, with a reason. Append-only."""
+
+    class Kind(models.TextChoices):
+        TOPUP = "topup", "Top-up"
+        ADJUSTMENT = "adjustment", "Adjustment"
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="credit_entries")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    amount_micros = models.BigIntegerField()
+    reason = models.CharField(max_length=500)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    actor_label = models.CharField(max_length=64, blank=True, default="")
+    # The account's credit total once this entry was applied.
+    credit_total_after_micros = models.BigIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-id"]
+        verbose_name_plural = "credit entries"
+        indexes = [models.Index(fields=["organization", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.amount_micros / MICROS_PER_USD:+.6f} USD"
+
+
+class UsageEvent(models.Model):
+    """One metered request. Written in batches off the hot path, at most once per request id."""
+
+    class Endpoint(models.IntegerChoices):
+        CHAT = 1, "chat.completions"
+        EMBEDDINGS = 2, "embeddings"
+        RESPONSES = 3, "responses"
+        REALTIME = 4, "realtime"
+
+    class Status(models.IntegerChoices):
+        OK = 1, "ok"
+        ERROR = 2, "error"
+        CLIENT_DISCONNECTED = 3, "client_disconnected"
+        INCOMPLETE = 4, "incomplete"
+
+    class UsageSource(models.IntegerChoices):
+        """Which streaming rule produced the token counts."""
+
+        REPORTED = 1, "reported by the upstream"
+        COUNTED = 2, "counted with the model's tokenizer"
+        ESTIMATED = 3, "estimated (no tokenizer for the model)"
+        NONE = 4, "nothing produced"
+
+    request_id = models.CharField(max_length=40, unique=True)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    endpoint = models.PositiveSmallIntegerField(choices=Endpoint.choices)
+    model = models.CharField(max_length=128)
+    deployment_id = models.PositiveIntegerField(null=True, blank=True)
+    provider = models.CharField(max_length=64, blank=True, default="")
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cost_micros = models.BigIntegerField(default=0)
+    status = models.PositiveSmallIntegerField(choices=Status.choices)
+    usage_source = models.PositiveSmallIntegerField(choices=UsageSource.choices)
+    latency_ms = models.PositiveIntegerField(default=0)
+    ttft_ms = models.PositiveIntegerField(null=True, blank=True, help_text="Time to first token (streams).")
+    # When the request was admitted (not when its row was written, which may be a moment later): the
+    # calendar month of a request is the one its reservation was counted in.
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["organization", "created_at"]),
+            models.Index(fields=["api_key", "created_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return self.request_id
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens

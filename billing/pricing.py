@@ -1,0 +1,173 @@
+"""What a request costs, and the terms an organization buys at, as the hot path sees them.
+
+Cost is integer arithmetic on micro-USD: prices are per million tokens and the plan multiplier is carried
+in ten-thousandths, so a cost is one ceiling division, never a float. Rounding up means a request that
+used anything priced costs at least one micro-USD, and the reservation (computed the same way from the
+worst case) is never smaller than what settlement charges for the same tokens.
+
+Prices and account terms are read from the database at most every KEYWAY_BILLING_LOCAL_TTL seconds per
+process, one query at a time (single flight), so no request waits on the ORM except the first of a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Generic, TypeVar
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from platform_site.db import returns_connection
+
+_MULTIPLIER_SCALE = 10_000
+_TOKENS_PER_PRICE_UNIT = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """Micro-USD per million tokens."""
+
+    input: int
+    cached_input: int
+    output: int
+
+
+def cost_micros(
+    price: ModelPrice | None, *, multiplier: int, prompt_tokens: int, cached_tokens: int, completion_tokens: int
+) -> int:
+    """The cost of some tokens in micro-USD, rounded up. `multiplier` is in ten-thousandths (1.0 → 10000)."""
+    if price is None:
+        return 0
+    cached = min(max(cached_tokens, 0), max(prompt_tokens, 0))
+    uncached = max(prompt_tokens, 0) - cached
+    raw = uncached * price.input + cached * price.cached_input + max(completion_tokens, 0) * price.output
+    scaled = raw * multiplier
+    divisor = _TOKENS_PER_PRICE_UNIT * _MULTIPLIER_SCALE
+    return -(-scaled // divisor)
+
+
+def multiplier_units(value: Decimal) -> int:
+    return int((value * _MULTIPLIER_SCALE).to_integral_value())
+
+
+@dataclass(frozen=True, slots=True)
+class AccountTerms:
+    """An organization's billing terms, and the totals its shared counters start from."""
+
+    organization_id: int
+    prepaid: bool
+    multiplier: int  # ten-thousandths
+    default_rpm: int | None
+    default_tpm: int | None
+    monthly_budget_micros: int | None
+    credit_total_micros: int
+    credit_version: int
+    usage_total_micros: int
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _SingleFlight(Generic[K, V]):
+    """A per-process copy of slow-changing rows: trusted for `ttl()` seconds, then fetched again by one
+    query however many requests ask at that moment. An invalidation drops a copy at once."""
+
+    def __init__(self, load: Callable[[K], V], ttl: Callable[[], float]) -> None:
+        self._load = returns_connection(load)
+        self._ttl = ttl
+        self._copies: dict[K, tuple[float, V]] = {}
+        self._inflight: dict[K, asyncio.Task[V]] = {}
+
+    async def get(self, key: K) -> V:
+        now = time.monotonic()
+        hit = self._copies.get(key)
+        if hit is not None and now - hit[0] < self._ttl():
+            return hit[1]
+        loop = asyncio.get_running_loop()
+        pending = self._inflight.get(key)
+        if pending is None or pending.get_loop() is not loop:
+            pending = loop.create_task(sync_to_async(self._load, thread_sensitive=True)(key))
+            self._inflight[key] = pending
+            pending.add_done_callback(lambda done: self._remember(key, now, done))
+        return await asyncio.shield(pending)
+
+    def _remember(self, key: K, fetched_at: float, done: asyncio.Task[V]) -> None:
+        if self._inflight.get(key) is done:
+            del self._inflight[key]
+        if done.cancelled() or done.exception() is not None:
+            return
+        if len(self._copies) > 100_000:
+            self._copies.clear()
+        self._copies[key] = (fetched_at, done.result())
+
+    def invalidate(self, key: K | None = None) -> None:
+        if key is None:
+            self._copies.clear()
+            self._inflight.clear()
+        else:
+            self._copies.pop(key, None)
+            self._inflight.pop(key, None)
+
+
+def _load_terms(organization_id: int) -> AccountTerms:
+    from billing.models import Plan
+    from billing.services import billing_account_for
+
+    account = billing_account_for(organization_id=organization_id)
+    plan = account.plan
+    mode = plan.billing_mode if plan is not None else settings.KEYWAY_DEFAULT_BILLING_MODE
+    budget = account.monthly_budget_micros
+    if budget is None and plan is not None:
+        budget = plan.monthly_budget_micros
+    return AccountTerms(
+        organization_id=organization_id,
+        prepaid=mode == Plan.Mode.PREPAID,
+        multiplier=multiplier_units(plan.price_multiplier) if plan is not None else _MULTIPLIER_SCALE,
+        default_rpm=plan.default_rpm if plan is not None else None,
+        default_tpm=plan.default_tpm if plan is not None else None,
+        monthly_budget_micros=budget,
+        credit_total_micros=account.credit_total_micros,
+        credit_version=account.credit_version,
+        usage_total_micros=account.usage_total_micros,
+    )
+
+
+def _load_prices(_: None) -> dict[str, ModelPrice]:
+    from billing.models import Price
+
+    return {
+        row.model: ModelPrice(
+            input=row.input_per_million_micros,
+            cached_input=row.cached_input_per_million_micros,
+            output=row.output_per_million_micros,
+        )
+        for row in Price.objects.all()
+    }
+
+
+def _ttl() -> float:
+    return float(settings.KEYWAY_BILLING_LOCAL_TTL)
+
+
+_terms: _SingleFlight[int, AccountTerms] = _SingleFlight(_load_terms, _ttl)
+_prices: _SingleFlight[None, dict[str, ModelPrice]] = _SingleFlight(_load_prices, _ttl)
+
+
+async def account_terms(organization_id: int) -> AccountTerms:
+    return await _terms.get(organization_id)
+
+
+async def price_table() -> dict[str, ModelPrice]:
+    return await _prices.get(None)
+
+
+def forget_cached_terms(organization_id: int | None = None) -> None:
+    """Drop this process's copies (after a credit change, and between tests)."""
+    _terms.invalidate(organization_id)
+    if organization_id is None:
+        _prices.invalidate()

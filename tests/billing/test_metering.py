@@ -1,0 +1,246 @@
+"""Metering through the real ASGI app against a real fake upstream on loopback: reservations under
+concurrency (proofs a and b), settlement of broken streams (proof e), the 429s of quota and caps, and that
+the ledger, the account totals and the shared counters agree to the micro-USD.
+
+On PostgreSQL + Redis (CI's second leg) the counters are the Redis Lua scripts shared by all workers; on
+the embedded default they are the in-process twins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db.models import Sum
+
+from apikeys.services import apikey_create
+from billing import counters, metering
+from billing.models import BillingAccount, Plan, Price, UsageEvent
+from billing.services import billing_plan_set, credit_add
+from completions.services import provider_upsert_openai_compatible
+from platform_site.models import Organization
+from tests.conftest import bearer
+
+pytestmark = pytest.mark.django_db(transaction=True)
+MESSAGES = [{"role": "user", "content": "hi"}]
+# 1,000 USD per million output tokens: 1,000 micro-USD a token. Input is free, so a request's worst case
+# (max_tokens out) equals its real cost whenever the upstream produces exactly max_tokens.
+OUTPUT_PRICE = 1_000_000_000
+JSON_COST = 7 * 1000  # the fake upstream's JSON answer: 7 completion tokens
+STREAM_COST = 20 * 1000  # its streams: 20 chunks, usage reports 20 completion tokens
+
+
+@pytest.fixture
+async def fake(org: Organization, upstream: tuple[int, Any]) -> Organization:
+    port, _ = upstream
+
+    def setup() -> None:
+        provider_upsert_openai_compatible(
+            name="fake", base_url=f"http://127.0.0.1:{port}/v1", models=["ok", "stream-break", "http500"]
+        )
+        for model in ("ok", "stream-break", "http500"):
+            Price.objects.create(model=model, output_per_million_micros=OUTPUT_PRICE)
+
+    await sync_to_async(setup)()
+    return org
+
+
+def _prepaid(org: Organization, *, credit: int) -> None:
+    plan = Plan.objects.create(name="prepaid", billing_mode=Plan.Mode.PREPAID)
+    billing_plan_set(organization=org, plan=plan, actor_label="test")
+    if credit:
+        credit_add(organization=org, amount_micros=credit, reason="test top-up", actor_label="test")
+
+
+def _ledger(org: Organization) -> dict[str, Any]:
+    account = BillingAccount.objects.get(pk=org.pk)
+    events = UsageEvent.objects.filter(organization=org)
+    return {
+        "events": events.count(),
+        "cost": events.aggregate(total=Sum("cost_micros"))["total"] or 0,
+        "usage_total": account.usage_total_micros,
+        "balance": account.balance_micros,
+        "statuses": sorted(events.values_list("status", flat=True)),
+    }
+
+
+async def _ledger_of(org: Organization) -> dict[str, Any]:
+    await metering.flush()
+    return await sync_to_async(_ledger)(org)
+
+
+async def _spend_counter(org: Organization) -> int | None:
+    await metering.flush()
+    return await counters.store().read(
+        counters.names(organization_id=org.pk, key_public_id="-", key_id=0, now=0)[2]
+    )
+
+
+async def _burst(asgi_client, raw_key: str, count: int, **body: Any) -> list[Any]:
+    payload = {"model": "ok", "messages": MESSAGES, **body}
+    return await asyncio.gather(
+        *(asgi_client.post("/v1/chat/completions", headers=bearer(raw_key), json=payload) for _ in range(count))
+    )
+
+
+async def test_100_concurrent_requests_against_a_balance_for_10_let_exactly_10_through(
+    asgi_client, fake: Organization, api_key: tuple[Any, str]
+) -> None:
+    await sync_to_async(_prepaid)(fake, credit=10 * JSON_COST)
+    responses = await _burst(asgi_client, api_key[1], 100, max_tokens=7)
+    statuses = [response.status_code for response in responses]
+    assert statuses.count(200) == 10, statuses
+    assert statuses.count(429) == 90
+    refused = next(response for response in responses if response.status_code == 429)
+    assert refused.json()["error"] == {
+        "message": refused.json()["error"]["message"], "type": "insufficient_quota", "param": None,
+        "code": "insufficient_quota",
+    }
+    assert "x-ratelimit-remaining-requests" in refused.headers and "x-request-id" in refused.headers
+    assert await _spend_counter(fake) == 10 * JSON_COST  # every hold released or charged: none left open
+    ledger = await _ledger_of(fake)
+    # The balance moved by exactly the sum of the ledger's costs, to the micro-USD.
+    assert ledger["events"] == 10 and ledger["cost"] == 10 * JSON_COST == ledger["usage_total"]
+    assert ledger["balance"] == 0
+
+
+async def test_streams_are_reserved_and_charged_like_json(
+    asgi_client, fake: Organization, api_key: tuple[Any, str]
+) -> None:
+    await sync_to_async(_prepaid)(fake, credit=3 * STREAM_COST + STREAM_COST // 2)
+    responses = await _burst(asgi_client, api_key[1], 12, max_tokens=20, stream=True)
+    assert [r.status_code for r in responses].count(200) == 3
+    assert all(r.text.endswith("data: [DONE]\n\n") for r in responses if r.status_code == 200)
+    assert await _spend_counter(fake) == 3 * STREAM_COST
+    ledger = await _ledger_of(fake)
+    assert ledger["cost"] == ledger["usage_total"] == 3 * STREAM_COST
+    assert ledger["balance"] == STREAM_COST // 2
+
+
+async def test_a_keys_monthly_cap_holds_under_100_concurrent_requests(
+    asgi_client, fake: Organization
+) -> None:
+    _, raw_key = await sync_to_async(apikey_create)(
+        organization=fake, name="capped", monthly_budget_micros=10 * JSON_COST
+    )
+    _, other_key = await sync_to_async(apikey_create)(organization=fake, name="uncapped")
+    responses = await _burst(asgi_client, raw_key, 100, max_tokens=7)
+    statuses = [response.status_code for response in responses]
+    assert statuses.count(200) == 10, statuses
+    codes = {response.json()["error"]["code"] for response in responses if response.status_code == 429}
+    assert codes == {"key_budget_exceeded"}
+    # The cap is the key's: another key of the organization is not held back.
+    assert (await _burst(asgi_client, other_key, 1, max_tokens=7))[0].status_code == 200
+    ledger = await _ledger_of(fake)
+    assert ledger["cost"] == ledger["usage_total"] == 11 * JSON_COST
+
+
+async def test_an_organizations_monthly_cap_is_seeded_from_this_months_ledger(
+    asgi_client, fake: Organization, api_key: tuple[Any, str]
+) -> None:
+    for _ in range(2):
+        assert (await _burst(asgi_client, api_key[1], 1, max_tokens=7))[0].status_code == 200
+    await metering.flush()
+
+    def cap() -> None:
+        account = BillingAccount.objects.get(pk=fake.pk)
+        account.monthly_budget_micros = 5 * JSON_COST
+        account.save()
+
+    await sync_to_async(cap)()
+    metering.forget_cached_terms(fake.pk)
+    statuses = [r.status_code for r in await _burst(asgi_client, api_key[1], 10, max_tokens=7)]
+    assert statuses.count(200) == 3  # 2 already spent this month + 3 = the cap of 5
+    refused = [r for r in await _burst(asgi_client, api_key[1], 1, max_tokens=7)][0]
+    assert refused.json()["error"]["code"] == "organization_budget_exceeded"
+
+
+async def test_a_worst_case_that_does_not_fit_is_refused_even_if_the_real_cost_would(
+    asgi_client, fake: Organization, api_key: tuple[Any, str]
+) -> None:
+    await sync_to_async(_prepaid)(fake, credit=JSON_COST)
+    refused = (await _burst(asgi_client, api_key[1], 1, max_tokens=8))[0]
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+    assert (await _burst(asgi_client, api_key[1], 1, max_tokens=7))[0].status_code == 200
+
+
+async def test_an_upstream_that_breaks_mid_stream_is_charged_for_what_it_produced_and_holds_nothing(
+    asgi_client, fake: Organization, api_key: tuple[Any, str]
+) -> None:
+    await sync_to_async(_prepaid)(fake, credit=10 * STREAM_COST)
+    response = (await _burst(asgi_client, api_key[1], 1, model="stream-break", max_tokens=20, stream=True))[0]
+    assert response.status_code == 200 and '"error"' in response.text
+    ledger = await _ledger_of(fake)
+    assert ledger["statuses"] == [UsageEvent.Status.INCOMPLETE]
+    event = await sync_to_async(UsageEvent.objects.get)(organization=fake)
+    # Two chunks of text came through; no usage was reported, so they were estimated (no tokenizer set).
+    assert event.usage_source == UsageEvent.UsageSource.ESTIMATED
+    assert 0 < event.completion_tokens < 20 and event.cost_micros == event.completion_tokens * 1000
+    # No reservation is left open: the shared counter is exactly what the ledger charged.
+    assert await _spend_counter(fake) == ledger["cost"] == ledger["usage_total"]
+
+
+async def test_a_failed_call_releases_its_whole_hold_and_is_recorded_at_zero(
+    asgi_client, fake: Organization, api_key: tuple[Any, str]
+) -> None:
+    await sync_to_async(_prepaid)(fake, credit=JSON_COST)
+    failed = (await _burst(asgi_client, api_key[1], 1, model="http500", max_tokens=7))[0]
+    assert failed.status_code == 502
+    assert await _spend_counter(fake) == 0
+    ok = (await _burst(asgi_client, api_key[1], 1, max_tokens=7))[0]
+    assert ok.status_code == 200
+    ledger = await _ledger_of(fake)
+    assert ledger["statuses"] == [UsageEvent.Status.OK, UsageEvent.Status.ERROR]
+    assert ledger["cost"] == JSON_COST
+
+
+async def test_a_top_up_lets_a_refused_organization_through_at_once(
+    asgi_client, fake: Organization, api_key: tuple[Any, str]
+) -> None:
+    await sync_to_async(_prepaid)(fake, credit=0)
+    assert (await _burst(asgi_client, api_key[1], 1, max_tokens=7))[0].status_code == 429
+    await sync_to_async(credit_add)(organization=fake, amount_micros=JSON_COST, reason="more", actor_label="t")
+    assert (await _burst(asgi_client, api_key[1], 1, max_tokens=7))[0].status_code == 200
+
+
+async def test_a_plan_multiplier_scales_the_charge(
+    asgi_client, fake: Organization, api_key: tuple[Any, str]
+) -> None:
+    def plan() -> None:
+        billing_plan_set(
+            organization=fake,
+            plan=Plan.objects.create(name="markup", billing_mode=Plan.Mode.POSTPAID, price_multiplier=Decimal("1.5")),
+        )
+
+    await sync_to_async(plan)()
+    assert (await _burst(asgi_client, api_key[1], 1, max_tokens=7))[0].status_code == 200
+    await metering.flush()
+    event = await sync_to_async(UsageEvent.objects.get)(organization=fake)
+    assert event.cost_micros == JSON_COST * 3 // 2
+    assert (event.prompt_tokens, event.completion_tokens) == (9, 7)
+    assert event.usage_source == UsageEvent.UsageSource.REPORTED and event.model == "ok"
+    assert event.provider == "fake" and event.deployment_id is not None and event.latency_ms >= 0
+
+
+async def test_embeddings_are_metered_with_reported_usage(
+    asgi_client, fake: Organization, api_key: tuple[Any, str], upstream: tuple[int, Any]
+) -> None:
+    def setup() -> None:
+        provider_upsert_openai_compatible(
+            name="fake-emb", base_url=f"http://127.0.0.1:{upstream[0]}/v1", models=["emb"],
+            capabilities=["embeddings"],
+        )
+        Price.objects.create(model="emb", input_per_million_micros=OUTPUT_PRICE)
+
+    await sync_to_async(setup)()
+    response = await asgi_client.post(
+        "/v1/embeddings", headers=bearer(api_key[1]), json={"model": "emb", "input": ["a", "b"]}
+    )
+    assert response.status_code == 200
+    await metering.flush()
+    event = await sync_to_async(UsageEvent.objects.get)(organization=fake)
+    assert event.endpoint == UsageEvent.Endpoint.EMBEDDINGS
+    assert (event.prompt_tokens, event.completion_tokens, event.cost_micros) == (6, 0, 6000)
