@@ -7,6 +7,7 @@ The requested model name picks the behaviour:
                          answer with that status and an OpenAI error body
   badjson                answer 200 with a body that is not JSON
   stream-break           send two chunks, then drop the connection (no [DONE])
+  drip                   stream like ok, one chunk every DRIP_SECONDS (clients that leave mid-stream)
   tools-split / tools-repeat / tools-whole
                          answer with two tool calls (get_weather for Paris, get_time), framed as OpenAI does,
                          with id/type/name repeated on every delta and no index, or each call whole with its
@@ -24,6 +25,7 @@ import orjson
 from aiohttp import web
 
 CHUNKS = 20
+DRIP_SECONDS = 0.1
 SEEN = web.AppKey("seen", list)
 
 
@@ -113,6 +115,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     await response.write(_chunk(model, {"role": "assistant", "content": ""}))
     count = 2 if model == "stream-break" else CHUNKS
     for index in range(count):
+        if model == "drip":
+            await asyncio.sleep(DRIP_SECONDS)
         await response.write(_chunk(model, {"content": f"t{index} "}))
     if model == "stream-break":
         request.transport.close()  # type: ignore[union-attr]

@@ -303,8 +303,10 @@ async def _chat_stream(
                         }
                     )
                 chunk = await anext(upstream, None)
-            # The upstream is done: from here on a client that leaves has had everything.
+            # The upstream is done: settled before the last frames go out, so a client that saw [DONE] is
+            # in the journal even if this process dies a moment later.
             status = Status.OK
+            settle(status)
             if include_usage and usage is not None:
                 yield sse.frame(
                     {
@@ -322,6 +324,7 @@ async def _chat_stream(
         except Exception as exc:  # noqa: BLE001 - after the first byte an error can only be an SSE event
             # The upstream broke mid-stream: what it produced is charged, and the event says incomplete.
             status = Status.INCOMPLETE
+            settle(status)
             yield sse.error_frame(to_api_error(exc, request_id=request_id).body())
             yield sse.DONE
         finally:

@@ -103,6 +103,23 @@ def start_keyway(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes
     return process, url
 
 
+def start_fake_upstream(log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """bench/fake_upstream.py as its own process (so it can be killed like a real upstream)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [PYTHON, "bench/fake_upstream.py", "--port", str(port)], cwd=BASE_DIR, stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for(f"{url}/v1/models", process=process)
+    return process, url
+
+
+def django_shell(env: dict[str, str], code: str) -> str:
+    """Run Python inside a Django process of the stack (its database, its settings); returns stdout."""
+    return manage(env, "shell", "-c", code)
+
+
 def start_llama_server(model_path: Path, log: Path, alias: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     handle = log.open("ab")
