@@ -1,0 +1,88 @@
+"""The usage ledger's writer and journal, and the cost arithmetic, without a server."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from billing.ledger import recover_orphans
+from billing.models import BillingAccount, UsageEvent
+from billing.pricing import ModelPrice, cost_micros
+from billing.services import SettledUsage, usage_events_write
+from platform_site.models import Organization
+
+PRICE = ModelPrice(input=2_500_000, cached_input=1_250_000, output=10_000_000)  # 2.50 / 1.25 / 10 USD per 1M
+
+
+def _event(org: Organization, request_id: str, cost: int = 1234) -> SettledUsage:
+    return SettledUsage(
+        request_id=request_id, organization_id=org.pk, api_key_id=None, endpoint=1, model="m", deployment_id=None,
+        provider="p", prompt_tokens=10, cached_tokens=0, completion_tokens=5, cost_micros=cost, status=1,
+        usage_source=1, latency_ms=12, ttft_ms=None, created_at=time.time(),
+    )
+
+
+def test_costs_are_integer_micro_usd_rounded_up() -> None:
+    million = cost_micros(PRICE, multiplier=10_000, prompt_tokens=1_000_000, cached_tokens=0, completion_tokens=0)
+    assert million == 2_500_000
+    # 1 input token at 2.50 USD per million is 2.5 micro-USD: charged as 3, never as 2.
+    assert cost_micros(PRICE, multiplier=10_000, prompt_tokens=1, cached_tokens=0, completion_tokens=0) == 3
+    assert cost_micros(PRICE, multiplier=10_000, prompt_tokens=0, cached_tokens=0, completion_tokens=0) == 0
+    assert cost_micros(None, multiplier=10_000, prompt_tokens=10**6, cached_tokens=0, completion_tokens=10**6) == 0
+
+
+def test_cached_prompt_tokens_cost_the_cached_price_and_the_multiplier_applies_to_all() -> None:
+    full = cost_micros(PRICE, multiplier=10_000, prompt_tokens=1000, cached_tokens=400, completion_tokens=100)
+    assert full == 600 * 2.5 + 400 * 1.25 + 100 * 10  # 3000
+    assert cost_micros(PRICE, multiplier=15_000, prompt_tokens=1000, cached_tokens=400, completion_tokens=100) == 4500
+    # More cached tokens than prompt tokens (a confused upstream) cannot make the prompt cheaper than free.
+    assert cost_micros(PRICE, multiplier=10_000, prompt_tokens=10, cached_tokens=50, completion_tokens=0) == 13
+
+
+@pytest.mark.django_db
+def test_writing_the_same_events_twice_charges_them_once(org: Organization) -> None:
+    events = [_event(org, f"req_{i}") for i in range(5)]
+    assert usage_events_write(events) == 5
+    assert usage_events_write(events + [_event(org, "req_new", cost=1)]) == 1
+    account = BillingAccount.objects.get(pk=org.pk)
+    assert account.usage_total_micros == 5 * 1234 + 1
+    assert UsageEvent.objects.filter(organization=org).count() == 6
+
+
+def _journal(directory: Path, name: str, events: list[SettledUsage], torn: bytes = b"") -> Path:
+    path = directory / name
+    path.write_bytes(b"".join(orjson.dumps(event.as_row()) + b"\n" for event in events) + torn)
+    return path
+
+
+@pytest.mark.django_db
+def test_an_orphaned_journal_is_replayed_once_and_a_torn_last_line_is_skipped(
+    org: Organization, tmp_path: Path
+) -> None:
+    events = [_event(org, f"req_orphan_{i}") for i in range(3)]
+    path = _journal(tmp_path, "host-1-1-1.usage", events, torn=b'["req_torn", 1')
+    assert recover_orphans(tmp_path) == 3
+    assert not path.exists()
+    assert set(UsageEvent.objects.values_list("request_id", flat=True)) == {e.request_id for e in events}
+    # The same journal found again (a crash after the commit, before the delete) charges nothing more.
+    _journal(tmp_path, "host-1-1-1.usage", events)
+    recover_orphans(tmp_path)
+    assert BillingAccount.objects.get(pk=org.pk).usage_total_micros == 3 * 1234
+
+
+@pytest.mark.django_db
+def test_a_journal_that_a_live_process_holds_is_left_alone(org: Organization, tmp_path: Path) -> None:
+    path = _journal(tmp_path, "host-2-2-2.usage", [_event(org, "req_live")])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert recover_orphans(tmp_path) == 0
+        assert path.exists() and not UsageEvent.objects.exists()
+    finally:
+        os.close(fd)
+    assert recover_orphans(tmp_path) == 1
