@@ -5,6 +5,11 @@ uvicorn, N workers) on a scratch SQLite database (or DATABASE_URL / REDIS_URL if
 an aiohttp load generator at each concurrency. Prints requests/s, p50/p99 latency, and the server processes'
 CPU time per request, read from /proc. Run by hand: `make bench` or
     .venv/bin/python bench/proxy_bench.py --server uvicorn --workers 2 --seconds 5
+
+Metering is on by default, on its full path: the demo organization is prepaid (a credit check and a
+reservation per request), the model has a price, and every request is settled into the usage ledger. The
+closing lines compare the ledger with the requests sent, and (on PostgreSQL) count the database
+transactions per request. `--no-metering` turns metering and rate limits off, to see what they cost.
 """
 
 from __future__ import annotations
@@ -25,9 +30,32 @@ import orjson
 BASE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BASE_DIR))
 
-from tests.e2e.server import free_port, manage, stop, wait_for  # noqa: E402
+from tests.e2e.server import drop_database, free_port, make_environment, manage, stop, wait_for  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# The demo organization on a prepaid plan with ample credit, and a price for the benchmark's model, so that
+# every request takes the full metered path: credit check, reservation, cost, ledger row.
+PREPAID_SETUP = """
+from billing.models import Plan, Price
+from billing.services import billing_plan_set, credit_add
+from platform_site.models import Organization
+org = Organization.objects.get(slug="demo")
+billing_plan_set(organization=org, plan=Plan.objects.create(name="bench", billing_mode="prepaid"))
+credit_add(organization=org, amount_micros=10**15, reason="benchmark", actor_label="bench")
+Price.objects.create(model="bench", input_per_million_micros=2_500_000, output_per_million_micros=10_000_000)
+"""
+# Ledger rows, and on PostgreSQL the transactions the database has committed so far (read before and after).
+LEDGER_COUNT = """
+from django.db import connection
+from billing.models import UsageEvent
+commits = "-"
+if connection.vendor == "postgresql":
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+        commits = cursor.fetchone()[0]
+print(UsageEvent.objects.count(), commits)
+"""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -83,9 +111,10 @@ def percentile(values: list[float], fraction: float) -> float:
 
 async def run_case(name: str, url: str, headers: dict[str, str], *, stream: bool, concurrency: int, seconds: float,
                    pid: int | None) -> dict[str, object]:
-    body = orjson.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
+    body = orjson.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}], "stream": stream,
+                         "max_tokens": 32})
     # Warm up connections, caches and the catalog before measuring.
-    await load(url, headers, body, concurrency=concurrency, seconds=1.0, max_requests=200, stream=stream)
+    warm, _, _ = await load(url, headers, body, concurrency=concurrency, seconds=1.0, max_requests=200, stream=stream)
     cpu_before = cpu_seconds(pid) if pid else 0.0
     started = time.perf_counter()
     count, latencies, errors = await load(url, headers, body, concurrency=concurrency, seconds=seconds,
@@ -101,6 +130,7 @@ async def run_case(name: str, url: str, headers: dict[str, str], *, stream: bool
         "p50_ms": statistics.median(latencies) * 1000,
         "p99_ms": percentile(latencies, 0.99) * 1000,
         "cpu_ms_per_request": (cpu * 1000 / count) if cpu is not None and count else None,
+        "sent": warm + count,
     }
 
 
@@ -111,14 +141,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", default="1,32")
     parser.add_argument("--no-limits", action="store_true", help="run Keyway with rate limiting off")
+    parser.add_argument("--no-metering", action="store_true",
+                        help="run Keyway with metering (reservations, usage ledger) and rate limits off")
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="keyway-bench-"))
-    env = dict(os.environ, DEBUG="1", KEYWAY_VAR_DIR=str(scratch), KEYWAY_DEFAULT_MODEL="",
+    # A scratch database (a new PostgreSQL database where DATABASE_URL is set) and Redis key prefix.
+    env, database = make_environment(scratch)
+    env.update(DEBUG="1", KEYWAY_VAR_DIR=str(scratch), KEYWAY_DEFAULT_MODEL="",
                KEYWAY_DEFAULT_EMBEDDING_MODEL="", PYTHONUNBUFFERED="1",
                # Limits on but out of reach: the benchmark measures their cost, not their refusals.
                KEYWAY_DEFAULT_RPM=str(10**9), KEYWAY_DEFAULT_TPM=str(10**12),
-               KEYWAY_RATE_LIMITS="0" if args.no_limits else "1")
+               KEYWAY_RATE_LIMITS="0" if args.no_limits or args.no_metering else "1",
+               KEYWAY_METERING="0" if args.no_metering else "1")
     upstream_port = free_port()
     upstream = subprocess.Popen([sys.executable, str(BASE_DIR / "bench" / "fake_upstream.py"), "--port",
                                  str(upstream_port)], cwd=BASE_DIR)
@@ -131,6 +166,8 @@ def main() -> None:
         manage(env, "migrate", "--no-input", "-v", "0")
         manage(env, "bootstrap")
         key = manage(env, "createapikey", "demo", "--name", "bench").strip()
+        manage(env, "shell", "-c", PREPAID_SETUP)
+        commits_before = manage(env, "shell", "-c", LEDGER_COUNT).strip().splitlines()[-1].split()[1]
         port = free_port()
         if args.server == "uvicorn":
             command = [sys.executable, "-m", "uvicorn", "platform_site.asgi:application", "--port", str(port),
@@ -156,7 +193,13 @@ def main() -> None:
                 results.append(asyncio.run(run_case(
                     f"keyway {kind}", f"{keyway_url}/v1/chat/completions", auth, stream=stream,
                     concurrency=concurrency, seconds=args.seconds, pid=keyway.pid)))
-        print(f"\nserver: {args.server}, workers: {args.workers}, rate limits: {'off' if args.no_limits else 'on'}, "
+        stop(keyway)  # a clean stop writes the last usage events
+        keyway = None
+        ledger = manage(env, "shell", "-c", LEDGER_COUNT).strip().splitlines()[-1].split()
+        sent = sum(int(row["sent"]) for row in results if str(row["case"]).startswith("keyway"))
+        limits = "off" if args.no_limits or args.no_metering else "on"
+        print(f"\nserver: {args.server}, workers: {args.workers}, rate limits: {limits}, "
+              f"metering: {'off' if args.no_metering else 'on'}, "
               f"{args.seconds:g} s per case, "
               f"database: {env.get('DATABASE_URL', 'sqlite')}, cache: {'redis' if env.get('REDIS_URL') else 'local'}")
         print(f"{'case':<28}{'conc':>5}{'req':>8}{'err':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'cpu ms/req':>12}")
@@ -165,10 +208,15 @@ def main() -> None:
             print(f"{row['case']:<28}{row['concurrency']:>5}{row['requests']:>8}{row['errors']:>5}"
                   f"{row['rps']:>9.0f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
                   f"{(f'{cpu:.2f}' if cpu is not None else '-'):>12}")
+        print(f"requests sent to keyway: {sent}; usage ledger rows: {ledger[0]}; "
+              f"database transactions per request: {(int(ledger[1]) - int(commits_before)) / sent:.3f}"
+              if ledger[1] != "-" else
+              f"requests sent to keyway: {sent}; usage ledger rows: {ledger[0]}")
     finally:
         if keyway is not None:
             stop(keyway)
         stop(upstream)
+        drop_database(database)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from django.contrib.auth.models import User
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 
 from billing.exceptions import BillingError
@@ -130,6 +131,15 @@ class SettledUsage:
         return cls(*row)  # type: ignore[arg-type]
 
 
+_USAGE_COLUMNS = (
+    "request_id", "organization_id", "api_key_id", "endpoint", "model", "deployment_id", "provider",
+    "prompt_tokens", "cached_tokens", "completion_tokens", "cost_micros", "status", "usage_source",
+    "latency_ms", "ttft_ms", "created_at",
+)
+# Rows per INSERT statement: 16 parameters a row stays well under SQLite's and PostgreSQL's limits.
+_ROWS_PER_STATEMENT = 1000
+
+
 @transaction.atomic
 def usage_events_write(events: Iterable[SettledUsage]) -> int:
     """Write a batch of settled requests and charge their organizations, in one transaction.
@@ -137,52 +147,46 @@ def usage_events_write(events: Iterable[SettledUsage]) -> int:
     Idempotent on the request id: an event already in the ledger (a journal replayed after a crash that hit
     between this commit and the journal's deletion) is skipped and charged nothing, so replaying any batch
     any number of times charges each request exactly once. Returns how many events were new.
+
+    One multi-row `INSERT … ON CONFLICT (request_id) DO NOTHING RETURNING` per thousand events: the database
+    says which rows it inserted, and only those are charged; two writers holding the same event (a live
+    worker and one replaying a journal) cannot both insert it. Measured with bench/: the ORM's bulk_create
+    plus an existence query cost several times more CPU per event, on the thread that shares the GIL with
+    the event loop.
     """
-    unique = {event.request_id: event for event in events}
+    unique = list({event.request_id: event for event in events}.values())
     if not unique:
         return 0
-    organization_ids = sorted({event.organization_id for event in unique.values()})
-    existing_accounts = set(
-        BillingAccount.objects.filter(pk__in=organization_ids).values_list("pk", flat=True)
-    )
-    for organization_id in organization_ids:
-        if organization_id not in existing_accounts:
-            BillingAccount.objects.get_or_create(organization_id=organization_id)
-    # Lock the accounts in a fixed order: two writers holding overlapping batches (a live worker and one
-    # replaying a dead worker's journal) then take turns, and the second sees the first one's rows.
-    list(BillingAccount.objects.select_for_update().filter(pk__in=organization_ids).order_by("pk").values("pk"))
-    seen = set(UsageEvent.objects.filter(request_id__in=list(unique)).values_list("request_id", flat=True))
-    fresh = [event for request_id, event in unique.items() if request_id not in seen]
-    UsageEvent.objects.bulk_create(
-        [
-            UsageEvent(
-                request_id=event.request_id,
-                organization_id=event.organization_id,
-                api_key_id=event.api_key_id,
-                endpoint=event.endpoint,
-                model=event.model,
-                deployment_id=event.deployment_id,
-                provider=event.provider,
-                prompt_tokens=event.prompt_tokens,
-                cached_tokens=event.cached_tokens,
-                completion_tokens=event.completion_tokens,
-                cost_micros=event.cost_micros,
-                status=event.status,
-                usage_source=event.usage_source,
-                latency_ms=event.latency_ms,
-                ttft_ms=event.ttft_ms,
-                created_at=datetime.fromtimestamp(event.created_at, tz=UTC),
-            )
-            for event in fresh
-        ],
-        batch_size=500,
-    )
+    for organization_id in sorted({event.organization_id for event in unique}):
+        BillingAccount.objects.get_or_create(organization_id=organization_id)
+    table = UsageEvent._meta.db_table
+    quote = connection.ops.quote_name
+    row = "(" + ", ".join(["%s"] * len(_USAGE_COLUMNS)) + ")"
     charges: defaultdict[int, int] = defaultdict(int)
-    for event in fresh:
-        charges[event.organization_id] += event.cost_micros
-    for organization_id, amount in charges.items():
-        if amount:
-            BillingAccount.objects.filter(pk=organization_id).update(
-                usage_total_micros=F("usage_total_micros") + amount
+    inserted = 0
+    with connection.cursor() as cursor:
+        for start in range(0, len(unique), _ROWS_PER_STATEMENT):
+            batch = unique[start : start + _ROWS_PER_STATEMENT]
+            params: list[Any] = []
+            for event in batch:
+                params.extend(event.as_row()[:-1])
+                params.append(connection.ops.adapt_datetimefield_value(
+                    datetime.fromtimestamp(event.created_at, tz=UTC)
+                ))
+            cursor.execute(
+                f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in _USAGE_COLUMNS)}) "  # noqa: S608
+                f"VALUES {', '.join([row] * len(batch))} "
+                f"ON CONFLICT ({quote('request_id')}) DO NOTHING RETURNING {quote('organization_id')}, "
+                f"{quote('cost_micros')}",
+                params,
             )
-    return len(fresh)
+            for organization_id, cost in cursor.fetchall():
+                charges[organization_id] += cost
+                inserted += 1
+    # In a fixed order, so two writers charging overlapping organizations cannot deadlock.
+    for organization_id in sorted(charges):
+        if charges[organization_id]:
+            BillingAccount.objects.filter(pk=organization_id).update(
+                usage_total_micros=F("usage_total_micros") + charges[organization_id]
+            )
+    return inserted

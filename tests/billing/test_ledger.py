@@ -60,7 +60,7 @@ def _journal(directory: Path, name: str, events: list[SettledUsage], torn: bytes
     return path
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_an_orphaned_journal_is_replayed_once_and_a_torn_last_line_is_skipped(
     org: Organization, tmp_path: Path
 ) -> None:
@@ -75,7 +75,7 @@ def test_an_orphaned_journal_is_replayed_once_and_a_torn_last_line_is_skipped(
     assert BillingAccount.objects.get(pk=org.pk).usage_total_micros == 3 * 1234
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_a_journal_that_a_live_process_holds_is_left_alone(org: Organization, tmp_path: Path) -> None:
     path = _journal(tmp_path, "host-2-2-2.usage", [_event(org, "req_live")])
     fd = os.open(path, os.O_RDONLY)

@@ -1,0 +1,30 @@
+"""Converting between integer micro-USD, which every ledger stores, and the USD people type and read.
+
+Both directions are exact: USD goes through Decimal, never a float, and an amount finer than one micro-USD
+is refused rather than rounded, so what staff type is what the ledger records.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+from billing.models import MICROS_PER_USD
+
+
+def usd_to_micros(amount: Decimal | str) -> int:
+    """Exact micro-USD of a USD amount; ValueError when it is not a number or is finer than 0.000001 USD."""
+    try:
+        usd = Decimal(amount)
+    except InvalidOperation:
+        raise ValueError(f"{amount!r} is not an amount in USD.") from None
+    if not usd.is_finite():
+        raise ValueError(f"{amount!r} is not an amount in USD.")
+    micros = usd * MICROS_PER_USD
+    if micros != micros.to_integral_value():
+        raise ValueError(f"{amount} USD is finer than one micro-USD (0.000001 USD).")
+    return int(micros)
+
+
+def micros_to_usd(micros: int) -> str:
+    """The USD string of a micro-USD amount, with all six decimals: 1234 → "0.001234", -5000000 → "-5.000000"."""
+    return f"{Decimal(micros).scaleb(-6):.6f}"
