@@ -337,6 +337,8 @@ async def _chat_stream(
     # A client that leaves before the first byte is sent never starts `events()`, whose `finally` then never
     # runs: the handler calls this when the response is done or abandoned, and it settles what is left.
     def on_close() -> None:
+        if meter.settled:
+            return  # the stream ran and settled itself
         settle(Status.CLIENT_DISCONNECTED)
         try:
             asyncio.get_running_loop().create_task(upstream.aclose())
