@@ -18,6 +18,7 @@ from django.http import HttpRequest
 from billing.models import BillingAccount, CreditEntry, Plan, Price, UsageEvent
 from billing.money import micros_to_usd, usd_to_micros
 from billing.services import billing_plan_set, credit_add
+from platform_site.admin import ReadOnlyAdmin
 
 
 def _usd(micros: int | None) -> str:
@@ -181,7 +182,7 @@ class CreditEntryAdmin(admin.ModelAdmin):
 
 
 @admin.register(UsageEvent)
-class UsageEventAdmin(admin.ModelAdmin):
+class UsageEventAdmin(ReadOnlyAdmin):
     """The usage ledger, read-only: rows come from metering alone."""
 
     list_display = ["created_at", "request_id", "organization", "api_key", "endpoint", "model", "status",
@@ -193,17 +194,8 @@ class UsageEventAdmin(admin.ModelAdmin):
     # The ledger grows with every request; counting all of it for each page would be the slowest query here.
     show_full_result_count = False
 
-    def get_readonly_fields(self, request: HttpRequest, obj: UsageEvent | None = None) -> list[str]:
-        return [field.name for field in UsageEvent._meta.fields] + ["cost"]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
+    def get_readonly_fields(self, request: HttpRequest, obj: object = None) -> list[str]:
+        return [*super().get_readonly_fields(request, obj), "cost"]
 
     @admin.display(description="Cost", ordering="cost_micros")
     def cost(self, obj: UsageEvent) -> str:

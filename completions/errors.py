@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import orjson
 from django.core.exceptions import RequestDataTooBig
@@ -12,33 +11,9 @@ from django.http import HttpResponse
 from apikeys.exceptions import ApiKeyError, InvalidApiKey, MissingScope, ModelNotAllowed
 from billing.exceptions import QuotaExceeded, RateLimitExceeded
 from completions.providers.base import ProviderError
+from platform_site.api_errors import ApiError
 
 logger = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    """An error the API answers with: status plus the four fields of OpenAI's error object."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int = 400,
-        error_type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.error_type = error_type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
 
 
 def model_not_found(model: str) -> ApiError:

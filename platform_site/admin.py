@@ -6,6 +6,22 @@ from django.http import HttpRequest
 from platform_site.models import AuditLog, Membership, Organization
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """An append-only ledger: staff may read it, and nobody edits or deletes its rows from the admin."""
+
+    def get_readonly_fields(self, request: HttpRequest, obj: object = None) -> list[str]:
+        return [field.name for field in self.model._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
 class MembershipInline(admin.TabularInline):
     model = Membership
     extra = 0
@@ -28,19 +44,9 @@ class MembershipAdmin(admin.ModelAdmin):
 
 
 @admin.register(AuditLog)
-class AuditLogAdmin(admin.ModelAdmin):
+class AuditLogAdmin(ReadOnlyAdmin):
     """Read-only: the audit log is append-only, even for superusers."""
 
     list_display = ["created_at", "organization", "action", "target", "actor", "actor_label"]
     list_filter = ["action"]
     search_fields = ["target", "action"]
-    readonly_fields = [field.name for field in AuditLog._meta.fields]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
