@@ -15,9 +15,15 @@ Counters, all in micro-USD except the rate windows:
 - month:{org}:{M}, kmonth:{key}:{M}
                      this calendar month's charged + reserved, only where a cap exists; seeded from the
                      ledger on first use (the only case that costs a query).
-Settlement replaces a hold by the real cost; those adjustments (and TPM token counts) are batched and sent
-every few milliseconds, so a request pays one Redis round trip, not two. Until a batch is sent, a hold
-counts at its worst case: the counters err on the side of refusing, never of overspending.
+Settlement replaces a hold by the real cost; those adjustments (and TPM token counts) are sent on the event
+loop's next turn, together with everything else settled meanwhile, so under load many requests share one
+round trip. Until they are sent, a hold counts at its worst case: the counters err on the side of refusing.
+
+Holds of a worker that dies: each worker process keeps a lease (lease:{worker}, what it holds on each
+counter) and a heartbeat. Any live worker's heartbeat reaps the leases of workers whose heartbeat expired,
+releasing their holds in one atomic script, so a crashed worker cannot lock an organization out for good.
+A request whose worker's lease was reaped while it ran (a worker stalled past the heartbeat) settles at its
+full cost, because its hold was already released: nothing is released twice.
 
 Measured with bench/: django-ratelimit through Django's cache API cost ~2.4 ms of CPU per request on Redis,
 which alone broke the 1.5 ms budget; this is one asynchronous round trip (~0.1 ms of CPU).
@@ -26,6 +32,10 @@ which alone broke the 1.5 ms budget; this is one asynchronous round trip (~0.1 m
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import secrets
+import socket
 import time
 import weakref
 from collections import defaultdict
@@ -37,6 +47,8 @@ from django.conf import settings
 from billing.ratelimits import WINDOW
 from platform_site.runtime import register_shutdown_hook
 
+logger = logging.getLogger(__name__)
+
 ADMITTED = 0
 REFUSED_REQUESTS = 1
 REFUSED_TOKENS = 2
@@ -47,9 +59,10 @@ NEEDS_ORG_MONTH = -1
 NEEDS_KEY_MONTH = -2
 
 _MONTH_TTL = 40 * 24 * 3600
-_FLUSH_EVERY = 0.02
+_HEARTBEAT_EVERY = 10.0
+_HEARTBEAT_TTL = 30
 
-# KEYS: 1 requests window, 2 tokens window, 3 spend, 4 credit, 5 org month, 6 key month
+# KEYS: 1 requests window, 2 tokens window, 3 spend, 4 credit, 5 org month, 6 key month, 7 the worker's lease
 # ARGV: 1 window ttl, 2 rpm (0: no rate limits), 3 tpm, 4 estimated tokens, 5 hold, 6 prepaid (1/0),
 #       7 spend seed (-1: not metered), 8 credit total, 9 credit version, 10 org cap (-1: none), 11 key cap (-1: none)
 _ADMIT = """
@@ -77,17 +90,29 @@ if ARGV[6] == '1' then
 end
 if org_cap >= 0 and tonumber(redis.call('GET', KEYS[5])) + hold > org_cap then return {4, requests, tokens} end
 if key_cap >= 0 and tonumber(redis.call('GET', KEYS[6])) + hold > key_cap then return {5, requests, tokens} end
-if metered then redis.call('INCRBY', KEYS[3], hold) end
-if org_cap >= 0 then redis.call('INCRBY', KEYS[5], hold) end
-if key_cap >= 0 then redis.call('INCRBY', KEYS[6], hold) end
+if metered then
+  redis.call('INCRBY', KEYS[3], hold)
+  redis.call('HINCRBY', KEYS[7], KEYS[3], hold)
+end
+if org_cap >= 0 then
+  redis.call('INCRBY', KEYS[5], hold)
+  redis.call('HINCRBY', KEYS[7], KEYS[5], hold)
+end
+if key_cap >= 0 then
+  redis.call('INCRBY', KEYS[6], hold)
+  redis.call('HINCRBY', KEYS[7], KEYS[6], hold)
+end
 return {0, requests, tokens}
 """
 
-# Batched adjustments: ARGV[i] is added to KEYS[i] where that counter exists (a counter that is gone was
-# never holding this amount). Token windows are created and given their expiry.
-_ADJUST = """
-for i, key in ipairs(KEYS) do
-  local amount = tonumber(ARGV[i])
+# Settlements: ARGV[1] = n; KEYS[1..n] are counters moved by ARGV[1+i] (cost − hold, summed) where they exist
+# (token windows are created, with their expiry). Then, per lease j (KEYS[n+j]), ARGV lists how much of each
+# counter its settled holds were: taken off the lease, or — where the lease was reaped meanwhile, which
+# already gave the holds back — added back to the counter, so that counter ends at +cost.
+_SETTLE = """
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  local key, amount = KEYS[i], tonumber(ARGV[1 + i])
   if string.find(key, ':rl:tok:', 1, true) then
     redis.call('INCRBY', key, amount)
     redis.call('EXPIRE', key, 120)
@@ -95,6 +120,57 @@ for i, key in ipairs(KEYS) do
     redis.call('INCRBY', key, amount)
   end
 end
+local at = n + 2
+for j = n + 1, #KEYS do
+  local lease = KEYS[j]
+  local alive = redis.call('EXISTS', lease) == 1
+  local fields = tonumber(ARGV[at])
+  for f = 1, fields do
+    local counter, hold = ARGV[at + 2 * f - 1], tonumber(ARGV[at + 2 * f])
+    if alive then
+      redis.call('HINCRBY', lease, counter, -hold)
+    elseif redis.call('EXISTS', counter) == 1 then
+      redis.call('INCRBY', counter, hold)
+    end
+  end
+  at = at + 1 + 2 * fields
+end
+return 0
+"""
+
+# Gives back everything a worker's lease holds, and forgets the worker.
+_REAP_FUNCTION = """
+local function reap(workers, prefix, worker)
+  local lease = prefix .. ':bill:lease:' .. worker
+  local held = redis.call('HGETALL', lease)
+  for i = 1, #held, 2 do
+    local amount = tonumber(held[i + 1])
+    if amount ~= 0 and redis.call('EXISTS', held[i]) == 1 then redis.call('INCRBY', held[i], -amount) end
+  end
+  redis.call('DEL', lease)
+  redis.call('SREM', workers, worker)
+end
+"""
+
+# Heartbeat and reaping: KEYS 1 the set of workers, 2 this worker's heartbeat; ARGV 1 this worker, 2 ttl,
+# 3 the key prefix, 4 whether this worker registered before. Returns whether this worker was still
+# registered: one that had registered and no longer is was reaped, and must take a new name and lease
+# (it is not registered again under the old one).
+_HEARTBEAT = _REAP_FUNCTION + """
+local member = redis.call('SISMEMBER', KEYS[1], ARGV[1])
+if member == 0 and ARGV[4] == '1' then return 0 end
+redis.call('SET', KEYS[2], 1, 'EX', ARGV[2])
+redis.call('SADD', KEYS[1], ARGV[1])
+for _, worker in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[3] .. ':bill:alive:' .. worker) == 0 then reap(KEYS[1], ARGV[3], worker) end
+end
+return member
+"""
+
+# A clean stop: KEYS 1 the set of workers, 2 this worker's heartbeat; ARGV 1 this worker, 2 the key prefix.
+_RETIRE = _REAP_FUNCTION + """
+reap(KEYS[1], ARGV[2], ARGV[1])
+redis.call('DEL', KEYS[2])
 return 0
 """
 
@@ -109,7 +185,7 @@ return 0
 class Ask:
     """One admission: which counters, and the numbers to check and reserve."""
 
-    keys: tuple[str, str, str, str, str, str]
+    keys: tuple[str, str, str, str, str, str, str]  # the six of names() and the worker's lease
     rpm: int  # 0: rate limits off
     tpm: int
     estimated_tokens: int
@@ -142,6 +218,13 @@ def names(*, organization_id: int, key_public_id: str, key_id: int, now: float) 
     )
 
 
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+Releases = dict[str, dict[str, int]]  # lease -> counter -> settled holds
+
+
 class _RedisCounters:
     def __init__(self) -> None:
         import redis.asyncio
@@ -152,15 +235,58 @@ class _RedisCounters:
         )
         self.client = redis.asyncio.Redis(connection_pool=pool)
         self.admit_script = self.client.register_script(_ADMIT)
-        self.adjust_script = self.client.register_script(_ADJUST)
+        self.settle_script = self.client.register_script(_SETTLE)
         self.seed_script = self.client.register_script(_SEED)
+        self.heartbeat_script = self.client.register_script(_HEARTBEAT)
+        self.retire_script = self.client.register_script(_RETIRE)
+        self.prefix = settings.KEYWAY_CACHE_PREFIX
+        self.worker = _worker_name()
+        self.registered = False
+        self.heartbeats: asyncio.Task[None] | None = None
+
+    @property
+    def lease(self) -> str:
+        return f"{self.prefix}:bill:lease:{self.worker}"
+
+    async def heartbeat(self) -> None:
+        """Say this worker is alive, and give back the holds of workers that are not."""
+        member = await self.heartbeat_script(
+            keys=[f"{self.prefix}:bill:workers", f"{self.prefix}:bill:alive:{self.worker}"],
+            args=[self.worker, _HEARTBEAT_TTL, self.prefix, int(self.registered)],
+        )
+        if self.registered and not int(member):
+            # Stalled past the heartbeat and reaped: requests admitted before settle against the old lease
+            # (at full cost, their holds already given back); new ones take a new lease.
+            logger.warning("Worker %s was taken for dead and reaped; continuing under a new name", self.worker)
+            self.worker = _worker_name()
+            self.registered = False
+            await self.heartbeat()
+        self.registered = True
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(_HEARTBEAT_EVERY)
+            try:
+                await self.heartbeat()
+            except Exception:
+                logger.exception("Billing heartbeat failed; will retry")
 
     async def admit(self, ask: Ask) -> tuple[int, int, int]:
+        if not self.registered:
+            # Registered before the first hold, so a worker that dies holding anything is always reapable.
+            await self.heartbeat()
+            self.heartbeats = asyncio.get_running_loop().create_task(self._beat())
         status, requests, tokens = await self.admit_script(keys=list(ask.keys), args=ask.argv())
         return int(status), int(requests), int(tokens)
 
-    async def adjust(self, amounts: dict[str, int]) -> None:
-        await self.adjust_script(keys=list(amounts), args=list(amounts.values()))
+    async def settle(self, amounts: dict[str, int], releases: Releases) -> None:
+        keys: list[str] = [*amounts, *releases]
+        args: list[str | int] = [len(amounts), *amounts.values()]
+        for held in releases.values():
+            args.append(len(held))
+            for counter, hold in held.items():
+                args += [counter, hold]
+        await self.settle_script(keys=keys, args=args)
 
     async def seed(self, values: dict[str, int]) -> None:
         await self.seed_script(keys=list(values), args=[*values.values(), _MONTH_TTL])
@@ -170,6 +296,13 @@ class _RedisCounters:
         return None if value is None else int(value)
 
     async def close(self) -> None:
+        if self.heartbeats is not None:
+            self.heartbeats.cancel()
+        if self.registered:
+            await self.retire_script(
+                keys=[f"{self.prefix}:bill:workers", f"{self.prefix}:bill:alive:{self.worker}"],
+                args=[self.worker, self.prefix],
+            )
         await self.client.aclose()
 
 
@@ -181,7 +314,7 @@ class _LocalCounters:
         self.credit: dict[str, tuple[int, int]] = {}
 
     async def admit(self, ask: Ask) -> tuple[int, int, int]:
-        requests_key, tokens_key, spend_key, credit_key, org_month, key_month = ask.keys
+        requests_key, tokens_key, spend_key, credit_key, org_month, key_month, _ = ask.keys
         values = self.values
         if ask.org_cap >= 0 and org_month not in values:
             return NEEDS_ORG_MONTH, 0, 0
@@ -216,7 +349,9 @@ class _LocalCounters:
             values[key_month] += ask.hold
         return ADMITTED, requests, tokens
 
-    async def adjust(self, amounts: dict[str, int]) -> None:
+    lease = ""  # one process: its holds die with it, and the counters are seeded anew from the ledger
+
+    async def settle(self, amounts: dict[str, int], releases: Releases) -> None:
         for name, amount in amounts.items():
             if ":rl:tok:" in name or name in self.values:
                 self.values[name] = self.values.get(name, 0) + amount
@@ -254,23 +389,28 @@ def store() -> Any:
 
 
 _unsent: defaultdict[str, int] = defaultdict(int)
+_releases: defaultdict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
 _sender: asyncio.Task[None] | None = None
 
 
-def adjust_later(amounts: dict[str, int]) -> None:
-    """Queue counter adjustments (a settled hold, a request's tokens); they are sent with everything else
-    that settled in the same few milliseconds. Safe to call where awaiting is not (a `finally` of a
-    cancelled stream)."""
+def settle_later(amounts: dict[str, int], *, lease: str = "", released: dict[str, int] | None = None) -> None:
+    """Queue a settlement: counter moves (cost − hold, a request's tokens) and the holds it gives back to its
+    lease. Sent on the loop's next turn with everything else settled meanwhile. Safe to call where awaiting
+    is not (a `finally` of a cancelled stream)."""
     global _sender
     for name, amount in amounts.items():
         if amount:
             _unsent[name] += amount
-    if not _unsent:
+    if lease and released:
+        for name, hold in released.items():
+            if hold:
+                _releases[lease][name] += hold
+    if not _unsent and not _releases:
         return
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        return  # no loop (shutdown): the next flush, or the conservative hold, covers it
+        return  # no loop (shutdown): the hold stays at its worst case, or the reaper gives it back
     if _sender is None or _sender.done() or _sender.get_loop() is not loop:
         _sender = loop.create_task(_send_soon())
 
@@ -280,22 +420,28 @@ def unsent(name: str) -> int:
 
 
 async def _send_soon() -> None:
-    await asyncio.sleep(_FLUSH_EVERY)
+    # One turn of the loop: every request settling in this turn rides along in the same round trip.
+    await asyncio.sleep(0)
     await flush()
 
 
 async def flush() -> None:
-    """Send the queued adjustments (also on shutdown, and by tests)."""
-    if not _unsent:
+    """Send the queued settlements (also on shutdown, and by tests)."""
+    if not _unsent and not _releases:
         return
     amounts = dict(_unsent)
+    releases = {lease: dict(held) for lease, held in _releases.items()}
     _unsent.clear()
+    _releases.clear()
     try:
-        await store().adjust(amounts)
+        await store().settle(amounts, releases)
     except Exception:
         # Not lost on a passing Redis error: put back for the next flush.
         for name, amount in amounts.items():
             _unsent[name] += amount
+        for lease, held in releases.items():
+            for name, hold in held.items():
+                _releases[lease][name] += hold
         raise
 
 

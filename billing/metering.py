@@ -58,6 +58,8 @@ class Meter:
     # The counters the hold was added to; settlement moves each by (cost − hold).
     hold_counters: tuple[str, ...]
     tokens_counter: str
+    # The admitting worker's lease in the shared counters ("" in-process).
+    lease: str
     started_at: float
     started_clock: float = field(default_factory=time.monotonic)
     rate_state: RateState | None = None
@@ -128,7 +130,9 @@ class Meter:
         adjustments = {name: cost - self.hold for name in self.hold_counters}
         if self.rate_state is not None:
             adjustments[self.tokens_counter] = prompt_tokens + completion_tokens
-        counters.adjust_later(adjustments)
+        counters.settle_later(
+            adjustments, lease=self.lease, released={name: self.hold for name in self.hold_counters}
+        )
         return cost
 
 
@@ -173,7 +177,7 @@ async def admit(
     rpm, tpm = _limits(key, terms)
     if terms is None and not rpm:
         return Meter(key=key, request_id=request_id, endpoint=endpoint, terms=None, prices={}, hold=0,
-                     hold_counters=(), tokens_counter=names[1], started_at=now)
+                     hold_counters=(), tokens_counter=names[1], lease="", started_at=now)
     prices = await price_table() if terms is not None else {}
     hold = 0
     if terms is not None:
@@ -184,8 +188,9 @@ async def admit(
         )
     org_cap = terms.monthly_budget_micros if terms is not None and terms.monthly_budget_micros is not None else -1
     key_cap = key.monthly_budget_micros if terms is not None and key.monthly_budget_micros is not None else -1
+    store = counters.store()
     ask = counters.Ask(
-        keys=names,  # type: ignore[arg-type]
+        keys=(*names, store.lease),  # type: ignore[arg-type]
         rpm=rpm,
         tpm=tpm,
         estimated_tokens=prompt_tokens,
@@ -197,7 +202,6 @@ async def admit(
         org_cap=org_cap,
         key_cap=key_cap,
     )
-    store = counters.store()
     status, requests, tokens = await store.admit(ask)
     while status in (counters.NEEDS_ORG_MONTH, counters.NEEDS_KEY_MONTH):
         # First request of the month (or of this Redis) under a cap: seed the counter from the ledger.
@@ -244,6 +248,7 @@ async def admit(
         hold=hold,
         hold_counters=tuple(hold_counters),
         tokens_counter=names[1],
+        lease=store.lease,
         started_at=now,
         rate_state=rate_state,
     )

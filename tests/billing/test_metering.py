@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from decimal import Decimal
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -22,7 +23,7 @@ from billing.models import BillingAccount, Plan, Price, UsageEvent
 from billing.services import billing_plan_set, credit_add
 from completions.services import provider_upsert_openai_compatible
 from platform_site.models import Organization
-from tests.conftest import bearer
+from tests.conftest import USES_REDIS, bearer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -244,3 +245,47 @@ async def test_embeddings_are_metered_with_reported_usage(
     event = await sync_to_async(UsageEvent.objects.get)(organization=fake)
     assert event.endpoint == UsageEvent.Endpoint.EMBEDDINGS
     assert (event.prompt_tokens, event.completion_tokens, event.cost_micros) == (6, 0, 6000)
+
+
+async def _dead_worker_admits(raw_key: str) -> tuple[counters._RedisCounters, metering.Meter]:
+    """Another worker process takes a hold and then dies: its heartbeat is gone, the hold is not settled."""
+    from apikeys.auth import authenticate_key
+
+    key = await authenticate_key(raw_key)
+    dead = counters._RedisCounters()
+    with patch.object(counters, "store", return_value=dead):
+        meter = await metering.admit(key=key, request_id="req_dead", endpoint=1, models=["ok"], prompt_tokens=1,
+                                     max_output_tokens=7)
+    await dead.client.delete(f"{dead.prefix}:bill:alive:{dead.worker}")
+    return dead, meter
+
+
+@pytest.mark.skipif(not USES_REDIS, reason="leases exist only in the counters shared through Redis")
+async def test_a_dead_workers_holds_are_given_back_by_a_live_workers_heartbeat(
+    asgi_client, fake: Organization, api_key: tuple[Any, str]
+) -> None:
+    await sync_to_async(_prepaid)(fake, credit=JSON_COST)
+    live = counters.store()
+    await live.heartbeat()
+    dead, _ = await _dead_worker_admits(api_key[1])
+    assert (await _burst(asgi_client, api_key[1], 1, max_tokens=7))[0].status_code == 429  # held by the dead
+    await live.heartbeat()
+    assert (await _burst(asgi_client, api_key[1], 1, max_tokens=7))[0].status_code == 200
+    assert await _spend_counter(fake) == JSON_COST
+    assert not await dead.client.exists(dead.lease)
+    await dead.client.aclose()
+
+
+@pytest.mark.skipif(not USES_REDIS, reason="leases exist only in the counters shared through Redis")
+async def test_a_worker_reaped_while_still_running_settles_at_full_cost_without_releasing_twice(
+    fake: Organization, api_key: tuple[Any, str]
+) -> None:
+    await sync_to_async(_prepaid)(fake, credit=10 * JSON_COST)
+    dead, meter = await _dead_worker_admits(api_key[1])
+    await counters.store().heartbeat()  # reaps the stalled worker: its hold goes back
+    assert await _spend_counter(fake) == 0
+    # The stalled worker wakes up and settles the request it was serving (2 tokens of the 7 reserved).
+    meter.settle(model="ok", status=1, usage_source=1, prompt_tokens=9, completion_tokens=2)
+    assert await _spend_counter(fake) == 2 * 1000
+    assert (await dead.heartbeat()) is None and dead.lease != meter.lease  # it continues under a new lease
+    await dead.client.aclose()
