@@ -37,7 +37,7 @@ from django.db import IntegrityError
 
 from billing.services import SettledUsage, usage_events_write
 from platform_site.db import returns_connection
-from platform_site.runtime import register_shutdown_hook
+from platform_site.runtime import register_shutdown_hook, register_startup_hook
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +201,12 @@ async def _close() -> None:
     await ledger.flush()
 
 
+async def _recover_at_start() -> None:
+    # Before the first request seeds the shared counters from the ledger, the ledger should hold what
+    # workers that died left in their journals.
+    await sync_to_async(recover_orphans, thread_sensitive=True)()
+
+
 def _flush_at_exit() -> None:
     # daphne does not speak lifespan, so its workers end without the shutdown hook; write what is buffered
     # while the process can still reach the database. If even this fails, the journal is still on disk.
@@ -211,5 +217,6 @@ def _flush_at_exit() -> None:
             logger.exception("Could not write buffered usage at exit; it stays in the journal")
 
 
+register_startup_hook(_recover_at_start)
 register_shutdown_hook(_close)
 atexit.register(_flush_at_exit)

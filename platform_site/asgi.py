@@ -36,11 +36,13 @@ _router = ProtocolTypeRouter({"http": http_app})
 
 
 async def _lifespan(receive, send):  # type: ignore[no-untyped-def]
-    # uvicorn speaks lifespan, daphne does not; either way nothing is needed at start-up (everything loads
-    # lazily), and shutdown closes pooled upstream connections cleanly.
+    # uvicorn speaks lifespan, daphne does not. Start-up hooks are chores that are also done otherwise (the
+    # ledger replays orphaned journals here, and from its periodic flush); shutdown closes pooled upstream
+    # connections and writes what is buffered.
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            await runtime.run_startup_hooks()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await runtime.run_shutdown_hooks()

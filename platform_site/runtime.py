@@ -12,6 +12,7 @@ STARTED_AT = time.time()
 _counters: dict[str, int] = {"open_streams": 0, "open_websockets": 0}
 _loaded_models_reporters: list[Callable[[], list[str]]] = []
 _shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+_startup_hooks: list[Callable[[], Awaitable[None]]] = []
 
 
 def counter_add(name: str, delta: int) -> None:
@@ -33,6 +34,18 @@ def loaded_models() -> list[str]:
 
 def uptime_seconds() -> float:
     return round(time.time() - STARTED_AT, 3)
+
+
+def register_startup_hook(hook: Callable[[], Awaitable[None]]) -> None:
+    """Run `hook` when the ASGI server starts the application (lifespan.startup; uvicorn speaks it, daphne
+    does not, so a hook must also be safe to skip)."""
+    if hook not in _startup_hooks:
+        _startup_hooks.append(hook)
+
+
+async def run_startup_hooks() -> None:
+    for hook in _startup_hooks:
+        await hook()
 
 
 def register_shutdown_hook(hook: Callable[[], Awaitable[None]]) -> None:

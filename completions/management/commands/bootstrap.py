@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from apikeys.models import ApiKey
 from apikeys.services import apikey_create
+from billing.ledger import recover_orphans
 from completions.services import catalog_ensure_default, provider_upsert_openai_compatible
 from platform_site.models import Organization
 from platform_site.services import organization_create
@@ -33,6 +34,11 @@ class Command(BaseCommand):
         parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        # Usage that a server stopped by a crash left in its journal goes into the ledger before `make run`
+        # serves again (running servers also replay orphaned journals by themselves).
+        replayed = recover_orphans()
+        if replayed:
+            self.stdout.write(f"Replayed {replayed} usage event(s) left in the journal by a stopped server.")
         model = catalog_ensure_default()
         upstream_url = os.environ.get("KEYWAY_UPSTREAM_BASE_URL", "")
         if upstream_url:
