@@ -171,3 +171,54 @@ def test_a_killed_servers_journal_is_replayed_once_and_charged_once(stack: dict[
     assert not missing, f"{len(missing)} of {len(ids)} answered requests are not in the ledger ({first})"
     # Each request charged exactly once: the accounts' totals are the sum of the ledger rows.
     assert ledger["usage_total"] == sum(event[4] for event in ledger["events"].values())
+
+
+PREPAID_ORG = """
+from apikeys.services import apikey_create
+from billing.models import Plan, Price
+from billing.services import billing_plan_set, credit_add
+from completions.models import Deployment, Model, Provider
+from platform_site.services import organization_create
+provider = Provider.objects.create(name="doomed", kind="openai_compatible", base_url="{url}/v1")
+model = Model.objects.create(public_id="doomed", capabilities=["chat"], context_length=4096)
+Deployment.objects.create(model=model, provider=provider, upstream_model="drip")
+Price.objects.create(model="doomed", output_per_million_micros={price})
+org = organization_create(name="Prepaid", slug="prepaid")
+billing_plan_set(organization=org, plan=Plan.objects.create(name="prepaid", billing_mode="prepaid"))
+credit_add(organization=org, amount_micros=20_000, reason="one stream's worst case", actor_label="test")
+print(apikey_create(organization=org, name="prepaid key")[1])
+"""
+
+
+def test_an_upstream_killed_mid_stream_leaves_no_open_reservation(stack: dict[str, Any]) -> None:
+    doomed, doomed_url = server.start_fake_upstream(Path(stack["log"]))
+    try:
+        output = server.django_shell(stack["env"], PREPAID_ORG.format(url=doomed_url, price=OUTPUT_PRICE))
+        key = output.strip().splitlines()[-1]
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": "doomed", "messages": MESSAGES, "stream": True, "max_tokens": 20}  # holds all 20,000
+        events: list[str] = []
+        with httpx2.stream("POST", f"{stack['url']}/v1/chat/completions", json=body, headers=headers,
+                           timeout=30) as response:
+            assert response.status_code == 200
+            request_id = response.headers["x-request-id"]
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                    if len(events) == 3:
+                        doomed.send_signal(signal.SIGKILL)
+        assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+    finally:
+        server.stop(doomed)
+    status, _, _, completion_tokens, cost = _wait_for_event(stack["env"], request_id)
+    assert status == 4 and 0 < completion_tokens < 20 and cost == completion_tokens * 1000  # incomplete
+    # What is left is exactly the credit less what the broken stream cost: its hold is gone.
+    left = 20_000 - cost
+
+    def reserve(tokens: int) -> httpx2.Response:
+        payload = {"model": "ok", "messages": MESSAGES, "max_tokens": tokens}
+        return httpx2.post(f"{stack['url']}/v1/chat/completions", json=payload, headers=headers, timeout=30)
+
+    refused = reserve(left // 1000 + 1)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+    assert reserve(left // 1000).status_code == 200
