@@ -196,6 +196,11 @@ def test_an_upstream_killed_mid_stream_leaves_no_open_reservation(stack: dict[st
         output = server.django_shell(stack["env"], PREPAID_ORG.format(url=doomed_url, price=OUTPUT_PRICE))
         key = output.strip().splitlines()[-1]
         headers = {"Authorization": f"Bearer {key}"}
+        # Created by another process: the server's catalog picks it up within KEYWAY_CATALOG_LOCAL_TTL.
+        deadline = time.monotonic() + 10
+        while httpx2.get(f"{stack['url']}/v1/models/doomed", headers=headers).status_code != 200:
+            assert time.monotonic() < deadline, "the new model never reached the server's catalog"
+            time.sleep(0.2)
         body = {"model": "doomed", "messages": MESSAGES, "stream": True, "max_tokens": 20}  # holds all 20,000
         events: list[str] = []
         with httpx2.stream("POST", f"{stack['url']}/v1/chat/completions", json=body, headers=headers,
