@@ -185,7 +185,7 @@ return 0
 class Ask:
     """One admission: which counters, and the numbers to check and reserve."""
 
-    keys: tuple[str, str, str, str, str, str, str]  # the six of names() and the worker's lease
+    keys: tuple[str, ...]  # the six of names()
     rpm: int  # 0: rate limits off
     tpm: int
     estimated_tokens: int
@@ -242,6 +242,7 @@ class _RedisCounters:
         self.prefix = settings.KEYWAY_CACHE_PREFIX
         self.worker = _worker_name()
         self.registered = False
+        self.registering: asyncio.Task[None] | None = None
         self.heartbeats: asyncio.Task[None] | None = None
 
     @property
@@ -271,13 +272,22 @@ class _RedisCounters:
             except Exception:
                 logger.exception("Billing heartbeat failed; will retry")
 
-    async def admit(self, ask: Ask) -> tuple[int, int, int]:
-        if not self.registered:
-            # Registered before the first hold, so a worker that dies holding anything is always reapable.
-            await self.heartbeat()
-            self.heartbeats = asyncio.get_running_loop().create_task(self._beat())
-        status, requests, tokens = await self.admit_script(keys=list(ask.keys), args=ask.argv())
-        return int(status), int(requests), int(tokens)
+    async def _register(self) -> None:
+        await self.heartbeat()
+        self.heartbeats = asyncio.get_running_loop().create_task(self._beat())
+
+    async def admit(self, ask: Ask) -> tuple[int, int, int, str]:
+        """Returns the status, the requests and tokens counted this minute, and the lease holding the hold
+        (the one a settlement must give it back to)."""
+        if self.heartbeats is None:
+            # Registered before the first hold, so a worker that dies holding anything is always reapable;
+            # once, however many first requests arrive together.
+            if self.registering is None or self.registering.done() and self.registering.exception() is not None:
+                self.registering = asyncio.get_running_loop().create_task(self._register())
+            await asyncio.shield(self.registering)
+        lease = self.lease
+        status, requests, tokens = await self.admit_script(keys=[*ask.keys, lease], args=ask.argv())
+        return int(status), int(requests), int(tokens), lease
 
     async def settle(self, amounts: dict[str, int], releases: Releases) -> None:
         keys: list[str] = [*amounts, *releases]
@@ -313,8 +323,12 @@ class _LocalCounters:
         self.values: dict[str, int] = {}
         self.credit: dict[str, tuple[int, int]] = {}
 
-    async def admit(self, ask: Ask) -> tuple[int, int, int]:
-        requests_key, tokens_key, spend_key, credit_key, org_month, key_month, _ = ask.keys
+    async def admit(self, ask: Ask) -> tuple[int, int, int, str]:
+        status, requests, tokens = self._admit(ask)
+        return status, requests, tokens, ""
+
+    def _admit(self, ask: Ask) -> tuple[int, int, int]:
+        requests_key, tokens_key, spend_key, credit_key, org_month, key_month = ask.keys
         values = self.values
         if ask.org_cap >= 0 and org_month not in values:
             return NEEDS_ORG_MONTH, 0, 0

@@ -190,7 +190,7 @@ async def admit(
     key_cap = key.monthly_budget_micros if terms is not None and key.monthly_budget_micros is not None else -1
     store = counters.store()
     ask = counters.Ask(
-        keys=(*names, store.lease),  # type: ignore[arg-type]
+        keys=names,
         rpm=rpm,
         tpm=tpm,
         estimated_tokens=prompt_tokens,
@@ -202,7 +202,7 @@ async def admit(
         org_cap=org_cap,
         key_cap=key_cap,
     )
-    status, requests, tokens = await store.admit(ask)
+    status, requests, tokens, lease = await store.admit(ask)
     while status in (counters.NEEDS_ORG_MONTH, counters.NEEDS_KEY_MONTH):
         # First request of the month (or of this Redis) under a cap: seed the counter from the ledger.
         await counters.flush()
@@ -213,7 +213,7 @@ async def admit(
             organization_id=key.organization_id, key_id=seed_key, started_at=now
         )
         await store.seed({name: spent})
-        status, requests, tokens = await store.admit(ask)
+        status, requests, tokens, lease = await store.admit(ask)
     rate_state = None
     if rpm:
         tokens += counters.unsent(names[1])
@@ -248,7 +248,9 @@ async def admit(
         hold=hold,
         hold_counters=tuple(hold_counters),
         tokens_counter=names[1],
-        lease=store.lease,
+        # The lease the admission wrote to, not the store's current one: a heartbeat may rename the worker
+        # while the admission is in flight.
+        lease=lease,
         started_at=now,
         rate_state=rate_state,
     )
