@@ -177,10 +177,12 @@ async def _close_upstream_pool(django_db_setup: None, django_db_blocker: Any) ->
     from asgiref.sync import sync_to_async
     from django.db import connections
 
-    from completions.providers.openai_compatible import close_shared_session
+    from platform_site import runtime
 
-    await close_shared_session()
-    # Tests call services through sync_to_async; that worker thread's connections must go before the test
-    # database is dropped.
     with django_db_blocker.unblock():
+        # As a server ends: upstream pools closed, settlements sent, buffered usage written, heartbeats
+        # stopped.
+        await runtime.run_shutdown_hooks()
+        # Tests call services through sync_to_async; that worker thread's connections must go before the
+        # test database is dropped.
         await sync_to_async(connections.close_all, thread_sensitive=True)()

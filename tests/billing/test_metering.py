@@ -256,6 +256,9 @@ async def _dead_worker_admits(raw_key: str) -> tuple[counters._RedisCounters, me
     with patch.object(counters, "store", return_value=dead):
         meter = await metering.admit(key=key, request_id="req_dead", endpoint=1, models=["ok"], prompt_tokens=1,
                                      max_output_tokens=7)
+    # It dies: its heartbeat stops, and its last heartbeat expires.
+    assert dead.heartbeats is not None
+    dead.heartbeats.cancel()
     await dead.client.delete(f"{dead.prefix}:bill:alive:{dead.worker}")
     return dead, meter
 
@@ -288,4 +291,4 @@ async def test_a_worker_reaped_while_still_running_settles_at_full_cost_without_
     meter.settle(model="ok", status=1, usage_source=1, prompt_tokens=9, completion_tokens=2)
     assert await _spend_counter(fake) == 2 * 1000
     assert (await dead.heartbeat()) is None and dead.lease != meter.lease  # it continues under a new lease
-    await dead.client.aclose()
+    await dead.close()
