@@ -71,6 +71,18 @@ class BillingAccount(models.Model):
     def balance_micros(self) -> int:
         return self.credit_total_micros - self.usage_total_micros
 
+    @property
+    def billing_mode(self) -> str:
+        """The plan's mode; an organization without a plan is billed as KEYWAY_DEFAULT_BILLING_MODE."""
+        return self.plan.billing_mode if self.plan is not None else settings.KEYWAY_DEFAULT_BILLING_MODE
+
+    @property
+    def effective_monthly_budget_micros(self) -> int | None:
+        """The account's own cap, else its plan's; None for no cap."""
+        if self.monthly_budget_micros is not None:
+            return self.monthly_budget_micros
+        return self.plan.monthly_budget_micros if self.plan is not None else None
+
 
 class Price(models.Model):
     """List prices of one public model, per million tokens, in micro-USD (2.50 USD / 1M → 2500000)."""

@@ -120,17 +120,13 @@ def _load_terms(organization_id: int) -> AccountTerms:
 
     account = billing_account_for(organization_id=organization_id)
     plan = account.plan
-    mode = plan.billing_mode if plan is not None else settings.KEYWAY_DEFAULT_BILLING_MODE
-    budget = account.monthly_budget_micros
-    if budget is None and plan is not None:
-        budget = plan.monthly_budget_micros
     return AccountTerms(
         organization_id=organization_id,
-        prepaid=mode == Plan.Mode.PREPAID,
+        prepaid=account.billing_mode == Plan.Mode.PREPAID,
         multiplier=multiplier_units(plan.price_multiplier) if plan is not None else _MULTIPLIER_SCALE,
         default_rpm=plan.default_rpm if plan is not None else None,
         default_tpm=plan.default_tpm if plan is not None else None,
-        monthly_budget_micros=budget,
+        monthly_budget_micros=account.effective_monthly_budget_micros,
         credit_total_micros=account.credit_total_micros,
         credit_version=account.credit_version,
         usage_total_micros=account.usage_total_micros,

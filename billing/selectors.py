@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
-from django.conf import settings
 from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
@@ -228,21 +227,19 @@ def _account(*, organization: Organization) -> BillingAccount | None:
 def balance_summary(*, organization: Organization, now: datetime | None = None) -> BalanceSummary:
     """Credit, usage and balance (the account's running totals), terms, and this calendar month's spend."""
     now = now or timezone.now()
-    account = _account(organization=organization)
-    plan = account.plan if account is not None else None
-    budget = account.monthly_budget_micros if account is not None else None
-    if budget is None and plan is not None:
-        budget = plan.monthly_budget_micros
+    # An organization never billed has no account row yet: an unsaved one reads as zeros and defaults.
+    account = _account(organization=organization) or BillingAccount(organization=organization)
+    plan = account.plan
     month_start, _ = _month_bounds(year=now.year, month=now.month)
     spend = UsageEvent.objects.filter(organization=organization, created_at__gte=month_start).aggregate(
         total=Sum("cost_micros")
     )["total"]
     return BalanceSummary(
-        billing_mode=plan.billing_mode if plan is not None else settings.KEYWAY_DEFAULT_BILLING_MODE,
+        billing_mode=account.billing_mode,
         plan=plan.name if plan is not None else None,
-        credit_total_micros=account.credit_total_micros if account is not None else 0,
-        usage_total_micros=account.usage_total_micros if account is not None else 0,
-        monthly_budget_micros=budget,
+        credit_total_micros=account.credit_total_micros,
+        usage_total_micros=account.usage_total_micros,
+        monthly_budget_micros=account.effective_monthly_budget_micros,
         month_start=month_start.date(),
         month_spend_micros=int(spend or 0),
     )
