@@ -172,73 +172,41 @@ async def admit(
     names = counters.names(
         organization_id=key.organization_id, key_public_id=key.public_id, key_id=key.id, now=now
     )
-    metering = settings.KEYWAY_METERING
-    terms = await account_terms(key.organization_id) if metering else None
+    terms = await account_terms(key.organization_id) if settings.KEYWAY_METERING else None
     rpm, tpm = _limits(key, terms)
-    if terms is None and not rpm:
-        return Meter(key=key, request_id=request_id, endpoint=endpoint, terms=None, prices={}, hold=0,
-                     hold_counters=(), tokens_counter=names[1], lease="", started_at=now)
     prices = await price_table() if terms is not None else {}
     hold = 0
+    org_cap = key_cap = -1
+    hold_counters: list[str] = []
     if terms is not None:
         hold = max(
             cost_micros(prices.get(model), multiplier=terms.multiplier, prompt_tokens=prompt_tokens,
                         cached_tokens=0, completion_tokens=max_output_tokens)
             for model in models
         )
-    org_cap = terms.monthly_budget_micros if terms is not None and terms.monthly_budget_micros is not None else -1
-    key_cap = key.monthly_budget_micros if terms is not None and key.monthly_budget_micros is not None else -1
-    store = counters.store()
-    ask = counters.Ask(
-        keys=names,
-        rpm=rpm,
-        tpm=tpm,
-        estimated_tokens=prompt_tokens,
-        hold=hold,
-        prepaid=terms is not None and terms.prepaid,
-        spend_seed=terms.usage_total_micros if terms is not None else -1,
-        credit_total=terms.credit_total_micros if terms is not None else 0,
-        credit_version=terms.credit_version if terms is not None else 0,
-        org_cap=org_cap,
-        key_cap=key_cap,
-    )
-    status, requests, tokens, lease = await store.admit(ask)
-    while status in (counters.NEEDS_ORG_MONTH, counters.NEEDS_KEY_MONTH):
-        # First request of the month (or of this Redis) under a cap: seed the counter from the ledger.
-        await counters.flush()
-        await sync_to_async(ledger.flush_sync)()
-        seed_key = key.id if status == counters.NEEDS_KEY_MONTH else None
-        name = names[5] if seed_key is not None else names[4]
-        spent = await sync_to_async(_month_spend, thread_sensitive=True)(
-            organization_id=key.organization_id, key_id=seed_key, started_at=now
+        hold_counters.append(names[2])
+        if terms.monthly_budget_micros is not None:
+            org_cap = terms.monthly_budget_micros
+            hold_counters.append(names[4])
+        if key.monthly_budget_micros is not None:
+            key_cap = key.monthly_budget_micros
+            hold_counters.append(names[5])
+    lease, rate_state = "", None
+    if terms is not None or rpm:
+        ask = counters.Ask(
+            keys=names,
+            rpm=rpm,
+            tpm=tpm,
+            estimated_tokens=prompt_tokens,
+            hold=hold,
+            prepaid=terms is not None and terms.prepaid,
+            spend_seed=terms.usage_total_micros if terms is not None else -1,
+            credit_total=terms.credit_total_micros if terms is not None else 0,
+            credit_version=terms.credit_version if terms is not None else 0,
+            org_cap=org_cap,
+            key_cap=key_cap,
         )
-        await store.seed({name: spent})
-        status, requests, tokens, lease = await store.admit(ask)
-    rate_state = None
-    if rpm:
-        tokens += counters.unsent(names[1])
-        rate_state = RateState(
-            limit_requests=rpm,
-            remaining_requests=rpm - requests,
-            limit_tokens=tpm,
-            remaining_tokens=tpm - tokens,
-            reset=WINDOW - now % WINDOW,
-        )
-    if status == counters.REFUSED_REQUESTS or status == counters.REFUSED_TOKENS:
-        assert rate_state is not None
-        raise RateLimitExceeded(
-            kind="requests" if status == counters.REFUSED_REQUESTS else "tokens",
-            limit=rpm if status == counters.REFUSED_REQUESTS else tpm,
-            retry_after=rate_state.retry_after,
-            headers=rate_state.headers(),
-        )
-    if status in _QUOTA_CODES:
-        raise QuotaExceeded(_QUOTA_CODES[status], headers=rate_state.headers() if rate_state else None)
-    hold_counters = [names[2]] if terms is not None else []
-    if org_cap >= 0:
-        hold_counters.append(names[4])
-    if key_cap >= 0:
-        hold_counters.append(names[5])
+        lease, rate_state = await _count_and_reserve(ask, key=key, now=now)
     return Meter(
         key=key,
         request_id=request_id,
@@ -254,6 +222,45 @@ async def admit(
         started_at=now,
         rate_state=rate_state,
     )
+
+
+async def _count_and_reserve(ask: counters.Ask, *, key: AuthenticatedKey, now: float) -> tuple[str, RateState | None]:
+    """The admission step itself; returns the lease holding the reservation and the rate-limit state, or
+    raises with nothing reserved."""
+    store = counters.store()
+    status, requests, tokens, lease = await store.admit(ask)
+    while status in (counters.NEEDS_ORG_MONTH, counters.NEEDS_KEY_MONTH):
+        # First request of the month (or of this Redis) under a cap: seed the counter from the ledger.
+        await counters.flush()
+        await sync_to_async(ledger.flush_sync)()
+        seed_key = key.id if status == counters.NEEDS_KEY_MONTH else None
+        name = ask.keys[5] if seed_key is not None else ask.keys[4]
+        spent = await sync_to_async(_month_spend, thread_sensitive=True)(
+            organization_id=key.organization_id, key_id=seed_key, started_at=now
+        )
+        await store.seed({name: spent})
+        status, requests, tokens, lease = await store.admit(ask)
+    rate_state = None
+    if ask.rpm:
+        tokens += counters.unsent(ask.keys[1])
+        rate_state = RateState(
+            limit_requests=ask.rpm,
+            remaining_requests=ask.rpm - requests,
+            limit_tokens=ask.tpm,
+            remaining_tokens=ask.tpm - tokens,
+            reset=WINDOW - now % WINDOW,
+        )
+    if status == counters.REFUSED_REQUESTS or status == counters.REFUSED_TOKENS:
+        assert rate_state is not None
+        raise RateLimitExceeded(
+            kind="requests" if status == counters.REFUSED_REQUESTS else "tokens",
+            limit=ask.rpm if status == counters.REFUSED_REQUESTS else ask.tpm,
+            retry_after=rate_state.retry_after,
+            headers=rate_state.headers(),
+        )
+    if status in _QUOTA_CODES:
+        raise QuotaExceeded(_QUOTA_CODES[status], headers=rate_state.headers() if rate_state else None)
+    return lease, rate_state
 
 
 async def flush() -> None:
