@@ -17,7 +17,7 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
-from platform_site.api_errors import ApiError
+from platform_site.api_errors import ApiError, server_error
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +70,7 @@ def to_api_error(exc: BaseException, *, request_id: str) -> ApiError:
     if isinstance(exc, exceptions.APIException):
         return ApiError(str(exc.detail), status=exc.status_code, code=_detail_code(exc, exc.default_code))
     logger.exception("Unhandled error in billing API request %s", request_id, exc_info=exc)
-    return ApiError(
-        f"The server had an error while processing your request. Quote request id {request_id} if you ask "
-        "for help.",
-        status=500,
-        error_type="server_error",
-        code="server_error",
-    )
+    return server_error(request_id=request_id)
 
 
 def _request_id(request: Any) -> str:

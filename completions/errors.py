@@ -11,7 +11,7 @@ from django.http import HttpResponse
 from apikeys.exceptions import ApiKeyError, InvalidApiKey, MissingScope, ModelNotAllowed
 from billing.exceptions import QuotaExceeded, RateLimitExceeded
 from completions.providers.base import ProviderError
-from platform_site.api_errors import ApiError
+from platform_site.api_errors import ApiError, server_error
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,7 @@ def to_api_error(exc: BaseException, *, request_id: str) -> ApiError:
             "The request body is too large.", status=413, code="request_too_large", error_type="invalid_request_error"
         )
     logger.exception("Unhandled error in request %s", request_id, exc_info=exc)
-    return ApiError(
-        f"The server had an error while processing your request. Quote request id {request_id} if you ask "
-        "for help.",
-        status=500,
-        error_type="server_error",
-        code="server_error",
-    )
+    return server_error(request_id=request_id)
 
 
 def error_response(error: ApiError, *, request_id: str) -> HttpResponse:

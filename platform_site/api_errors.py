@@ -32,3 +32,14 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+
+def server_error(*, request_id: str) -> ApiError:
+    """The 500 for a failure nobody anticipated: it names the request id and nothing else (never a traceback)."""
+    return ApiError(
+        f"The server had an error while processing your request. Quote request id {request_id} if you ask "
+        "for help.",
+        status=500,
+        error_type="server_error",
+        code="server_error",
+    )
