@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache, caches
 from django.core.cache.backends.locmem import LocMemCache
@@ -24,7 +23,9 @@ from django.utils import timezone
 
 from apikeys import keyformat
 from apikeys.exceptions import InvalidApiKey, MissingScope, ModelNotAllowed
-from platform_site.db import returns_connection
+from platform_site.kernel import process
+from platform_site.kernel.orm import orm
+from platform_site.kernel.singleflight import SingleFlight
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +74,7 @@ class _KeyRecord:
     last_used_at: float | None
 
 
-# A record of None means "no such key", cached like any other answer so unknown ids cannot hammer the DB.
-_local: dict[str, tuple[float, _KeyRecord | None]] = {}
 _LOCAL_MAX = 50_000
-_inflight: dict[str, asyncio.Task[_KeyRecord | None]] = {}
 _background: set[asyncio.Task[None]] = set()
 
 
@@ -131,17 +129,14 @@ def _query_record(public_id: str) -> _KeyRecord | None:
     )
 
 
-# Off the request cycle (the async hot path) the connection must be handed back after the query; inside
-# Django's request cycle (authenticate_key_sync) the request's own connection is used and closed by Django.
-_load_record = returns_connection(_query_record)
-
 _MISSING = "missing"
 
 
 def _fetch_record(
-    public_id: str, *, load: Callable[[str], _KeyRecord | None] = _load_record
+    public_id: str, *, load: Callable[[str], _KeyRecord | None] = _query_record
 ) -> _KeyRecord | None:
-    """Shared cache, then database. Runs in a worker thread."""
+    """Shared cache, then database. Runs in a worker thread (through orm(), which hands the connection
+    back), or inside Django's request cycle (authenticate_key_sync), whose connection Django closes."""
     if _shared_cache_is_process_local():
         return load(public_id)
     cached = cache.get(_cache_key(public_id))
@@ -156,38 +151,19 @@ def _fetch_record(
     return record
 
 
+def _local_ttl() -> float:
+    return float(settings.KEYWAY_KEY_LOCAL_TTL)
+
+
+# The in-process tier. A record of None means "no such key", cached like any other answer so unknown ids
+# cannot hammer the database.
+_records: SingleFlight[str, _KeyRecord | None] = SingleFlight(_fetch_record, ttl=_local_ttl, max_entries=_LOCAL_MAX)
+
+
 def invalidate_cached_key(public_id: str) -> None:
     """Forget every cached copy of a key that this process can reach. Called on commit of a key change."""
-    _local.pop(public_id, None)
-    _inflight.pop(public_id, None)
+    _records.invalidate(public_id)
     cache.delete(_cache_key(public_id))
-
-
-async def _record_for(public_id: str) -> _KeyRecord | None:
-    now = time.monotonic()
-    hit = _local.get(public_id)
-    if hit is not None and now - hit[0] < settings.KEYWAY_KEY_LOCAL_TTL:
-        return hit[1]
-    # Single flight: when a busy key's local copy expires, every request in flight sees it at once; they
-    # share one lookup instead of queueing dozens of identical queries (measured: p99 408 ms → see bench/).
-    loop = asyncio.get_running_loop()
-    pending = _inflight.get(public_id)
-    if pending is None or pending.get_loop() is not loop:
-        pending = loop.create_task(sync_to_async(_fetch_record, thread_sensitive=True)(public_id))
-        _inflight[public_id] = pending
-        pending.add_done_callback(lambda done: _remember(public_id, now, done))
-    return await asyncio.shield(pending)
-
-
-def _remember(public_id: str, fetched_at: float, done: asyncio.Task[_KeyRecord | None]) -> None:
-    if _inflight.get(public_id) is done:
-        del _inflight[public_id]
-    if done.cancelled() or done.exception() is not None:
-        return
-    if len(_local) >= _LOCAL_MAX:
-        _local.clear()
-    # Timestamped with the start of the lookup, so the copy never counts as fresher than it is.
-    _local[public_id] = (fetched_at, done.result())
 
 
 def _mark_used(key_id: int, public_id: str) -> None:
@@ -199,18 +175,14 @@ def _mark_used(key_id: int, public_id: str) -> None:
     ApiKey.objects.filter(pk=key_id).update(last_used_at=timezone.now())
 
 
-_touch_last_used = returns_connection(_mark_used)
-
-
 def _schedule_touch(record: _KeyRecord) -> None:
-    task = asyncio.get_running_loop().create_task(
-        sync_to_async(_touch_last_used, thread_sensitive=True)(record.key.id, record.key.public_id)
-    )
+    task = asyncio.get_running_loop().create_task(orm(_mark_used, record.key.id, record.key.public_id))
     _background.add(task)
     task.add_done_callback(_background.discard)
 
 
 _last_touch: dict[str, float] = {}
+process.resettable(_last_touch.clear)
 
 
 def parse_bearer(header: str | None) -> str:
@@ -245,7 +217,9 @@ async def authenticate_key(raw_key: str) -> AuthenticatedKey:
     if parsed is None:
         raise InvalidApiKey(_INVALID_MESSAGE)
     public_id, secret = parsed
-    now, record = _verified(await _record_for(public_id), public_id, secret)
+    # Single flight: when a busy key's local copy expires, every request in flight sees it at once; they
+    # share one lookup instead of queueing dozens of identical queries.
+    now, record = _verified(await _records.get(public_id), public_id, secret)
     last = _last_touch.get(public_id, record.last_used_at or 0.0)
     if now - last >= _LAST_USED_EVERY:
         if len(_last_touch) >= _LOCAL_MAX:

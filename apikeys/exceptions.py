@@ -1,27 +1,37 @@
-"""Errors of key authentication and authorization; the API layer maps them to OpenAI error objects."""
+"""Errors of key authentication and authorization. Each carries its status, type and code; the message is
+safe to show to the caller and never contains a secret."""
 
 from __future__ import annotations
 
+from platform_site.kernel.errors import ApiError
 
-class ApiKeyError(Exception):
-    """Base class; `message` is safe to show to the caller and never contains a secret."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+class ApiKeyError(ApiError):
+    """Base class: a key that may not do what was asked."""
+
+    status = 403
+    error_type = "permission_error"
 
 
 class InvalidApiKey(ApiKeyError):
     """Missing, malformed, unknown, revoked, expired or rotated-out key: 401 invalid_api_key."""
 
+    status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
 
 class MissingScope(ApiKeyError):
+    code = "missing_scope"
+
     def __init__(self, scope: str) -> None:
         super().__init__(f"This API key does not have the '{scope}' scope required for this endpoint.")
         self.scope = scope
 
 
 class ModelNotAllowed(ApiKeyError):
+    code = "model_not_allowed"
+
     def __init__(self, model: str) -> None:
-        super().__init__(f"This API key is not allowed to use the model '{model}'.")
+        super().__init__(f"This API key is not allowed to use the model '{model}'.", param="model")
         self.model = model

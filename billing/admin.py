@@ -185,12 +185,12 @@ class CreditEntryAdmin(admin.ModelAdmin):
 class UsageEventAdmin(ReadOnlyAdmin):
     """The usage ledger, read-only: rows come from metering alone."""
 
-    list_display = ["created_at", "request_id", "organization", "api_key", "endpoint", "model", "status",
+    list_display = ["created_at", "call_id", "request_id", "organization", "api_key", "endpoint", "model", "status",
                     "prompt_tokens", "cached_tokens", "completion_tokens", "cost", "latency_ms"]
     list_filter = ["organization", "model", "status", "endpoint"]
     list_select_related = ["organization", "api_key"]
     date_hierarchy = "created_at"
-    search_fields = ["=request_id"]
+    search_fields = ["=call_id", "=request_id", "=session_id"]
     # The ledger grows with every request; counting all of it for each page would be the slowest query here.
     show_full_result_count = False
 

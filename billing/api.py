@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.http import StreamingHttpResponse
 from django.utils import timezone
 from django_ratelimit.core import get_usage
@@ -28,7 +27,7 @@ from apikeys.auth import AuthenticatedKey
 from apikeys.models import ApiKey
 from apikeys.selectors import apikey_get
 from billing.authentication import ApiKeyAuthentication, CanReadUsage, reader_organization
-from billing.errors import ApiError, invalid_param, openai_exception_handler
+from billing.errors import invalid_param, openai_exception_handler
 from billing.models import CreditEntry, UsageEvent
 from billing.money import micros_to_usd
 from billing.selectors import (
@@ -41,6 +40,8 @@ from billing.selectors import (
     usage_events_for_export,
     usage_report,
 )
+from platform_site.kernel.errors import ApiError
+from platform_site.kernel.orm import orm
 from platform_site.models import Organization
 
 DEFAULT_RANGE_DAYS = 30
@@ -200,7 +201,8 @@ class UsageListApi(BillingApi):
 
 
 _CSV_HEADER = (
-    "created_at", "request_id", "endpoint", "model", "api_key", "status", "usage_source", "prompt_tokens",
+    "created_at", "call_id", "request_id", "session_id", "endpoint", "model", "api_key", "status",
+    "usage_source", "prompt_tokens",
     "cached_tokens", "completion_tokens", "total_tokens", "cost_micros", "cost_usd", "latency_ms", "ttft_ms",
 )
 
@@ -215,7 +217,9 @@ class _Echo:
 def _csv_line(row: dict[str, Any]) -> list[object]:
     return [
         row["created_at"].astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+        row["call_id"],
         row["request_id"],
+        row["session_id"],
         UsageEvent.Endpoint(row["endpoint"]).label,
         row["model"],
         row["api_key__public_id"] or "",
@@ -236,15 +240,13 @@ async def _csv_stream(filters: dict[str, Any]) -> AsyncIterator[str]:
     """The header, then every ledger row of the range, one keyset page at a time.
 
     An asynchronous iterator because Django's ASGI handler would read a synchronous one to the end into
-    memory before sending the first byte; each page's query runs on the request's thread and connection.
+    memory before sending the first byte; each page's query runs in Django's thread for sync work, through orm().
     """
     writer = csv.writer(_Echo())
     yield writer.writerow(_CSV_HEADER)
     after: tuple[datetime, int] | None = None
     while True:
-        rows = await sync_to_async(usage_events_for_export, thread_sensitive=True)(
-            **filters, after=after, limit=_EXPORT_PAGE
-        )
+        rows = await orm(usage_events_for_export, **filters, after=after, limit=_EXPORT_PAGE)
         if rows:
             yield "".join(writer.writerow(_csv_line(row)) for row in rows)
         if len(rows) < _EXPORT_PAGE:

@@ -18,7 +18,7 @@ from rest_framework.views import APIView
 from apikeys.auth import AuthenticatedKey, authenticate_key_sync, parse_bearer
 from apikeys.exceptions import InvalidApiKey, MissingScope
 from apikeys.scopes import USAGE_READ
-from billing.errors import ApiError
+from platform_site.kernel.errors import ApiError
 from platform_site.models import Organization
 from platform_site.selectors import organizations_for_user
 

@@ -37,7 +37,6 @@ import os
 import secrets
 import socket
 import time
-import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +44,7 @@ from typing import Any
 from django.conf import settings
 
 from billing.ratelimits import WINDOW
-from platform_site.runtime import register_shutdown_hook
+from platform_site.kernel.loops import PerLoop
 
 logger = logging.getLogger(__name__)
 
@@ -387,19 +386,19 @@ class _LocalCounters:
         }
 
 
+async def _close_store(counters: _RedisCounters) -> None:
+    await counters.close()
+
+
 # One store per event loop: redis.asyncio connections belong to the loop that opened them.
-_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+_stores: PerLoop[_RedisCounters] = PerLoop("billing counters (Redis)", _RedisCounters, _close_store)
 _local = _LocalCounters()
 
 
 def store() -> Any:
     if not settings.REDIS_URL:
         return _local
-    loop = asyncio.get_running_loop()
-    current = _stores.get(loop)
-    if current is None:
-        current = _stores[loop] = _RedisCounters()
-    return current
+    return _stores.get()
 
 
 _unsent: defaultdict[str, int] = defaultdict(int)
@@ -459,12 +458,15 @@ async def flush() -> None:
         raise
 
 
-async def close() -> None:
-    """On shutdown: send what is queued, then close this loop's Redis connections."""
+async def flush_at_shutdown() -> None:
+    """On shutdown, before this loop's Redis client is closed (platform_site.kernel.loops): send what is
+    queued."""
     await flush()
-    current = _stores.pop(asyncio.get_running_loop(), None)
-    if current is not None:
-        await current.close()
 
 
-register_shutdown_hook(close)
+def reset() -> None:
+    """Forget the in-process counters and queued settlements (tests)."""
+    _local.values.clear()
+    _local.credit.clear()
+    _unsent.clear()
+    _releases.clear()

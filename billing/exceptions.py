@@ -1,31 +1,40 @@
-"""Errors of metering and limits; the API layer maps them to OpenAI error objects."""
+"""Errors of metering and limits. Each carries its status, type and code (platform_site.kernel.errors)."""
 
 from __future__ import annotations
 
+from platform_site.kernel.errors import ApiError
 
-class RateLimitExceeded(Exception):
+
+class RateLimitExceeded(ApiError):
     """429 rate_limit_exceeded; `kind` is "requests" or "tokens", as OpenAI's error type says."""
+
+    status = 429
+    code = "rate_limit_exceeded"
 
     def __init__(self, *, kind: str, limit: int, retry_after: int, headers: dict[str, str]) -> None:
         unit = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
-        super().__init__(f"Rate limit reached on {unit}: Limit {limit}. Please try again in {retry_after}s.")
-        self.message = str(self)
+        super().__init__(
+            f"Rate limit reached on {unit}: Limit {limit}. Please try again in {retry_after}s.",
+            error_type=kind,
+            headers={**headers, "Retry-After": str(retry_after)},
+        )
         self.kind = kind
         self.retry_after = retry_after
-        self.headers = headers
 
 
-class BillingError(Exception):
+class BillingError(ApiError):
     """A billing change that cannot be made (bad amount, missing reason)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    code = "invalid_value"
 
 
-class QuotaExceeded(Exception):
+class QuotaExceeded(ApiError):
     """429: the request's worst-case cost does not fit. `code` says what ran out: insufficient_quota (prepaid
-    credit), organization_budget_exceeded or key_budget_exceeded (a monthly spend cap)."""
+    credit), organization_budget_exceeded or key_budget_exceeded (a monthly spend cap). No Retry-After:
+    waiting does not help, someone has to add credit or raise a cap."""
+
+    status = 429
+    error_type = "insufficient_quota"
 
     MESSAGES = {
         "insufficient_quota": (
@@ -43,7 +52,4 @@ class QuotaExceeded(Exception):
     }
 
     def __init__(self, code: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(self.MESSAGES[code])
-        self.message = self.MESSAGES[code]
-        self.code = code
-        self.headers = headers or {}
+        super().__init__(self.MESSAGES[code], code=code, headers=headers)

@@ -20,7 +20,6 @@ database sees one write per flush interval rather than one per request.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import fcntl
 import logging
 import os
@@ -31,13 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import IntegrityError
 
 from billing.services import SettledUsage, usage_events_write
-from platform_site.db import returns_connection
-from platform_site.runtime import register_shutdown_hook, register_startup_hook
+from platform_site.kernel.orm import orm, returns_connection
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +71,7 @@ class _Ledger:
         self._sequence = 0
         self._current: _JournalFile | None = None
         self._sealed: list[_JournalFile] = []  # rotated away, waiting for (or retrying) their write
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-ledger")
+        self._executor: ThreadPoolExecutor | None = None  # made on the first write, not at import
         self._flusher: asyncio.Task[None] | None = None
         self._last_recovery = 0.0
 
@@ -115,8 +112,10 @@ class _Ledger:
         if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):
             # SQLite has one writer at a time anyway; writing from the thread every other ORM call of the
             # process uses avoids lock contention between threads inside the process.
-            await sync_to_async(self.flush_sync, thread_sensitive=True)()
+            await orm(self.flush_sync)
         else:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-ledger")
             await asyncio.get_running_loop().run_in_executor(self._executor, self.flush_sync)
 
     def flush_sync(self) -> None:
@@ -153,7 +152,7 @@ def _write(events: list[SettledUsage]) -> None:
             try:
                 usage_events_write([event])
             except IntegrityError:
-                logger.error("Usage event %s refused by the database; dropped from the ledger", event.request_id)
+                logger.error("Usage event %s refused by the database; dropped from the ledger", event.call_id)
 
 
 def _read_journal(path: Path) -> list[SettledUsage]:
@@ -197,17 +196,17 @@ def recover_orphans(directory: Path | None = None) -> int:
 ledger = _Ledger()
 
 
-async def _close() -> None:
+async def flush_at_shutdown() -> None:
     await ledger.flush()
 
 
-async def _recover_at_start() -> None:
+async def recover_at_start() -> None:
     # Before the first request seeds the shared counters from the ledger, the ledger should hold what
     # workers that died left in their journals.
-    await sync_to_async(recover_orphans, thread_sensitive=True)()
+    await orm(recover_orphans)
 
 
-def _flush_at_exit() -> None:
+def flush_at_exit() -> None:
     # daphne does not speak lifespan, so its workers end without the shutdown hook; write what is buffered
     # while the process can still reach the database. If even this fails, the journal is still on disk.
     if ledger.pending():
@@ -216,7 +215,3 @@ def _flush_at_exit() -> None:
         except Exception:
             logger.exception("Could not write buffered usage at exit; it stays in the journal")
 
-
-register_startup_hook(_recover_at_start)
-register_shutdown_hook(_close)
-atexit.register(_flush_at_exit)

@@ -1,15 +1,18 @@
-"""Metering of one request: admit (rate limits and a reservation of the worst-case cost) before the call,
+"""Metering of one model call: admit (rate limits and a reservation of the worst-case cost) before it,
 settle (the real cost, released hold, ledger event) after it.
 
-    meter = await admit(key=..., endpoint=..., models=[...], prompt_tokens=..., max_output_tokens=...)
+Calls, not requests, are metered: one HTTP request, one WebSocket connection or one agent run may make many
+calls, each with its own id (the ledger's idempotency key), and each usage event also names the request and,
+where there is one, the session or connection it belongs to. The engine (completions.engine.calls) is the
+only caller:
+
+    meter = await admit(key=..., call_id=..., request_id=..., endpoint=..., models=[...], ...)
     try:
         ...call the model...
     finally:
         meter.settle(...)   # synchronous: safe in the finally of a cancelled stream
 
-Settlement happens exactly once per admitted request, whatever happened in between: `settle` ignores a
-second call, and a request that failed before producing anything settles at zero, which releases its
-whole hold.
+A call that failed before producing anything settles at zero, which releases its whole hold.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db.models import Sum
 
@@ -26,19 +28,14 @@ from billing import counters
 from billing.exceptions import QuotaExceeded, RateLimitExceeded
 from billing.ledger import ledger
 from billing.models import UsageEvent
-from billing.pricing import AccountTerms, ModelPrice, account_terms, cost_micros, forget_cached_terms, price_table
+from billing.pricing import AccountTerms, ModelPrice, account_terms, cost_micros, price_table
 from billing.ratelimits import WINDOW, RateState
-from billing.services import SettledUsage, on_credit_change
-from platform_site.db import returns_connection
+from billing.services import SettledUsage
+from platform_site.kernel.orm import orm
 
 Endpoint = UsageEvent.Endpoint
 Status = UsageEvent.Status
 UsageSource = UsageEvent.UsageSource
-
-# A credit change made in this process is seen by its next request; other processes see it within
-# KEYWAY_BILLING_LOCAL_TTL (every admission carries the credit total it knows, and the shared counter keeps
-# the newest).
-on_credit_change(lambda organization_id, total, version: forget_cached_terms(organization_id))
 
 _QUOTA_CODES = {
     counters.REFUSED_CREDIT: "insufficient_quota",
@@ -50,7 +47,9 @@ _QUOTA_CODES = {
 @dataclass(slots=True)
 class Meter:
     key: AuthenticatedKey
+    call_id: str
     request_id: str
+    session_id: str
     endpoint: int
     terms: AccountTerms | None
     prices: dict[str, ModelPrice]
@@ -105,7 +104,9 @@ class Meter:
             # the hold merely stays at its worst case (refusing more, never overspending).
             ledger.record(
                 SettledUsage(
+                    call_id=self.call_id,
                     request_id=self.request_id,
+                    session_id=self.session_id,
                     organization_id=self.key.organization_id,
                     api_key_id=self.key.id,
                     endpoint=self.endpoint,
@@ -144,7 +145,6 @@ def _limits(key: AuthenticatedKey, terms: AccountTerms | None) -> tuple[int, int
     return rpm, tpm
 
 
-@returns_connection
 def _month_spend(*, organization_id: int, key_id: int | None, started_at: float) -> int:
     """This calendar month's charges from the ledger (seeds a cap counter the first time it is needed)."""
     month = time.gmtime(started_at)
@@ -159,7 +159,9 @@ def _month_spend(*, organization_id: int, key_id: int | None, started_at: float)
 async def admit(
     *,
     key: AuthenticatedKey,
+    call_id: str,
     request_id: str,
+    session_id: str = "",
     endpoint: int,
     models: list[str],
     prompt_tokens: int,
@@ -209,7 +211,9 @@ async def admit(
         lease, rate_state = await _count_and_reserve(ask, key=key, now=now)
     return Meter(
         key=key,
+        call_id=call_id,
         request_id=request_id,
+        session_id=session_id,
         endpoint=endpoint,
         terms=terms,
         prices=prices,
@@ -232,12 +236,10 @@ async def _count_and_reserve(ask: counters.Ask, *, key: AuthenticatedKey, now: f
     while status in (counters.NEEDS_ORG_MONTH, counters.NEEDS_KEY_MONTH):
         # First request of the month (or of this Redis) under a cap: seed the counter from the ledger.
         await counters.flush()
-        await sync_to_async(ledger.flush_sync)()
+        await ledger.flush()
         seed_key = key.id if status == counters.NEEDS_KEY_MONTH else None
         name = ask.keys[5] if seed_key is not None else ask.keys[4]
-        spent = await sync_to_async(_month_spend, thread_sensitive=True)(
-            organization_id=key.organization_id, key_id=seed_key, started_at=now
-        )
+        spent = await orm(_month_spend, organization_id=key.organization_id, key_id=seed_key, started_at=now)
         await store.seed({name: spent})
         status, requests, tokens, lease = await store.admit(ask)
     rate_state = None

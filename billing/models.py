@@ -127,7 +127,11 @@ class CreditEntry(models.Model):
 
 
 class UsageEvent(models.Model):
-    """One metered request. Written in batches off the hot path, at most once per request id."""
+    """One metered model call. Written in batches off the hot path, at most once per call id.
+
+    A call is one admission and one settlement; one HTTP request, WebSocket connection or agent run may make
+    several, so the request id (and the session or connection id, where there is one) groups them.
+    """
 
     class Endpoint(models.IntegerChoices):
         CHAT = 1, "chat.completions"
@@ -149,7 +153,10 @@ class UsageEvent(models.Model):
         ESTIMATED = 3, "estimated (no tokenizer for the model)"
         NONE = 4, "nothing produced"
 
-    request_id = models.CharField(max_length=40, unique=True)
+    call_id = models.CharField(max_length=64, unique=True)
+    request_id = models.CharField(max_length=64, db_index=True)
+    # The WebSocket connection, agent run or conversation the call belongs to; "" for a plain request.
+    session_id = models.CharField(max_length=64, blank=True, default="")
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     endpoint = models.PositiveSmallIntegerField(choices=Endpoint.choices)
@@ -176,7 +183,7 @@ class UsageEvent(models.Model):
         ]
 
     def __str__(self) -> str:
-        return self.request_id
+        return self.call_id
 
     @property
     def total_tokens(self) -> int:

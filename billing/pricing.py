@@ -11,17 +11,12 @@ process, one query at a time (single flight), so no request waits on the ORM exc
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Generic, TypeVar
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from platform_site.db import returns_connection
+from platform_site.kernel.singleflight import SingleFlight
 
 _MULTIPLIER_SCALE = 10_000
 _TOKENS_PER_PRICE_UNIT = 1_000_000
@@ -69,51 +64,6 @@ class AccountTerms:
     usage_total_micros: int
 
 
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class _SingleFlight(Generic[K, V]):
-    """A per-process copy of slow-changing rows: trusted for `ttl()` seconds, then fetched again by one
-    query however many requests ask at that moment. An invalidation drops a copy at once."""
-
-    def __init__(self, load: Callable[[K], V], ttl: Callable[[], float]) -> None:
-        self._load = returns_connection(load)
-        self._ttl = ttl
-        self._copies: dict[K, tuple[float, V]] = {}
-        self._inflight: dict[K, asyncio.Task[V]] = {}
-
-    async def get(self, key: K) -> V:
-        now = time.monotonic()
-        hit = self._copies.get(key)
-        if hit is not None and now - hit[0] < self._ttl():
-            return hit[1]
-        loop = asyncio.get_running_loop()
-        pending = self._inflight.get(key)
-        if pending is None or pending.get_loop() is not loop:
-            pending = loop.create_task(sync_to_async(self._load, thread_sensitive=True)(key))
-            self._inflight[key] = pending
-            pending.add_done_callback(lambda done: self._remember(key, now, done))
-        return await asyncio.shield(pending)
-
-    def _remember(self, key: K, fetched_at: float, done: asyncio.Task[V]) -> None:
-        if self._inflight.get(key) is done:
-            del self._inflight[key]
-        if done.cancelled() or done.exception() is not None:
-            return
-        if len(self._copies) > 100_000:
-            self._copies.clear()
-        self._copies[key] = (fetched_at, done.result())
-
-    def invalidate(self, key: K | None = None) -> None:
-        if key is None:
-            self._copies.clear()
-            self._inflight.clear()
-        else:
-            self._copies.pop(key, None)
-            self._inflight.pop(key, None)
-
-
 def _load_terms(organization_id: int) -> AccountTerms:
     from billing.models import Plan
     from billing.services import billing_account_for
@@ -150,8 +100,8 @@ def _ttl() -> float:
     return float(settings.KEYWAY_BILLING_LOCAL_TTL)
 
 
-_terms: _SingleFlight[int, AccountTerms] = _SingleFlight(_load_terms, _ttl)
-_prices: _SingleFlight[None, dict[str, ModelPrice]] = _SingleFlight(_load_prices, _ttl)
+_terms: SingleFlight[int, AccountTerms] = SingleFlight(_load_terms, ttl=_ttl)
+_prices: SingleFlight[None, dict[str, ModelPrice]] = SingleFlight(_load_prices, ttl=_ttl)
 
 
 async def account_terms(organization_id: int) -> AccountTerms:

@@ -190,7 +190,8 @@ def usage_report(
 
 
 _EXPORT_FIELDS = (
-    "id", "created_at", "request_id", "endpoint", "model", "api_key__public_id", "status", "usage_source",
+    "id", "created_at", "call_id", "request_id", "session_id", "endpoint",
+    "model", "api_key__public_id", "status", "usage_source",
     "prompt_tokens", "cached_tokens", "completion_tokens", "cost_micros", "latency_ms", "ttft_ms",
 )
 

@@ -100,9 +100,11 @@ def billing_plan_set(
 
 @dataclass(slots=True)
 class SettledUsage:
-    """A settled request as the ledger writer receives it (from memory or from a journal file)."""
+    """A settled call as the ledger writer receives it (from memory or from a journal file)."""
 
+    call_id: str
     request_id: str
+    session_id: str
     organization_id: int
     api_key_id: int | None
     endpoint: int
@@ -121,40 +123,46 @@ class SettledUsage:
 
     def as_row(self) -> tuple[object, ...]:
         return (
-            self.request_id, self.organization_id, self.api_key_id, self.endpoint, self.model, self.deployment_id,
+            self.call_id, self.request_id, self.session_id, self.organization_id,
+            self.api_key_id, self.endpoint, self.model, self.deployment_id,
             self.provider, self.prompt_tokens, self.cached_tokens, self.completion_tokens, self.cost_micros,
             self.status, self.usage_source, self.latency_ms, self.ttft_ms, self.created_at,
         )
 
     @classmethod
     def from_row(cls, row: list[object] | tuple[object, ...]) -> SettledUsage:
+        if len(row) == _LEGACY_ROW_LENGTH:
+            # A journal written before calls had ids of their own: one call per request, named by it.
+            row = (row[0], row[0], "", *row[1:])
         return cls(*row)  # type: ignore[arg-type]
 
 
+_LEGACY_ROW_LENGTH = 16
 _USAGE_COLUMNS = (
-    "request_id", "organization_id", "api_key_id", "endpoint", "model", "deployment_id", "provider",
+    "call_id", "request_id", "session_id", "organization_id",
+    "api_key_id", "endpoint", "model", "deployment_id", "provider",
     "prompt_tokens", "cached_tokens", "completion_tokens", "cost_micros", "status", "usage_source",
     "latency_ms", "ttft_ms", "created_at",
 )
-# Rows per INSERT statement: 16 parameters a row stays well under SQLite's and PostgreSQL's limits.
+# Rows per INSERT statement: 18 parameters a row stays well under SQLite's and PostgreSQL's limits.
 _ROWS_PER_STATEMENT = 1000
 
 
 @transaction.atomic
 def usage_events_write(events: Iterable[SettledUsage]) -> int:
-    """Write a batch of settled requests and charge their organizations, in one transaction.
+    """Write a batch of settled calls and charge their organizations, in one transaction.
 
-    Idempotent on the request id: an event already in the ledger (a journal replayed after a crash that hit
+    Idempotent on the call id: an event already in the ledger (a journal replayed after a crash that hit
     between this commit and the journal's deletion) is skipped and charged nothing, so replaying any batch
-    any number of times charges each request exactly once. Returns how many events were new.
+    any number of times charges each call exactly once. Returns how many events were new.
 
-    One multi-row `INSERT … ON CONFLICT (request_id) DO NOTHING RETURNING` per thousand events: the database
+    One multi-row `INSERT … ON CONFLICT (call_id) DO NOTHING RETURNING` per thousand events: the database
     says which rows it inserted, and only those are charged; two writers holding the same event (a live
     worker and one replaying a journal) cannot both insert it. Measured with bench/: the ORM's bulk_create
     plus an existence query cost several times more CPU per event, on the thread that shares the GIL with
     the event loop.
     """
-    unique = list({event.request_id: event for event in events}.values())
+    unique = list({event.call_id: event for event in events}.values())
     if not unique:
         return 0
     for organization_id in sorted({event.organization_id for event in unique}):
@@ -176,7 +184,7 @@ def usage_events_write(events: Iterable[SettledUsage]) -> int:
             cursor.execute(
                 f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in _USAGE_COLUMNS)}) "  # noqa: S608
                 f"VALUES {', '.join([row] * len(batch))} "
-                f"ON CONFLICT ({quote('request_id')}) DO NOTHING RETURNING {quote('organization_id')}, "
+                f"ON CONFLICT ({quote('call_id')}) DO NOTHING RETURNING {quote('organization_id')}, "
                 f"{quote('cost_micros')}",
                 params,
             )

@@ -6,7 +6,7 @@ from django import forms
 from django.contrib import admin
 from django.http import HttpRequest
 
-from completions.catalog import catalog_invalidate
+from completions.engine.catalog import catalog_invalidate
 from completions.models import Deployment, Model, Provider
 
 

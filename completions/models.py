@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import time
+from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 
@@ -90,6 +93,14 @@ class Model(models.Model):
         return self.public_id
 
 
+_FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def validate_extra_fields(value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(name, str) and _FIELD_NAME.match(name) for name in value):
+        raise ValidationError('Give a list of field names, e.g. ["top_k", "min_p"] (lower case, digits, underscores).')
+
+
 class Deployment(models.Model):
     """One way to serve a public model: a provider and the provider's own name for it.
 
@@ -106,6 +117,15 @@ class Deployment(models.Model):
     # Total timeout of one call in seconds; null uses the provider's, then KEYWAY_UPSTREAM_TIMEOUT.
     timeout_seconds = models.FloatField(null=True, blank=True)
     enabled = models.BooleanField(default=True)
+    extra_fields = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validate_extra_fields],
+        help_text=(
+            "Request fields beyond OpenAI's standard ones that this deployment's upstream understands and may "
+            'receive, e.g. ["top_k", "min_p", "service_tier"]. Any other unknown field is refused with 400.'
+        ),
+    )
 
     class Meta:
         ordering = ["model", "priority", "-weight", "id"]

@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from django.conf import settings
 from django.db import transaction
 
-from completions.catalog import catalog_invalidate
-from completions.models import Deployment, Model, Provider, validate_tokenizer_reference
+from completions.engine.catalog import catalog_invalidate
+from completions.models import Deployment, Model, Provider, validate_extra_fields, validate_tokenizer_reference
 
 DEFAULT_PROVIDER = "local"
 EMBEDDINGS_PROVIDER = "local-embeddings"
@@ -104,10 +104,15 @@ def deployment_add(
     weight: int = 1,
     priority: int = 0,
     timeout_seconds: float | None = None,
+    extra_fields: Iterable[str] = (),
 ) -> Deployment:
+    """Add a way to serve `model`. `extra_fields` are the request fields beyond the endpoint's allow-list
+    that may go to this deployment (top_k, min_p, …)."""
+    names = list(extra_fields)
+    validate_extra_fields(names)
     deployment = Deployment.objects.create(
         model=model, provider=provider, upstream_model=upstream_model, weight=weight, priority=priority,
-        timeout_seconds=timeout_seconds,
+        timeout_seconds=timeout_seconds, extra_fields=names,
     )
     transaction.on_commit(catalog_invalidate)
     return deployment

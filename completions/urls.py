@@ -1,18 +1,16 @@
-"""Routes of the OpenAI-compatible API, mounted at /v1/ and (seed 001's aliases) /api/v1/."""
+"""Everything the completions app serves, for the root URLconf to include by name (platform_site.urls
+includes it as a string, so the project's wiring imports no app above it)."""
 
 from __future__ import annotations
 
-from django.urls import path, re_path
+from django.urls import include, path, re_path
 
-from completions import views
-
-app_name = "completions"
+from completions.api.http import unknown_route
+from completions.api.status import status
 
 urlpatterns = [
-    path("models", views.models_list, name="models-list"),
-    path("models/<path:model_id>", views.model_retrieve, name="models-retrieve"),
-    path("chat/models", views.models_list, name="chat-models-list"),
-    path("chat/completions", views.chat_completions, name="chat-completions"),
-    path("embeddings", views.embeddings, name="embeddings"),
-    re_path(r"^(?P<rest>.*)$", views.unknown_route, name="unknown"),
+    path("v1/", include("completions.api.urls", namespace="v1")),
+    path("api/v1/", include("completions.api.urls", namespace="api-v1")),
+    re_path(r"^(?:api/)?v1$", unknown_route),
+    path("status", status, name="status"),
 ]

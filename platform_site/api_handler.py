@@ -4,8 +4,12 @@ Django's ASGIHandler does per request what a bearer-token API does not need and 
 request_started/request_finished signals and closes the response through `sync_to_async` (two thread
 hops), spools the body to a temporary file, and runs the dashboard's middleware. This handler keeps what
 matters — Django's request object, URL resolution, async views, streaming with disconnect detection — and
-drops the rest. Database connections on this path are returned by `platform_site.db.returns_connection`,
-which is what the skipped signals would otherwise do.
+drops the rest. Database connections on this path are returned by `platform_site.kernel.orm.orm`, which
+is what the skipped signals would otherwise do.
+
+A response is closed the way Django closes it — its resource closers run, which is how a streaming answer
+settles what its client did not read — but without the request_finished signal, whose receivers are the
+chores this path does on its own.
 """
 
 from __future__ import annotations
@@ -15,23 +19,28 @@ import io
 import logging
 from typing import Any
 
-import orjson
 from django.conf import settings
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, ASGIRequest
-from django.http import HttpResponse, HttpResponseBase
+from django.http import HttpResponseBase
 from django.urls import get_resolver
 
+from platform_site.kernel.errors import ApiError, error_response, server_error
 from platform_site.middleware import new_request_id
 
 logger = logging.getLogger(__name__)
 
 
-def json_error(status: int, message: str, error_type: str, code: str) -> HttpResponse:
-    body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
-    response = HttpResponse(orjson.dumps(body), status=status, content_type="application/json")
-    response["x-request-id"] = new_request_id()
-    return response
+def close_response(response: HttpResponseBase) -> None:
+    """HttpResponseBase.close() without the request_finished signal. Synchronous on purpose: it must run
+    even while the request's task is being cancelled."""
+    closers, response._resource_closers = response._resource_closers, []  # type: ignore[attr-defined]
+    for closer in closers:
+        try:
+            closer()
+        except Exception:
+            logger.exception("Closing a response failed")
+    response.closed = True
 
 
 class _BodyTooLarge(Exception):
@@ -54,9 +63,8 @@ class ApiHandler(ASGIHandler):
         except RequestAborted:
             return
         except _BodyTooLarge:
-            await self.send_response(
-                json_error(413, "The request body is too large.", "invalid_request_error", "request_too_large"), send
-            )
+            error = ApiError("The request body is too large.", status=413, code="request_too_large")
+            await self.send_response(error_response(error, request_id=new_request_id()), send)
             return
         request = ASGIRequest(scope, io.BytesIO(body))
         task = asyncio.current_task()
@@ -73,11 +81,9 @@ class ApiHandler(ASGIHandler):
                 raise
         finally:
             listener.cancel()
-            # A view may leave work for when its response is finished or abandoned (settling a stream that
-            # never started, for one). Synchronous on purpose: it must run even while being cancelled.
-            on_close = getattr(response, "on_close", None)
-            if on_close is not None:
-                on_close()
+            # Finished or abandoned: a stream that never started (or stopped half-way) settles here.
+            if response is not None:
+                close_response(response)
 
     async def _read_body(self, scope: dict[str, Any], receive: Any) -> bytes:
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
@@ -115,7 +121,8 @@ class ApiHandler(ASGIHandler):
         except asyncio.CancelledError:
             raise
         except Exception:
-            # Views map their own errors; this is the last resort for failures outside them. Never a traceback.
-            logger.exception("Unhandled error on the API path")
-            return json_error(500, "The server had an error while processing your request.", "server_error",
-                              "server_error")
+            # Views map their own errors; this is the last resort for failures outside them. Never a traceback
+            # to the client, and the log names the request id the client is given.
+            request_id = getattr(request, "request_id", None) or new_request_id()
+            logger.exception("Unhandled error on the API path in request %s", request_id)
+            return error_response(server_error(request_id=request_id), request_id=request_id)

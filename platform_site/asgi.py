@@ -2,7 +2,7 @@
 
 The lean handler runs no middleware: sessions, auth, messages and CSRF cost more than the whole proxy hop
 (measured: ~1.8 ms, 1,029 → 379 req/s) and mean nothing to a bearer-token API. API views do their own
-request ids, authentication and error mapping (completions.api).
+request ids, authentication and error mapping (completions.api.http).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 # Django must be set up before anything imports models, so the dashboard app is built first.
 dashboard_app = get_asgi_application()
 
-from platform_site import runtime  # noqa: E402
 from platform_site.api_handler import ApiHandler  # noqa: E402
+from platform_site.kernel import loops, process  # noqa: E402
 
 api_app = ApiHandler()
 _API_PREFIXES = ("/v1/", "/api/v1/")
@@ -37,15 +37,16 @@ _router = ProtocolTypeRouter({"http": http_app})
 
 async def _lifespan(receive, send):  # type: ignore[no-untyped-def]
     # uvicorn speaks lifespan, daphne does not. Start-up hooks are chores that are also done otherwise (the
-    # ledger replays orphaned journals here, and from its periodic flush); shutdown closes pooled upstream
-    # connections and writes what is buffered.
+    # ledger replays orphaned journals here, and from its periodic flush); shutdown writes what is buffered,
+    # then closes this loop's pools and clients.
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
-            await runtime.run_startup_hooks()
+            await process.run_startup_hooks()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
-            await runtime.run_shutdown_hooks()
+            await process.run_shutdown_hooks()
+            await loops.close_all()
             await send({"type": "lifespan.shutdown.complete"})
             return
 

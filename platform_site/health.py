@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import time
 
-from asgiref.sync import sync_to_async
 from django.core.cache import cache
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
 
-from platform_site.db import returns_connection
+from platform_site.kernel.orm import orm
 
 
-@returns_connection
 def _check_database() -> None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
@@ -31,7 +29,7 @@ async def health(request: HttpRequest) -> JsonResponse:
     checks: dict[str, str] = {}
     for name, check in (("database", _check_database), ("cache", _check_cache)):
         try:
-            await sync_to_async(check, thread_sensitive=True)()
+            await orm(check)
             checks[name] = "ok"
         except Exception as exc:  # noqa: BLE001 - any failure of a dependency is what this endpoint reports
             checks[name] = f"error: {type(exc).__name__}"

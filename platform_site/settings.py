@@ -164,6 +164,8 @@ KEYWAY_MAX_IMAGE_BYTES = env_int("KEYWAY_MAX_IMAGE_BYTES", 20 * 1024 * 1024, min
 KEYWAY_MAX_AUDIO_BYTES = env_int("KEYWAY_MAX_AUDIO_BYTES", 25 * 1024 * 1024, minimum=1024)
 KEYWAY_MAX_FILE_BYTES = env_int("KEYWAY_MAX_FILE_BYTES", 32 * 1024 * 1024, minimum=1024)
 KEYWAY_FETCH_TIMEOUT = env_float("KEYWAY_FETCH_TIMEOUT", 10.0, minimum=0.1)
+# Connections of the image fetcher's own pool (per worker), apart from the upstream pool.
+KEYWAY_FETCH_POOL_SIZE = env_int("KEYWAY_FETCH_POOL_SIZE", 16, minimum=1)
 # Off by default: fetching URLs that resolve to private addresses would let callers probe the network.
 KEYWAY_FETCH_ALLOW_PRIVATE = env_bool("KEYWAY_FETCH_ALLOW_PRIVATE", False)
 

@@ -1,20 +1,18 @@
+"""The root URLconf. Apps are included by module name, so this wiring imports nothing above platform_site."""
+
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import include, path, re_path
+from django.urls import include, path
 
-from completions.status import status
-from completions.views import unknown_route
 from platform_site.health import health
 
 urlpatterns = [
-    path("v1/", include("completions.urls", namespace="v1")),
-    path("api/v1/", include("completions.urls", namespace="api-v1")),
+    # /v1, /api/v1 and /status. The first two go to the lean API handler (platform_site.asgi).
+    path("", include("completions.urls")),
     # Not under /v1 or /api/v1: those prefixes go to the lean API handler, which has no sessions, and the
-    # billing API serves logged-in members as well as keys (platform_site.asgi).
+    # billing API serves logged-in members as well as keys.
     path("api/billing/", include("billing.urls", namespace="billing")),
-    re_path(r"^(?:api/)?v1$", unknown_route),
     path("health", health, name="health"),
-    path("status", status, name="status"),
     path("admin/", admin.site.urls),
 ]

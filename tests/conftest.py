@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx2 as httpx
 import openai
+import pydantic
 import pytest
 import yaml
 from django.conf import settings
@@ -17,14 +18,10 @@ from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from apikeys import auth
 from apikeys.models import ApiKey
 from apikeys.services import apikey_create
-from billing import counters
 from billing.ledger import ledger
-from billing.pricing import forget_cached_terms
-from completions.catalog import catalog_invalidate
-from completions.routing import reset_breakers
+from platform_site.kernel import loops, process
 from platform_site.models import Organization
 from platform_site.services import organization_create
 
@@ -41,21 +38,12 @@ def _private_usage_journal(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh_caches() -> Iterator[None]:
-    """Module-level caches outlive a test; clear them so no test sees another's keys, catalog, prices or
-    billing counters."""
+    """Process-wide state outlives a test; reset it so no test sees another's keys, catalog, prices,
+    breakers or billing counters."""
     cache.clear()
-    auth._local.clear()
-    auth._last_touch.clear()
-    catalog_invalidate()
-    reset_breakers()
-    forget_cached_terms()
-    counters._local.values.clear()
-    counters._local.credit.clear()
-    counters._unsent.clear()
+    process.reset()
     yield
-    auth._local.clear()
-    catalog_invalidate()
-    forget_cached_terms()
+    process.reset()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -123,10 +111,7 @@ async def upstream() -> AsyncIterator[tuple[int, Any]]:
     await runner.cleanup()
 
 
-@pytest.fixture(scope="session")
-def openapi() -> dict[str, Any]:
-    if not OPENAPI_PATH.exists():
-        pytest.skip(f"{OPENAPI_PATH} is missing")
+def _openapi() -> dict[str, Any]:
     with OPENAPI_PATH.open() as handle:
         return yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
 
@@ -149,9 +134,8 @@ def _nullable_to_json_schema(node: Any) -> Any:
     return node
 
 
-@pytest.fixture(scope="session")
-def validate_schema(openapi: dict[str, Any]):  # type: ignore[no-untyped-def]
-    """validate_schema(name, instance) checks an instance against components/schemas/<name>."""
+def openapi_validator(openapi: dict[str, Any]) -> Callable[[str, Any], None]:
+    """validate(name, instance) against components/schemas/<name> of the official OpenAPI document."""
     openapi = _nullable_to_json_schema(openapi)
     registry = Registry().with_resource("urn:openai", DRAFT202012.create_resource(openapi))
 
@@ -161,6 +145,55 @@ def validate_schema(openapi: dict[str, Any]):  # type: ignore[no-untyped-def]
         assert not errors, f"{name}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
 
     return validate
+
+
+def _sdk_types() -> dict[str, type[pydantic.BaseModel]]:
+    from openai.types import CreateEmbeddingResponse, Model
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.shared import ErrorObject
+
+    class _Strict(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+
+    class ErrorResponse(_Strict):
+        error: ErrorObject
+
+    class ListModelsResponse(_Strict):
+        object: Literal["list"]
+        data: list[Model]
+
+    return {
+        "CreateChatCompletionResponse": ChatCompletion,
+        "CreateChatCompletionStreamResponse": ChatCompletionChunk,
+        "CreateEmbeddingResponse": CreateEmbeddingResponse,
+        "ErrorResponse": ErrorResponse,
+        "ListModelsResponse": ListModelsResponse,
+        "Model": Model,
+    }
+
+
+def sdk_validator() -> Callable[[str, Any], None]:
+    """validate(name, instance) against the official SDK's own response type for that schema: where the
+    OpenAPI document is absent (a fresh clone without ../shared), every check still runs. The SDK's models
+    are strict about types and required fields (pydantic validation), lenient about extra fields."""
+    types = _sdk_types()
+
+    def validate(name: str, instance: Any) -> None:
+        try:
+            types[name].model_validate(instance, strict=False)
+        except pydantic.ValidationError as exc:
+            raise AssertionError(f"{name}: {exc}") from None
+
+    return validate
+
+
+@pytest.fixture(scope="session")
+def validate_schema() -> Callable[[str, Any], None]:
+    """validate_schema(name, instance): the OpenAPI document's components/schemas/<name> where the document
+    is present, the official SDK's response type otherwise."""
+    if OPENAPI_PATH.exists():
+        return openapi_validator(_openapi())
+    return sdk_validator()
 
 
 def bearer(raw_key: str) -> dict[str, str]:
@@ -177,12 +210,11 @@ async def _close_upstream_pool(django_db_setup: None, django_db_blocker: Any) ->
     from asgiref.sync import sync_to_async
     from django.db import connections
 
-    from platform_site import runtime
-
     with django_db_blocker.unblock():
         # As a server ends: upstream pools closed, settlements sent, buffered usage written, heartbeats
         # stopped.
-        await runtime.run_shutdown_hooks()
+        await process.run_shutdown_hooks()
+        await loops.close_all()
         # Tests call services through sync_to_async; that worker thread's connections must go before the
         # test database is dropped.
         await sync_to_async(connections.close_all, thread_sensitive=True)()

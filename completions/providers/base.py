@@ -1,7 +1,8 @@
 """The interface every provider implements, and the errors a provider may raise.
 
 Providers hold no ORM: they receive plain configuration and plain request dicts, and return OpenAI-shaped
-dicts. The API layer owns ids, public model names, usage policy and framing.
+dicts. The engine owns ids, public model names, usage policy and normalisation. Their errors are ApiErrors
+(platform_site.kernel.errors): each already says which status, type and code the client should see.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import threading
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
+
+from platform_site.kernel.errors import ApiError
 
 T = TypeVar("T")
 
@@ -27,13 +30,18 @@ class ProviderConfig:
 
 @dataclass(slots=True)
 class ChatCall:
-    """One chat request as a provider sees it: the client's validated body and the upstream model name."""
+    """One chat request as a provider sees it: the upstream model name and the OpenAI wire body (the known
+    fields, checked, and the extra ones this deployment allows), with the parsed facts a provider that runs
+    the model itself needs."""
 
     upstream_model: str
     body: dict[str, Any]
     request_id: str
     # The deployment's own timeout, over the provider's and the global default.
     timeout: float | None = None
+    # The output limit per choice (max_completion_tokens, else max_tokens); None: what the context leaves.
+    max_tokens: int | None = None
+    n: int = 1
 
 
 @dataclass(slots=True)
@@ -93,7 +101,7 @@ class LoadedOnce(Generic[T]):
         self._items.clear()
 
 
-class ProviderError(Exception):
+class ProviderError(ApiError):
     """An upstream failure, already classified as the OpenAI error the client should see."""
 
     status = 502
@@ -101,9 +109,7 @@ class ProviderError(Exception):
     code: str | None = "upstream_error"
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
+        super().__init__(message, param=param)
 
 
 class UpstreamTimeout(ProviderError):
@@ -122,9 +128,8 @@ class UpstreamRejected(ProviderError):
     def __init__(
         self, message: str, *, status: int, error_type: str, code: str | None, param: str | None
     ) -> None:
-        super().__init__(message, param=param)
-        self.status = status
-        self.error_type = error_type
+        ApiError.__init__(self, message, status=status, error_type=error_type, param=param)
+        # The upstream's own code, even none: it is not ours to fill in.
         self.code = code
 
 

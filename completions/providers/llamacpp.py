@@ -9,7 +9,6 @@ every token, so its generation stops at once and the next request in the queue s
 from __future__ import annotations
 
 import asyncio
-import atexit
 import threading
 import time
 import uuid
@@ -143,8 +142,7 @@ def _load(upstream_model: str) -> _LoadedModel:
 models: LoadedOnce[_LoadedModel] = LoadedOnce(_load)
 
 
-@atexit.register
-def _close_models() -> None:
+def close_models() -> None:
     # Free the models while the interpreter is still whole; llama-cpp-python's own finalizer fails if it
     # only runs during interpreter teardown.
     for loaded in models.items().values():
@@ -287,8 +285,10 @@ def _grammar(response_format: Any) -> Any:
 _DECISION = 'root ::= "call" | "reply"'
 
 
-def _sampling(body: dict[str, Any], n_ctx: int) -> dict[str, Any]:
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+_EXTRA_SAMPLERS = (("top_k", int, 0, 1000), ("min_p", float, 0.0, 1.0), ("repeat_penalty", float, 0.0, 10.0))
+
+
+def _sampling(body: dict[str, Any], max_tokens: int | None, n_ctx: int) -> dict[str, Any]:
     stop = body.get("stop")
     kwargs: dict[str, Any] = {
         # OpenAI's defaults, not llama-cpp-python's (which samples at 0.2).
@@ -301,6 +301,15 @@ def _sampling(body: dict[str, Any], n_ctx: int) -> dict[str, Any]:
     }
     if body.get("seed") is not None:
         kwargs["seed"] = int(body["seed"])
+    # Sampler settings beyond OpenAI's, which reach this provider only where the operator allowed them on
+    # the deployment (Deployment.extra_fields).
+    for name, kind, low, high in _EXTRA_SAMPLERS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+            raise UnsupportedByModel(f"'{name}' must be a number between {low} and {high}.", param=name)
+        kwargs[name] = kind(value)
     grammar = _grammar(body.get("response_format"))
     if grammar is not None:
         kwargs["grammar"] = grammar
@@ -342,14 +351,14 @@ def _generate(loaded: _LoadedModel, call: ChatCall, meter: _Meter, emit: Any) ->
     body = call.body
     mode = _tool_mode(body)
     messages = _prompt_messages(body["messages"], body.get("tools") if mode else None)
-    kwargs = _sampling(body, llama.n_ctx())
+    kwargs = _sampling(body, call.max_tokens, llama.n_ctx())
     if meter.top_logprobs is not None:
         from llama_cpp import LogitsProcessorList
 
         kwargs["logits_processor"] = LogitsProcessorList([llama.capture_scores])
     llama.meter = meter
     try:
-        for index in range(int(body.get("n") or 1)):
+        for index in range(call.n):
             if "seed" in kwargs and index:
                 kwargs["seed"] = int(body["seed"]) + index
             if mode is not None and _decide_to_call(llama, messages, mode, kwargs):

@@ -6,9 +6,6 @@ aiohttp rather than httpx: measured here as a bare proxy on loopback, aiohttp su
 
 from __future__ import annotations
 
-import asyncio
-import atexit
-import weakref
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -25,31 +22,33 @@ from completions.providers.base import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from platform_site.runtime import register_shutdown_hook
+from platform_site.kernel.loops import PerLoop
+
+
+def _new_session() -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=settings.KEYWAY_UPSTREAM_POOL_SIZE,
+        limit_per_host=settings.KEYWAY_UPSTREAM_POOL_SIZE,
+        ttl_dns_cache=300,
+        keepalive_timeout=30,
+    )
+    # Compressed upstream bodies would cost CPU on the hot path for nothing on a LAN; ask for identity. No
+    # cookie jar: a cookie one upstream sets must not ride along on another tenant's request.
+    return aiohttp.ClientSession(
+        connector=connector, auto_decompress=True, headers={"Accept-Encoding": "identity"},
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+async def _close_session(session: aiohttp.ClientSession) -> None:
+    await session.close()
+
 
 # One client session (and so one connection pool) per event loop: a session must not cross loops, and a
 # server process runs a single loop, so in production this is exactly one pool per worker.
-_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
-    weakref.WeakKeyDictionary()
+upstream_sessions: PerLoop[aiohttp.ClientSession] = PerLoop(
+    "upstream HTTP", _new_session, _close_session, is_closed=lambda session: session.closed
 )
-
-
-def shared_session() -> aiohttp.ClientSession:
-    loop = asyncio.get_running_loop()
-    session = _sessions.get(loop)
-    if session is None or session.closed:
-        connector = aiohttp.TCPConnector(
-            limit=settings.KEYWAY_UPSTREAM_POOL_SIZE,
-            limit_per_host=settings.KEYWAY_UPSTREAM_POOL_SIZE,
-            ttl_dns_cache=300,
-            keepalive_timeout=30,
-        )
-        # Compressed upstream bodies would cost CPU on the hot path for nothing on a LAN; ask for identity.
-        session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=True, headers={"Accept-Encoding": "identity"}
-        )
-        _sessions[loop] = session
-    return session
 
 
 def _rejection(status: int, raw: bytes) -> ProviderError:
@@ -106,7 +105,7 @@ class OpenAICompatibleProvider:
     async def _post_json(self, path: str, payload: dict[str, Any], timeout: float | None) -> dict[str, Any]:
         client_timeout = self._timeouts(timeout)[0] if timeout else self.timeout
         try:
-            async with shared_session().post(
+            async with upstream_sessions.get().post(
                 self.base_url + path, data=orjson.dumps(payload), headers=self.headers, timeout=client_timeout
             ) as response:
                 raw = await response.read()
@@ -141,7 +140,7 @@ class OpenAICompatibleProvider:
         # Always ask for usage: metering must not depend on what the client asked for.
         payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
         try:
-            response = await shared_session().post(
+            response = await upstream_sessions.get().post(
                 self.base_url + "/chat/completions", data=orjson.dumps(payload), headers=self.headers,
                 timeout=self._timeouts(call.timeout)[1] if call.timeout else self.stream_timeout,
             )
@@ -192,23 +191,11 @@ class OpenAICompatibleProvider:
                 response.close()
 
 
-async def close_shared_session() -> None:
-    """Close this event loop's pool (on lifespan shutdown, and at the end of a test session)."""
-    session = _sessions.pop(asyncio.get_running_loop(), None)
-    if session is not None and not session.closed:
-        await session.close()
-
-
-@atexit.register
-def _abandon_pools() -> None:
-    # Servers without lifespan (daphne) exit without awaiting close_shared_session; drop the sockets
-    # synchronously so aiohttp does not report every pool as leaked at exit. `_close` is aiohttp's own
-    # synchronous half of `close()`.
-    for session in list(_sessions.values()):
+def abandon_pools() -> None:
+    """At exit, for servers without lifespan (daphne), which end without closing the pools: drop the sockets
+    synchronously, so aiohttp does not report every pool as leaked. `_close` is aiohttp's own synchronous
+    half of `close()`."""
+    for session in upstream_sessions.instances():
         connector = session.connector
         if connector is not None and not connector.closed:
             connector._close()
-    _sessions.clear()
-
-
-register_shutdown_hook(close_shared_session)

@@ -8,7 +8,6 @@ from completions.providers.base import ChatProvider, ProviderConfig
 from completions.providers.llamacpp import LlamaCppProvider
 from completions.providers.onnx_embeddings import OnnxEmbeddingsProvider
 from completions.providers.openai_compatible import OpenAICompatibleProvider
-from platform_site.runtime import register_loaded_models_reporter
 
 _KINDS: dict[str, type] = {
     "llamacpp": LlamaCppProvider,
@@ -36,5 +35,3 @@ def provider_for(config: ProviderConfig) -> ChatProvider:
 def loaded_models() -> list[str]:
     return sorted({name for instance in list(_instances.values()) for name in instance.loaded_models()})
 
-
-register_loaded_models_reporter(loaded_models)

@@ -35,7 +35,8 @@ def admin_client(staff: User) -> Client:
 def _spend(organization: Organization, cost_micros: int, request_id: str = "req_1") -> None:
     usage_events_write([
         SettledUsage(
-            request_id=request_id, organization_id=organization.pk, api_key_id=None, endpoint=UsageEvent.Endpoint.CHAT,
+            call_id=request_id, request_id=request_id, session_id="",
+            organization_id=organization.pk, api_key_id=None, endpoint=UsageEvent.Endpoint.CHAT,
             model="m", deployment_id=None, provider="fake", prompt_tokens=10, cached_tokens=0, completion_tokens=5,
             cost_micros=cost_micros, status=UsageEvent.Status.OK, usage_source=UsageEvent.UsageSource.REPORTED,
             latency_ms=1, ttft_ms=None, created_at=datetime(2025, 3, 1, tzinfo=UTC).timestamp(),

@@ -23,7 +23,8 @@ PRICE = ModelPrice(input=2_500_000, cached_input=1_250_000, output=10_000_000)  
 
 def _event(org: Organization, request_id: str, cost: int = 1234) -> SettledUsage:
     return SettledUsage(
-        request_id=request_id, organization_id=org.pk, api_key_id=None, endpoint=1, model="m", deployment_id=None,
+        call_id=request_id, request_id=request_id, session_id="",
+        organization_id=org.pk, api_key_id=None, endpoint=1, model="m", deployment_id=None,
         provider="p", prompt_tokens=10, cached_tokens=0, completion_tokens=5, cost_micros=cost, status=1,
         usage_source=1, latency_ms=12, ttft_ms=None, created_at=time.time(),
     )

@@ -20,6 +20,7 @@ from django.db.models import Sum
 from apikeys.services import apikey_create
 from billing import counters, metering
 from billing.models import BillingAccount, Plan, Price, UsageEvent
+from billing.pricing import forget_cached_terms
 from billing.services import billing_plan_set, credit_add
 from completions.services import provider_upsert_openai_compatible
 from platform_site.models import Organization
@@ -152,7 +153,7 @@ async def test_an_organizations_monthly_cap_is_seeded_from_this_months_ledger(
         account.save()
 
     await sync_to_async(cap)()
-    metering.forget_cached_terms(fake.pk)
+    forget_cached_terms(fake.pk)
     statuses = [r.status_code for r in await _burst(asgi_client, api_key[1], 10, max_tokens=7)]
     assert statuses.count(200) == 3  # 2 already spent this month + 3 = the cap of 5
     refused = [r for r in await _burst(asgi_client, api_key[1], 1, max_tokens=7)][0]
@@ -254,8 +255,8 @@ async def _dead_worker_admits(raw_key: str) -> tuple[counters._RedisCounters, me
     key = await authenticate_key(raw_key)
     dead = counters._RedisCounters()
     with patch.object(counters, "store", return_value=dead):
-        meter = await metering.admit(key=key, request_id="req_dead", endpoint=1, models=["ok"], prompt_tokens=1,
-                                     max_output_tokens=7)
+        meter = await metering.admit(key=key, call_id="call-dead", request_id="req_dead", endpoint=1,
+                                     models=["ok"], prompt_tokens=1, max_output_tokens=7)
     # It dies: its heartbeat stops, and its last heartbeat expires.
     assert dead.heartbeats is not None
     dead.heartbeats.cancel()

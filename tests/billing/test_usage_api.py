@@ -50,7 +50,9 @@ def _event(
     status: int = UsageEvent.Status.OK,
 ) -> SettledUsage:
     return SettledUsage(
+        call_id=request_id,
         request_id=request_id,
+        session_id="",
         organization_id=organization.pk,
         api_key_id=key.pk if key is not None else None,
         endpoint=UsageEvent.Endpoint.CHAT,

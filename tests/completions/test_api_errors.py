@@ -9,7 +9,7 @@ from asgiref.sync import sync_to_async
 
 from apikeys.models import ApiKey
 from apikeys.services import apikey_create, apikey_revoke
-from completions import views
+from completions.api import models as models_api
 from platform_site.models import Organization
 from tests.conftest import bearer
 
@@ -121,7 +121,7 @@ async def test_unexpected_exception_is_a_500_with_the_request_id_and_no_internal
     async def explode() -> None:
         raise RuntimeError("secret internal detail /etc/passwd")
 
-    monkeypatch.setattr(views, "catalog", explode)
+    monkeypatch.setattr(models_api, "catalog", explode)
     _, raw = api_key
     response = await asgi_client.get("/v1/models", headers=bearer(raw))
     error = assert_error(response, 500, "server_error", validate_schema)

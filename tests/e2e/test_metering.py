@@ -18,7 +18,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from completions.tokenizers import TokenCounter, _load
+from completions.engine.tokenizers import TokenCounter, _load
 from tests.e2e import server
 
 pytestmark = pytest.mark.e2e
@@ -137,9 +137,14 @@ def _stop_under_load(stack: dict[str, Any], how: signal.Signals) -> list[str]:
     ids: list[str] = []
 
     async def run() -> None:
-        load = asyncio.ensure_future(_send_load(url, stack["key"], 8.0, ids))
-        await asyncio.sleep(1.5)
+        load = asyncio.ensure_future(_send_load(url, stack["key"], 20.0, ids))
+        # A fresh process loads the model's tokenizer on its first requests (over a second here): stop it
+        # once it is serving, under load, not before.
+        deadline = time.monotonic() + 15
+        while not ids and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         assert ids, "no request succeeded before the stop"
+        await asyncio.sleep(1.0)
         process.send_signal(how)
         await load
 

@@ -14,51 +14,17 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from django.conf import settings
 
-from completions.catalog import CatalogEntry, DeploymentEntry
-from completions.errors import ApiError
+from completions.engine.catalog import CatalogEntry, DeploymentEntry
+from completions.engine.requests import Preferences
 from completions.providers.base import ProviderError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from platform_site.kernel import process
+from platform_site.kernel.errors import ApiError
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Preferences:
-    """Seed 002's `provider` object."""
-
-    order: tuple[str, ...] = ()
-    allow_fallbacks: bool = True
-    only: frozenset[str] = frozenset()
-    ignore: frozenset[str] = frozenset()
-
-
-def _names(value: Any, param: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ApiError(f"'{param}' must be an array of provider names.", param=param, code="invalid_type")
-    return tuple(value)
-
-
-def parse_preferences(body: dict[str, Any]) -> Preferences:
-    raw = body.get("provider")
-    if raw is None:
-        return Preferences()
-    if not isinstance(raw, dict):
-        raise ApiError("'provider' must be an object.", param="provider", code="invalid_type")
-    allow = raw.get("allow_fallbacks", True)
-    if not isinstance(allow, bool):
-        raise ApiError("'provider.allow_fallbacks' must be a boolean.", param="provider.allow_fallbacks",
-                       code="invalid_type")
-    return Preferences(
-        order=_names(raw.get("order"), "provider.order"),
-        allow_fallbacks=allow,
-        only=frozenset(_names(raw.get("only"), "provider.only")),
-        ignore=frozenset(_names(raw.get("ignore"), "provider.ignore")),
-    )
 
 
 @dataclass(slots=True)
@@ -89,6 +55,9 @@ def record_failure(deployment: DeploymentEntry) -> None:
 
 def reset_breakers() -> None:
     _breakers.clear()
+
+
+process.resettable(reset_breakers)
 
 
 def _balanced(deployments: list[DeploymentEntry]) -> list[DeploymentEntry]:

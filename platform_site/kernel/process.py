@@ -1,6 +1,12 @@
-"""Process-wide runtime facts reported by /status: start time, open streams and sockets, loaded models.
+"""Process-wide state: start-up and shutdown hooks, runtime facts for /status, and what tests reset.
 
-Lower layers cannot import the apps that own these facts, so those apps register a reporter here instead.
+Nothing registers itself at import. Each app wires its hooks in its `AppConfig.ready()`, and the ASGI
+lifespan (platform_site.asgi) runs them; servers without lifespan (daphne) skip the start-up hooks, so a
+start-up hook must be a chore that is also done otherwise. Lower layers cannot import the apps that own
+these facts, so those apps register here instead.
+
+State that outlives a request (cached copies, in-process counters) registers a reset function with
+`resettable`; `reset()` runs them all, so one test fixture makes every test start clean.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ _counters: dict[str, int] = {"open_streams": 0, "open_websockets": 0}
 _loaded_models_reporters: list[Callable[[], list[str]]] = []
 _shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
 _startup_hooks: list[Callable[[], Awaitable[None]]] = []
+_resets: list[Callable[[], None]] = []
 
 
 def counter_add(name: str, delta: int) -> None:
@@ -37,8 +44,7 @@ def uptime_seconds() -> float:
 
 
 def register_startup_hook(hook: Callable[[], Awaitable[None]]) -> None:
-    """Run `hook` when the ASGI server starts the application (lifespan.startup; uvicorn speaks it, daphne
-    does not, so a hook must also be safe to skip)."""
+    """Run `hook` when the ASGI server starts the application (lifespan.startup)."""
     if hook not in _startup_hooks:
         _startup_hooks.append(hook)
 
@@ -49,7 +55,8 @@ async def run_startup_hooks() -> None:
 
 
 def register_shutdown_hook(hook: Callable[[], Awaitable[None]]) -> None:
-    """Run `hook` when the ASGI server shuts the application down (lifespan.shutdown)."""
+    """Run `hook` when the ASGI server shuts the application down (lifespan.shutdown), in the order of
+    registration."""
     if hook not in _shutdown_hooks:
         _shutdown_hooks.append(hook)
 
@@ -57,3 +64,14 @@ def register_shutdown_hook(hook: Callable[[], Awaitable[None]]) -> None:
 async def run_shutdown_hooks() -> None:
     for hook in _shutdown_hooks:
         await hook()
+
+
+def resettable(reset_function: Callable[[], None]) -> None:
+    """Register a function that forgets some process-wide state (run between tests by `reset`)."""
+    _resets.append(reset_function)
+
+
+def reset() -> None:
+    """Forget every cached copy and in-process counter (tests: each starts as a fresh process would)."""
+    for reset_function in list(_resets):
+        reset_function()

@@ -7,19 +7,16 @@ The snapshot is rebuilt from the database at most every KEYWAY_CATALOG_LOCAL_TTL
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from dataclasses import dataclass
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db.models import Prefetch
 
 from completions.models import Deployment, Model, Provider
 from completions.providers.base import ChatProvider, ProviderConfig
 from completions.providers.registry import provider_for
-from platform_site.db import returns_connection
+from platform_site.kernel.singleflight import SingleFlight
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +27,8 @@ class DeploymentEntry:
     priority: int
     timeout: float | None
     provider_config: ProviderConfig
+    # Request fields beyond the endpoint's allow-list that the operator lets through to this deployment.
+    extra_fields: frozenset[str] = frozenset()
 
     @property
     def provider(self) -> ChatProvider:
@@ -72,7 +71,6 @@ def _provider_config(provider: Provider) -> ProviderConfig:
     )
 
 
-@returns_connection
 def _build() -> Catalog:
     configs: dict[int, ProviderConfig] = {}
     entries: dict[str, CatalogEntry] = {}
@@ -94,6 +92,7 @@ def _build() -> Catalog:
                     priority=deployment.priority,
                     timeout=deployment.timeout_seconds,
                     provider_config=config,
+                    extra_fields=frozenset(deployment.extra_fields),
                 )
             )
         if not routes:
@@ -110,50 +109,23 @@ def _build() -> Catalog:
     return Catalog(entries=entries, loaded_at=time.monotonic())
 
 
-logger = logging.getLogger(__name__)
-_current: Catalog | None = None
-_refreshing: asyncio.Task[None] | None = None
+def _load(_: None) -> Catalog:
+    return _build()
 
 
-_generation = 0
+def _ttl() -> float:
+    return float(settings.KEYWAY_CATALOG_LOCAL_TTL)
 
 
-async def _refresh() -> None:
-    global _current
-    started = _generation
-    built = await sync_to_async(_build, thread_sensitive=True)()
-    # A rebuild that began before an invalidation may hold what the invalidation replaced: drop it.
-    if started == _generation:
-        _current = built
+_snapshot: SingleFlight[None, Catalog] = SingleFlight(_load, ttl=_ttl, stale_while_revalidate=True)
 
 
 async def catalog() -> Catalog:
     """The current snapshot. One rebuild at a time per process: a cold start under load waits on a single
     query, and a stale snapshot keeps serving while its replacement is built."""
-    global _refreshing
-    current = _current
-    if current is not None and time.monotonic() - current.loaded_at < settings.KEYWAY_CATALOG_LOCAL_TTL:
-        return current
-    loop = asyncio.get_running_loop()
-    if _refreshing is None or _refreshing.done() or _refreshing.get_loop() is not loop:
-        _refreshing = loop.create_task(_refresh())
-        _refreshing.add_done_callback(_report_failure)
-    while current is None:
-        await asyncio.shield(_refreshing)
-        current = _current
-        if current is None:  # invalidated meanwhile: build again
-            _refreshing = loop.create_task(_refresh())
-            _refreshing.add_done_callback(_report_failure)
-    return current
-
-
-def _report_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("Rebuilding the model catalog failed", exc_info=task.exception())
+    return await _snapshot.get(None)
 
 
 def catalog_invalidate() -> None:
-    global _current, _refreshing, _generation
-    _current = None
-    _refreshing = None
-    _generation += 1
+    """Make this process's next request rebuild the snapshot (on commit of a catalog change)."""
+    _snapshot.invalidate()

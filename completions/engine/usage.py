@@ -12,17 +12,15 @@ from typing import Any
 
 from billing.metering import Meter, Status, UsageSource
 from billing.ratelimits import estimate_tokens
-from completions.catalog import CatalogEntry, DeploymentEntry
-from completions.tokenizers import token_counter_for
+from completions.engine.catalog import CatalogEntry, DeploymentEntry
+from completions.engine.requests import ChatRequest
+from completions.engine.tokenizers import token_counter_for
 
 
-def max_output_tokens(body: dict[str, Any], *, context_length: int, prompt_tokens: int) -> int:
+def max_output_tokens(request: ChatRequest, *, context_length: int, prompt_tokens: int) -> int:
     """The most a chat request can produce: its output limit (or what the context leaves) for each choice."""
-    limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    if not isinstance(limit, int) or limit <= 0:
-        limit = max(context_length - prompt_tokens, 1)
-    choices = body.get("n") or 1
-    return limit * (choices if isinstance(choices, int) and choices > 0 else 1)
+    limit = request.max_tokens or max(context_length - prompt_tokens, 1)
+    return limit * request.n
 
 
 class Produced:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from apikeys.auth import authenticate_header
 from apikeys.exceptions import ApiKeyError
-from completions.errors import ApiError, error_response, to_api_error
-from platform_site import runtime
+from platform_site.kernel import process
+from platform_site.kernel.errors import ApiError, error_response
+from platform_site.kernel.orm import orm
 from platform_site.middleware import new_request_id
 
 
@@ -32,18 +32,18 @@ async def status(request: HttpRequest) -> HttpResponse:
         try:
             await authenticate_header(request.headers.get("Authorization"))
         except ApiKeyError as exc:
-            return error_response(to_api_error(exc, request_id=request_id), request_id=request_id)
-    elif not await sync_to_async(_is_staff)(request):
+            return error_response(exc, request_id=request_id)
+    elif not await orm(_is_staff, request):
         error = ApiError("Send an API key, or log in as staff, to read the status.", status=401,
                          code="invalid_api_key")
         return error_response(error, request_id=request_id)
-    counters = runtime.counters()
+    counters = process.counters()
     return JsonResponse(
         {
             "status": "ok",
             "version": _version(),
-            "uptime_seconds": runtime.uptime_seconds(),
-            "loaded_models": runtime.loaded_models(),
+            "uptime_seconds": process.uptime_seconds(),
+            "loaded_models": process.loaded_models(),
             "open_streams": counters.get("open_streams", 0),
             "open_websockets": counters.get("open_websockets", 0),
         }

@@ -20,9 +20,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from django.conf import settings
 
-from completions.catalog import CatalogEntry
-from completions.errors import ApiError
-from completions.providers.openai_compatible import shared_session
+from platform_site.kernel.errors import ApiError
+from platform_site.kernel.loops import PerLoop
 
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 AUDIO_FORMATS = frozenset({"wav", "mp3"})
@@ -44,6 +43,7 @@ class _Part:
 class ContentReport:
     """What the request carries, and what was done to it."""
 
+    messages: list[dict[str, Any]] = field(default_factory=list)
     parts: list[_Part] = field(default_factory=list)
     pdfs_converted: int = 0
 
@@ -119,7 +119,7 @@ def _file_bytes(file: dict[str, Any], param: str) -> bytes:
 
 def inspect_content(messages: list[dict[str, Any]]) -> ContentReport:
     """Validate every content part of every message; returns where the non-text parts are."""
-    report = ContentReport()
+    report = ContentReport(messages=messages)
     for m, message in enumerate(messages):
         content = message.get("content")
         if not isinstance(content, list):
@@ -134,19 +134,6 @@ def inspect_content(messages: list[dict[str, Any]]) -> ContentReport:
             if where.kind != "text":
                 report.parts.append(where)
     return report
-
-
-def check_capabilities(report: ContentReport, entry: CatalogEntry) -> None:
-    for where in report.parts:
-        needed = CAPABILITY_OF_PART[where.kind]
-        if needed == "files":
-            continue  # A PDF goes to any model: as a file where supported, as text otherwise.
-        if needed not in entry.capabilities:
-            raise _bad(
-                f"The model `{entry.public_id}` does not accept {where.kind} parts ({where.param}).",
-                where.param,
-                "unsupported_content_part",
-            )
 
 
 def _pdf_text(pdf: bytes) -> str:
@@ -174,6 +161,25 @@ async def convert_pdfs_to_text(messages: list[dict[str, Any]], report: ContentRe
         report.pdfs_converted += 1
 
 
+def _new_fetch_session() -> aiohttp.ClientSession:
+    # Its own small pool, apart from the upstream pool: fetching customers' URLs must not take connections
+    # the proxy hop needs, and no cookie set by one customer's server may ride along to another's.
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=settings.KEYWAY_FETCH_POOL_SIZE, ttl_dns_cache=60),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        headers={"User-Agent": "Keyway image fetcher"},
+    )
+
+
+async def _close_session(session: aiohttp.ClientSession) -> None:
+    await session.close()
+
+
+fetch_sessions: PerLoop[aiohttp.ClientSession] = PerLoop(
+    "image fetching", _new_fetch_session, _close_session, is_closed=lambda session: session.closed
+)
+
+
 async def _refuse_private_address(host: str, param: str) -> None:
     """Server-side fetching must not become a way into the private network (SSRF)."""
     if settings.KEYWAY_FETCH_ALLOW_PRIVATE:
@@ -194,7 +200,7 @@ async def _fetch_image(url: str, param: str) -> str:
     await _refuse_private_address(urlsplit(url).hostname or "", param)
     timeout = aiohttp.ClientTimeout(total=settings.KEYWAY_FETCH_TIMEOUT)
     try:
-        async with shared_session().get(url, timeout=timeout, allow_redirects=False) as response:
+        async with fetch_sessions.get().get(url, timeout=timeout, allow_redirects=False) as response:
             if response.status != 200:
                 raise _bad(f"Fetching '{param}' gave HTTP {response.status}.", param, "image_fetch_failed")
             mime = response.content_type.lower()

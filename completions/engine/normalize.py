@@ -2,8 +2,9 @@
 
 Upstreams differ: some repeat the role, a tool call's id, type or name on every delta (the SDK's stream
 helpers concatenate strings, so clients would see "assistantassistant"), some leave out the tool-call index,
-send arguments as an object, or finish a tool call with "stop". The framer keeps per-stream state and
-rewrites each chunk to the wire format in openai-wire.md.
+send arguments as an object, or finish a tool call with "stop". The normalizer keeps per-stream state and
+rewrites each chunk's choices to the wire format in openai-wire.md. The engine applies it to every answer,
+so every surface (REST, Realtime, Responses, agents) starts from the same canonical chunks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _arguments_text(arguments: Any) -> str:
     return orjson.dumps(arguments).decode()
 
 
-class ChunkFramer:
+class ChunkNormalizer:
     def __init__(self) -> None:
         self._roles_sent: set[int] = set()
         # (choice index, tool-call index) -> the function name sent so far.

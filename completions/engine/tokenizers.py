@@ -17,7 +17,6 @@ downloaded.
 
 from __future__ import annotations
 
-import atexit
 import importlib.util
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from completions.catalog import CatalogEntry, DeploymentEntry
+from completions.engine.catalog import CatalogEntry, DeploymentEntry
 from completions.models import Provider
 from completions.providers import llamacpp
 from completions.providers.base import LoadedOnce
@@ -165,8 +164,7 @@ def _load(reference: str) -> _Loaded:
 _tokenizers: LoadedOnce[_Loaded] = LoadedOnce(_load)
 
 
-@atexit.register
-def _close_tokenizers() -> None:
+def close_tokenizers() -> None:
     # As for the embedded models: free llama.cpp objects while the interpreter is still whole.
     for loaded in _tokenizers.items().values():
         if loaded.close is not None:

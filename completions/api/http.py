@@ -1,4 +1,9 @@
-"""What every API view shares: request ids, authentication, JSON bodies and the error mapping."""
+"""What every REST API view shares: request ids, authentication, JSON bodies and responses, and errors.
+
+Views are surfaces: they parse the body into a typed request (completions.api.requests), make one engine
+call (completions.engine.calls) and turn its result into a response. Anything a view raises becomes an
+OpenAI error object through the one mapping (platform_site.kernel.errors), never an HTML page.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +15,20 @@ import orjson
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from apikeys.auth import AuthenticatedKey, authenticate_header
-from completions.errors import ApiError, error_response, to_api_error
+from completions.engine.calls import Caller
+from platform_site.kernel.errors import ApiError, error_response, to_api_error
 from platform_site.middleware import new_request_id
 
 View = Callable[..., Awaitable[HttpResponseBase]]
 
 
 class ApiRequest(HttpRequest):
+    """The attributes `api_endpoint` sets on Django's request (a type for views, never instantiated)."""
+
     request_id: str
     api_key: AuthenticatedKey
-    # Set by metered views once the rate limiter has counted the request; sent on every response after that.
-    rate_headers: dict[str, str]
+    # Who makes the engine calls this request leads to.
+    caller: Caller
 
 
 def json_response(payload: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> HttpResponse:
@@ -30,17 +38,13 @@ def json_response(payload: Any, *, status: int = 200, headers: dict[str, str] | 
 
 
 def api_endpoint(*, methods: tuple[str, ...], scope: str | None) -> Callable[[View], Any]:
-    """Wrap an async API view: request id, method check, bearer authentication and scope, error mapping.
-
-    Errors are values here: anything a view raises becomes an OpenAI error object, never an HTML page.
-    """
+    """Wrap an async API view: request id, method check, bearer authentication and scope, error mapping."""
 
     # Returns Any: the typed URL patterns of the mypy plugin for Django know only sync views.
     def decorate(view: View) -> Any:
         @functools.wraps(view)
         async def wrapper(request: ApiRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             request.request_id = request_id = new_request_id()
-            request.rate_headers = {}
             try:
                 if request.method not in methods:
                     raise ApiError(
@@ -52,14 +56,16 @@ def api_endpoint(*, methods: tuple[str, ...], scope: str | None) -> Callable[[Vi
                 if scope is not None:
                     request.api_key = await authenticate_header(request.headers.get("Authorization"))
                     request.api_key.require_scope(scope)
+                    request.caller = Caller(key=request.api_key, request_id=request_id)
                 response = await view(request, *args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - the one mapping from exceptions to error objects
                 response = error_response(to_api_error(exc, request_id=request_id), request_id=request_id)
-            for name, value in request.rate_headers.items():
-                response.setdefault(name, value)
             response["x-request-id"] = request_id
             return response
 
+        # A bearer-token API: no cookie authenticates a call, so there is no cross-site request to forge.
+        # (Marked for when Django's full stack serves these views; the lean handler runs no middleware.)
+        wrapper.csrf_exempt = True  # type: ignore[attr-defined]
         return wrapper
 
     return decorate
@@ -78,3 +84,8 @@ def json_body(request: HttpRequest) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError("The request body must be a JSON object.", code="invalid_json")
     return body
+
+
+@api_endpoint(methods=("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"), scope=None)
+async def unknown_route(request: ApiRequest, rest: str = "") -> HttpResponseBase:
+    raise ApiError(f"Invalid URL ({request.method} {request.path})", status=404, code="unknown_url")

@@ -1,0 +1,93 @@
+"""POST /v1/chat/completions: parse, one engine call, respond (JSON, or Server-Sent Events)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from django.http import HttpResponseBase, StreamingHttpResponse
+
+from apikeys.scopes import CHAT
+from completions.api import sse
+from completions.api.content import ContentReport, convert_pdfs_to_text, inline_remote_images
+from completions.api.http import ApiRequest, api_endpoint, json_body, json_response
+from completions.api.requests import parse_chat
+from completions.engine import calls
+from completions.engine.catalog import CatalogEntry
+from platform_site.kernel.errors import to_api_error
+
+
+def _content_step(report: ContentReport) -> calls.Prepare | None:
+    """What the content parts need once the request is admitted: PDFs turned into text where a model cannot
+    take files, remote images fetched. Returns the headers that tell the client what was done."""
+    if not report.parts:
+        return None
+
+    async def prepare(entries: list[CatalogEntry]) -> dict[str, str]:
+        messages = report.messages
+        if any(part.kind == "file" for part in report.parts) and any("files" not in e.capabilities for e in entries):
+            await convert_pdfs_to_text(messages, report)
+        await inline_remote_images(messages, report)
+        if report.pdfs_converted:
+            return {"x-keyway-file-conversion": f"pdf-to-text; files={report.pdfs_converted}"}
+        return {}
+
+    return prepare
+
+
+@api_endpoint(methods=("POST",), scope=CHAT)
+async def chat_completions(request: ApiRequest) -> HttpResponseBase:
+    chat, report = parse_chat(json_body(request), model_pinned=bool(request.api_key.pinned_model))
+    completion_id = f"chatcmpl-{secrets.token_hex(12)}"
+    if chat.stream:
+        stream = await calls.chat_stream(chat, caller=request.caller, prepare=_content_step(report))
+        return StreamingHttpResponse(
+            _ServerSentEvents(stream, completion_id=completion_id, include_usage=chat.include_usage,
+                              request_id=request.request_id),
+            content_type=sse.CONTENT_TYPE,
+            headers={**sse.HEADERS, **stream.headers},
+        )
+    result = await calls.chat(chat, caller=request.caller, prepare=_content_step(report))
+    completion = result.body
+    completion["id"] = completion_id
+    completion["object"] = "chat.completion"
+    completion.setdefault("created", int(time.time()))
+    return json_response(completion, headers=result.headers)
+
+
+class _ServerSentEvents:
+    """The body of a streamed answer: the engine's chunks as `chat.completion.chunk` events.
+
+    It has a `close()`, so Django's StreamingHttpResponse registers it among the response's closers: when the
+    response is closed — finished, or abandoned by a client that left, under whichever handler — the engine's
+    stream settles what is left.
+    """
+
+    def __init__(self, stream: calls.ChatStream, *, completion_id: str, include_usage: bool, request_id: str):
+        self.stream = stream
+        self.close = stream.close
+        self.envelope = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                         "model": stream.model}
+        self.include_usage = include_usage
+        self.request_id = request_id
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        envelope = self.envelope
+        try:
+            async for choices in self.stream:
+                yield sse.frame({**envelope, "choices": choices})
+        except Exception as exc:  # noqa: BLE001 - after the first byte an error can only be an SSE event
+            # The stream has settled itself as incomplete; the client learns why.
+            yield sse.error_frame(to_api_error(exc, request_id=self.request_id).body())
+            yield sse.DONE
+            return
+        # The stream settled itself when the upstream finished, before these last frames.
+        if self.include_usage and self.stream.usage is not None:
+            final: dict[str, Any] = {**envelope, "choices": [], "usage": self.stream.usage}
+            yield sse.frame(final)
+        yield sse.DONE

@@ -1,0 +1,194 @@
+"""The kernel every app stands on: the one error mapping, the single-flight cache, per-loop resources and
+the process state tests reset."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+from django.core.exceptions import RequestDataTooBig
+from rest_framework import exceptions as drf
+
+from apikeys.exceptions import InvalidApiKey, MissingScope, ModelNotAllowed
+from billing.exceptions import QuotaExceeded, RateLimitExceeded
+from completions.providers.base import UpstreamRejected, UpstreamTimeout
+from platform_site.kernel import loops, process
+from platform_site.kernel.errors import ApiError, to_api_error
+from platform_site.kernel.singleflight import SingleFlight
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "error_type", "code", "param"),
+    [
+        (InvalidApiKey("bad key"), 401, "invalid_request_error", "invalid_api_key", None),
+        (MissingScope("chat"), 403, "permission_error", "missing_scope", None),
+        (ModelNotAllowed("gpt"), 403, "permission_error", "model_not_allowed", "model"),
+        (RateLimitExceeded(kind="tokens", limit=10, retry_after=3, headers={}), 429, "tokens",
+         "rate_limit_exceeded", None),
+        (QuotaExceeded("key_budget_exceeded"), 429, "insufficient_quota", "key_budget_exceeded", None),
+        (UpstreamTimeout("slow"), 504, "timeout_error", "upstream_timeout", None),
+        (UpstreamRejected("no", status=422, error_type="invalid_request_error", code=None, param="x"), 422,
+         "invalid_request_error", None, "x"),
+        (drf.ValidationError({"start": ["Enter a valid date."]}), 400, "invalid_request_error", "invalid_value",
+         "start"),
+        (drf.NotAuthenticated(), 401, "invalid_request_error", "invalid_api_key", None),
+        (RequestDataTooBig(), 413, "invalid_request_error", "request_too_large", None),
+    ],
+)
+def test_every_domain_error_maps_to_its_own_status_type_code_and_param(
+    error: Exception, status: int, error_type: str, code: str | None, param: str | None
+) -> None:
+    mapped = to_api_error(error, request_id="req_1")
+    assert (mapped.status, mapped.error_type, mapped.code, mapped.param) == (status, error_type, code, param)
+    assert set(mapped.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_rate_limit_error_says_when_to_retry() -> None:
+    error = RateLimitExceeded(kind="requests", limit=5, retry_after=7, headers={"x-ratelimit-limit-requests": "5"})
+    assert error.headers == {"x-ratelimit-limit-requests": "5", "Retry-After": "7"}
+
+
+def test_an_unknown_exception_is_a_500_that_names_only_the_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    mapped = to_api_error(KeyError("sk-secret-value"), request_id="req_42")
+    assert mapped.status == 500 and mapped.code == "server_error"
+    assert "req_42" in mapped.message and "sk-secret" not in mapped.message
+    assert any("req_42" in record.getMessage() for record in caplog.records)
+
+
+def test_api_error_defaults_come_from_the_class_and_instances_may_override() -> None:
+    class Teapot(ApiError):
+        status = 418
+        code = "teapot"
+
+    assert (Teapot("x").status, Teapot("x").code, Teapot("x", code="other").code) == (418, "teapot", "other")
+    assert ApiError("y").status == 400 and ApiError("y").headers == {}
+
+
+class _CountingLoad:
+    def __init__(self, delay: float = 0.05) -> None:
+        self.calls = 0
+        self.value = "v1"
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def __call__(self, key: str) -> str:
+        with self.lock:
+            self.calls += 1
+        time.sleep(self.delay)
+        return f"{key}:{self.value}"
+
+
+async def test_concurrent_gets_of_a_missing_copy_share_one_load() -> None:
+    load = _CountingLoad()
+    cache: SingleFlight[str, str] = SingleFlight(load, ttl=lambda: 60.0)
+    results = await asyncio.gather(*(cache.get("k") for _ in range(50)))
+    assert results == ["k:v1"] * 50 and load.calls == 1
+    assert await cache.get("k") == "k:v1" and load.calls == 1
+
+
+async def test_an_invalidation_during_a_load_is_not_undone_by_it() -> None:
+    load = _CountingLoad(delay=0.1)
+    cache: SingleFlight[str, str] = SingleFlight(load, ttl=lambda: 60.0)
+    pending = asyncio.ensure_future(cache.get("k"))
+    await asyncio.sleep(0.03)  # the first load is under way with the old value
+    load.value = "v2"
+    cache.invalidate("k")
+    # The waiting request loads again rather than keep what the invalidation replaced.
+    assert await pending == "k:v2"
+    assert await cache.get("k") == "k:v2" and load.calls == 2
+
+
+async def test_an_expired_copy_is_served_while_it_reloads_when_stale_is_allowed() -> None:
+    load = _CountingLoad(delay=0.1)
+    cache: SingleFlight[str, str] = SingleFlight(load, ttl=lambda: 0.0, stale_while_revalidate=True)
+    assert await cache.get("k") == "k:v1"
+    load.value = "v2"
+    started = time.monotonic()
+    assert await cache.get("k") == "k:v1"  # stale, at once
+    assert time.monotonic() - started < 0.05
+    await asyncio.sleep(0.2)
+    assert cache.peek("k") == "k:v2"
+
+
+async def test_a_failed_load_is_not_cached() -> None:
+    attempts = 0
+
+    def flaky(key: str) -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise ConnectionError("database away")
+        return "ok"
+
+    cache: SingleFlight[str, str] = SingleFlight(flaky, ttl=lambda: 60.0)
+    with pytest.raises(ConnectionError):
+        await cache.get("k")
+    assert await cache.get("k") == "ok"
+
+
+async def test_process_reset_forgets_every_cached_copy() -> None:
+    load = _CountingLoad(delay=0)
+    cache: SingleFlight[str, str] = SingleFlight(load, ttl=lambda: 60.0)
+    await cache.get("k")
+    process.reset()
+    await cache.get("k")
+    assert load.calls == 2
+
+
+class _Resource:
+    def __init__(self) -> None:
+        self.closed = False
+
+
+async def test_a_per_loop_resource_is_made_once_per_loop_and_again_after_closing() -> None:
+    made: list[_Resource] = []
+
+    def create() -> _Resource:
+        made.append(_Resource())
+        return made[-1]
+
+    async def close(resource: _Resource) -> None:
+        resource.closed = True
+
+    resource: loops.PerLoop[_Resource] = loops.PerLoop("test", create, close, is_closed=lambda r: r.closed)
+    first = resource.get()
+    assert resource.get() is first and resource.current() is first
+    await resource.close_current()
+    assert first.closed and resource.current() is None
+    assert resource.get() is not first and len(made) == 2
+
+    def in_another_loop() -> Any:
+        return asyncio.run(_get(resource))
+
+    other = await asyncio.to_thread(in_another_loop)
+    assert other is not resource.get()
+
+
+async def _get(resource: loops.PerLoop[_Resource]) -> _Resource:
+    return resource.get()
+
+
+def test_both_schema_validators_accept_a_real_completion_and_reject_a_broken_one() -> None:
+    """Schema checks run everywhere: against the OpenAPI document where it is present, else against the
+    official SDK's own types; both must tell a good body from a bad one."""
+    from tests.conftest import OPENAPI_PATH, _openapi, openapi_validator, sdk_validator
+
+    good = {
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                     "message": {"role": "assistant", "content": "hi", "refusal": None}}],
+    }
+    broken = {**good, "choices": [{"index": "zero", "message": {"role": "assistant"}}]}
+    validators = [sdk_validator()]
+    if OPENAPI_PATH.exists():
+        validators.append(openapi_validator(_openapi()))
+    for validate in validators:
+        validate("CreateChatCompletionResponse", good)
+        with pytest.raises(AssertionError):
+            validate("CreateChatCompletionResponse", broken)
+        validate("ErrorResponse", {"error": {"message": "m", "type": "t", "param": None, "code": None}})
+        with pytest.raises(AssertionError):
+            validate("ErrorResponse", {"message": "no envelope"})
