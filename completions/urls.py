@@ -1,16 +1,15 @@
-"""Everything the completions app serves, for the root URLconf to include by name (platform_site.urls
-includes it as a string, so the project's wiring imports no app above it)."""
+"""What the completions app serves beside the API itself (completions.api.urls): the bare /v1 and /api/v1,
+and /status. The root URLconf includes both by module name, so the project's wiring imports no app above
+it."""
 
 from __future__ import annotations
 
-from django.urls import include, path, re_path
+from django.urls import path, re_path
 
 from completions.api.http import unknown_route
 from completions.api.status import status
 
 urlpatterns = [
-    path("v1/", include("completions.api.urls", namespace="v1")),
-    path("api/v1/", include("completions.api.urls", namespace="api-v1")),
     re_path(r"^(?:api/)?v1$", unknown_route),
     path("status", status, name="status"),
 ]

@@ -8,7 +8,11 @@ from django.urls import include, path
 from platform_site.health import health
 
 urlpatterns = [
-    # /v1, /api/v1 and /status. The first two go to the lean API handler (platform_site.asgi).
+    # The OpenAI-compatible API, served by the lean API handler (platform_site.asgi); first, because every
+    # proxied request resolves its path through this list.
+    path("v1/", include("completions.api.urls", namespace="v1")),
+    path("api/v1/", include("completions.api.urls", namespace="api-v1")),
+    # The bare /v1 and /api/v1 (a JSON 404), and /status.
     path("", include("completions.urls")),
     # Not under /v1 or /api/v1: those prefixes go to the lean API handler, which has no sessions, and the
     # billing API serves logged-in members as well as keys.

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -302,45 +302,40 @@ class ChatStream:
         self._request = request
         self._entry = entry
         self._upstream = upstream
-        self._next = first
-        self._started = False
+        self._first = first
         self._normalizer = ChunkNormalizer()
         self._produced = Produced()
         self._settled = False
         self._loop = asyncio.get_running_loop()
         process.counter_add("open_streams", 1)
 
-    def __aiter__(self) -> ChatStream:
-        return self
+    def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
+        return self._choices()
 
-    async def __anext__(self) -> list[dict[str, Any]]:
+    async def _choices(self) -> AsyncIterator[list[dict[str, Any]]]:
         if self._settled:
-            raise StopAsyncIteration
+            return  # closed before it was read
+        upstream, chunk = self._upstream, self._first
+        self._first = None
+        normalizer, produced = self._normalizer, self._produced
         try:
-            while True:
-                if self._started:
-                    chunk = await anext(self._upstream, None)
-                else:
-                    self._started, chunk = True, self._next
-                if chunk is None:
-                    self._upstream = None  # finished: nothing to stop
-                    self._settle(Status.OK)
-                    raise StopAsyncIteration
+            while chunk is not None:
                 usage = chunk.pop("usage", None)
                 if usage:
                     self.usage = usage
                 choices = chunk.get("choices")
                 if choices:
-                    self._normalizer.frame_choices(choices)
-                    self._produced.add_choices(choices)
-                    return choices  # type: ignore[no-any-return]
-        except (StopAsyncIteration, asyncio.CancelledError, GeneratorExit):
-            raise
+                    normalizer.frame_choices(choices)
+                    produced.add_choices(choices)
+                    yield choices
+                chunk = await anext(upstream, None)
         except Exception as error:
             self._upstream = None  # it raised, so it is finished
             self._settle(Status.INCOMPLETE)
             _with_rate_headers(error, self._meter)
             raise
+        self._upstream = None  # finished: nothing to stop
+        self._settle(Status.OK)
 
     def _settle(self, status: int) -> None:
         if self._settled:

@@ -53,6 +53,9 @@ class SingleFlight(Generic[K, V]):
         return hit[1] if hit is not None else None
 
     async def get(self, key: K) -> V:
+        hit = self._copies.get(key)
+        if hit is not None and time.monotonic() - hit[0] < self._ttl():
+            return hit[1]  # the hot path: one dict lookup and one clock read
         for attempt in range(3):
             now = time.monotonic()
             hit = self._copies.get(key)

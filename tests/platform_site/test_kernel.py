@@ -19,6 +19,9 @@ from platform_site.kernel import loops, process
 from platform_site.kernel.errors import ApiError, to_api_error
 from platform_site.kernel.singleflight import SingleFlight
 
+# Loads run through orm(), which hands the worker thread's database connection back afterwards.
+pytestmark = pytest.mark.django_db(transaction=True)
+
 
 @pytest.mark.parametrize(
     ("error", "status", "error_type", "code", "param"),
