@@ -5,9 +5,11 @@ downstream looks at the raw dict again. Only known fields go upstream: each endp
 any other field is kept aside for the deployments whose operator allowed it (or refused with 400
 `unknown_parameter` by the engine, which knows the deployments).
 
-Hand-written rather than DRF serializers or pydantic: measured on a typical chat body (bench/parse_bench.py),
-a DRF serializer of the same rules costs several times the per-request CPU of this code, and OpenAI's exact
-messages, params and codes would have to be rebuilt from either library's errors anyway.
+Hand-written rather than DRF serializers or pydantic, measured on a typical chat body (bench/parse_bench.py,
+this machine): this parser 28–42 µs of CPU per body, a DRF serializer holding a subset of the same rules
+0.9–1.1 ms (most of the 1.5 ms budget of a whole proxied request), a pydantic model of that subset 14–17 µs.
+Pydantic would save about 1% of the budget, but its errors name fields and constraints in its own words:
+OpenAI's exact messages, params and codes would have to be rebuilt from them, for every rule, anyway.
 """
 
 from __future__ import annotations
