@@ -23,7 +23,6 @@ from django.utils import timezone
 
 from apikeys import keyformat
 from apikeys.exceptions import InvalidApiKey, MissingScope, ModelNotAllowed
-from platform_site.kernel import process
 from platform_site.kernel.orm import orm
 from platform_site.kernel.singleflight import SingleFlight
 
@@ -182,7 +181,11 @@ def _schedule_touch(record: _KeyRecord) -> None:
 
 
 _last_touch: dict[str, float] = {}
-process.resettable(_last_touch.clear)
+
+
+def forget_last_touches() -> None:
+    """Forget when keys were last marked used (tests)."""
+    _last_touch.clear()
 
 
 def parse_bearer(header: str | None) -> str:

@@ -21,7 +21,6 @@ from django.conf import settings
 from completions.engine.catalog import CatalogEntry, DeploymentEntry
 from completions.engine.requests import Preferences
 from completions.providers.base import ProviderError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
-from platform_site.kernel import process
 from platform_site.kernel.errors import ApiError
 
 T = TypeVar("T")
@@ -55,9 +54,6 @@ def record_failure(deployment: DeploymentEntry) -> None:
 
 def reset_breakers() -> None:
     _breakers.clear()
-
-
-process.resettable(reset_breakers)
 
 
 def _balanced(deployments: list[DeploymentEntry]) -> list[DeploymentEntry]:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from platform_site.kernel import process
 from platform_site.kernel.orm import orm
 
 K = TypeVar("K")
@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 
 class SingleFlight(Generic[K, V]):
+    # Every cache of the process, so that one call forgets them all (tests; wired in AppConfig.ready).
+    _instances: weakref.WeakSet[SingleFlight[Any, Any]] = weakref.WeakSet()
+
     def __init__(
         self,
         load: Callable[[K], V],
@@ -45,7 +48,7 @@ class SingleFlight(Generic[K, V]):
         self._copies: dict[K, tuple[float, V]] = {}
         self._inflight: dict[K, asyncio.Task[V]] = {}
         self._generation = 0
-        process.resettable(self.invalidate)
+        SingleFlight._instances.add(self)
 
     def peek(self, key: K) -> V | None:
         """The copy held now, fresh or not, without loading anything."""
@@ -98,6 +101,11 @@ class SingleFlight(Generic[K, V]):
         if len(self._copies) >= self._max_entries:
             self._copies.clear()
         self._copies[key] = (fetched_at, done.result())
+
+    @classmethod
+    def invalidate_all(cls) -> None:
+        for cache in list(cls._instances):
+            cache.invalidate()
 
     def invalidate(self, key: K | None = None) -> None:
         """Forget one copy (or all): the next `get` loads it anew."""
