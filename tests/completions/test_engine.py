@@ -224,3 +224,33 @@ async def test_the_last_resort_500_names_the_request_id_it_logs(
     request_id = response.headers["x-request-id"]
     assert request_id in response.json()["error"]["message"] and "secret" not in response.text
     assert any(request_id in record.getMessage() for record in caplog.records)
+
+
+def test_the_admin_edits_a_deployments_extra_fields(db: None) -> None:
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    provider = Provider.objects.create(name="p", kind="openai_compatible", base_url="http://127.0.0.1:1/v1")
+    model = Model.objects.create(public_id="m", capabilities=["chat"])
+    deployment = deployment_add(model=model, provider=provider, upstream_model="x")
+    client = Client()
+    client.force_login(get_user_model().objects.create_superuser("root", "root@example.com", "x" * 16))
+    page = client.get(f"/admin/completions/model/{model.pk}/change/").content.decode()
+    assert 'name="deployments-0-extra_fields"' in page
+    form = {
+        "public_id": "m", "capabilities": '["chat"]', "context_length": "8192", "created": str(model.created),
+        "owned_by": model.owned_by, "tokenizer": "", "enabled": "on",
+        "deployments-TOTAL_FORMS": "1", "deployments-INITIAL_FORMS": "1", "deployments-MIN_NUM_FORMS": "0",
+        "deployments-MAX_NUM_FORMS": "1000", "deployments-0-id": str(deployment.pk),
+        "deployments-0-model": str(model.pk),
+        "deployments-0-provider": str(provider.pk), "deployments-0-upstream_model": "x", "deployments-0-weight": "1",
+        "deployments-0-priority": "0", "deployments-0-timeout_seconds": "", "deployments-0-enabled": "on",
+        "deployments-0-extra_fields": '["top_k", "min_p"]',
+    }
+    response = client.post(f"/admin/completions/model/{model.pk}/change/", form)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    deployment.refresh_from_db()
+    assert deployment.extra_fields == ["top_k", "min_p"]
+    refused = client.post(f"/admin/completions/model/{model.pk}/change/",
+                          {**form, "deployments-0-extra_fields": '["Top K"]'})
+    assert refused.status_code == 200 and "field names" in refused.content.decode()
