@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.http import StreamingHttpResponse
 from django.utils import timezone
 from django_ratelimit.core import get_usage
@@ -41,7 +42,6 @@ from billing.selectors import (
     usage_report,
 )
 from platform_site.kernel.errors import ApiError
-from platform_site.kernel.orm import orm
 from platform_site.models import Organization
 
 DEFAULT_RANGE_DAYS = 30
@@ -240,13 +240,15 @@ async def _csv_stream(filters: dict[str, Any]) -> AsyncIterator[str]:
     """The header, then every ledger row of the range, one keyset page at a time.
 
     An asynchronous iterator because Django's ASGI handler would read a synchronous one to the end into
-    memory before sending the first byte; each page's query runs in Django's thread for sync work, through orm().
+    memory before sending the first byte; each page's query runs on the request's thread and connection.
     """
     writer = csv.writer(_Echo())
     yield writer.writerow(_CSV_HEADER)
     after: tuple[datetime, int] | None = None
     while True:
-        rows = await orm(usage_events_for_export, **filters, after=after, limit=_EXPORT_PAGE)
+        # Inside Django's request cycle: the request's own connection, which Django hands back at its end
+        # (orm() is for the API path, outside that cycle).
+        rows = await sync_to_async(usage_events_for_export)(**filters, after=after, limit=_EXPORT_PAGE)
         if rows:
             yield "".join(writer.writerow(_csv_line(row)) for row in rows)
         if len(rows) < _EXPORT_PAGE:

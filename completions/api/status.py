@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from apikeys.auth import authenticate_header
 from apikeys.exceptions import ApiKeyError
 from platform_site.kernel import process
 from platform_site.kernel.errors import ApiError, error_response
-from platform_site.kernel.orm import orm
 from platform_site.middleware import new_request_id
 
 
@@ -33,7 +33,7 @@ async def status(request: HttpRequest) -> HttpResponse:
             await authenticate_header(request.headers.get("Authorization"))
         except ApiKeyError as exc:
             return error_response(exc, request_id=request_id)
-    elif not await orm(_is_staff, request):
+    elif not await sync_to_async(_is_staff)(request):  # Django's request cycle: its connection, closed by it
         error = ApiError("Send an API key, or log in as staff, to read the status.", status=401,
                          code="invalid_api_key")
         return error_response(error, request_id=request_id)

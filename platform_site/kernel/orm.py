@@ -5,6 +5,10 @@ would hand a worker thread's database connection back: a connection left checked
 the thread dies (and, on PostgreSQL, starve the pool). `orm(func, ...)` runs a synchronous ORM function in
 Django's thread for sync work (`thread_sensitive=True`: one thread, so SQLite sees one writer and tests see
 their transaction) and returns the connection when it ends.
+
+Not for async views served inside Django's request cycle (the dashboard, the billing API, /status): there
+the request's own connection is used and Django closes it when the request ends; closing it half-way would
+break a transaction the request is in.
 """
 
 from __future__ import annotations
