@@ -339,7 +339,8 @@ def parse_chat(body: dict[str, Any], *, model_pinned: bool) -> tuple[ChatRequest
     fallbacks: list[str] = body.get("models") or []
     primary = body.get("model") or (fallbacks[0] if fallbacks else "")
     models = tuple(dict.fromkeys(name for name in (primary, *fallbacks) if name))
-    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    limit_param = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
+    limit = body.get(limit_param)
     stream_options = body.get("stream_options") or {}
     request = ChatRequest(
         body=upstream,
@@ -347,6 +348,7 @@ def parse_chat(body: dict[str, Any], *, model_pinned: bool) -> tuple[ChatRequest
         stream=bool(body.get("stream")),
         include_usage=bool(stream_options.get("include_usage")),
         max_tokens=limit,
+        max_tokens_param=limit_param,
         n=body.get("n") or 1,
         uses_tools=bool(body.get("tools")) and body.get("tool_choice") != "none",
         needs=tuple(

@@ -99,15 +99,13 @@ async def _chat_models(request: ChatRequest, key: AuthenticatedKey) -> list[Cata
     entries = []
     for name in names:
         entry = await _resolve(key, name, capability="chat", purpose="chat completions")
-        for limit_name in ("max_completion_tokens", "max_tokens"):
-            value = request.body.get(limit_name)
-            if value is not None and value > entry.context_length:
-                raise ApiError(
-                    f"'{limit_name}' is too large: {value}. This model's context length is "
-                    f"{entry.context_length} tokens.",
-                    param=limit_name,
-                    code="context_length_exceeded",
-                )
+        if request.max_tokens is not None and request.max_tokens > entry.context_length:
+            raise ApiError(
+                f"'{request.max_tokens_param}' is too large: {request.max_tokens}. This model's context length "
+                f"is {entry.context_length} tokens.",
+                param=request.max_tokens_param,
+                code="context_length_exceeded",
+            )
         for need in request.needs:
             if need.capability not in entry.capabilities:
                 raise ApiError(

@@ -44,6 +44,8 @@ class ChatRequest:
     # The client's output limit per choice (max_completion_tokens, else max_tokens); None: what the context
     # leaves.
     max_tokens: int | None = None
+    # Which field set it, for errors that name it.
+    max_tokens_param: str = "max_tokens"
     n: int = 1
     uses_tools: bool = False
     needs: tuple[InputNeed, ...] = ()

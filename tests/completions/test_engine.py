@@ -254,3 +254,14 @@ def test_the_admin_edits_a_deployments_extra_fields(db: None) -> None:
     refused = client.post(f"/admin/completions/model/{model.pk}/change/",
                           {**form, "deployments-0-extra_fields": '["Top K"]'})
     assert refused.status_code == 200 and "field names" in refused.content.decode()
+
+
+async def test_an_output_limit_beyond_the_context_is_refused_naming_the_field_used(
+    sdk: openai.AsyncOpenAI, fake: Any
+) -> None:
+    for field in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await sdk.chat.completions.create(model="ok", messages=MESSAGES, **{field: 10**6})
+        assert refused.value.body["code"] == "context_length_exceeded"
+        assert refused.value.body["param"] == field
+    assert await _ledger() == []
