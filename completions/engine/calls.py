@@ -363,9 +363,6 @@ class ChatStream:
         if upstream is not None:
             self._loop.create_task(_close_quietly(upstream))
 
-    async def aclose(self) -> None:
-        self.close()
-
     async def __aenter__(self) -> ChatStream:
         return self
 

@@ -119,13 +119,9 @@ def to_api_error(exc: BaseException, *, request_id: str) -> ApiError:
     return server_error(request_id=request_id)
 
 
-def error_json(error: ApiError) -> bytes:
-    return orjson.dumps(error.body())
-
-
 def error_response(error: ApiError, *, request_id: str) -> HttpResponse:
     """The JSON rendering: the error object with its status and headers, and the request id."""
-    response = HttpResponse(error_json(error), status=error.status, content_type="application/json")
+    response = HttpResponse(orjson.dumps(error.body()), status=error.status, content_type="application/json")
     for name, value in error.headers.items():
         response[name] = value
     response["x-request-id"] = request_id

@@ -43,10 +43,6 @@ class PerLoop(Generic[T]):
             instance = self._instances[loop] = self._create()
         return instance
 
-    def current(self) -> T | None:
-        """This loop's instance if one was made, without making one."""
-        return self._instances.get(asyncio.get_running_loop())
-
     def instances(self) -> list[T]:
         """Every loop's instance (for a synchronous clean-up at exit)."""
         return list(self._instances.values())

@@ -50,11 +50,6 @@ class SingleFlight(Generic[K, V]):
         self._generation = 0
         SingleFlight._instances.add(self)
 
-    def peek(self, key: K) -> V | None:
-        """The copy held now, fresh or not, without loading anything."""
-        hit = self._copies.get(key)
-        return hit[1] if hit is not None else None
-
     async def get(self, key: K) -> V:
         hit = self._copies.get(key)
         if hit is not None and time.monotonic() - hit[0] < self._ttl():
