@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 export CMAKE_ARGS := -DGGML_NATIVE=OFF
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test serve lint bench
+.PHONY: run test serve lint bench chromium
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +29,15 @@ run: $(VENV)/.run-deps
 	$(PY) manage.py bootstrap
 	$(VENV)/bin/daphne -b 127.0.0.1 -p 8000 platform_site.asgi:application
 
-test: $(VENV)/.test-deps
+# The browser tests drive Debian's Chromium through Playwright: a test tool's own browser download cannot
+# work on this network, so the system package is installed when it is missing.
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: $(VENV)/.test-deps chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/mypy platform_site apikeys completions billing
+	$(VENV)/bin/mypy platform_site apikeys completions billing dashboard
 	$(PY) manage.py makemigrations --check --dry-run -v 0
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 

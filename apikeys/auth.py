@@ -47,6 +47,9 @@ class AuthenticatedKey:
     rpm_limit: int | None = None
     tpm_limit: int | None = None
     monthly_budget_micros: int | None = None
+    # None for an admin key, which belongs to no project.
+    project_id: int | None = None
+    project_public_id: str = ""
 
     def require_scope(self, scope: str) -> None:
         if scope not in self.scopes:
@@ -94,12 +97,13 @@ def _query_record(public_id: str) -> _KeyRecord | None:
     from apikeys.models import ApiKey
 
     row = (
-        ApiKey.objects.select_related("organization")
+        ApiKey.objects.select_related("organization", "project")
         .filter(public_id=public_id)
         .only(
             "id", "public_id", "name", "secret_hash", "previous_secret_hash", "previous_secret_expires_at",
             "scopes", "allowed_models", "expires_at", "revoked_at", "last_used_at", "rpm_limit", "tpm_limit",
             "monthly_budget_micros", "organization__id", "organization__slug", "organization__pinned_model",
+            "project__id", "project__public_id", "project__archived_at",
         )
         .first()
     )
@@ -118,12 +122,15 @@ def _query_record(public_id: str) -> _KeyRecord | None:
             rpm_limit=row.rpm_limit,
             tpm_limit=row.tpm_limit,
             monthly_budget_micros=row.monthly_budget_micros,
+            project_id=row.project.id if row.project is not None else None,
+            project_public_id=row.project.public_id if row.project is not None else "",
         ),
         secret_hash=row.secret_hash,
         previous_secret_hash=row.previous_secret_hash,
         previous_valid_until=_timestamp(row.previous_secret_expires_at),
         expires_at=_timestamp(row.expires_at),
-        revoked=row.revoked_at is not None,
+        # A key of an archived project is refused like a revoked one (archiving forgets the cached copies).
+        revoked=row.revoked_at is not None or (row.project is not None and row.project.archived_at is not None),
         last_used_at=_timestamp(row.last_used_at),
     )
 

@@ -35,3 +35,11 @@ class ModelNotAllowed(ApiKeyError):
     def __init__(self, model: str) -> None:
         super().__init__(f"This API key is not allowed to use the model '{model}'.", param="model")
         self.model = model
+
+
+class InvalidKeySettings(ApiKeyError):
+    """A key asked for with settings it cannot have (an unknown scope, a negative limit, a past expiry)."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_value"

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.conf import settings
 from django.db import models
 
-from platform_site.models import Organization
+from platform_site.models import Organization, Project
 
 
 class ApiKey(models.Model):
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="api_keys")
+    # A project key belongs to a project of its organization; an admin key (scope `admin`, which no other
+    # scope may join) belongs to the organization alone and has no project.
+    project = models.ForeignKey(Project, null=True, blank=True, on_delete=models.CASCADE, related_name="api_keys")
     name = models.CharField(max_length=100)
     # The public part of the key (`sk-kw-<public_id>-<secret>`): safe to show in lists and logs.
     public_id = models.CharField(max_length=16, unique=True)
@@ -46,3 +51,14 @@ class ApiKey(models.Model):
     @property
     def masked(self) -> str:
         return f"sk-kw-{self.public_id}-…"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.project_id is None
+
+    def status_at(self, now: datetime) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"

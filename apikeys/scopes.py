@@ -8,6 +8,32 @@ EMBEDDINGS = "embeddings"
 RESPONSES = "responses"
 REALTIME = "realtime"
 USAGE_READ = "usage:read"
+# The management API (/v1/organization/…). Held by admin keys alone: an admin key calls no model, and a
+# project key manages nothing.
+ADMIN = "admin"
 
 ALL_SCOPES: tuple[str, ...] = (MODELS_READ, CHAT, EMBEDDINGS, RESPONSES, REALTIME, USAGE_READ)
+KNOWN_SCOPES: tuple[str, ...] = (*ALL_SCOPES, ADMIN)
+READ_ONLY_SCOPES: tuple[str, ...] = (MODELS_READ, USAGE_READ)
 SCOPE_CHOICES = [(scope, scope) for scope in ALL_SCOPES]
+# What each scope opens, for the dashboard's "Restricted" permission picker.
+SCOPE_LABELS: dict[str, str] = {
+    MODELS_READ: "Models (list and retrieve)",
+    CHAT: "Chat completions",
+    EMBEDDINGS: "Embeddings",
+    RESPONSES: "Responses",
+    REALTIME: "Realtime",
+    USAGE_READ: "Usage (read)",
+}
+
+
+def permissions_label(scopes: list[str] | frozenset[str] | tuple[str, ...]) -> str:
+    """How the dashboard names a key's scopes: All, Read only, Admin, or Restricted."""
+    chosen = set(scopes)
+    if chosen == {ADMIN}:
+        return "Admin"
+    if chosen == set(ALL_SCOPES):
+        return "All"
+    if chosen and chosen <= set(READ_ONLY_SCOPES):
+        return "Read only"
+    return "Restricted"

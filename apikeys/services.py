@@ -1,5 +1,6 @@
-"""State changes of API keys: create, rotate, revoke. Each is one transaction with an audit row, and each
-invalidates the cached copy of the key once the transaction has committed."""
+"""State changes of API keys: create, rotate, revoke, and archiving a project (whose keys then stop). Each is
+one transaction with an audit row, checks the acting member's role when an Actor acts, and invalidates the
+cached copy of the key once the transaction has committed."""
 
 from __future__ import annotations
 
@@ -13,19 +14,52 @@ from django.utils import timezone
 
 from apikeys import keyformat
 from apikeys.auth import invalidate_cached_key
-from apikeys.exceptions import ApiKeyError
+from apikeys.exceptions import InvalidKeySettings
 from apikeys.models import ApiKey
-from apikeys.scopes import ALL_SCOPES
-from platform_site.models import Organization
-from platform_site.services import audit_log_record
+from apikeys.scopes import ADMIN, ALL_SCOPES, KNOWN_SCOPES
+from platform_site.access import Actor
+from platform_site.exceptions import NotPermitted
+from platform_site.models import Organization, Project
+from platform_site.selectors import default_project
+from platform_site.services import audit_log_record, project_mark_archived
+
+MAX_NAME = 100
+MAX_ALLOWED_MODELS = 200
+MAX_LIMIT = 10**12
+MAX_ROTATION_GRACE = timedelta(days=30)
 
 
 def _clean_scopes(scopes: Iterable[str]) -> list[str]:
     cleaned = sorted(set(scopes))
-    unknown = [scope for scope in cleaned if scope not in ALL_SCOPES]
+    unknown = [scope for scope in cleaned if scope not in KNOWN_SCOPES]
     if unknown:
-        raise ApiKeyError(f"Unknown scope(s): {', '.join(unknown)}. Known: {', '.join(ALL_SCOPES)}.")
+        raise InvalidKeySettings(
+            f"Unknown scope(s): {', '.join(unknown)}. Known: {', '.join(KNOWN_SCOPES)}.", param="scopes"
+        )
+    if not cleaned:
+        raise InvalidKeySettings("A key needs at least one scope.", param="scopes")
+    if ADMIN in cleaned and cleaned != [ADMIN]:
+        raise InvalidKeySettings("The admin scope cannot be combined with other scopes.", param="scopes")
     return cleaned
+
+
+def _clean_limit(value: int | None, param: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
+        raise InvalidKeySettings(f"{param} must be a whole number from 1 to {MAX_LIMIT}, or empty.", param=param)
+    return value
+
+
+def _require_may_manage(by: Actor | None, key: ApiKey) -> None:
+    if by is None:
+        return
+    if key.organization_id != by.organization.pk:
+        raise NotPermitted("This key belongs to another organization.")
+    if key.is_admin:
+        by.require_manager("manage admin keys")
+    elif not by.may_manage_key_of(key.created_by_id):
+        raise NotPermitted("Members can manage only the keys they created; ask an owner or admin.")
 
 
 @transaction.atomic
@@ -33,6 +67,7 @@ def apikey_create(
     *,
     organization: Organization,
     name: str,
+    project: Project | None = None,
     scopes: Iterable[str] = ALL_SCOPES,
     allowed_models: Iterable[str] = (),
     expires_at: datetime | None = None,
@@ -41,33 +76,64 @@ def apikey_create(
     monthly_budget_micros: int | None = None,
     created_by: User | None = None,
     actor_label: str = "",
+    by: Actor | None = None,
 ) -> tuple[ApiKey, str]:
     """Create a key and return it with its raw secret. The raw secret is returned exactly once: only its
-    HMAC is stored, so no later call can show it again."""
+    HMAC is stored, so no later call can show it again.
+
+    A key with the admin scope is an admin key of the organization; any other key belongs to `project` (the
+    organization's default project when none is given)."""
+    cleaned_scopes = _clean_scopes(scopes)
+    name = name.strip()
+    if not name or len(name) > MAX_NAME:
+        raise InvalidKeySettings(f"A key needs a name of 1 to {MAX_NAME} characters.", param="name")
+    models = sorted({model.strip() for model in allowed_models if model.strip()})
+    if len(models) > MAX_ALLOWED_MODELS:
+        raise InvalidKeySettings(f"A key may list at most {MAX_ALLOWED_MODELS} models.", param="models")
+    if expires_at is not None and expires_at <= timezone.now():
+        raise InvalidKeySettings("The expiry must be in the future.", param="expires_at")
+    if by is not None:
+        organization = by.organization
+        created_by = by.user
+        if cleaned_scopes == [ADMIN]:
+            by.require_manager("create admin keys")
+        else:
+            by.require_key_maker()
+    if cleaned_scopes == [ADMIN]:
+        project = None
+    else:
+        project = project if project is not None else default_project(organization=organization)
+        if project.organization_id != organization.pk:
+            raise NotPermitted("This project belongs to another organization.")
+        if project.archived_at is not None:
+            raise InvalidKeySettings("Keys cannot be created in an archived project.", param="project")
     public_id = keyformat.new_public_id()
     while ApiKey.objects.filter(public_id=public_id).exists():
         public_id = keyformat.new_public_id()
     secret = keyformat.new_secret()
     key = ApiKey.objects.create(
         organization=organization,
+        project=project,
         name=name,
         public_id=public_id,
         secret_hash=keyformat.hash_secret(public_id, secret),
-        scopes=_clean_scopes(scopes),
-        allowed_models=sorted(set(allowed_models)),
+        scopes=cleaned_scopes,
+        allowed_models=models,
         expires_at=expires_at,
-        rpm_limit=rpm_limit,
-        tpm_limit=tpm_limit,
-        monthly_budget_micros=monthly_budget_micros,
+        rpm_limit=_clean_limit(rpm_limit, "rpm"),
+        tpm_limit=_clean_limit(tpm_limit, "tpm"),
+        monthly_budget_micros=_clean_limit(monthly_budget_micros, "monthly_budget"),
         created_by=created_by if created_by is not None and created_by.is_authenticated else None,
     )
     audit_log_record(
         organization=organization,
-        action="apikey.created",
-        target=key.masked,
+        action="api_key.created",
+        target=key.public_id,
         actor=created_by,
         actor_label=actor_label,
-        details={"name": name, "scopes": key.scopes, "allowed_models": key.allowed_models},
+        project=project,
+        by=by,
+        details={"data": {"scopes": key.scopes}, "name": name, "allowed_models": key.allowed_models},
     )
     transaction.on_commit(lambda: invalidate_cached_key(public_id))
     return key, keyformat.format_key(public_id, secret)
@@ -80,14 +146,19 @@ def apikey_rotate(
     grace: timedelta | None = None,
     actor: User | None = None,
     actor_label: str = "",
+    by: Actor | None = None,
 ) -> tuple[ApiKey, str]:
     """Give the key a new secret and return it, exactly once. The old secret keeps working for `grace`
-    (default KEYWAY_ROTATION_GRACE_SECONDS) so deployed clients can be switched over, then it is refused."""
-    key = ApiKey.objects.select_for_update().get(pk=key.pk)
+    (default KEYWAY_ROTATION_GRACE_SECONDS, at most 30 days; zero ends it at once) so deployed clients can
+    be switched over, then it is refused."""
+    key = ApiKey.objects.select_for_update().select_related("organization", "project").get(pk=key.pk)
+    _require_may_manage(by, key)
     if key.revoked_at is not None:
-        raise ApiKeyError("A revoked key cannot be rotated.")
+        raise InvalidKeySettings("A revoked key cannot be rotated.", param="api_key_id")
     if grace is None:
         grace = timedelta(seconds=settings.KEYWAY_ROTATION_GRACE_SECONDS)
+    if not timedelta(0) <= grace <= MAX_ROTATION_GRACE:
+        raise InvalidKeySettings("The grace period must be between 0 seconds and 30 days.", param="grace_period")
     now = timezone.now()
     secret = keyformat.new_secret()
     key.previous_secret_hash = key.secret_hash
@@ -97,11 +168,16 @@ def apikey_rotate(
     key.save(update_fields=["previous_secret_hash", "previous_secret_expires_at", "secret_hash", "rotated_at"])
     audit_log_record(
         organization=key.organization,
-        action="apikey.rotated",
-        target=key.masked,
+        action="api_key.updated",
+        target=key.public_id,
         actor=actor,
         actor_label=actor_label,
-        details={"previous_secret_expires_at": key.previous_secret_expires_at.isoformat()},
+        project=key.project,
+        by=by,
+        details={
+            "changes_requested": {"rotated": True},
+            "previous_secret_expires_at": key.previous_secret_expires_at.isoformat(),
+        },
     )
     public_id = key.public_id
     transaction.on_commit(lambda: invalidate_cached_key(public_id))
@@ -109,17 +185,38 @@ def apikey_rotate(
 
 
 @transaction.atomic
-def apikey_revoke(*, key: ApiKey, actor: User | None = None, actor_label: str = "") -> ApiKey:
+def apikey_revoke(
+    *, key: ApiKey, actor: User | None = None, actor_label: str = "", by: Actor | None = None
+) -> ApiKey:
     """Revoke the key for good: both its current and any previous secret are refused from now on."""
-    key = ApiKey.objects.select_for_update().get(pk=key.pk)
+    key = ApiKey.objects.select_for_update().select_related("organization", "project").get(pk=key.pk)
+    _require_may_manage(by, key)
     if key.revoked_at is not None:
         return key
     key.revoked_at = timezone.now()
     key.save(update_fields=["revoked_at"])
     audit_log_record(
-        organization=key.organization, action="apikey.revoked", target=key.masked, actor=actor,
+        organization=key.organization,
+        action="api_key.deleted",
+        target=key.public_id,
+        actor=actor,
         actor_label=actor_label,
+        project=key.project,
+        by=by,
     )
     public_id = key.public_id
     transaction.on_commit(lambda: invalidate_cached_key(public_id))
     return key
+
+
+@transaction.atomic
+def project_archive(*, by: Actor, project: Project) -> Project:
+    """Archive a project: its keys are refused from now on, on every worker within a second."""
+    project = project_mark_archived(by=by, project=project)
+    public_ids = list(ApiKey.objects.filter(project=project).values_list("public_id", flat=True))
+    def forget() -> None:
+        for public_id in public_ids:
+            invalidate_cached_key(public_id)
+
+    transaction.on_commit(forget)
+    return project

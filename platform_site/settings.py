@@ -30,12 +30,19 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "allauth",
+    "allauth.account",
+    "allauth.mfa",
+    "allauth.socialaccount",
+    "allauth.socialaccount.providers.openid_connect",
     "rest_framework",
+    "drf_spectacular",
     "channels",
     "platform_site",
     "apikeys",
     "billing",
     "completions",
+    "dashboard",
 ]
 
 # The dashboard's middleware. The OpenAI-compatible API under /v1 and /api/v1 is served by a separate handler
@@ -44,10 +51,13 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "platform_site.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "csp.middleware.CSPMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "allauth.account.middleware.AccountMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -65,6 +75,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "dashboard.context.dashboard",
             ],
         },
     },
@@ -128,6 +139,10 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
+# WhiteNoise serves the dashboard's own CSS and JS from the app directories, so `make run` needs no
+# collectstatic and no asset ever comes from another host.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
 
 # Request bodies: the API maps a body over this size to a 413 OpenAI error.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("KEYWAY_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=1024)
@@ -135,7 +150,113 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("KEYWAY_MAX_BODY_BYTES", 64 * 1024 * 1024,
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
 }
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Keyway management API",
+    "DESCRIPTION": "Organizations, projects, members, invitations, API keys and audit logs, in the shape of "
+    "OpenAI's Admin API. Authenticate with an admin key (`Authorization: Bearer sk-kw-…`, scope `admin`) or a "
+    "dashboard session.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "OAS_VERSION": "3.1.0",
+    "SCHEMA_PATH_PREFIX": "/v1/organization",
+}
+
+# --- Accounts (django-allauth) --------------------------------------------------------------------------------
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",
+    "allauth.account.auth_backends.AuthenticationBackend",
+]
+LOGIN_URL = "account_login"
+LOGIN_REDIRECT_URL = "dashboard:home"
+ACCOUNT_LOGIN_METHODS = {"email"}
+ACCOUNT_SIGNUP_FIELDS = ["email*", "password1*", "password2*"]
+ACCOUNT_UNIQUE_EMAIL = True
+ACCOUNT_EMAIL_VERIFICATION = env_str("KEYWAY_EMAIL_VERIFICATION", "mandatory")
+ACCOUNT_CONFIRM_EMAIL_ON_GET = False
+ACCOUNT_LOGIN_ON_EMAIL_CONFIRMATION = True
+ACCOUNT_LOGOUT_REDIRECT_URL = "dashboard:home"
+ACCOUNT_DEFAULT_HTTP_PROTOCOL = "http" if DEBUG else "https"
+ACCOUNT_EMAIL_SUBJECT_PREFIX = "[Keyway] "
+ACCOUNT_SESSION_REMEMBER = None
+# Login throttling: failed sign-ins per address and per account, sign-ups and e-mails per address. allauth
+# keeps the counters in the cache, which is Redis in production and so holds across workers.
+ACCOUNT_RATE_LIMITS = {
+    "login_failed": env_str("KEYWAY_LOGIN_FAILED_RATE", "10/m/ip,5/5m/key"),
+    "login": "30/m/ip",
+    "signup": "20/m/ip",
+    "confirm_email": "1/3m/key",
+    "reset_password": "20/m/ip,5/m/key",
+    "reset_password_from_key": "20/m/ip",
+    "change_password": "5/m/user",
+}
+MFA_SUPPORTED_TYPES = ["totp", "recovery_codes"]
+MFA_TOTP_ISSUER = "Keyway"
+SOCIALACCOUNT_EMAIL_AUTHENTICATION = False
+SOCIALACCOUNT_PROVIDERS: dict[str, dict[str, object]] = {}
+# Single sign-on with any OpenID Connect provider (Okta, Entra ID, Google Workspace, Keycloak…), off unless
+# its client is configured here.
+if env_str("KEYWAY_OIDC_CLIENT_ID", ""):
+    SOCIALACCOUNT_PROVIDERS["openid_connect"] = {
+        "OAUTH_PKCE_ENABLED": True,
+        "APPS": [
+            {
+                "provider_id": env_str("KEYWAY_OIDC_PROVIDER_ID", "sso"),
+                "name": env_str("KEYWAY_OIDC_NAME", "Single sign-on"),
+                "client_id": env_str("KEYWAY_OIDC_CLIENT_ID"),
+                "secret": env_str("KEYWAY_OIDC_CLIENT_SECRET", ""),
+                "settings": {"server_url": env_str("KEYWAY_OIDC_SERVER_URL")},
+            }
+        ],
+    }
+
+# E-mail: printed to the console on the embedded default; SMTP when EMAIL_HOST is set; written to files
+# under KEYWAY_EMAIL_FILE_PATH when that is set (the browser tests read their verification links there).
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "Keyway <no-reply@keyway.localhost>")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+EMAIL_HOST = env_str("EMAIL_HOST", "")
+if EMAIL_HOST:
+    EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    EMAIL_PORT = env_int("EMAIL_PORT", 587, minimum=1)
+    EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
+    EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", "")
+    EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", True)
+    EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)
+    EMAIL_TIMEOUT = env_int("EMAIL_TIMEOUT", 10, minimum=1)
+elif env_str("KEYWAY_EMAIL_FILE_PATH", ""):
+    EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
+    EMAIL_FILE_PATH = env_str("KEYWAY_EMAIL_FILE_PATH")
+else:
+    EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
+
+# --- Browser security ------------------------------------------------------------------------------------------
+# The dashboard loads nothing from another host and runs no inline script, so the policy can be strict. The
+# data: images are the TOTP set-up QR code, which allauth renders inline.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'none'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    }
+}
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", not DEBUG)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not DEBUG)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000, minimum=0)
+if env_bool("KEYWAY_BEHIND_TLS_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 LOGGING = {
     "version": 1,

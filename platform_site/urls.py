@@ -19,4 +19,7 @@ urlpatterns = [
     path("api/billing/", include("billing.urls", namespace="billing")),
     path("health", health, name="health"),
     path("admin/", admin.site.urls),
+    path("accounts/", include("allauth.urls")),
+    # The web dashboard: the front door at /, the organization's pages under /settings/.
+    path("", include("dashboard.urls")),
 ]

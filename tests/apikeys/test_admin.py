@@ -56,8 +56,8 @@ def test_admin_rotates_and_revokes_keys(admin_client_logged_in: Client, org: Org
     admin_client_logged_in.post("/admin/apikeys/apikey/", {"action": "revoke_keys", "_selected_action": [key.pk]})
     key.refresh_from_db()
     assert key.revoked_at is not None
-    actions = set(AuditLog.objects.filter(target=key.masked).values_list("action", flat=True))
-    assert {"apikey.created", "apikey.rotated", "apikey.revoked"} <= actions
+    actions = set(AuditLog.objects.filter(target=key.public_id).values_list("action", flat=True))
+    assert {"api_key.created", "api_key.updated", "api_key.deleted"} <= actions
 
 
 def test_audit_log_is_read_only_in_admin(admin_client_logged_in: Client, org: Organization) -> None:

@@ -33,7 +33,7 @@ def test_only_an_hmac_of_the_secret_is_stored(api_key: tuple[ApiKey, str]) -> No
     assert key.public_id == public_id
     assert secret not in key.secret_hash and raw not in str(ApiKey.objects.filter(pk=key.pk).values().get())
     assert key.secret_hash == keyformat.hash_secret(public_id, secret)
-    assert AuditLog.objects.filter(action="apikey.created", target=key.masked).exists()
+    assert AuditLog.objects.filter(action="api_key.created", target=key.public_id).exists()
     assert secret not in str(list(AuditLog.objects.values()))
 
 
@@ -72,9 +72,10 @@ async def test_revoked_key_is_refused_at_once_in_the_same_process(api_key: tuple
 async def test_expired_key_is_refused(org: Organization) -> None:
     from asgiref.sync import sync_to_async
 
-    _, raw = await sync_to_async(apikey_create)(
-        organization=org, name="old", expires_at=timezone.now() - timedelta(seconds=1)
+    key, raw = await sync_to_async(apikey_create)(
+        organization=org, name="old", expires_at=timezone.now() + timedelta(seconds=60)
     )
+    await ApiKey.objects.filter(pk=key.pk).aupdate(expires_at=timezone.now() - timedelta(seconds=1))
     with pytest.raises(InvalidApiKey):
         await authenticate_key(raw)
 
@@ -95,7 +96,7 @@ async def test_rotated_key_old_secret_works_during_grace_then_is_refused(api_key
     with pytest.raises(InvalidApiKey):
         await authenticate_key(new_raw)
     assert (await authenticate_key(newest_raw)).id == key.id
-    assert await sync_to_async(AuditLog.objects.filter(action="apikey.rotated").count)() == 2
+    assert await sync_to_async(AuditLog.objects.filter(action="api_key.updated").count)() == 2
 
 
 def test_revoked_key_cannot_be_rotated(api_key: tuple[ApiKey, str]) -> None:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Any
 
+from allauth.account.models import EmailAddress
+from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandParser
 
 from apikeys.models import ApiKey
 from apikeys.services import apikey_create
 from billing.ledger import recover_orphans
 from completions.services import catalog_ensure_default, provider_upsert_openai_compatible
-from platform_site.models import Organization
-from platform_site.services import organization_create
+from platform_site.models import Organization, Role
+from platform_site.services import membership_set, organization_create
+
+DEMO_EMAIL = "demo@keyway.localhost"
 
 SNIPPET = """
   from openai import OpenAI
@@ -52,6 +57,7 @@ class Command(BaseCommand):
         organization = Organization.objects.filter(slug="demo").first()
         if organization is None:
             organization = organization_create(name="Demo", slug="demo", actor_label="bootstrap")
+        self._demo_user(organization, options["base_url"])
         if ApiKey.objects.filter(organization=organization).exists():
             self.stdout.write("Demo organization ready; its API key was printed when it was created.")
             return
@@ -61,3 +67,18 @@ class Command(BaseCommand):
         self.stdout.write(f"\n  {raw_key}\n")
         self.stdout.write("Try it with the official OpenAI SDK (pip install openai):")
         self.stdout.write(SNIPPET.format(base_url=options["base_url"], key=raw_key, model=model_id))
+
+    def _demo_user(self, organization: Organization, base_url: str) -> None:
+        """The dashboard's demo owner, with a generated password printed this once (its e-mail is verified,
+        so it signs in at once). A later run leaves it alone and prints nothing secret."""
+        users = get_user_model()
+        if users.objects.filter(email__iexact=DEMO_EMAIL).exists():
+            self.stdout.write(f"Dashboard: sign in as {DEMO_EMAIL} (its password was printed when it was created).")
+            return
+        password = secrets.token_urlsafe(12)
+        user = users.objects.create_user(username="demo", email=DEMO_EMAIL, password=password)
+        EmailAddress.objects.create(user=user, email=DEMO_EMAIL, verified=True, primary=True)
+        membership_set(organization=organization, user=user, role=Role.OWNER, actor_label="bootstrap")
+        dashboard = base_url.removesuffix("/v1").rstrip("/") + "/"
+        self.stdout.write(self.style.SUCCESS("Dashboard sign-in (the password is shown once, store it now):"))
+        self.stdout.write(f"\n  {dashboard}accounts/login/\n  e-mail:   {DEMO_EMAIL}\n  password: {password}\n")

@@ -1,0 +1,162 @@
+"""The dashboard's forms. They parse and validate what a person typed; the services decide what may be done."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django import forms
+from django.utils import timezone
+
+from apikeys.scopes import ALL_SCOPES, READ_ONLY_SCOPES, SCOPE_LABELS
+from platform_site.models import Role
+
+PERMISSION_CHOICES = [
+    ("all", "All — every endpoint"),
+    ("restricted", "Restricted — only the endpoints chosen below"),
+    ("read_only", "Read only — list models and read usage"),
+]
+GRACE_CHOICES = [
+    ("0", "End it now"),
+    ("3600", "1 hour"),
+    ("86400", "24 hours"),
+    ("604800", "7 days"),
+    ("2592000", "30 days"),
+]
+ROLE_CHOICES = [(role.value, role.label) for role in Role]
+
+
+class OrganizationForm(forms.Form):
+    name = forms.CharField(label="Organization name", max_length=200)
+
+
+class ProjectForm(forms.Form):
+    name = forms.CharField(label="Project name", max_length=100)
+
+
+class ApiKeyCreateForm(forms.Form):
+    name = forms.CharField(label="Name", max_length=100, help_text="A name to tell this key from others.")
+    project = forms.ChoiceField(label="Project")
+    permissions = forms.ChoiceField(
+        label="Permissions", choices=PERMISSION_CHOICES, initial="all", widget=forms.RadioSelect
+    )
+    scopes = forms.MultipleChoiceField(
+        label="Endpoints this key may call",
+        choices=[(scope, SCOPE_LABELS[scope]) for scope in ALL_SCOPES],
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+    )
+    models = forms.MultipleChoiceField(
+        label="Allowed models",
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="None chosen: every model of the catalog.",
+    )
+    rpm = forms.IntegerField(label="Requests per minute (RPM)", required=False, min_value=1, max_value=10**9)
+    tpm = forms.IntegerField(label="Tokens per minute (TPM)", required=False, min_value=1, max_value=10**12)
+    monthly_budget = forms.DecimalField(
+        label="Monthly budget (USD)", required=False, min_value=Decimal("0.000001"), max_digits=14, decimal_places=6
+    )
+    expires_on = forms.DateField(
+        label="Expires on",
+        required=False,
+        widget=forms.DateInput(attrs={"type": "date"}),
+        help_text="The key stops working at the end of this day (UTC). Empty: never expires.",
+    )
+
+    def __init__(self, *args: Any, projects: list[tuple[str, str]], models: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["project"].choices = projects  # type: ignore[attr-defined]
+        self.fields["models"].choices = [(model, model) for model in models]  # type: ignore[attr-defined]
+
+    def clean_expires_on(self) -> datetime | None:
+        day = self.cleaned_data.get("expires_on")
+        if day is None:
+            return None
+        moment = datetime.combine(day, time.max, tzinfo=UTC)
+        if moment <= timezone.now():
+            raise forms.ValidationError("Choose a day from today on.")
+        return moment
+
+    def chosen_scopes(self) -> list[str]:
+        permissions = self.cleaned_data["permissions"]
+        if permissions == "all":
+            return list(ALL_SCOPES)
+        if permissions == "read_only":
+            return list(READ_ONLY_SCOPES)
+        return list(self.cleaned_data.get("scopes") or [])
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        if cleaned.get("permissions") == "restricted" and not cleaned.get("scopes"):
+            self.add_error("scopes", "Choose at least one endpoint for a restricted key.")
+        return cleaned
+
+    def budget_micros(self) -> int | None:
+        budget = self.cleaned_data.get("monthly_budget")
+        return None if budget is None else int(budget * 1_000_000)
+
+
+class AdminKeyCreateForm(forms.Form):
+    name = forms.CharField(label="Name", max_length=100)
+    expires_in_days = forms.IntegerField(
+        label="Expires after (days)", required=False, min_value=1, max_value=365, help_text="Empty: never expires."
+    )
+
+    def expires_at(self) -> datetime | None:
+        days = self.cleaned_data.get("expires_in_days")
+        return None if days is None else timezone.now() + timedelta(days=days)
+
+
+class RotateForm(forms.Form):
+    grace = forms.ChoiceField(
+        label="Keep the current secret working for",
+        choices=GRACE_CHOICES,
+        initial="86400",
+        help_text="Deployed clients keep working with the old secret until then, so you can switch them over.",
+    )
+
+    def grace_period(self) -> timedelta:
+        return timedelta(seconds=int(self.cleaned_data["grace"]))
+
+
+class InviteForm(forms.Form):
+    email = forms.EmailField(label="E-mail address")
+    role = forms.ChoiceField(label="Role", choices=ROLE_CHOICES, initial=Role.MEMBER)
+
+
+class RoleForm(forms.Form):
+    role = forms.ChoiceField(label="Role", choices=ROLE_CHOICES)
+
+
+class AuditFilterForm(forms.Form):
+    action = forms.ChoiceField(label="Event", required=False)
+    actor = forms.CharField(label="Actor", required=False, max_length=200)
+    project = forms.ChoiceField(label="Project", required=False)
+    since = forms.DateField(label="From", required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    until = forms.DateField(label="To", required=False, widget=forms.DateInput(attrs={"type": "date"}))
+
+    def __init__(self, *args: Any, actions: list[str], projects: list[tuple[str, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["action"].choices = [("", "All events"), *[(a, a) for a in actions]]  # type: ignore[attr-defined]
+        self.fields["project"].choices = [("", "All projects"), *projects]  # type: ignore[attr-defined]
+
+
+class ApiKeyFilterForm(forms.Form):
+    q = forms.CharField(label="Search", required=False, max_length=100)
+    project = forms.ChoiceField(label="Project", required=False)
+    status = forms.ChoiceField(
+        label="Status",
+        required=False,
+        choices=[("", "Any status"), ("active", "Active"), ("expired", "Expired"), ("revoked", "Revoked")],
+    )
+    permissions = forms.ChoiceField(
+        label="Permissions",
+        required=False,
+        choices=[("", "Any permissions"), ("All", "All"), ("Restricted", "Restricted"), ("Read only", "Read only")],
+    )
+
+    def __init__(self, *args: Any, projects: list[tuple[str, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["project"].choices = [("", "All projects"), *projects]  # type: ignore[attr-defined]

@@ -1,0 +1,29 @@
+"""The dashboard's pages. Objects are named by public id in URLs; no secret is ever in one."""
+
+from __future__ import annotations
+
+from django.urls import path
+
+from dashboard.views import front, keys, settings
+
+app_name = "dashboard"
+
+urlpatterns = [
+    path("", front.home, name="home"),
+    path("organizations/new", front.organization_new, name="organization-new"),
+    path("organizations/switch", front.organization_switch, name="organization-switch"),
+    path("invite/<str:token>", front.invite_accept, name="invite-accept"),
+    path("settings/api-keys", keys.apikey_list_view, name="apikey-list"),
+    path("settings/api-keys/new", keys.apikey_create_view, name="apikey-create"),
+    path("settings/api-keys/<str:public_id>/rotate", keys.apikey_rotate_view, name="apikey-rotate"),
+    path("settings/api-keys/<str:public_id>/revoke", keys.apikey_revoke_view, name="apikey-revoke"),
+    path("settings/admin-keys", settings.admin_key_list, name="admin-key-list"),
+    path("settings/organization", settings.organization_settings, name="organization-settings"),
+    path("settings/organization/leave", settings.organization_leave, name="organization-leave"),
+    path("settings/projects", settings.project_list_view, name="project-list"),
+    path("settings/projects/<str:public_id>", settings.project_update, name="project-update"),
+    path("settings/members", settings.member_list_view, name="member-list"),
+    path("settings/members/<str:user_public_id>", settings.member_update, name="member-update"),
+    path("settings/invitations/<str:public_id>/delete", settings.invitation_delete_view, name="invitation-delete"),
+    path("settings/audit-log", settings.audit_log_view, name="audit-log"),
+]

@@ -1,0 +1,216 @@
+"""The dashboard's pages through Django's test client: tenants isolated, roles enforced, secrets shown once."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
+from django.core import mail
+from django.test import Client
+
+from apikeys.models import ApiKey
+from apikeys.services import apikey_create
+from platform_site.models import AuditLog, Membership, Organization, Project, Role
+from platform_site.selectors import default_project
+from platform_site.services import membership_set, organization_create
+
+pytestmark = pytest.mark.django_db
+
+
+def _user(email: str) -> User:
+    from allauth.account.models import EmailAddress
+
+    user = get_user_model().objects.create_user(username=email.split("@")[0], email=email, password="pw-" + "x" * 12)
+    EmailAddress.objects.create(user=user, email=email, verified=True, primary=True)
+    return user
+
+
+def _client(user: User) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def alice() -> User:
+    return _user("alice@example.com")
+
+
+@pytest.fixture
+def acme(alice: User) -> Organization:
+    return organization_create(name="Acme", owner=alice)
+
+
+def test_signed_out_front_door_offers_sign_in_and_sign_up() -> None:
+    page = Client().get("/").content.decode()
+    assert 'href="/accounts/signup/"' in page and 'href="/accounts/login/"' in page
+
+
+def test_every_page_sends_a_content_security_policy_and_no_cdn_asset(alice: User, acme: Organization) -> None:
+    response = _client(alice).get("/settings/api-keys")
+    assert response.status_code == 200
+    assert "default-src 'self'" in response["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in response["Content-Security-Policy"]
+    assert not re.search(r'(src|href)="https?://', response.content.decode())
+
+
+def test_a_new_organization_has_a_default_project_and_its_creator_as_owner(alice: User, acme: Organization) -> None:
+    assert default_project(organization=acme).is_default
+    assert Membership.objects.get(organization=acme, user=alice).role == Role.OWNER
+
+
+def test_created_secret_is_on_the_creating_page_only_and_stored_hashed(alice: User, acme: Organization) -> None:
+    client = _client(alice)
+    project = default_project(organization=acme)
+    response = client.post(
+        "/settings/api-keys/new",
+        {"name": "web", "project": project.public_id, "permissions": "read_only", "rpm": "30"},
+    )
+    assert response.status_code == 200 and response["Cache-Control"] == "no-store"
+    raw = re.search(r'value="(sk-kw-[^"]+)"', response.content.decode()).group(1)  # type: ignore[union-attr]
+    key = ApiKey.objects.get(name="web")
+    assert key.project == project and key.scopes == ["models:read", "usage:read"] and key.rpm_limit == 30
+    assert raw not in str(ApiKey.objects.filter(pk=key.pk).values().get())
+    for path in ("/", "/settings/api-keys", "/settings/audit-log"):
+        assert raw not in client.get(path).content.decode()
+    assert raw.split("-")[-1] not in str(list(AuditLog.objects.values()))
+
+
+def test_a_third_user_sees_no_other_tenants_projects_keys_or_members(alice: User, acme: Organization) -> None:
+    bob = _user("bob@example.com")
+    globex = organization_create(name="Globex", owner=bob)
+    acme_key, _ = apikey_create(organization=acme, name="acme-secret-key")
+    globex_project = Project.objects.create(organization=globex, name="globex-rocket")
+    # Eve belongs to neither: her only job is to prove the walls hold.
+    eve = _user("eve@example.com")
+    organization_create(name="Eve Corp", owner=eve)
+    client = _client(eve)
+    for path in ("/", "/settings/api-keys", "/settings/projects", "/settings/members", "/settings/audit-log"):
+        page = client.get(path).content.decode()
+        for secret in ("acme-secret-key", acme_key.public_id, "globex-rocket", "alice@example.com", "bob@example.com"):
+            assert secret not in page, (path, secret)
+    # Naming another tenant's objects by id gets the same 404 as an unknown id.
+    assert client.get(f"/settings/api-keys/{acme_key.public_id}/revoke").status_code == 404
+    assert client.post(f"/settings/api-keys/{acme_key.public_id}/revoke").status_code == 404
+    assert client.post(f"/settings/projects/{globex_project.public_id}", {"archive": "1"}).status_code == 404
+    alice_id = alice.keyway_profile.public_id
+    assert client.post(f"/settings/members/{alice_id}", {"remove": "1"}).status_code == 404
+    # Switching to an organization one does not belong to does nothing.
+    client.post("/organizations/switch", {"organization": acme.public_id})
+    assert "acme-secret-key" not in client.get("/settings/api-keys").content.decode()
+    acme_key.refresh_from_db()
+    assert acme_key.revoked_at is None and Membership.objects.filter(user=alice, organization=acme).exists()
+
+
+def test_members_manage_only_their_own_keys_and_readers_none(alice: User, acme: Organization) -> None:
+    mia, rex = _user("mia@example.com"), _user("rex@example.com")
+    membership_set(organization=acme, user=mia, role=Role.MEMBER)
+    membership_set(organization=acme, user=rex, role=Role.READER)
+    owners_key, _ = apikey_create(organization=acme, name="owners", created_by=alice)
+    project = default_project(organization=acme)
+    mia_client = _client(mia)
+    mia_client.post("/settings/api-keys/new", {"name": "mias", "project": project.public_id, "permissions": "all"})
+    mias_key = ApiKey.objects.get(name="mias")
+    assert mias_key.created_by == mia
+    mia_client.post(f"/settings/api-keys/{owners_key.public_id}/revoke")
+    owners_key.refresh_from_db()
+    assert owners_key.revoked_at is None
+    mia_client.post(f"/settings/api-keys/{mias_key.public_id}/revoke")
+    mias_key.refresh_from_db()
+    assert mias_key.revoked_at is not None
+
+    rex_client = _client(rex)
+    page = rex_client.get("/settings/api-keys").content.decode()
+    assert "owners" in page and "Create new secret key" not in page and ">Revoke<" not in page
+    rex_client.post("/settings/api-keys/new", {"name": "rexs", "project": project.public_id, "permissions": "all"})
+    assert not ApiKey.objects.filter(name="rexs").exists()
+    rex_client.post("/settings/projects", {"name": "rex project"})
+    assert not Project.objects.filter(name="rex project").exists()
+
+
+def test_rotation_keeps_the_old_secret_for_the_chosen_grace_and_is_audited(alice: User, acme: Organization) -> None:
+    key, old = apikey_create(organization=acme, name="svc", created_by=alice)
+    response = _client(alice).post(f"/settings/api-keys/{key.public_id}/rotate", {"grace": "3600"})
+    new = re.search(r'value="(sk-kw-[^"]+)"', response.content.decode()).group(1)  # type: ignore[union-attr]
+    assert new != old and "previous secret keeps working until" in response.content.decode()
+    key.refresh_from_db()
+    assert key.previous_secret_expires_at is not None
+    assert 3590 < (key.previous_secret_expires_at - key.rotated_at).total_seconds() <= 3600  # type: ignore[operator]
+    assert AuditLog.objects.filter(action="api_key.updated", target=key.public_id, actor=alice).exists()
+
+
+def test_invitation_link_joins_once_with_its_role(
+    alice: User, acme: Organization, django_capture_on_commit_callbacks: Any
+) -> None:
+    with django_capture_on_commit_callbacks(execute=True):
+        response = _client(alice).post("/settings/members", {"email": "new@example.com", "role": "reader"})
+    assert response.status_code == 302
+    link = re.search(r"http://\S+/invite/(\S+)", mail.outbox[-1].body)
+    assert link is not None
+    newcomer = _user("new@example.com")
+    client = _client(newcomer)
+    path = f"/invite/{link.group(1)}"
+    assert "Join Acme" in client.get(path).content.decode()
+    client.post(path)
+    assert Membership.objects.get(organization=acme, user=newcomer).role == Role.READER
+    assert client.get(path).status_code == 404
+    assert AuditLog.objects.filter(organization=acme, action="invite.accepted").exists()
+
+
+def test_the_last_owner_cannot_leave(alice: User, acme: Organization) -> None:
+    client = _client(alice)
+    client.post("/settings/organization/leave")
+    assert Membership.objects.filter(organization=acme, user=alice).exists()
+    bob = _user("bob@example.com")
+    membership_set(organization=acme, user=bob, role=Role.OWNER)
+    client.post("/settings/organization/leave")
+    assert not Membership.objects.filter(organization=acme, user=alice).exists()
+
+
+def test_archiving_a_project_stops_its_keys(alice: User, acme: Organization) -> None:
+    from apikeys.auth import authenticate_key_sync
+    from apikeys.exceptions import InvalidApiKey
+
+    client = _client(alice)
+    client.post("/settings/projects", {"name": "Side"})
+    side = Project.objects.get(organization=acme, name="Side")
+    _, raw = apikey_create(organization=acme, project=side, name="side key")
+    assert authenticate_key_sync(raw).project_public_id == side.public_id
+    client.post(f"/settings/projects/{side.public_id}", {"archive": "1"})
+    with pytest.raises(InvalidApiKey):
+        authenticate_key_sync(raw)
+    client.post(f"/settings/projects/{default_project(organization=acme).public_id}", {"archive": "1"})
+    assert default_project(organization=acme).archived_at is None
+
+
+def test_single_sign_on_is_offered_when_an_oidc_client_is_configured(settings: Any) -> None:
+    settings.SOCIALACCOUNT_PROVIDERS = {
+        "openid_connect": {
+            "APPS": [
+                {
+                    "provider_id": "okta",
+                    "name": "Okta",
+                    "client_id": "keyway",
+                    "secret": "s3cret",
+                    "settings": {"server_url": "https://id.example.com"},
+                }
+            ]
+        }
+    }
+    page = Client().get("/accounts/login/").content.decode()
+    assert "Okta" in page and "/accounts/oidc/okta/login/" in page and "s3cret" not in page
+
+
+def test_two_factor_set_up_offers_a_totp_code_under_the_policy(alice: User, acme: Organization) -> None:
+    client = Client()
+    # A real sign-in (not force_login): allauth asks for a recent authentication before 2FA changes.
+    assert client.post("/accounts/login/", {"login": alice.email, "password": "pw-" + "x" * 12}).status_code == 302
+    client.post("/accounts/reauthenticate/", {"password": "pw-" + "x" * 12})
+    response = client.get("/accounts/2fa/totp/activate/")
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert 'src="data:image/svg+xml' in page and "Authenticator code" in page
+    assert "img-src 'self' data:" in response["Content-Security-Policy"]
