@@ -151,7 +151,7 @@ def apikey_rotate(
     """Give the key a new secret and return it, exactly once. The old secret keeps working for `grace`
     (default KEYWAY_ROTATION_GRACE_SECONDS, at most 30 days; zero ends it at once) so deployed clients can
     be switched over, then it is refused."""
-    key = ApiKey.objects.select_for_update().select_related("organization", "project").get(pk=key.pk)
+    key = ApiKey.objects.select_for_update(of=("self",)).select_related("organization", "project").get(pk=key.pk)
     _require_may_manage(by, key)
     if key.revoked_at is not None:
         raise InvalidKeySettings("A revoked key cannot be rotated.", param="api_key_id")
@@ -189,7 +189,7 @@ def apikey_revoke(
     *, key: ApiKey, actor: User | None = None, actor_label: str = "", by: Actor | None = None
 ) -> ApiKey:
     """Revoke the key for good: both its current and any previous secret are refused from now on."""
-    key = ApiKey.objects.select_for_update().select_related("organization", "project").get(pk=key.pk)
+    key = ApiKey.objects.select_for_update(of=("self",)).select_related("organization", "project").get(pk=key.pk)
     _require_may_manage(by, key)
     if key.revoked_at is not None:
         return key

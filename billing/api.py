@@ -51,7 +51,7 @@ _MONTH_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 _EXPORT_PAGE = 2000
 
 
-class _JsonOnly(BaseContentNegotiation):
+class JsonOnlyNegotiation(BaseContentNegotiation):
     """JSON whatever the Accept header says: errors must never come back as the browsable API's HTML, and
     the CSV view builds its own response."""
 
@@ -76,7 +76,7 @@ class BillingApi(APIView):
     authentication_classes = [ApiKeyAuthentication, SessionAuthentication]
     permission_classes = [CanReadUsage]
     renderer_classes = [JSONRenderer]
-    content_negotiation_class = _JsonOnly
+    content_negotiation_class = JsonOnlyNegotiation
     # Per caller (key or user) across all billing endpoints. Reports aggregate over up to a year of ledger
     # rows, so they are limited well below the hot path's rates. The counters live in the default cache:
     # shared through Redis in production, per process in the embedded single-process setup.

@@ -40,6 +40,6 @@ def openai_exception_handler(exc: Exception, context: dict[str, Any]) -> Respons
 
 
 def unknown_route(request: HttpRequest, rest: str = "") -> HttpResponse:
-    """Any path under /api/billing/ that names no endpoint: a JSON 404, not Django's HTML page."""
-    error = ApiError(f"Unknown billing API route: {request.method} {request.path}.", status=404, code="unknown_url")
+    """Any path under a DRF API (billing, management) that names no endpoint: a JSON 404, not an HTML page."""
+    error = ApiError(f"Unknown API route: {request.method} {request.path}.", status=404, code="unknown_url")
     return error_response(error, request_id=_request_id(request))

@@ -22,11 +22,14 @@ from platform_site.kernel import loops, process  # noqa: E402
 
 api_app = ApiHandler()
 _API_PREFIXES = ("/v1/", "/api/v1/")
+# The management API lives under /v1 but needs sessions and CSRF (dashboard users call it), so it takes the
+# full stack; it is not a hot path.
+_MANAGEMENT_PREFIX = "/v1/organization"
 
 
 async def http_app(scope, receive, send):  # type: ignore[no-untyped-def]
     path = scope["path"]
-    if path.startswith(_API_PREFIXES) or path in ("/v1", "/api/v1"):
+    if (path.startswith(_API_PREFIXES) or path in ("/v1", "/api/v1")) and not path.startswith(_MANAGEMENT_PREFIX):
         await api_app(scope, receive, send)
     else:
         await dashboard_app(scope, receive, send)

@@ -93,7 +93,7 @@ def organization_create(
         actor=owner,
         actor_label=actor_label,
         project=project,
-        details={"name": project.name},
+        details={"data": {"name": project.name}},
     )
     return organization
 

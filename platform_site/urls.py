@@ -8,6 +8,8 @@ from django.urls import include, path
 from platform_site.health import health
 
 urlpatterns = [
+    # The management API (OpenAI's Admin API paths), on Django's full stack: dashboard sessions use it too.
+    path("v1/organization/", include("dashboard.admin_api.urls", namespace="admin-api")),
     # The OpenAI-compatible API, served by the lean API handler (platform_site.asgi); first, because every
     # proxied request resolves its path through this list.
     path("v1/", include("completions.api.urls", namespace="v1")),

@@ -149,6 +149,13 @@ def openapi_validator(openapi: dict[str, Any]) -> Callable[[str, Any], None]:
 
 def _sdk_types() -> dict[str, type[pydantic.BaseModel]]:
     from openai.types import CreateEmbeddingResponse, Model
+    from openai.types.admin.organization.admin_api_key import AdminAPIKey
+    from openai.types.admin.organization.admin_api_key_create_response import AdminAPIKeyCreateResponse
+    from openai.types.admin.organization.audit_log_list_response import AuditLogListResponse
+    from openai.types.admin.organization.invite import Invite
+    from openai.types.admin.organization.organization_user import OrganizationUser
+    from openai.types.admin.organization.project import Project
+    from openai.types.admin.organization.projects.project_api_key import ProjectAPIKey
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
     from openai.types.shared import ErrorObject
 
@@ -169,6 +176,13 @@ def _sdk_types() -> dict[str, type[pydantic.BaseModel]]:
         "ErrorResponse": ErrorResponse,
         "ListModelsResponse": ListModelsResponse,
         "Model": Model,
+        "AdminApiKey": AdminAPIKey,
+        "AdminApiKeyCreateResponse": AdminAPIKeyCreateResponse,
+        "Invite": Invite,
+        "User": OrganizationUser,
+        "Project": Project,
+        "ProjectApiKey": ProjectAPIKey,
+        "AuditLog": AuditLogListResponse,
     }
 
 

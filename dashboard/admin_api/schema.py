@@ -1,0 +1,178 @@
+"""What the management API's OpenAPI document (drf-spectacular) says each operation takes and returns. The
+objects are OpenAI's Admin API objects; Keyway's extra fields are listed beside theirs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+
+INT = {"type": "integer"}
+STR = {"type": "string"}
+NULL_INT = {"type": ["integer", "null"]}
+NULL_STR = {"type": ["string", "null"]}
+STRS = {"type": "array", "items": STR}
+
+
+def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": required}
+
+
+OWNER = _object({"type": STR, "object": STR, "id": STR, "name": STR, "created_at": INT, "role": STR}, ["type"])
+ADMIN_KEY = _object(
+    {
+        "object": {"type": "string", "enum": ["organization.admin_api_key"]},
+        "id": STR,
+        "name": NULL_STR,
+        "redacted_value": STR,
+        "created_at": INT,
+        "expires_at": NULL_INT,
+        "last_used_at": NULL_INT,
+        "owner": OWNER,
+        "status": STR,
+    },
+    ["object", "id", "redacted_value", "created_at", "expires_at", "owner"],
+)
+PROJECT_KEY = _object(
+    {
+        "object": {"type": "string", "enum": ["organization.project.api_key"]},
+        "id": STR,
+        "name": STR,
+        "redacted_value": STR,
+        "created_at": INT,
+        "last_used_at": NULL_INT,
+        "owner_project_access": {"type": "string", "enum": ["active", "inactive"]},
+        "owner": {"type": "object"},
+        "project_id": STR,
+        "scopes": STRS,
+        "models": STRS,
+        "rpm": NULL_INT,
+        "tpm": NULL_INT,
+        "monthly_budget_usd": NULL_STR,
+        "expires_at": NULL_INT,
+        "status": STR,
+        "previous_secret_expires_at": NULL_INT,
+    },
+    ["object", "id", "name", "redacted_value", "created_at", "last_used_at", "owner_project_access", "owner"],
+)
+PROJECT = _object(
+    {
+        "id": STR,
+        "object": {"type": "string", "enum": ["organization.project"]},
+        "name": NULL_STR,
+        "created_at": INT,
+        "archived_at": NULL_INT,
+        "status": STR,
+        "is_default": {"type": "boolean"},
+    },
+    ["id", "object", "created_at"],
+)
+USER = _object(
+    {
+        "object": {"type": "string", "enum": ["organization.user"]},
+        "id": STR,
+        "name": NULL_STR,
+        "email": NULL_STR,
+        "role": NULL_STR,
+        "added_at": INT,
+    },
+    ["object", "id", "added_at"],
+)
+INVITE = _object(
+    {
+        "object": {"type": "string", "enum": ["organization.invite"]},
+        "id": STR,
+        "email": STR,
+        "role": STR,
+        "status": {"type": "string", "enum": ["accepted", "expired", "pending"]},
+        "created_at": INT,
+        "expires_at": NULL_INT,
+        "accepted_at": NULL_INT,
+        "projects": {"type": "array", "items": {"type": "object"}},
+    },
+    ["object", "id", "email", "role", "status", "created_at", "projects"],
+)
+AUDIT_LOG = _object(
+    {"id": STR, "type": STR, "effective_at": INT, "actor": {"type": "object"}, "project": {"type": "object"}},
+    ["id", "type", "effective_at"],
+)
+ERROR = _object(
+    {
+        "error": _object(
+            {"message": STR, "type": STR, "param": NULL_STR, "code": NULL_STR}, ["message", "type", "param", "code"]
+        )
+    },
+    ["error"],
+)
+
+
+def with_value(schema: dict[str, Any]) -> dict[str, Any]:
+    """A created or rotated key: the object plus its secret in `value`, returned this once."""
+    return {**schema, "properties": {**schema["properties"], "value": STR}, "required": [*schema["required"], "value"]}
+
+
+def listing(item: dict[str, Any]) -> dict[str, Any]:
+    return _object(
+        {
+            "object": {"type": "string", "enum": ["list"]},
+            "data": {"type": "array", "items": item},
+            "first_id": NULL_STR,
+            "last_id": NULL_STR,
+            "has_more": {"type": "boolean"},
+        },
+        ["object", "data", "has_more"],
+    )
+
+
+def deleted(kind: str) -> dict[str, Any]:
+    return _object(
+        {"object": {"type": "string", "enum": [kind]}, "id": STR, "deleted": {"type": "boolean"}},
+        ["object", "id", "deleted"],
+    )
+
+
+LIST_PARAMS = [
+    OpenApiParameter("limit", int, description="1 to 100, default 20."),
+    OpenApiParameter("after", str, description="An object id of the list: return the objects after it."),
+    OpenApiParameter("order", str, enum=["asc", "desc"], description="By creation time."),
+]
+ERRORS = {
+    code: OpenApiResponse(ERROR, description=text)
+    for code, text in (
+        (400, "Invalid request (the error's `param` names the field)."),
+        (401, "No or an invalid key."),
+        (403, "The key lacks the admin scope, or the role does not allow this."),
+        (404, "No such object here."),
+        (409, "The change contradicts the current state."),
+    )
+}
+
+
+def operation(
+    response: dict[str, Any],
+    *,
+    request: dict[str, Any] | None = None,
+    listed: bool = False,
+    summary: str = "",
+    operation_id: str | None = None,
+) -> Any:
+    return extend_schema(
+        operation_id=operation_id,
+        request=None if request is None else {"application/json": request},
+        responses={200: OpenApiResponse(response), **ERRORS},
+        parameters=LIST_PARAMS if listed else None,
+        summary=summary or None,
+    )
+
+
+def body(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    return _object(properties, required or [])
+
+
+class AdminKeyScheme(OpenApiAuthenticationExtension):  # type: ignore[misc]
+    target_class = "dashboard.admin_api.base.AdminKeyAuthentication"
+    name = "AdminApiKeyAuth"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
+        return {"type": "http", "scheme": "bearer", "description": "An admin key (scope `admin`)."}

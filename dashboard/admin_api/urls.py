@@ -1,0 +1,40 @@
+"""Routes of the management API, mounted at /v1/organization/ and served by Django's full stack (sessions and
+CSRF for dashboard users; admin keys need neither). Paths follow OpenAI's Admin API."""
+
+from __future__ import annotations
+
+from django.urls import path, re_path
+from drf_spectacular.views import SpectacularJSONAPIView
+
+from billing.errors import unknown_route
+from dashboard.admin_api import views
+
+app_name = "admin-api"
+
+urlpatterns = [
+    path("admin_api_keys", views.AdminApiKeyListApi.as_view(), name="admin-key-list"),
+    path("admin_api_keys/<str:key_id>", views.AdminApiKeyApi.as_view(), name="admin-key"),
+    path("projects", views.ProjectListApi.as_view(), name="project-list"),
+    path("projects/<str:project_id>", views.ProjectApi.as_view(), name="project"),
+    path("projects/<str:project_id>/archive", views.ProjectArchiveApi.as_view(), name="project-archive"),
+    path("projects/<str:project_id>/api_keys", views.ProjectApiKeyListApi.as_view(), name="project-key-list"),
+    path("projects/<str:project_id>/api_keys/<str:key_id>", views.ProjectApiKeyApi.as_view(), name="project-key"),
+    path(
+        "projects/<str:project_id>/api_keys/<str:key_id>/rotate",
+        views.ProjectApiKeyRotateApi.as_view(),
+        name="project-key-rotate",
+    ),
+    path("users", views.UserListApi.as_view(), name="user-list"),
+    path("users/<str:user_id>", views.UserApi.as_view(), name="user"),
+    path("invites", views.InviteListApi.as_view(), name="invite-list"),
+    path("invites/<str:invite_id>", views.InviteApi.as_view(), name="invite"),
+    path("audit_logs", views.AuditLogListApi.as_view(), name="audit-log-list"),
+    path(
+        "openapi.json",
+        SpectacularJSONAPIView.as_view(
+            urlconf="dashboard.admin_api.schema_urls", authentication_classes=[], permission_classes=[]
+        ),
+        name="openapi",
+    ),
+    re_path(r"^(?P<rest>.*)$", unknown_route, name="unknown"),
+]

@@ -1,0 +1,222 @@
+"""The management API with the official SDK's admin client (and plain HTTP for what the SDK lacks): OpenAI's
+Admin API paths, bodies valid against the official schemas, every tenant walled off."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx2 as httpx
+import openai
+import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
+
+from apikeys.services import apikey_create
+from platform_site.models import Organization, Role
+from platform_site.selectors import default_project
+from platform_site.services import membership_set
+from tests.conftest import bearer
+
+pytestmark = pytest.mark.django_db(transaction=True)
+Validate = Callable[[str, Any], None]
+
+
+@pytest.fixture
+def admin_key(org: Organization) -> str:
+    return apikey_create(organization=org, name="ops", scopes=["admin"], actor_label="test")[1]
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    from platform_site.asgi import application
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://127.0.0.1") as c:
+        yield c
+
+
+@pytest.fixture
+async def admin(admin_key: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    from platform_site.asgi import application
+
+    client = openai.AsyncOpenAI(
+        base_url="http://127.0.0.1/v1", api_key="unused", admin_api_key=admin_key, max_retries=0,
+        http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=application)),
+    )
+    yield client
+    await client.close()
+
+
+async def test_admin_keys_are_created_once_listed_retrieved_and_deleted(
+    admin: openai.AsyncOpenAI, http: httpx.AsyncClient, admin_key: str, validate_schema: Validate
+) -> None:
+    response = await http.post("/v1/organization/admin_api_keys", json={"name": "ci", "expires_in_seconds": 3600},
+                               headers=bearer(admin_key))
+    created = response.json()
+    assert response.status_code == 200, created
+    validate_schema("AdminApiKeyCreateResponse", created)
+    assert created["value"].startswith("sk-kw-") and created["expires_at"] is not None
+    listed = await admin.admin.organization.admin_api_keys.list()
+    assert {key.name for key in listed.data} == {"ops", "ci"}
+    for key in (await http.get("/v1/organization/admin_api_keys", headers=bearer(admin_key))).json()["data"]:
+        validate_schema("AdminApiKey", key)
+        assert "value" not in key
+    assert (await admin.admin.organization.admin_api_keys.retrieve(created["id"])).name == "ci"
+    deleted = await admin.admin.organization.admin_api_keys.delete(created["id"])
+    assert deleted.deleted is True
+    # The deleted admin key is refused from now on.
+    refused = await http.get("/v1/organization/projects", headers=bearer(created["value"]))
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+
+
+async def test_projects_and_their_keys_through_the_management_api(
+    admin: openai.AsyncOpenAI, http: httpx.AsyncClient, admin_key: str, validate_schema: Validate, default_model: None
+) -> None:
+    project = await admin.admin.organization.projects.create(name="Search")
+    assert project.status == "active"
+    names = [p.name for p in (await admin.admin.organization.projects.list()).data]
+    assert names == ["Default project", "Search"]
+    await admin.admin.organization.projects.update(project.id, name="Search v2")
+    body = (await http.get(f"/v1/organization/projects/{project.id}", headers=bearer(admin_key))).json()
+    validate_schema("Project", body)
+    assert body["name"] == "Search v2"
+
+    response = await http.post(
+        f"/v1/organization/projects/{project.id}/api_keys",
+        json={"name": "indexer", "scopes": ["models:read", "embeddings"], "models": ["gemma-3-270m"], "rpm": 60,
+              "tpm": 1000, "monthly_budget_usd": 12.5},
+        headers=bearer(admin_key),
+    )
+    key = response.json()
+    assert response.status_code == 200, key
+    validate_schema("ProjectApiKey", key)
+    assert key["scopes"] == ["embeddings", "models:read"] and key["rpm"] == 60
+    assert key["monthly_budget_usd"] == "12.500000"
+    models = await http.get("/v1/models", headers=bearer(key["value"]))
+    assert [m["id"] for m in models.json()["data"]] == ["gemma-3-270m"]
+
+    listed = await admin.admin.organization.projects.api_keys.list(project.id)
+    assert [k.name for k in listed.data] == ["indexer"] and listed.data[0].owner.type == "service_account"
+    rotated = (await http.post(f"/v1/organization/projects/{project.id}/api_keys/{key['id']}/rotate",
+                               json={"grace_period_seconds": 0}, headers=bearer(admin_key))).json()
+    assert rotated["value"] != key["value"]
+    assert (await http.get("/v1/models", headers=bearer(key["value"]))).status_code == 401
+    assert (await http.get("/v1/models", headers=bearer(rotated["value"]))).status_code == 200
+    await admin.admin.organization.projects.api_keys.delete(key["id"], project_id=project.id)
+    assert (await http.get("/v1/models", headers=bearer(rotated["value"]))).status_code == 401
+
+    archived = await admin.admin.organization.projects.archive(project.id)
+    assert archived.status == "archived"
+    refused = await http.post(f"/v1/organization/projects/{project.id}/api_keys", json={"name": "late"},
+                              headers=bearer(admin_key))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "project"
+
+
+async def test_users_and_invites(
+    admin: openai.AsyncOpenAI, http: httpx.AsyncClient, admin_key: str, org: Organization, validate_schema: Validate
+) -> None:
+    user = await sync_to_async(get_user_model().objects.create_user)("kim", email="kim@example.com", password="x" * 12)
+    await sync_to_async(membership_set)(organization=org, user=user, role=Role.READER)
+    users = (await http.get("/v1/organization/users", headers=bearer(admin_key))).json()
+    assert [u["email"] for u in users["data"]] == ["kim@example.com"]
+    validate_schema("User", users["data"][0])
+    user_id = users["data"][0]["id"]
+    updated = await admin.admin.organization.users.update(user_id, role="member")
+    assert updated.role == "member"
+    # An admin key acts with the admin role: it cannot make owners (a leaked admin key cannot take over).
+    with pytest.raises(openai.PermissionDeniedError):
+        await admin.admin.organization.users.update(user_id, role="owner")
+
+    response = await http.post("/v1/organization/invites", json={"email": "Lee@Example.com", "role": "reader"},
+                               headers=bearer(admin_key))
+    invite = response.json()
+    assert response.status_code == 200, invite
+    validate_schema("Invite", invite)
+    assert invite["email"] == "lee@example.com" and invite["status"] == "pending"
+    assert [i.id for i in (await admin.admin.organization.invites.list()).data] == [invite["id"]]
+    assert (await admin.admin.organization.invites.retrieve(invite["id"])).role == "reader"
+    assert (await admin.admin.organization.invites.delete(invite["id"])).deleted is True
+    again = await http.get(f"/v1/organization/invites/{invite['id']}", headers=bearer(admin_key))
+    assert again.status_code == 404 and again.json()["error"]["param"] == "invite_id"
+
+    assert (await admin.admin.organization.users.delete(user_id)).deleted is True
+    assert (await http.get("/v1/organization/users", headers=bearer(admin_key))).json()["data"] == []
+
+
+async def test_bad_input_and_other_tenants_get_openai_errors(
+    http: httpx.AsyncClient, admin_key: str, org: Organization, other_org: Organization
+) -> None:
+    theirs = await sync_to_async(default_project)(organization=other_org)
+    _, project_key = await sync_to_async(apikey_create)(organization=org, name="plain")
+    cases = [
+        (None, "GET", "/v1/organization/projects", None, 401, None),
+        (project_key, "GET", "/v1/organization/projects", None, 403, None),
+        (admin_key, "GET", f"/v1/organization/projects/{theirs.public_id}", None, 404, "project_id"),
+        (admin_key, "GET", f"/v1/organization/projects/{theirs.public_id}/api_keys", None, 404, "project_id"),
+        (admin_key, "GET", "/v1/organization/projects?limit=0", None, 400, "limit"),
+        (admin_key, "GET", "/v1/organization/projects?after=proj_nope", None, 400, "after"),
+        (admin_key, "POST", "/v1/organization/projects", {"name": 7}, 400, "name"),
+        (admin_key, "POST", "/v1/organization/projects", [], 400, None),
+        (admin_key, "POST", "/v1/organization/admin_api_keys", {}, 400, "name"),
+        (admin_key, "POST", "/v1/organization/invites", {"email": "x@example.com", "role": "emperor"}, 400, "role"),
+        (admin_key, "GET", "/v1/organization/nothing-here", None, 404, None),
+    ]
+    for key, method, path, body, status, param in cases:
+        headers = bearer(key) if key else {}
+        response = await http.request(method, path, json=body, headers=headers)
+        error = response.json()["error"]
+        assert response.status_code == status, (path, response.text)
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, (path, error)
+
+
+async def test_audit_logs_are_openai_events_paginated_newest_first(
+    http: httpx.AsyncClient, admin_key: str, validate_schema: Validate
+) -> None:
+    for name in ("a", "b", "c"):
+        await http.post("/v1/organization/projects", json={"name": name}, headers=bearer(admin_key))
+    first = (await http.get("/v1/organization/audit_logs?limit=2&event_types[]=project.created",
+                            headers=bearer(admin_key))).json()
+    for event in first["data"]:
+        validate_schema("AuditLog", event)
+    assert [e["project.created"]["data"]["name"] for e in first["data"]] == ["c", "b"] and first["has_more"]
+    assert first["data"][0]["actor"]["type"] == "api_key"
+    query = f"limit=2&event_types[]=project.created&after={first['last_id']}"
+    rest = (await http.get(f"/v1/organization/audit_logs?{query}", headers=bearer(admin_key))).json()
+    assert [e["project.created"]["data"].get("name") for e in rest["data"]] == ["a", "Default project"]
+
+
+async def test_openapi_document_is_valid_and_lists_the_management_paths(http: httpx.AsyncClient) -> None:
+    from openapi_spec_validator import validate
+
+    response = await http.get("/v1/organization/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    validate(document)
+    assert document["openapi"] == "3.1.0"
+    assert {
+        "/v1/organization/admin_api_keys", "/v1/organization/admin_api_keys/{key_id}", "/v1/organization/users",
+        "/v1/organization/users/{user_id}", "/v1/organization/invites", "/v1/organization/projects",
+        "/v1/organization/projects/{project_id}/api_keys", "/v1/organization/projects/{project_id}/api_keys/{key_id}",
+        "/v1/organization/audit_logs",
+    } <= set(document["paths"])
+    created = document["paths"]["/v1/organization/projects/{project_id}/api_keys"]["post"]
+    assert "value" in created["responses"]["200"]["content"]["application/json"]["schema"]["properties"]
+    assert document["components"]["securitySchemes"]["AdminApiKeyAuth"]["scheme"] == "bearer"
+
+
+
+def test_a_signed_in_owner_uses_it_with_csrf_and_a_reader_may_not(org: Organization) -> None:
+    from django.test import Client
+
+    owner = get_user_model().objects.create_user("olga", email="olga@example.com", password="x" * 12)
+    reader = get_user_model().objects.create_user("ray", email="ray@example.com", password="x" * 12)
+    membership_set(organization=org, user=owner, role=Role.OWNER)
+    membership_set(organization=org, user=reader, role=Role.READER)
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(owner)
+    assert [p["name"] for p in client.get("/v1/organization/projects").json()["data"]] == ["Default project"]
+    refused = client.post("/v1/organization/projects", {"name": "x"}, content_type="application/json")
+    assert refused.status_code == 403 and "CSRF" in refused.json()["error"]["message"]
+    client.force_login(reader)
+    denied = client.get("/v1/organization/projects")
+    assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
