@@ -24,7 +24,7 @@ api_app = ApiHandler()
 _API_PREFIXES = ("/v1/", "/api/v1/")
 # The management API lives under /v1 but needs sessions and CSRF (dashboard users call it), so it takes the
 # full stack; it is not a hot path.
-_MANAGEMENT_PREFIX = "/v1/organization"
+_MANAGEMENT_PREFIX = "/v1/organization/"
 
 
 async def http_app(scope, receive, send):  # type: ignore[no-untyped-def]

@@ -160,6 +160,8 @@ async def test_bad_input_and_other_tenants_get_openai_errors(
         (admin_key, "POST", "/v1/organization/admin_api_keys", {}, 400, "name"),
         (admin_key, "POST", "/v1/organization/invites", {"email": "x@example.com", "role": "emperor"}, 400, "role"),
         (admin_key, "GET", "/v1/organization/nothing-here", None, 404, None),
+        (admin_key, "GET", "/v1/organization", None, 404, None),
+        (admin_key, "GET", "/v1/organizationx", None, 404, None),
     ]
     for key, method, path, body, status, param in cases:
         headers = bearer(key) if key else {}
