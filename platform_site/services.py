@@ -58,6 +58,14 @@ def user_profile_ensure(*, user: User) -> Profile:
     return profile
 
 
+def _clean_name(name: str, *, what: str, limit: int) -> str:
+    """A name as typed, trimmed; empty or longer than the column is refused, never silently cut."""
+    name = name.strip()
+    if not name or len(name) > limit:
+        raise TenancyError(f"{what} needs a name of 1 to {limit} characters.", param="name", code="invalid_value")
+    return name
+
+
 def _unique_slug(name: str) -> str:
     base = slugify(name)[:56] or "org"
     slug = base
@@ -71,10 +79,8 @@ def organization_create(
     *, name: str, slug: str = "", owner: User | None = None, actor_label: str = ""
 ) -> Organization:
     """A new organization with its default project; `owner`, when given, becomes its first owner."""
-    name = name.strip()
-    if not name:
-        raise TenancyError("An organization needs a name.", param="name", code="invalid_value")
-    organization = Organization.objects.create(name=name[:200], slug=slug or _unique_slug(name))
+    name = _clean_name(name, what="An organization", limit=200)
+    organization = Organization.objects.create(name=name, slug=slug or _unique_slug(name))
     project = Project.objects.create(organization=organization, name=DEFAULT_PROJECT_NAME, is_default=True)
     if owner is not None:
         user_profile_ensure(user=owner)
@@ -101,11 +107,9 @@ def organization_create(
 @transaction.atomic
 def organization_rename(*, by: Actor, name: str) -> Organization:
     by.require_manager("rename the organization")
-    name = name.strip()
-    if not name:
-        raise TenancyError("An organization needs a name.", param="name", code="invalid_value")
+    name = _clean_name(name, what="An organization", limit=200)
     organization = Organization.objects.select_for_update().get(pk=by.organization.pk)
-    previous, organization.name = organization.name, name[:200]
+    previous, organization.name = organization.name, name
     organization.save(update_fields=["name"])
     audit_log_record(
         organization=organization,
@@ -203,10 +207,8 @@ def member_remove(*, by: Actor, membership: Membership) -> None:
 @transaction.atomic
 def project_create(*, by: Actor, name: str) -> Project:
     by.require_manager("create projects")
-    name = name.strip()
-    if not name:
-        raise TenancyError("A project needs a name.", param="name", code="invalid_value")
-    project = Project.objects.create(organization=by.organization, name=name[:100])
+    name = _clean_name(name, what="A project", limit=100)
+    project = Project.objects.create(organization=by.organization, name=name)
     audit_log_record(
         organization=by.organization,
         action="project.created",
@@ -221,13 +223,11 @@ def project_create(*, by: Actor, name: str) -> Project:
 @transaction.atomic
 def project_rename(*, by: Actor, project: Project, name: str) -> Project:
     by.require_manager("rename projects")
-    name = name.strip()
-    if not name:
-        raise TenancyError("A project needs a name.", param="name", code="invalid_value")
+    name = _clean_name(name, what="A project", limit=100)
     project = Project.objects.select_for_update().get(pk=project.pk, organization=by.organization)
     if project.archived_at is not None:
         raise Conflict("An archived project cannot be changed.", param="project_id")
-    project.name = name[:100]
+    project.name = name
     project.save(update_fields=["name"])
     audit_log_record(
         organization=by.organization,

@@ -10,17 +10,18 @@ from typing import Any, TypeVar
 
 from django.contrib.auth.models import AnonymousUser
 from django.db.models import Model, Q, QuerySet
-from rest_framework.authentication import BaseAuthentication, SessionAuthentication
-from rest_framework.exceptions import AuthenticationFailed, NotAuthenticated
+from rest_framework.authentication import SessionAuthentication
+from rest_framework.exceptions import NotAuthenticated
 from rest_framework.parsers import JSONParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from apikeys.auth import AuthenticatedKey, authenticate_key_sync, parse_bearer
-from apikeys.exceptions import InvalidApiKey, MissingScope
+from apikeys.auth import AuthenticatedKey
+from apikeys.exceptions import MissingScope
 from apikeys.scopes import ADMIN
 from billing.api import JsonOnlyNegotiation
+from billing.authentication import ApiKeyAuthentication
 from billing.errors import openai_exception_handler
 from dashboard.context import current_membership
 from platform_site.access import Actor
@@ -31,23 +32,14 @@ M = TypeVar("M", bound=Model)
 MAX_LIMIT = 100
 
 
-class AdminKeyAuthentication(BaseAuthentication):
-    """`Authorization: Bearer sk-kw-…` holding the admin scope. Without the header, session auth decides."""
+class AdminKeyAuthentication(ApiKeyAuthentication):
+    """The billing API's bearer-key authentication, for keys holding the admin scope only."""
 
     def authenticate(self, request: Request) -> tuple[AnonymousUser, AuthenticatedKey] | None:
-        header = request.META.get("HTTP_AUTHORIZATION")
-        if not header:
-            return None
-        try:
-            key = authenticate_key_sync(parse_bearer(header))
-        except InvalidApiKey as exc:
-            raise AuthenticationFailed(exc.message, code="invalid_api_key") from None
-        if ADMIN not in key.scopes:
+        result = super().authenticate(request)
+        if result is not None and ADMIN not in result[1].scopes:
             raise MissingScope(ADMIN)
-        return AnonymousUser(), key
-
-    def authenticate_header(self, request: Request) -> str:
-        return 'Bearer realm="keyway"'
+        return result
 
 
 class ManagementApi(APIView):
