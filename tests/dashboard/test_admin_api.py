@@ -147,6 +147,8 @@ async def test_bad_input_and_other_tenants_get_openai_errors(
     http: httpx.AsyncClient, admin_key: str, org: Organization, other_org: Organization
 ) -> None:
     theirs = await sync_to_async(default_project)(organization=other_org)
+    mine = await sync_to_async(default_project)(organization=org)
+    their_key, _ = await sync_to_async(apikey_create)(organization=other_org, name="theirs")
     _, project_key = await sync_to_async(apikey_create)(organization=org, name="plain")
     cases = [
         (None, "GET", "/v1/organization/projects", None, 401, None),
@@ -159,6 +161,21 @@ async def test_bad_input_and_other_tenants_get_openai_errors(
         (admin_key, "POST", "/v1/organization/projects", [], 400, None),
         (admin_key, "POST", "/v1/organization/admin_api_keys", {}, 400, "name"),
         (admin_key, "POST", "/v1/organization/invites", {"email": "x@example.com", "role": "emperor"}, 400, "role"),
+        (admin_key, "POST", "/v1/organization/projects", {"name": "x" * 10_000}, 400, "name"),
+        (admin_key, "POST", f"/v1/organization/projects/{mine.public_id}/api_keys", {"name": "k", "rpm": 10**13}, 400,
+         "rpm"),
+        (admin_key, "POST", f"/v1/organization/projects/{mine.public_id}/api_keys", {"name": "k", "rpm": "60"}, 400,
+         "rpm"),
+        (admin_key, "POST", f"/v1/organization/projects/{mine.public_id}/api_keys", {"name": "k", "scopes": ["admin"]},
+         400, "scopes"),
+        (admin_key, "POST", f"/v1/organization/projects/{mine.public_id}/api_keys",
+         {"name": "k", "models": [f"m{i}" for i in range(500)]}, 400, "models"),
+        (admin_key, "POST", f"/v1/organization/projects/{mine.public_id}/api_keys", {"name": "k", "scopes": "chat"},
+         400, "scopes"),
+        (admin_key, "GET", f"/v1/organization/projects/{mine.public_id}/api_keys/key_{their_key.public_id}", None,
+         404, "key_id"),
+        (admin_key, "DELETE", f"/v1/organization/admin_api_keys/key_{their_key.public_id}", None, 404, "key_id"),
+        (admin_key, "GET", f"/v1/organization/users/{'u' * 5000}", None, 404, "user_id"),
         (admin_key, "GET", "/v1/organization/nothing-here", None, 404, None),
         (admin_key, "GET", "/v1/organization", None, 404, None),
         (admin_key, "GET", "/v1/organizationx", None, 404, None),
