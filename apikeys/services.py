@@ -100,7 +100,10 @@ def apikey_create(
         else:
             by.require_key_maker()
     if cleaned_scopes == [ADMIN]:
-        project = None
+        if project is not None:
+            raise InvalidKeySettings(
+                "A project key cannot hold the admin scope; create an admin key instead.", param="scopes"
+            )
     else:
         project = project if project is not None else default_project(organization=organization)
         if project.organization_id != organization.pk:

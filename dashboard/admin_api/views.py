@@ -197,9 +197,6 @@ class ProjectApiKeyListApi(_Keys):
         for param, values in (("scopes", scopes), ("models", models)):
             if not all(isinstance(value, str) for value in values):
                 raise TenancyError(f"'{param}' must be a list of strings.", param=param, code="invalid_type")
-        if ADMIN in scopes:
-            raise TenancyError("A project key cannot hold the admin scope; create an admin key instead.",
-                               param="scopes", code="invalid_value")
         unknown = sorted(set(models) - set(model_ids_enabled()))
         if unknown:
             raise TenancyError(f"Unknown model(s): {', '.join(unknown)}.", param="models", code="model_not_found")
