@@ -6,6 +6,7 @@ reserves credit, so a request pays one Redis round trip for limits and quota tog
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,12 +16,15 @@ WINDOW = 60
 
 
 def duration(seconds: float) -> str:
-    """Go-style durations, as OpenAI writes them: 850ms, 1s, 6m0s."""
-    if seconds < 1:
-        return f"{max(int(seconds * 1000), 1)}ms"
-    whole = int(seconds)
-    minutes, rest = divmod(whole, 60)
-    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+    """Go-style durations, as OpenAI writes them: 850ms, 1s, 9.812s, 6m0s. Rounded up to the millisecond, never
+    down: a client that waits exactly this long finds the window reset (a floor to whole seconds sent clients
+    back up to a second early)."""
+    millis = max(math.ceil(seconds * 1000 - 1e-6), 1)
+    if millis < 1000:
+        return f"{millis}ms"
+    minutes, rest = divmod(millis, 60_000)
+    text = f"{rest // 1000}.{rest % 1000:03d}".rstrip("0").rstrip(".") + "s"
+    return f"{minutes}m{text}" if minutes else text
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,8 +21,12 @@ HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ra
            "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(0.85, "850ms"), (1, "1s"), (59.9, "59s"), (360, "6m0s"), (61, "1m1s")])
-def test_reset_durations_are_written_like_openai(seconds: float, text: str) -> None:
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.85, "850ms"), (0.0001, "1ms"), (1, "1s"), (9.8121, "9.813s"), (59.9, "59.9s"), (360, "6m0s"), (61, "1m1s"),
+     (61.25, "1m1.25s")],
+)
+def test_reset_durations_are_written_like_openai_and_never_early(seconds: float, text: str) -> None:
     assert ratelimits.duration(seconds) == text
 
 
