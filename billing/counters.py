@@ -6,13 +6,17 @@ the request against the key's RPM, checks the key's TPM, and reserves the reques
 the organization's credit and both monthly caps. Because check and reservation are one atomic step,
 concurrent requests cannot together overshoot a balance or cap by more than what is already reserved.
 
+The rate windows are the key's (its RPM and TPM) and its project's for the requested model (OpenAI's project
+rate limits: RPM, TPM and, where set, requests per UTC day), all counted in the same step; a request must fit
+under every one of them.
+
 Counters, all in micro-USD except the rate windows:
 - spend:{org}        everything ever charged or reserved: written usage + settled-but-unwritten + open holds.
                      Seeded from the account's usage total the first time it is needed.
 - credit:{org}       the credit total with its version (the newest credit entry's id); every admission
                      carries the worker's copy and the counter keeps the newest, so a top-up reaches Redis
                      on the next request without any extra round trip.
-- month:{org}:{M}, kmonth:{key}:{M}
+- month:{org}:{M}, kmonth:{key}:{M}, pmonth:{project}:{M}
                      this calendar month's charged + reserved, only where a cap exists; seeded from the
                      ledger on first use (the only case that costs a query).
 Settlement replaces a hold by the real cost; those adjustments (and TPM token counts) are sent on the event
@@ -54,29 +58,54 @@ REFUSED_TOKENS = 2
 REFUSED_CREDIT = 3
 REFUSED_ORG_BUDGET = 4
 REFUSED_KEY_BUDGET = 5
+REFUSED_PROJECT_REQUESTS = 6
+REFUSED_PROJECT_TOKENS = 7
+REFUSED_PROJECT_DAY = 8
+REFUSED_PROJECT_BUDGET = 9
 NEEDS_ORG_MONTH = -1
 NEEDS_KEY_MONTH = -2
+NEEDS_PROJECT_MONTH = -3
 
+DAY = 24 * 3600
 _MONTH_TTL = 40 * 24 * 3600
 _HEARTBEAT_EVERY = 10.0
 _HEARTBEAT_TTL = 30
 
-# KEYS: 1 requests window, 2 tokens window, 3 spend, 4 credit, 5 org month, 6 key month, 7 the worker's lease
+# KEYS: 1 requests window, 2 tokens window, 3 spend, 4 credit, 5 org month, 6 key month, 7 project month,
+#       8 project requests window, 9 project tokens window, 10 project requests day, 11 the worker's lease
 # ARGV: 1 window ttl, 2 rpm (0: no rate limits), 3 tpm, 4 estimated tokens, 5 hold, 6 prepaid (1/0),
-#       7 spend seed (-1: not metered), 8 credit total, 9 credit version, 10 org cap (-1: none), 11 key cap (-1: none)
+#       7 spend seed (-1: not metered), 8 credit total, 9 credit version, 10 org cap (-1: none), 11 key cap
+#       (-1: none), 12 project cap (-1: none), 13 project rpm (0: no project limits), 14 project tpm,
+#       15 project requests per day (0: none), 16 day ttl
+# Returns the status, then the key's requests and tokens this minute, the project's, and the project's day.
 _ADMIT = """
 local org_cap = tonumber(ARGV[10])
 local key_cap = tonumber(ARGV[11])
-if org_cap >= 0 and redis.call('EXISTS', KEYS[5]) == 0 then return {-1, 0, 0} end
-if key_cap >= 0 and redis.call('EXISTS', KEYS[6]) == 0 then return {-2, 0, 0} end
-local requests, tokens = 0, 0
+local project_cap = tonumber(ARGV[12])
+if org_cap >= 0 and redis.call('EXISTS', KEYS[5]) == 0 then return {-1, 0, 0, 0, 0, 0} end
+if key_cap >= 0 and redis.call('EXISTS', KEYS[6]) == 0 then return {-2, 0, 0, 0, 0, 0} end
+if project_cap >= 0 and redis.call('EXISTS', KEYS[7]) == 0 then return {-3, 0, 0, 0, 0, 0} end
+local requests, tokens, prequests, ptokens, pday = 0, 0, 0, 0, 0
 local rpm = tonumber(ARGV[2])
 if rpm > 0 then
+  local estimate = tonumber(ARGV[4])
   requests = redis.call('INCR', KEYS[1])
   if requests == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
   tokens = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if requests > rpm then return {1, requests, tokens} end
-  if tokens + tonumber(ARGV[4]) > tonumber(ARGV[3]) then return {2, requests, tokens} end
+  if requests > rpm then return {1, requests, tokens, 0, 0, 0} end
+  if tokens + estimate > tonumber(ARGV[3]) then return {2, requests, tokens, 0, 0, 0} end
+  if tonumber(ARGV[13]) > 0 then
+    prequests = redis.call('INCR', KEYS[8])
+    if prequests == 1 then redis.call('EXPIRE', KEYS[8], ARGV[1]) end
+    ptokens = tonumber(redis.call('GET', KEYS[9]) or '0')
+    if prequests > tonumber(ARGV[13]) then return {6, requests, tokens, prequests, ptokens, 0} end
+    if ptokens + estimate > tonumber(ARGV[14]) then return {7, requests, tokens, prequests, ptokens, 0} end
+  end
+  if tonumber(ARGV[15]) > 0 then
+    pday = redis.call('INCR', KEYS[10])
+    if pday == 1 then redis.call('EXPIRE', KEYS[10], ARGV[16]) end
+    if pday > tonumber(ARGV[15]) then return {8, requests, tokens, prequests, ptokens, pday} end
+  end
 end
 local hold = tonumber(ARGV[5])
 local metered = tonumber(ARGV[7]) >= 0
@@ -85,23 +114,30 @@ if ARGV[6] == '1' then
   local version = tonumber(redis.call('HGET', KEYS[4], 'v') or '-1')
   if tonumber(ARGV[9]) > version then redis.call('HSET', KEYS[4], 't', ARGV[8], 'v', ARGV[9]) end
   local credit = tonumber(redis.call('HGET', KEYS[4], 't'))
-  if tonumber(redis.call('GET', KEYS[3])) + hold > credit then return {3, requests, tokens} end
+  if tonumber(redis.call('GET', KEYS[3])) + hold > credit then
+    return {3, requests, tokens, prequests, ptokens, pday}
+  end
 end
-if org_cap >= 0 and tonumber(redis.call('GET', KEYS[5])) + hold > org_cap then return {4, requests, tokens} end
-if key_cap >= 0 and tonumber(redis.call('GET', KEYS[6])) + hold > key_cap then return {5, requests, tokens} end
+if org_cap >= 0 and tonumber(redis.call('GET', KEYS[5])) + hold > org_cap then
+  return {4, requests, tokens, prequests, ptokens, pday}
+end
+if key_cap >= 0 and tonumber(redis.call('GET', KEYS[6])) + hold > key_cap then
+  return {5, requests, tokens, prequests, ptokens, pday}
+end
+if project_cap >= 0 and tonumber(redis.call('GET', KEYS[7])) + hold > project_cap then
+  return {9, requests, tokens, prequests, ptokens, pday}
+end
 if metered then
   redis.call('INCRBY', KEYS[3], hold)
-  redis.call('HINCRBY', KEYS[7], KEYS[3], hold)
+  redis.call('HINCRBY', KEYS[11], KEYS[3], hold)
 end
-if org_cap >= 0 then
-  redis.call('INCRBY', KEYS[5], hold)
-  redis.call('HINCRBY', KEYS[7], KEYS[5], hold)
+for i, cap in ipairs({org_cap, key_cap, project_cap}) do
+  if cap >= 0 then
+    redis.call('INCRBY', KEYS[4 + i], hold)
+    redis.call('HINCRBY', KEYS[11], KEYS[4 + i], hold)
+  end
 end
-if key_cap >= 0 then
-  redis.call('INCRBY', KEYS[6], hold)
-  redis.call('HINCRBY', KEYS[7], KEYS[6], hold)
-end
-return {0, requests, tokens}
+return {0, requests, tokens, prequests, ptokens, pday}
 """
 
 # Settlements: ARGV[1] = n; KEYS[1..n] are counters moved by ARGV[1+i] (cost − hold, summed) where they exist
@@ -184,7 +220,7 @@ return 0
 class Ask:
     """One admission: which counters, and the numbers to check and reserve."""
 
-    keys: tuple[str, ...]  # the six of names()
+    keys: tuple[str, ...]  # the ten of names()
     rpm: int  # 0: rate limits off
     tpm: int
     estimated_tokens: int
@@ -195,18 +231,41 @@ class Ask:
     credit_version: int
     org_cap: int  # -1: none
     key_cap: int  # -1: none
+    project_cap: int = -1  # -1: none
+    project_rpm: int = 0  # 0: no project limits (rate limits off, or a key without a project)
+    project_tpm: int = 0
+    project_rpd: int = 0  # 0: no daily limit
 
     def argv(self) -> list[int]:
         return [
             WINDOW + 1, self.rpm, self.tpm, self.estimated_tokens, self.hold, int(self.prepaid), self.spend_seed,
-            self.credit_total, self.credit_version, self.org_cap, self.key_cap,
+            self.credit_total, self.credit_version, self.org_cap, self.key_cap, self.project_cap,
+            self.project_rpm, self.project_tpm, self.project_rpd, DAY + 60,
         ]
 
 
-def names(*, organization_id: int, key_public_id: str, key_id: int, now: float) -> tuple[str, ...]:
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """What one admission found: its status, the key's and the project's windows after counting this request,
+    and the lease holding its reservation."""
+
+    status: int
+    requests: int = 0
+    tokens: int = 0
+    project_requests: int = 0
+    project_tokens: int = 0
+    project_day: int = 0
+    lease: str = ""
+
+
+def names(
+    *, organization_id: int, key_public_id: str, key_id: int, project_id: int | None, model: str, now: float
+) -> tuple[str, ...]:
     prefix = settings.KEYWAY_CACHE_PREFIX
     window = int(now) // WINDOW
     month = time.strftime("%Y%m", time.gmtime(now))
+    # Project windows are per model; their token window keeps ":rl:tok:" so settlement creates it like the key's.
+    scope = f"p:{project_id}:{model}"
     return (
         f"{prefix}:rl:req:{key_public_id}:{window}",
         f"{prefix}:rl:tok:{key_public_id}:{window}",
@@ -214,6 +273,10 @@ def names(*, organization_id: int, key_public_id: str, key_id: int, now: float) 
         f"{prefix}:bill:credit:{organization_id}",
         f"{prefix}:bill:month:{organization_id}:{month}",
         f"{prefix}:bill:kmonth:{key_id}:{month}",
+        f"{prefix}:bill:pmonth:{project_id}:{month}",
+        f"{prefix}:rl:req:{scope}:{window}",
+        f"{prefix}:rl:tok:{scope}:{window}",
+        f"{prefix}:rl:day:{scope}:{int(now) // DAY}",
     )
 
 
@@ -275,9 +338,8 @@ class _RedisCounters:
         await self.heartbeat()
         self.heartbeats = asyncio.get_running_loop().create_task(self._beat())
 
-    async def admit(self, ask: Ask) -> tuple[int, int, int, str]:
-        """Returns the status, the requests and tokens counted this minute, and the lease holding the hold
-        (the one a settlement must give it back to)."""
+    async def admit(self, ask: Ask) -> Counted:
+        """The lease in the result is the one holding the hold (the one a settlement must give it back to)."""
         if self.heartbeats is None:
             # Registered before the first hold, so a worker that dies holding anything is always reapable;
             # once, however many first requests arrive together.
@@ -285,8 +347,10 @@ class _RedisCounters:
                 self.registering = asyncio.get_running_loop().create_task(self._register())
             await asyncio.shield(self.registering)
         lease = self.lease
-        status, requests, tokens = await self.admit_script(keys=[*ask.keys, lease], args=ask.argv())
-        return int(status), int(requests), int(tokens), lease
+        status, requests, tokens, project_requests, project_tokens, project_day = (
+            int(value) for value in await self.admit_script(keys=[*ask.keys, lease], args=ask.argv())
+        )
+        return Counted(status, requests, tokens, project_requests, project_tokens, project_day, lease)
 
     async def settle(self, amounts: dict[str, int], releases: Releases) -> None:
         keys: list[str] = [*amounts, *releases]
@@ -322,45 +386,61 @@ class _LocalCounters:
         self.values: dict[str, int] = {}
         self.credit: dict[str, tuple[int, int]] = {}
 
-    async def admit(self, ask: Ask) -> tuple[int, int, int, str]:
-        status, requests, tokens = self._admit(ask)
-        return status, requests, tokens, ""
+    async def admit(self, ask: Ask) -> Counted:
+        return self._admit(ask)
 
-    def _admit(self, ask: Ask) -> tuple[int, int, int]:
-        requests_key, tokens_key, spend_key, credit_key, org_month, key_month = ask.keys
+    def _admit(self, ask: Ask) -> Counted:
+        (requests_key, tokens_key, spend_key, credit_key, org_month, key_month, project_month,
+         project_requests_key, project_tokens_key, project_day_key) = ask.keys
         values = self.values
         if ask.org_cap >= 0 and org_month not in values:
-            return NEEDS_ORG_MONTH, 0, 0
+            return Counted(NEEDS_ORG_MONTH)
         if ask.key_cap >= 0 and key_month not in values:
-            return NEEDS_KEY_MONTH, 0, 0
-        requests = tokens = 0
+            return Counted(NEEDS_KEY_MONTH)
+        if ask.project_cap >= 0 and project_month not in values:
+            return Counted(NEEDS_PROJECT_MONTH)
+        requests = tokens = project_requests = project_tokens = project_day = 0
         if ask.rpm > 0:
             if len(values) > 100_000:
                 self._forget_old_windows()
             requests = values[requests_key] = values.get(requests_key, 0) + 1
             tokens = values.get(tokens_key, 0)
             if requests > ask.rpm:
-                return REFUSED_REQUESTS, requests, tokens
+                return Counted(REFUSED_REQUESTS, requests, tokens)
             if tokens + ask.estimated_tokens > ask.tpm:
-                return REFUSED_TOKENS, requests, tokens
+                return Counted(REFUSED_TOKENS, requests, tokens)
+            if ask.project_rpm > 0:
+                project_requests = values[project_requests_key] = values.get(project_requests_key, 0) + 1
+                project_tokens = values.get(project_tokens_key, 0)
+                if project_requests > ask.project_rpm:
+                    return Counted(REFUSED_PROJECT_REQUESTS, requests, tokens, project_requests, project_tokens)
+                if project_tokens + ask.estimated_tokens > ask.project_tpm:
+                    return Counted(REFUSED_PROJECT_TOKENS, requests, tokens, project_requests, project_tokens)
+            if ask.project_rpd > 0:
+                project_day = values[project_day_key] = values.get(project_day_key, 0) + 1
+                if project_day > ask.project_rpd:
+                    return Counted(
+                        REFUSED_PROJECT_DAY, requests, tokens, project_requests, project_tokens, project_day
+                    )
+        counted = (requests, tokens, project_requests, project_tokens, project_day)
         if ask.spend_seed >= 0:
             values.setdefault(spend_key, ask.spend_seed)
         if ask.prepaid:
             if ask.credit_version > self.credit.get(credit_key, (0, -1))[1]:
                 self.credit[credit_key] = (ask.credit_total, ask.credit_version)
             if values[spend_key] + ask.hold > self.credit[credit_key][0]:
-                return REFUSED_CREDIT, requests, tokens
-        if ask.org_cap >= 0 and values[org_month] + ask.hold > ask.org_cap:
-            return REFUSED_ORG_BUDGET, requests, tokens
-        if ask.key_cap >= 0 and values[key_month] + ask.hold > ask.key_cap:
-            return REFUSED_KEY_BUDGET, requests, tokens
+                return Counted(REFUSED_CREDIT, *counted)
+        caps = ((ask.org_cap, org_month, REFUSED_ORG_BUDGET), (ask.key_cap, key_month, REFUSED_KEY_BUDGET),
+                (ask.project_cap, project_month, REFUSED_PROJECT_BUDGET))
+        for cap, name, refusal in caps:
+            if cap >= 0 and values[name] + ask.hold > cap:
+                return Counted(refusal, *counted)
         if ask.spend_seed >= 0:
             values[spend_key] += ask.hold
-        if ask.org_cap >= 0:
-            values[org_month] += ask.hold
-        if ask.key_cap >= 0:
-            values[key_month] += ask.hold
-        return ADMITTED, requests, tokens
+        for cap, name, _ in caps:
+            if cap >= 0:
+                values[name] += ask.hold
+        return Counted(ADMITTED, *counted)
 
     lease = ""  # one process: its holds die with it, and the counters are seeded anew from the ledger
 
@@ -380,9 +460,12 @@ class _LocalCounters:
         return None
 
     def _forget_old_windows(self) -> None:
-        current = f":{int(time.time()) // WINDOW}"
+        now = int(time.time())
+        minute, day = f":{now // WINDOW}", f":{now // DAY}"
         self.values = {
-            name: value for name, value in self.values.items() if ":rl:" not in name or name.endswith(current)
+            name: value
+            for name, value in self.values.items()
+            if ":rl:" not in name or name.endswith(day if ":rl:day:" in name else minute)
         }
 
 

@@ -6,15 +6,19 @@ from platform_site.kernel.errors import ApiError
 
 
 class RateLimitExceeded(ApiError):
-    """429 rate_limit_exceeded; `kind` is "requests" or "tokens", as OpenAI's error type says."""
+    """429 rate_limit_exceeded; `kind` is "requests" or "tokens", as OpenAI's error type says. `where` names a
+    limit other than the key's own ("for gpt-4o in project proj_…"); `per` is "min" or "day"."""
 
     status = 429
     code = "rate_limit_exceeded"
 
-    def __init__(self, *, kind: str, limit: int, retry_after: int, headers: dict[str, str]) -> None:
-        unit = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
+    def __init__(
+        self, *, kind: str, limit: int, retry_after: int, headers: dict[str, str], where: str = "", per: str = "min"
+    ) -> None:
+        unit = f"{kind} per {per} ({kind[0].upper()}P{per[0].upper()})"
         super().__init__(
-            f"Rate limit reached on {unit}: Limit {limit}. Please try again in {retry_after}s.",
+            f"Rate limit reached{' ' + where if where else ''} on {unit}: Limit {limit}. "
+            f"Please try again in {retry_after}s.",
             error_type=kind,
             headers={**headers, "Retry-After": str(retry_after)},
         )
@@ -30,8 +34,8 @@ class BillingError(ApiError):
 
 class QuotaExceeded(ApiError):
     """429: the request's worst-case cost does not fit. `code` says what ran out: insufficient_quota (prepaid
-    credit), organization_budget_exceeded or key_budget_exceeded (a monthly spend cap). No Retry-After:
-    waiting does not help, someone has to add credit or raise a cap."""
+    credit), organization_budget_exceeded, project_budget_exceeded or key_budget_exceeded (a monthly spend
+    cap). No Retry-After: waiting does not help, someone has to add credit or raise a cap."""
 
     status = 429
     error_type = "insufficient_quota"
@@ -48,6 +52,10 @@ class QuotaExceeded(ApiError):
         "key_budget_exceeded": (
             "This API key has reached its monthly spend cap. Raise the key's cap in Settings → API Keys, or "
             "wait for the next calendar month (UTC)."
+        ),
+        "project_budget_exceeded": (
+            "This API key's project has reached its monthly spend cap. Ask an administrator to raise it in "
+            "Settings → Projects, or wait for the next calendar month (UTC)."
         ),
     }
 

@@ -27,9 +27,10 @@ from apikeys.auth import AuthenticatedKey
 from billing import counters
 from billing.exceptions import QuotaExceeded, RateLimitExceeded
 from billing.ledger import ledger
+from billing.limits import project_limits
 from billing.models import UsageEvent
 from billing.pricing import AccountTerms, ModelPrice, account_terms, cost_micros, price_table
-from billing.ratelimits import WINDOW, RateState
+from billing.ratelimits import WINDOW, RateState, tighter
 from billing.services import SettledUsage
 from platform_site.kernel.orm import orm
 
@@ -41,6 +42,7 @@ _QUOTA_CODES = {
     counters.REFUSED_CREDIT: "insufficient_quota",
     counters.REFUSED_ORG_BUDGET: "organization_budget_exceeded",
     counters.REFUSED_KEY_BUDGET: "key_budget_exceeded",
+    counters.REFUSED_PROJECT_BUDGET: "project_budget_exceeded",
 }
 
 
@@ -56,7 +58,8 @@ class Meter:
     hold: int
     # The counters the hold was added to; settlement moves each by (cost − hold).
     hold_counters: tuple[str, ...]
-    tokens_counter: str
+    # The token windows (the key's, the project's for the model) that settlement adds the call's tokens to.
+    tokens_counters: tuple[str, ...]
     # The admitting worker's lease in the shared counters ("" in-process).
     lease: str
     started_at: float
@@ -109,6 +112,7 @@ class Meter:
                     session_id=self.session_id,
                     organization_id=self.key.organization_id,
                     api_key_id=self.key.id,
+                    project_id=self.key.project_id,
                     endpoint=self.endpoint,
                     model=model,
                     deployment_id=deployment_id,
@@ -130,7 +134,8 @@ class Meter:
             )
         adjustments = {name: cost - self.hold for name in self.hold_counters}
         if self.rate_state is not None:
-            adjustments[self.tokens_counter] = prompt_tokens + completion_tokens
+            for name in self.tokens_counters:
+                adjustments[name] = prompt_tokens + completion_tokens
         counters.settle_later(
             adjustments, lease=self.lease, released={name: self.hold for name in self.hold_counters}
         )
@@ -145,14 +150,13 @@ def _limits(key: AuthenticatedKey, terms: AccountTerms | None) -> tuple[int, int
     return rpm, tpm
 
 
-def _month_spend(*, organization_id: int, key_id: int | None, started_at: float) -> int:
-    """This calendar month's charges from the ledger (seeds a cap counter the first time it is needed)."""
+def _month_spend(*, organization_id: int, started_at: float, **scope: int) -> int:
+    """This calendar month's charges from the ledger, of the organization or of one of its keys or projects
+    (`api_key_id=` / `project_id=`): seeds a cap counter the first time it is needed."""
     month = time.gmtime(started_at)
     rows = UsageEvent.objects.filter(
-        organization_id=organization_id, created_at__year=month.tm_year, created_at__month=month.tm_mon
+        organization_id=organization_id, created_at__year=month.tm_year, created_at__month=month.tm_mon, **scope
     )
-    if key_id is not None:
-        rows = rows.filter(api_key_id=key_id)
     return int(rows.aggregate(total=Sum("cost_micros"))["total"] or 0)
 
 
@@ -167,18 +171,25 @@ async def admit(
     prompt_tokens: int,
     max_output_tokens: int,
 ) -> Meter:
-    """Count the request against the key's rate limits and reserve its worst-case cost (the dearest of
-    `models`, for `prompt_tokens` in and `max_output_tokens` out). Raises RateLimitExceeded or
-    QuotaExceeded, with nothing reserved."""
+    """Count the request against the key's rate limits and its project's for the requested model (the first
+    of `models`), and reserve its worst-case cost (the dearest of `models`, for `prompt_tokens` in and
+    `max_output_tokens` out) against credit and every monthly cap. Raises RateLimitExceeded or QuotaExceeded,
+    with nothing reserved."""
     now = time.time()
     names = counters.names(
-        organization_id=key.organization_id, key_public_id=key.public_id, key_id=key.id, now=now
+        organization_id=key.organization_id,
+        key_public_id=key.public_id,
+        key_id=key.id,
+        project_id=key.project_id,
+        model=models[0],
+        now=now,
     )
     terms = await account_terms(key.organization_id) if settings.KEYWAY_METERING else None
+    project = await project_limits(key.project_id) if key.project_id is not None else None
     rpm, tpm = _limits(key, terms)
     prices = await price_table() if terms is not None else {}
     hold = 0
-    org_cap = key_cap = -1
+    org_cap = key_cap = project_cap = -1
     hold_counters: list[str] = []
     if terms is not None:
         hold = max(
@@ -193,6 +204,10 @@ async def admit(
         if key.monthly_budget_micros is not None:
             key_cap = key.monthly_budget_micros
             hold_counters.append(names[5])
+        if project is not None and project.monthly_budget_micros is not None:
+            project_cap = project.monthly_budget_micros
+            hold_counters.append(names[6])
+    project_limit = project.for_model(models[0]) if project is not None and rpm else None
     lease, rate_state = "", None
     if terms is not None or rpm:
         ask = counters.Ask(
@@ -207,8 +222,12 @@ async def admit(
             credit_version=terms.credit_version if terms is not None else 0,
             org_cap=org_cap,
             key_cap=key_cap,
+            project_cap=project_cap,
+            project_rpm=project_limit.requests_per_minute if project_limit is not None else 0,
+            project_tpm=project_limit.tokens_per_minute if project_limit is not None else 0,
+            project_rpd=project_limit.requests_per_day if project_limit is not None else 0,
         )
-        lease, rate_state = await _count_and_reserve(ask, key=key, now=now)
+        lease, rate_state = await _count_and_reserve(ask, key=key, model=models[0], now=now)
     return Meter(
         key=key,
         call_id=call_id,
@@ -219,7 +238,7 @@ async def admit(
         prices=prices,
         hold=hold,
         hold_counters=tuple(hold_counters),
-        tokens_counter=names[1],
+        tokens_counters=(names[1], names[8]) if project_limit is not None else (names[1],),
         # The lease the admission wrote to, not the store's current one: a heartbeat may rename the worker
         # while the admission is in flight.
         lease=lease,
@@ -228,30 +247,70 @@ async def admit(
     )
 
 
-async def _count_and_reserve(ask: counters.Ask, *, key: AuthenticatedKey, now: float) -> tuple[str, RateState | None]:
+_SEEDS = {
+    # status: (the counter it asks for, the ledger rows that seed it)
+    counters.NEEDS_ORG_MONTH: (4, lambda key: {}),
+    counters.NEEDS_KEY_MONTH: (5, lambda key: {"api_key_id": key.id}),
+    counters.NEEDS_PROJECT_MONTH: (6, lambda key: {"project_id": key.project_id}),
+}
+
+
+async def _count_and_reserve(
+    ask: counters.Ask, *, key: AuthenticatedKey, model: str, now: float
+) -> tuple[str, RateState | None]:
     """The admission step itself; returns the lease holding the reservation and the rate-limit state, or
     raises with nothing reserved."""
     store = counters.store()
-    status, requests, tokens, lease = await store.admit(ask)
-    while status in (counters.NEEDS_ORG_MONTH, counters.NEEDS_KEY_MONTH):
+    counted = await store.admit(ask)
+    while counted.status in _SEEDS:
         # First request of the month (or of this Redis) under a cap: seed the counter from the ledger.
         await counters.flush()
         await ledger.flush()
-        seed_key = key.id if status == counters.NEEDS_KEY_MONTH else None
-        name = ask.keys[5] if seed_key is not None else ask.keys[4]
-        spent = await orm(_month_spend, organization_id=key.organization_id, key_id=seed_key, started_at=now)
-        await store.seed({name: spent})
-        status, requests, tokens, lease = await store.admit(ask)
+        index, scope = _SEEDS[counted.status]
+        spent = await orm(_month_spend, organization_id=key.organization_id, started_at=now, **scope(key))
+        await store.seed({ask.keys[index]: spent})
+        counted = await store.admit(ask)
+    status = counted.status
     rate_state = None
+    reset = WINDOW - now % WINDOW
     if ask.rpm:
-        tokens += counters.unsent(ask.keys[1])
-        rate_state = RateState(
+        key_state = RateState(
             limit_requests=ask.rpm,
-            remaining_requests=ask.rpm - requests,
+            remaining_requests=ask.rpm - counted.requests,
             limit_tokens=ask.tpm,
-            remaining_tokens=ask.tpm - tokens,
-            reset=WINDOW - now % WINDOW,
+            remaining_tokens=ask.tpm - counted.tokens - counters.unsent(ask.keys[1]),
+            reset=reset,
         )
+        rate_state = key_state
+        if ask.project_rpm and status not in (counters.REFUSED_REQUESTS, counters.REFUSED_TOKENS):
+            # The headers tell the tighter of the two windows, as a client pacing itself needs.
+            project_state = RateState(
+                limit_requests=ask.project_rpm,
+                remaining_requests=ask.project_rpm - counted.project_requests,
+                limit_tokens=ask.project_tpm,
+                remaining_tokens=ask.project_tpm - counted.project_tokens - counters.unsent(ask.keys[8]),
+                reset=reset,
+            )
+            rate_state = tighter(key_state, project_state)
+            if status in (counters.REFUSED_PROJECT_REQUESTS, counters.REFUSED_PROJECT_TOKENS):
+                requests = status == counters.REFUSED_PROJECT_REQUESTS
+                raise RateLimitExceeded(
+                    kind="requests" if requests else "tokens",
+                    limit=ask.project_rpm if requests else ask.project_tpm,
+                    retry_after=project_state.retry_after,
+                    headers=rate_state.headers(),
+                    where=f"for {model} in project {key.project_public_id}",
+                )
+        if status == counters.REFUSED_PROJECT_DAY:
+            until_midnight = counters.DAY - now % counters.DAY
+            raise RateLimitExceeded(
+                kind="requests",
+                limit=ask.project_rpd,
+                retry_after=max(int(until_midnight + 0.999), 1),
+                headers=rate_state.headers(),
+                where=f"for {model} in project {key.project_public_id}",
+                per="day",
+            )
     if status == counters.REFUSED_REQUESTS or status == counters.REFUSED_TOKENS:
         assert rate_state is not None
         raise RateLimitExceeded(
@@ -262,7 +321,7 @@ async def _count_and_reserve(ask: counters.Ask, *, key: AuthenticatedKey, now: f
         )
     if status in _QUOTA_CODES:
         raise QuotaExceeded(_QUOTA_CODES[status], headers=rate_state.headers() if rate_state else None)
-    return lease, rate_state
+    return counted.lease, rate_state
 
 
 async def flush() -> None:

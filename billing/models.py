@@ -15,7 +15,7 @@ from django.core.validators import MinValueValidator
 from django.db import models
 
 from apikeys.models import ApiKey
-from platform_site.models import Organization
+from platform_site.models import Organization, Project
 
 MICROS_PER_USD = 1_000_000
 
@@ -82,6 +82,28 @@ class BillingAccount(models.Model):
         if self.monthly_budget_micros is not None:
             return self.monthly_budget_micros
         return self.plan.monthly_budget_micros if self.plan is not None else None
+
+
+class ProjectRateLimit(models.Model):
+    """A project's ceiling on one model, shared by all of the project's keys (OpenAI's project rate limits).
+
+    A model without a row, or a null field, takes the platform default (KEYWAY_PROJECT_RPM, KEYWAY_PROJECT_TPM;
+    no daily limit). Each key's own RPM and TPM apply as well: a request must fit under both.
+    """
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="rate_limits")
+    model = models.CharField(max_length=128, help_text="Public model id, as in /v1/models.")
+    max_requests_per_1_minute = models.PositiveIntegerField(null=True, blank=True)
+    max_tokens_per_1_minute = models.PositiveBigIntegerField(null=True, blank=True)
+    max_requests_per_1_day = models.PositiveIntegerField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model"]
+        constraints = [models.UniqueConstraint(fields=["project", "model"], name="one_rate_limit_per_project_model")]
+
+    def __str__(self) -> str:
+        return f"{self.project} {self.model}"
 
 
 class Price(models.Model):
@@ -159,6 +181,9 @@ class UsageEvent(models.Model):
     session_id = models.CharField(max_length=64, blank=True, default="")
     organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # The key's project when the call was made (keys never move between projects; kept here so that usage
+    # and project budgets are read without a join, and survive the key).
+    project = models.ForeignKey(Project, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     endpoint = models.PositiveSmallIntegerField(choices=Endpoint.choices)
     model = models.CharField(max_length=128)
     deployment_id = models.PositiveIntegerField(null=True, blank=True)
@@ -180,6 +205,7 @@ class UsageEvent(models.Model):
         indexes = [
             models.Index(fields=["organization", "created_at"]),
             models.Index(fields=["api_key", "created_at"]),
+            models.Index(fields=["project", "created_at"]),
         ]
 
     def __str__(self) -> str:

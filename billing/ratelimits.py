@@ -1,4 +1,4 @@
-"""Per-key rate limits as OpenAI reports them: the x-ratelimit-* headers and the 429 they lead to.
+"""Rate limits as OpenAI reports them: the x-ratelimit-* headers and the 429 they lead to.
 
 The counting itself is part of admission (billing.counters): one atomic step per request that also
 reserves credit, so a request pays one Redis round trip for limits and quota together.
@@ -49,6 +49,20 @@ class RateState:
     @property
     def retry_after(self) -> int:
         return max(int(self.reset + 0.999), 1)
+
+
+def tighter(one: RateState, other: RateState) -> RateState:
+    """Of two windows that both apply (a key's and its project's), the one with fewer requests left, and the
+    one with fewer tokens left: what a client pacing itself must go by."""
+    requests = one if one.remaining_requests <= other.remaining_requests else other
+    tokens = one if one.remaining_tokens <= other.remaining_tokens else other
+    return RateState(
+        limit_requests=requests.limit_requests,
+        remaining_requests=requests.remaining_requests,
+        limit_tokens=tokens.limit_tokens,
+        remaining_tokens=tokens.remaining_tokens,
+        reset=max(one.reset, other.reset),
+    )
 
 
 def estimate_tokens(payload: Any) -> int:

@@ -18,8 +18,10 @@ from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from apikeys.models import ApiKey
-from billing.models import BillingAccount, CreditEntry, UsageEvent
-from platform_site.models import Organization
+from billing.limits import default_limit, effective_limit
+from billing.models import BillingAccount, CreditEntry, ProjectRateLimit, UsageEvent
+from billing.services import RATE_LIMIT_FIELDS, rate_limit_id
+from platform_site.models import Organization, Project
 
 GroupBy = Literal["day", "model", "key"]
 GROUP_BY_CHOICES: tuple[GroupBy, ...] = ("day", "model", "key")
@@ -282,3 +284,56 @@ def monthly_statement(
         usage_by_model=[UsageBucket({"model": row["model"]}, UsageTotals.from_aggregate(row)) for row in rows],
         usage_totals=UsageTotals.from_aggregate(events.aggregate(**_SUMS)),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectModelLimit:
+    """A project's ceilings on one model as they apply now, and which of them the project set itself (`own`:
+    each of RATE_LIMIT_FIELDS to its stored value, None where the platform default applies)."""
+
+    id: str
+    model: str
+    max_requests_per_1_minute: int
+    max_tokens_per_1_minute: int
+    max_requests_per_1_day: int | None
+    own: dict[str, int | None]
+
+    @property
+    def customized(self) -> bool:
+        return any(value is not None for value in self.own.values())
+
+
+def project_rate_limit_list(
+    *, organization: Organization, project: Project, models: Sequence[str]
+) -> list[ProjectModelLimit]:
+    """The project's limit on each of `models` (the catalog's) and on every model it set a limit for, by
+    model id."""
+    rows = {
+        row.model: row for row in ProjectRateLimit.objects.filter(project=project, project__organization=organization)
+    }
+    listed = []
+    for model in sorted(set(models) | set(rows)):
+        row = rows.get(model)
+        own = {name: getattr(row, name) if row is not None else None for name in RATE_LIMIT_FIELDS}
+        limit = effective_limit(**own) if row is not None else default_limit()
+        listed.append(
+            ProjectModelLimit(
+                id=rate_limit_id(model),
+                model=model,
+                max_requests_per_1_minute=limit.requests_per_minute,
+                max_tokens_per_1_minute=limit.tokens_per_minute,
+                max_requests_per_1_day=limit.requests_per_day or None,
+                own=own,
+            )
+        )
+    return listed
+
+
+def project_month_spend(*, organization: Organization, project: Project, now: datetime | None = None) -> int:
+    """What the project's keys were charged this calendar month (UTC), in micro-USD, from the ledger."""
+    now = now or timezone.now()
+    month_start, _ = _month_bounds(year=now.year, month=now.month)
+    spend = UsageEvent.objects.filter(
+        organization=organization, project=project, created_at__gte=month_start
+    ).aggregate(total=Sum("cost_micros"))["total"]
+    return int(spend or 0)

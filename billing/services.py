@@ -13,8 +13,11 @@ from django.db import connection, transaction
 from django.db.models import F
 
 from billing.exceptions import BillingError
-from billing.models import BillingAccount, CreditEntry, Plan, UsageEvent
-from platform_site.models import Organization
+from billing.limits import forget_project_limits
+from billing.models import MICROS_PER_USD, BillingAccount, CreditEntry, Plan, ProjectRateLimit, UsageEvent
+from platform_site.access import Actor
+from platform_site.exceptions import Conflict
+from platform_site.models import Organization, Project
 from platform_site.services import audit_log_record
 
 # Called on commit of a credit change with (organization id, new credit total, credit version): the hot
@@ -98,6 +101,87 @@ def billing_plan_set(
     return account
 
 
+# The fields of a project rate limit that Keyway enforces, with the largest value each accepts.
+RATE_LIMIT_FIELDS = {
+    "max_requests_per_1_minute": 1_000_000_000,
+    "max_tokens_per_1_minute": 1_000_000_000_000,
+    "max_requests_per_1_day": 1_000_000_000,
+}
+# Larger than any organization should ever be refused for, small enough for every counter's arithmetic.
+MAX_BUDGET_MICROS = 10**9 * MICROS_PER_USD
+
+
+def rate_limit_id(model: str) -> str:
+    """OpenAI names a project's limit on a model `rl-<model>`."""
+    return f"rl-{model}"
+
+
+def _editable_project(by: Actor, project: Project, what: str) -> Project:
+    by.require_manager(what)
+    project = Project.objects.select_for_update().get(pk=project.pk, organization=by.organization)
+    if project.archived_at is not None:
+        raise Conflict("An archived project cannot be changed.", param="project_id")
+    return project
+
+
+@transaction.atomic
+def project_rate_limit_set(
+    *, by: Actor, project: Project, model: str, changes: dict[str, int | None]
+) -> ProjectRateLimit:
+    """Change a project's ceilings on one model. Each field of `changes` (RATE_LIMIT_FIELDS) becomes a whole
+    number from 1 up, or None to go back to the platform default (no daily limit); fields not named stay as
+    they are. Owners and admins only. Every worker enforces the change within KEYWAY_BILLING_LOCAL_TTL."""
+    project = _editable_project(by, project, "change rate limits")
+    for name, value in changes.items():
+        if name not in RATE_LIMIT_FIELDS:
+            raise BillingError(f"Unknown rate limit field '{name}'.", param=name, code="unknown_parameter")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= RATE_LIMIT_FIELDS[name]
+        ):
+            raise BillingError(
+                f"'{name}' must be a whole number from 1 to {RATE_LIMIT_FIELDS[name]}, or null for the default.",
+                param=name,
+            )
+    row, _ = ProjectRateLimit.objects.get_or_create(project=project, model=model)
+    for name, value in changes.items():
+        setattr(row, name, value)
+    row.save()
+    audit_log_record(
+        organization=by.organization,
+        action="rate_limit.updated",
+        target=rate_limit_id(model),
+        project=project,
+        by=by,
+        details={"changes_requested": changes},
+    )
+    transaction.on_commit(lambda: forget_project_limits(project.pk))
+    return row
+
+
+@transaction.atomic
+def project_budget_set(*, by: Actor, project: Project, monthly_budget_micros: int | None) -> Project:
+    """Set (or, with None, remove) a project's spend cap per calendar month (UTC), over all of its keys.
+    Owners and admins only. Every worker enforces the change within KEYWAY_BILLING_LOCAL_TTL."""
+    project = _editable_project(by, project, "change project budgets")
+    if monthly_budget_micros is not None and not 0 < monthly_budget_micros <= MAX_BUDGET_MICROS:
+        raise BillingError(
+            f"A monthly budget must be above zero and at most {MAX_BUDGET_MICROS // MICROS_PER_USD} USD.",
+            param="monthly_budget_usd",
+        )
+    project.monthly_budget_micros = monthly_budget_micros
+    project.save(update_fields=["monthly_budget_micros"])
+    audit_log_record(
+        organization=by.organization,
+        action="project.updated",
+        target=project.public_id,
+        project=project,
+        by=by,
+        details={"changes_requested": {"monthly_budget_micros": monthly_budget_micros}},
+    )
+    transaction.on_commit(lambda: forget_project_limits(project.pk))
+    return project
+
+
 @dataclass(slots=True)
 class SettledUsage:
     """A settled call as the ledger writer receives it (from memory or from a journal file)."""
@@ -120,13 +204,14 @@ class SettledUsage:
     latency_ms: int
     ttft_ms: int | None
     created_at: float  # Unix seconds
+    project_id: int | None = None  # last: journals written before projects end at created_at
 
     def as_row(self) -> tuple[object, ...]:
         return (
             self.call_id, self.request_id, self.session_id, self.organization_id,
             self.api_key_id, self.endpoint, self.model, self.deployment_id,
             self.provider, self.prompt_tokens, self.cached_tokens, self.completion_tokens, self.cost_micros,
-            self.status, self.usage_source, self.latency_ms, self.ttft_ms, self.created_at,
+            self.status, self.usage_source, self.latency_ms, self.ttft_ms, self.created_at, self.project_id,
         )
 
     @classmethod
@@ -138,13 +223,15 @@ class SettledUsage:
 
 
 _LEGACY_ROW_LENGTH = 16
+# The columns of as_row(), in its order; created_at is turned from Unix seconds into the database's form.
 _USAGE_COLUMNS = (
     "call_id", "request_id", "session_id", "organization_id",
     "api_key_id", "endpoint", "model", "deployment_id", "provider",
     "prompt_tokens", "cached_tokens", "completion_tokens", "cost_micros", "status", "usage_source",
-    "latency_ms", "ttft_ms", "created_at",
+    "latency_ms", "ttft_ms", "created_at", "project_id",
 )
-# Rows per INSERT statement: 18 parameters a row stays well under SQLite's and PostgreSQL's limits.
+_CREATED_AT = _USAGE_COLUMNS.index("created_at")
+# Rows per INSERT statement: 19 parameters a row stays well under SQLite's and PostgreSQL's limits.
 _ROWS_PER_STATEMENT = 1000
 
 
@@ -177,10 +264,11 @@ def usage_events_write(events: Iterable[SettledUsage]) -> int:
             batch = unique[start : start + _ROWS_PER_STATEMENT]
             params: list[Any] = []
             for event in batch:
-                params.extend(event.as_row()[:-1])
-                params.append(connection.ops.adapt_datetimefield_value(
+                values = list(event.as_row())
+                values[_CREATED_AT] = connection.ops.adapt_datetimefield_value(
                     datetime.fromtimestamp(event.created_at, tz=UTC)
-                ))
+                )
+                params.extend(values)
             cursor.execute(
                 f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in _USAGE_COLUMNS)}) "  # noqa: S608
                 f"VALUES {', '.join([row] * len(batch))} "

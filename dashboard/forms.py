@@ -35,6 +35,64 @@ class ProjectForm(forms.Form):
     name = forms.CharField(label="Project name", max_length=100)
 
 
+class ProjectBudgetForm(forms.Form):
+    monthly_budget = forms.DecimalField(
+        label="Monthly budget (USD)",
+        min_value=Decimal("0.01"),
+        max_digits=12,
+        decimal_places=2,
+        help_text="Requests from the project's keys are refused once this calendar month's (UTC) spend would pass it.",
+    )
+
+    def budget_micros(self) -> int:
+        return int(self.cleaned_data["monthly_budget"] * 1_000_000)
+
+
+# A project's limits on one model, as the form names them (the field suffix) and as the services do.
+RATE_LIMIT_INPUTS = [
+    ("rpm", "max_requests_per_1_minute", "Requests per minute", 10**9),
+    ("tpm", "max_tokens_per_1_minute", "Tokens per minute", 10**12),
+    ("rpd", "max_requests_per_1_day", "Requests per day", 10**9),
+]
+
+
+class RateLimitsForm(forms.Form):
+    """A project's limits on every model: one row of three optional numbers per model. An empty field is the
+    platform default (no daily limit); the default shows as the field's placeholder."""
+
+    def __init__(self, *args: Any, limits: list[Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.rows: list[tuple[Any, list[forms.BoundField]]] = []
+        for index, limit in enumerate(limits):
+            bound = []
+            for suffix, name, label, maximum in RATE_LIMIT_INPUTS:
+                key = f"{index}-{suffix}"
+                default = getattr(limit, name) if limit.own[name] is None else None
+                self.fields[key] = forms.IntegerField(
+                    label=f"{label} for {limit.model}",
+                    required=False,
+                    min_value=1,
+                    max_value=maximum,
+                    initial=limit.own[name],
+                    widget=forms.NumberInput(
+                        attrs={"placeholder": f"{default:,}" if default else "None", "inputmode": "numeric"}
+                    ),
+                )
+                bound.append(self[key])
+            self.rows.append((limit, bound))
+
+    def changes(self) -> dict[str, dict[str, int | None]]:
+        """Per model, the fields whose value differs from what the project has now."""
+        changed: dict[str, dict[str, int | None]] = {}
+        for index, limit in enumerate(self.limits):
+            for suffix, name, _, _ in RATE_LIMIT_INPUTS:
+                value = self.cleaned_data.get(f"{index}-{suffix}")
+                if value != limit.own[name]:
+                    changed.setdefault(limit.model, {})[name] = value
+        return changed
+
+
 class ApiKeyCreateForm(forms.Form):
     name = forms.CharField(label="Name", max_length=100, help_text="A name to tell this key from others.")
     project = forms.ChoiceField(label="Project")

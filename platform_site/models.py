@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import string
+from decimal import Decimal
 
 from django.conf import settings
 from django.db import models
@@ -97,6 +98,11 @@ class Project(models.Model):
     public_id = models.CharField(max_length=40, unique=True, default=new_project_id)
     name = models.CharField(max_length=100)
     is_default = models.BooleanField(default=False)
+    # Spend cap per calendar month (UTC) over all of the project's keys, in micro-USD; null: no cap of its own
+    # (the organization's and each key's still apply). Per-model rate limits are billing.ProjectRateLimit.
+    monthly_budget_micros = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Spend cap per calendar month (UTC), micro-USD."
+    )
     archived_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -114,6 +120,10 @@ class Project(models.Model):
     @property
     def status(self) -> str:
         return "archived" if self.archived_at is not None else "active"
+
+    @property
+    def monthly_budget_usd(self) -> Decimal | None:
+        return None if self.monthly_budget_micros is None else Decimal(self.monthly_budget_micros) / 1_000_000
 
 
 class Invitation(models.Model):

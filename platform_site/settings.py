@@ -295,6 +295,10 @@ KEYWAY_FETCH_ALLOW_PRIVATE = env_bool("KEYWAY_FETCH_ALLOW_PRIVATE", False)
 KEYWAY_RATE_LIMITS = env_bool("KEYWAY_RATE_LIMITS", True)
 KEYWAY_DEFAULT_RPM = env_int("KEYWAY_DEFAULT_RPM", 600, minimum=1)
 KEYWAY_DEFAULT_TPM = env_int("KEYWAY_DEFAULT_TPM", 2_000_000, minimum=1)
+# Each project's ceiling per model, shared by all of its keys, where the project sets none (OpenAI's project
+# rate limits; changed per project in the dashboard or at /v1/organization/projects/{id}/rate_limits).
+KEYWAY_PROJECT_RPM = env_int("KEYWAY_PROJECT_RPM", 100_000, minimum=1)
+KEYWAY_PROJECT_TPM = env_int("KEYWAY_PROJECT_TPM", 100_000_000, minimum=1)
 
 # Routing: a deployment that fails this many times in a row sits out the cool-down (seconds).
 KEYWAY_BREAKER_FAILURES = env_int("KEYWAY_BREAKER_FAILURES", 3, minimum=1)

@@ -156,6 +156,9 @@ def _sdk_types() -> dict[str, type[pydantic.BaseModel]]:
     from openai.types.admin.organization.organization_user import OrganizationUser
     from openai.types.admin.organization.project import Project
     from openai.types.admin.organization.projects.project_api_key import ProjectAPIKey
+    from openai.types.admin.organization.projects.project_rate_limit import ProjectRateLimit
+    from openai.types.admin.organization.projects.project_spend_limit import ProjectSpendLimit
+    from openai.types.admin.organization.projects.project_spend_limit_deleted import ProjectSpendLimitDeleted
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
     from openai.types.shared import ErrorObject
 
@@ -168,6 +171,13 @@ def _sdk_types() -> dict[str, type[pydantic.BaseModel]]:
     class ListModelsResponse(_Strict):
         object: Literal["list"]
         data: list[Model]
+
+    class ProjectRateLimitListResponse(pydantic.BaseModel):
+        object: Literal["list"]
+        data: list[ProjectRateLimit]
+        first_id: str | None
+        last_id: str | None
+        has_more: bool
 
     return {
         "CreateChatCompletionResponse": ChatCompletion,
@@ -183,6 +193,10 @@ def _sdk_types() -> dict[str, type[pydantic.BaseModel]]:
         "Project": Project,
         "ProjectApiKey": ProjectAPIKey,
         "AuditLog": AuditLogListResponse,
+        "ProjectRateLimit": ProjectRateLimit,
+        "ProjectRateLimitListResponse": ProjectRateLimitListResponse,
+        "ProjectSpendLimitResource": ProjectSpendLimit,
+        "ProjectSpendLimitDeletedResource": ProjectSpendLimitDeleted,
     }
 
 

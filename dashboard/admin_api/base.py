@@ -136,6 +136,37 @@ def page(
     }
 
 
+def page_of(request: Request, items: list[dict[str, Any]], *, default_limit: int = 20) -> dict[str, Any]:
+    """OpenAI's list object over a short list held in memory (ordered as given): `limit`, and `after` or
+    `before` an id of the list."""
+    params = request.query_params
+    raw_limit = params.get("limit", str(default_limit))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+        raise TenancyError(f"limit must be a whole number from 1 to {MAX_LIMIT}.", param="limit", code="invalid_value")
+    limit = int(raw_limit)
+    ids = [item["id"] for item in items]
+    start, end = 0, len(items)
+    for param in ("after", "before"):
+        cursor = params.get(param)
+        if cursor:
+            if cursor not in ids:
+                raise TenancyError(f"No object '{cursor}' in this list.", param=param, code="invalid_value")
+            if param == "after":
+                start = ids.index(cursor) + 1
+            else:
+                end = ids.index(cursor)
+    window = items[start:end]
+    # With only `before`, the page is the one just before the cursor, as OpenAI pages backwards.
+    data = window[-limit:] if params.get("before") and not params.get("after") else window[:limit]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(window) > len(data),
+    }
+
+
 def parse_unix(value: Any, name: str) -> datetime | None:
     from datetime import UTC
 

@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from apikeys.models import ApiKey
 from billing.money import micros_to_usd
+from billing.selectors import ProjectModelLimit
 from platform_site.models import AuditLog, Invitation, Membership, Project
 
 KEY_ID_PREFIX = "key_"
@@ -114,6 +115,35 @@ def project(item: Project) -> dict[str, Any]:
         "archived_at": ts(item.archived_at),
         "status": item.status,
         "is_default": item.is_default,
+    }
+
+
+def rate_limit(item: ProjectModelLimit) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "object": "project.rate_limit",
+        "id": item.id,
+        "model": item.model,
+        "max_requests_per_1_minute": item.max_requests_per_1_minute,
+        "max_tokens_per_1_minute": item.max_tokens_per_1_minute,
+    }
+    # Only present where it applies, as OpenAI has it: here, where the project set a daily limit.
+    if item.max_requests_per_1_day is not None:
+        body["max_requests_per_1_day"] = item.max_requests_per_1_day
+    return body
+
+
+MICROS_PER_CENT = 10_000
+
+
+def spend_limit(*, budget_micros: int, spent_micros: int) -> dict[str, Any]:
+    """A project's monthly budget as OpenAI's hard spend limit, in cents. It is enforcing once this month's
+    spend has reached it (requests are refused until the month ends or the limit is raised)."""
+    return {
+        "object": "project.spend_limit",
+        "threshold_amount": budget_micros // MICROS_PER_CENT,
+        "currency": "USD",
+        "interval": "month",
+        "enforcement": {"status": "enforcing" if spent_micros >= budget_micros else "inactive"},
     }
 
 

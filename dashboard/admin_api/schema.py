@@ -68,6 +68,31 @@ PROJECT = _object(
     },
     ["id", "object", "created_at"],
 )
+RATE_LIMIT = _object(
+    {
+        "object": {"type": "string", "enum": ["project.rate_limit"]},
+        "id": STR,
+        "model": STR,
+        "max_requests_per_1_minute": INT,
+        "max_tokens_per_1_minute": INT,
+        "max_requests_per_1_day": INT,
+    },
+    ["object", "id", "model", "max_requests_per_1_minute", "max_tokens_per_1_minute"],
+)
+SPEND_LIMIT = _object(
+    {
+        "object": {"type": "string", "enum": ["project.spend_limit"]},
+        "threshold_amount": INT,
+        "currency": {"type": "string", "enum": ["USD"]},
+        "interval": {"type": "string", "enum": ["month"]},
+        "enforcement": _object({"status": {"type": "string", "enum": ["inactive", "enforcing"]}}, ["status"]),
+    },
+    ["object", "threshold_amount", "currency", "interval", "enforcement"],
+)
+SPEND_LIMIT_DELETED = _object(
+    {"object": {"type": "string", "enum": ["project.spend_limit.deleted"]}, "deleted": {"type": "boolean"}},
+    ["object", "deleted"],
+)
 USER = _object(
     {
         "object": {"type": "string", "enum": ["organization.user"]},

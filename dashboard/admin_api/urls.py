@@ -24,6 +24,14 @@ urlpatterns = [
         views.ProjectApiKeyRotateApi.as_view(),
         name="project-key-rotate",
     ),
+    path("projects/<str:project_id>/rate_limits", views.ProjectRateLimitListApi.as_view(), name="rate-limit-list"),
+    # A rate limit's id is `rl-<model>`, and a model id may contain slashes.
+    path(
+        "projects/<str:project_id>/rate_limits/<path:rate_limit_id>",
+        views.ProjectRateLimitApi.as_view(),
+        name="rate-limit",
+    ),
+    path("projects/<str:project_id>/spend_limit", views.ProjectSpendLimitApi.as_view(), name="spend-limit"),
     path("users", views.UserListApi.as_view(), name="user-list"),
     path("users/<str:user_id>", views.UserApi.as_view(), name="user"),
     path("invites", views.InviteListApi.as_view(), name="invite-list"),

@@ -17,10 +17,12 @@ from rest_framework.response import Response
 from apikeys.models import ApiKey
 from apikeys.scopes import ADMIN, ALL_SCOPES
 from apikeys.services import apikey_create, apikey_revoke, apikey_rotate, project_archive
+from billing.selectors import project_month_spend, project_rate_limit_list
+from billing.services import MAX_BUDGET_MICROS, RATE_LIMIT_FIELDS, project_budget_set, project_rate_limit_set
 from completions.selectors import model_ids_enabled
 from dashboard.admin_api import objects
 from dashboard.admin_api import schema as doc
-from dashboard.admin_api.base import ManagementApi, field, page, parse_unix
+from dashboard.admin_api.base import ManagementApi, field, page, page_of, parse_unix
 from platform_site.exceptions import NotFound, TenancyError
 from platform_site.models import Project
 from platform_site.selectors import (
@@ -140,6 +142,110 @@ class ProjectArchiveApi(ManagementApi):
     def post(self, request: Request, project_id: str) -> Response:
         project = project_get(organization=self.actor.organization, public_id=project_id)
         return Response(objects.project(project_archive(by=self.actor, project=project)))
+
+
+# OpenAI's limits for kinds of work Keyway does not serve: refused by name rather than silently ignored.
+_UNSERVED_LIMITS = ("max_images_per_1_minute", "max_audio_megabytes_per_1_minute", "batch_1_day_max_input_tokens")
+
+
+class _ProjectRateLimits(ManagementApi):
+    def limits(self, project: Project) -> list[dict[str, Any]]:
+        listed = project_rate_limit_list(
+            organization=self.actor.organization, project=project, models=model_ids_enabled()
+        )
+        return [objects.rate_limit(item) for item in listed]
+
+
+class ProjectRateLimitListApi(_ProjectRateLimits):
+    @doc.operation(
+        doc.listing(doc.RATE_LIMIT),
+        operation_id="project_rate_limit_list",
+        summary="The project's rate limits per model (every model of the catalog)",
+    )
+    def get(self, request: Request, project_id: str) -> Response:
+        project = project_get(organization=self.actor.organization, public_id=project_id)
+        return Response(page_of(request, self.limits(project), default_limit=100))
+
+
+class ProjectRateLimitApi(_ProjectRateLimits):
+    @doc.operation(
+        doc.RATE_LIMIT,
+        request=doc.body({name: doc.NULL_INT for name in RATE_LIMIT_FIELDS}),
+        operation_id="project_rate_limit_update",
+        summary="Change a project's rate limits on one model (null: back to the platform default)",
+    )
+    def post(self, request: Request, project_id: str, rate_limit_id: str) -> Response:
+        project = project_get(organization=self.actor.organization, public_id=project_id)
+        current = next((item for item in self.limits(project) if item["id"] == rate_limit_id), None)
+        if current is None:
+            raise NotFound(f"No rate limit '{rate_limit_id}' in this project.", param="rate_limit_id")
+        body = request.data
+        if not isinstance(body, dict):
+            raise TenancyError("The request body must be a JSON object.", code="invalid_body")
+        for name in body:
+            if name in _UNSERVED_LIMITS:
+                raise TenancyError(
+                    f"Keyway serves no images, audio or batch endpoints, so '{name}' limits nothing here.",
+                    param=name,
+                    code="unsupported_parameter",
+                )
+            if name not in RATE_LIMIT_FIELDS:
+                raise TenancyError(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
+            if body[name] is not None and (isinstance(body[name], bool) or not isinstance(body[name], int)):
+                raise TenancyError(f"Invalid type for '{name}': expected an integer or null.", param=name,
+                                   code="invalid_type")
+        if body:
+            project_rate_limit_set(by=self.actor, project=project, model=current["model"], changes=dict(body))
+            current = next(item for item in self.limits(project) if item["id"] == rate_limit_id)
+        return Response(current)
+
+
+class ProjectSpendLimitApi(ManagementApi):
+    def project(self, project_id: str) -> Project:
+        return project_get(organization=self.actor.organization, public_id=project_id)
+
+    def limit(self, project: Project) -> dict[str, Any]:
+        if project.monthly_budget_micros is None:
+            raise NotFound(f"Project {project.public_id} has no spend limit.", param="project_id")
+        spent = project_month_spend(organization=self.actor.organization, project=project)
+        return objects.spend_limit(budget_micros=project.monthly_budget_micros, spent_micros=spent)
+
+    @doc.operation(doc.SPEND_LIMIT, operation_id="project_spend_limit_get")
+    def get(self, request: Request, project_id: str) -> Response:
+        return Response(self.limit(self.project(project_id)))
+
+    @doc.operation(
+        doc.SPEND_LIMIT,
+        request=doc.body(
+            {"threshold_amount": doc.INT, "currency": {"type": "string", "enum": ["USD"]},
+             "interval": {"type": "string", "enum": ["month"]}},
+            ["threshold_amount", "currency", "interval"],
+        ),
+        operation_id="project_spend_limit_update",
+        summary="Set the project's monthly spend limit, in cents (enforced on every key of the project)",
+    )
+    def post(self, request: Request, project_id: str) -> Response:
+        project = self.project(project_id)
+        cents = field(request.data, "threshold_amount", int, required=True)
+        for name, only in (("currency", "USD"), ("interval", "month")):
+            if field(request.data, name, str, required=True) != only:
+                raise TenancyError(f"'{name}' must be '{only}'.", param=name, code="invalid_value")
+        if cents < 1:
+            raise TenancyError("'threshold_amount' must be at least 1 (cent).", param="threshold_amount",
+                               code="invalid_value")
+        if cents > MAX_BUDGET_MICROS // objects.MICROS_PER_CENT:
+            raise TenancyError("'threshold_amount' is too large.", param="threshold_amount", code="invalid_value")
+        project = project_budget_set(
+            by=self.actor, project=project, monthly_budget_micros=cents * objects.MICROS_PER_CENT
+        )
+        return Response(self.limit(project))
+
+    @doc.operation(doc.SPEND_LIMIT_DELETED, operation_id="project_spend_limit_delete")
+    def delete(self, request: Request, project_id: str) -> Response:
+        project = self.project(project_id)
+        self.limit(project)  # 404 when there is none
+        project_budget_set(by=self.actor, project=project, monthly_budget_micros=None)
+        return Response({"object": "project.spend_limit.deleted", "deleted": True})
 
 
 def _budget_micros(value: Any) -> int | None:

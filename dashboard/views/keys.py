@@ -44,7 +44,10 @@ def _row(key: ApiKey, actor: Actor, now: datetime) -> KeyRow:
         key=key,
         status=key.status_at(now),
         permissions=permissions_label(key.scopes),
-        in_grace=key.previous_secret_expires_at is not None and key.previous_secret_expires_at > now,
+        # A revoked key's old secret is as dead as its new one: no grace to show.
+        in_grace=key.revoked_at is None
+        and key.previous_secret_expires_at is not None
+        and key.previous_secret_expires_at > now,
         may_manage=actor.may_manage_key_of(key.created_by_id) and key.revoked_at is None,
         budget_usd=None if key.monthly_budget_micros is None else micros_to_usd(key.monthly_budget_micros),
     )

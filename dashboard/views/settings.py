@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, time, timedelta
+from decimal import Decimal
 
 from django.contrib import messages
 from django.core.paginator import Paginator
@@ -17,8 +18,20 @@ from django.views.decorators.http import require_POST
 
 from apikeys.selectors import apikey_list
 from apikeys.services import apikey_create, project_archive
+from billing.selectors import project_month_spend, project_rate_limit_list
+from billing.services import project_budget_set, project_rate_limit_set
+from completions.selectors import model_ids_enabled
 from dashboard.context import SESSION_KEY
-from dashboard.forms import AdminKeyCreateForm, AuditFilterForm, InviteForm, OrganizationForm, ProjectForm, RoleForm
+from dashboard.forms import (
+    AdminKeyCreateForm,
+    AuditFilterForm,
+    InviteForm,
+    OrganizationForm,
+    ProjectBudgetForm,
+    ProjectForm,
+    RateLimitsForm,
+    RoleForm,
+)
 from dashboard.views.common import add_service_error, flash_service_error, member_required
 from dashboard.views.keys import secret_page
 from platform_site.access import Actor
@@ -103,27 +116,83 @@ def project_list_view(request: HttpRequest) -> HttpResponse:
     return render(request, "dashboard/settings/projects.html", {"form": form, "rows": rows})
 
 
-@require_POST
 @member_required
-def project_update(request: HttpRequest, public_id: str) -> HttpResponse:
+def project_detail(request: HttpRequest, public_id: str) -> HttpResponse:
+    """One project: its name, monthly budget and per-model rate limits, and archiving it. Every change is a
+    POST naming its `action`; members and readers see the page, owners and admins change it."""
     actor = _actor(request)
     try:
         project = project_get(organization=actor.organization, public_id=public_id)
-        if request.POST.get("archive"):
-            project_archive(by=actor, project=project)
-            messages.success(request, f"Project {project.name} archived; its keys no longer work.")
-        else:
-            form = ProjectForm(request.POST)
-            if not form.is_valid():
-                messages.error(request, "A project needs a name of 1 to 100 characters.")
-            else:
-                project_rename(by=actor, project=project, name=form.cleaned_data["name"])
-                messages.success(request, "Project renamed.")
     except ApiError as error:
-        if error.status == 404:
-            raise Http404(error.message) from None
-        flash_service_error(request, error)
-    return redirect("dashboard:project-list")
+        raise Http404(error.message) from None
+    limits = project_rate_limit_list(organization=actor.organization, project=project, models=model_ids_enabled())
+    budget_form = ProjectBudgetForm(
+        initial={"monthly_budget": None if project.monthly_budget_micros is None
+                 else Decimal(project.monthly_budget_micros) / 1_000_000}
+    )
+    limits_form = RateLimitsForm(limits=limits)
+    here = reverse("dashboard:project-detail", args=[project.public_id])
+    if request.method == "POST":
+        action = request.POST.get("action", "")
+        try:
+            if action == "archive":
+                project_archive(by=actor, project=project)
+                messages.success(request, f"Project {project.name} archived; its keys no longer work.")
+                return redirect("dashboard:project-list")
+            if action == "rename":
+                form = ProjectForm(request.POST)
+                if not form.is_valid():
+                    messages.error(request, "A project needs a name of 1 to 100 characters.")
+                else:
+                    project_rename(by=actor, project=project, name=form.cleaned_data["name"])
+                    messages.success(request, "Project renamed.")
+                return redirect(here)
+            if action == "budget-remove":
+                project_budget_set(by=actor, project=project, monthly_budget_micros=None)
+                messages.success(request, "Budget removed: the project has no monthly cap of its own.")
+                return redirect(here)
+            if action == "budget":
+                budget_form = ProjectBudgetForm(request.POST)
+                if budget_form.is_valid():
+                    project_budget_set(by=actor, project=project, monthly_budget_micros=budget_form.budget_micros())
+                    messages.success(request, "Monthly budget saved.")
+                    return redirect(here)
+            elif action == "limits":
+                limits_form = RateLimitsForm(request.POST, limits=limits)
+                if limits_form.is_valid():
+                    changes = limits_form.changes()
+                    for model, changed in changes.items():
+                        project_rate_limit_set(by=actor, project=project, model=model, changes=changed)
+                    messages.success(
+                        request,
+                        f"Rate limits saved for {', '.join(changes)}." if changes else "Nothing changed.",
+                    )
+                    return redirect(here)
+            else:
+                messages.error(request, "Unknown action.")
+                return redirect(here)
+        except ApiError as error:
+            flash_service_error(request, error)
+            return redirect(here)
+    spent = project_month_spend(organization=actor.organization, project=project)
+    budget = project.monthly_budget_micros
+    return render(
+        request,
+        "dashboard/settings/project.html",
+        {
+            "project": project,
+            "can_manage": actor.is_manager and project.archived_at is None,
+            "rename_form": ProjectForm(initial={"name": project.name}),
+            "budget_form": budget_form,
+            "limits_form": limits_form,
+            "spent_usd": Decimal(spent) / 1_000_000,
+            "budget_usd": None if budget is None else Decimal(budget) / 1_000_000,
+            "budget_percent": None if not budget else min(100, spent * 100 // budget),
+            "key_count": apikey_list(organization=actor.organization)
+            .filter(project=project, revoked_at__isnull=True)
+            .count(),
+        },
+    )
 
 
 @member_required

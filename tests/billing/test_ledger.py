@@ -57,6 +57,24 @@ def test_writing_the_same_events_twice_charges_them_once(org: Organization) -> N
     assert UsageEvent.objects.filter(organization=org).count() == 6
 
 
+@pytest.mark.django_db(transaction=True)
+def test_journal_lines_written_before_projects_replay_and_new_ones_keep_the_project(
+    org: Organization, tmp_path: Path
+) -> None:
+    from platform_site.selectors import default_project
+
+    project = default_project(organization=org)
+    old = _event(org, "req_before_projects")
+    new = _event(org, "req_with_project")
+    new.project_id = project.pk
+    # A line of a journal written before usage events named a project ends at created_at (18 fields).
+    lines = orjson.dumps(old.as_row()[:-1]) + b"\n" + orjson.dumps(new.as_row()) + b"\n"
+    (tmp_path / "host-4-4-4.usage").write_bytes(lines)
+    assert recover_orphans(tmp_path) == 2
+    rows = dict(UsageEvent.objects.values_list("call_id", "project_id"))
+    assert rows == {"req_before_projects": None, "req_with_project": project.pk}
+
+
 def _journal(directory: Path, name: str, events: list[SettledUsage], torn: bytes = b"") -> Path:
     path = directory / name
     path.write_bytes(b"".join(orjson.dumps(event.as_row()) + b"\n" for event in events) + torn)

@@ -77,7 +77,7 @@ async def _ledger_of(org: Organization) -> dict[str, Any]:
 async def _spend_counter(org: Organization) -> int | None:
     await metering.flush()
     return await counters.store().read(
-        counters.names(organization_id=org.pk, key_public_id="-", key_id=0, now=0)[2]
+        counters.names(organization_id=org.pk, key_public_id="-", key_id=0, project_id=None, model="-", now=0)[2]
     )
 
 

@@ -188,6 +188,118 @@ async def test_bad_input_and_other_tenants_get_openai_errors(
         assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, (path, error)
 
 
+async def test_project_rate_limits_are_listed_per_model_and_updated_with_the_sdk(
+    admin: openai.AsyncOpenAI, http: httpx.AsyncClient, admin_key: str, org: Organization,
+    validate_schema: Validate, default_model: None,
+) -> None:
+    from django.conf import settings
+
+    project = await sync_to_async(default_project)(organization=org)
+    listed = (await http.get(f"/v1/organization/projects/{project.public_id}/rate_limits",
+                             headers=bearer(admin_key))).json()
+    validate_schema("ProjectRateLimitListResponse", listed)
+    # Every model of the catalog, at the platform's defaults until the project changes them.
+    assert [item["id"] for item in listed["data"]] == ["rl-all-minilm-l6-v2", "rl-gemma-3-270m"]
+    assert listed["data"][1] == {
+        "object": "project.rate_limit", "id": "rl-gemma-3-270m", "model": "gemma-3-270m",
+        "max_requests_per_1_minute": settings.KEYWAY_PROJECT_RPM,
+        "max_tokens_per_1_minute": settings.KEYWAY_PROJECT_TPM,
+    }
+    sdk_list = await admin.admin.organization.projects.rate_limits.list_rate_limits(project.public_id)
+    assert [item.model for item in sdk_list.data] == ["all-minilm-l6-v2", "gemma-3-270m"]
+
+    updated = await admin.admin.organization.projects.rate_limits.update_rate_limit(
+        "rl-gemma-3-270m", project_id=project.public_id, max_requests_per_1_minute=60, max_requests_per_1_day=1000
+    )
+    assert (updated.max_requests_per_1_minute, updated.max_requests_per_1_day) == (60, 1000)
+    assert updated.max_tokens_per_1_minute == settings.KEYWAY_PROJECT_TPM
+    response = await http.post(f"/v1/organization/projects/{project.public_id}/rate_limits/rl-gemma-3-270m",
+                               json={"max_requests_per_1_day": None}, headers=bearer(admin_key))
+    validate_schema("ProjectRateLimit", response.json())
+    assert "max_requests_per_1_day" not in response.json() and response.json()["max_requests_per_1_minute"] == 60
+
+    page = (await http.get(f"/v1/organization/projects/{project.public_id}/rate_limits?limit=1",
+                           headers=bearer(admin_key))).json()
+    assert [item["id"] for item in page["data"]] == ["rl-all-minilm-l6-v2"] and page["has_more"]
+    rest = (await http.get(f"/v1/organization/projects/{project.public_id}/rate_limits?after={page['last_id']}",
+                           headers=bearer(admin_key))).json()
+    assert [item["id"] for item in rest["data"]] == ["rl-gemma-3-270m"] and not rest["has_more"]
+    before = (await http.get(f"/v1/organization/projects/{project.public_id}/rate_limits?before=rl-gemma-3-270m",
+                             headers=bearer(admin_key))).json()
+    assert [item["id"] for item in before["data"]] == ["rl-all-minilm-l6-v2"]
+
+    audit = (await http.get("/v1/organization/audit_logs?event_types[]=rate_limit.updated",
+                            headers=bearer(admin_key))).json()
+    assert [e["rate_limit.updated"]["changes_requested"] for e in audit["data"]] == [
+        {"max_requests_per_1_day": None},
+        {"max_requests_per_1_minute": 60, "max_requests_per_1_day": 1000},
+    ]
+
+
+async def test_a_project_spend_limit_is_set_read_and_deleted_in_cents(
+    admin: openai.AsyncOpenAI, http: httpx.AsyncClient, admin_key: str, org: Organization, validate_schema: Validate
+) -> None:
+    project = await sync_to_async(default_project)(organization=org)
+    path = f"/v1/organization/projects/{project.public_id}/spend_limit"
+    missing = await http.get(path, headers=bearer(admin_key))
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "project_id"
+    limit = await admin.admin.organization.projects.spend_limit.update(
+        project.public_id, currency="USD", interval="month", threshold_amount=2500
+    )
+    assert (limit.threshold_amount, limit.enforcement.status) == (2500, "inactive")
+    body = (await http.get(path, headers=bearer(admin_key))).json()
+    validate_schema("ProjectSpendLimitResource", body)
+    await sync_to_async(project.refresh_from_db)()
+    assert project.monthly_budget_micros == 25_000_000  # 25 USD
+    deleted = await http.delete(path, headers=bearer(admin_key))
+    validate_schema("ProjectSpendLimitDeletedResource", deleted.json())
+    assert deleted.json() == {"object": "project.spend_limit.deleted", "deleted": True}
+    assert (await http.get(path, headers=bearer(admin_key))).status_code == 404
+
+
+async def test_bad_limits_and_other_tenants_limits_get_openai_errors(
+    http: httpx.AsyncClient, admin_key: str, org: Organization, other_org: Organization, default_model: None
+) -> None:
+    theirs = await sync_to_async(default_project)(organization=other_org)
+    mine = await sync_to_async(default_project)(organization=org)
+    limits = f"/v1/organization/projects/{mine.public_id}/rate_limits"
+    spend = f"/v1/organization/projects/{mine.public_id}/spend_limit"
+    good = {"currency": "USD", "interval": "month"}
+    cases = [
+        ("GET", f"/v1/organization/projects/{theirs.public_id}/rate_limits", None, 404, "project_id"),
+        ("POST", f"/v1/organization/projects/{theirs.public_id}/rate_limits/rl-gemma-3-270m",
+         {"max_requests_per_1_minute": 1}, 404, "project_id"),
+        ("GET", f"/v1/organization/projects/{theirs.public_id}/spend_limit", None, 404, "project_id"),
+        ("POST", f"/v1/organization/projects/{theirs.public_id}/spend_limit", {"threshold_amount": 1, **good}, 404,
+         "project_id"),
+        ("POST", f"{limits}/rl-no-such-model", {"max_requests_per_1_minute": 1}, 404, "rate_limit_id"),
+        ("POST", f"{limits}/rl-gemma-3-270m", {"max_requests_per_1_minute": 0}, 400, "max_requests_per_1_minute"),
+        ("POST", f"{limits}/rl-gemma-3-270m", {"max_requests_per_1_minute": -5}, 400, "max_requests_per_1_minute"),
+        ("POST", f"{limits}/rl-gemma-3-270m", {"max_requests_per_1_minute": 10**13}, 400,
+         "max_requests_per_1_minute"),
+        ("POST", f"{limits}/rl-gemma-3-270m", {"max_tokens_per_1_minute": "100"}, 400, "max_tokens_per_1_minute"),
+        ("POST", f"{limits}/rl-gemma-3-270m", {"max_tokens_per_1_minute": True}, 400, "max_tokens_per_1_minute"),
+        ("POST", f"{limits}/rl-gemma-3-270m", {"max_tokens_per_1_minute": 1.5}, 400, "max_tokens_per_1_minute"),
+        ("POST", f"{limits}/rl-gemma-3-270m", {"max_images_per_1_minute": 5}, 400, "max_images_per_1_minute"),
+        ("POST", f"{limits}/rl-gemma-3-270m", {"burst": 5}, 400, "burst"),
+        ("POST", f"{limits}/rl-gemma-3-270m", [1], 400, None),
+        ("GET", f"{limits}?limit=1000", None, 400, "limit"),
+        ("GET", f"{limits}?after=rl-nope", None, 400, "after"),
+        ("POST", spend, {"threshold_amount": 0, **good}, 400, "threshold_amount"),
+        ("POST", spend, {"threshold_amount": 10**20, **good}, 400, "threshold_amount"),
+        ("POST", spend, {"threshold_amount": "100", **good}, 400, "threshold_amount"),
+        ("POST", spend, {"threshold_amount": 100, "currency": "EUR", "interval": "month"}, 400, "currency"),
+        ("POST", spend, {"threshold_amount": 100, "currency": "USD", "interval": "week"}, 400, "interval"),
+        ("POST", spend, {"threshold_amount": 100}, 400, "currency"),
+        ("DELETE", spend, None, 404, "project_id"),
+    ]
+    for method, path, body, status, param in cases:
+        response = await http.request(method, path, json=body, headers=bearer(admin_key))
+        error = response.json()["error"]
+        assert response.status_code == status, (path, body, response.text)
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, (path, body, error)
+
+
 async def test_audit_logs_are_openai_events_paginated_newest_first(
     http: httpx.AsyncClient, admin_key: str, validate_schema: Validate
 ) -> None:
@@ -216,7 +328,9 @@ async def test_openapi_document_is_valid_and_lists_the_management_paths(http: ht
         "/v1/organization/admin_api_keys", "/v1/organization/admin_api_keys/{key_id}", "/v1/organization/users",
         "/v1/organization/users/{user_id}", "/v1/organization/invites", "/v1/organization/projects",
         "/v1/organization/projects/{project_id}/api_keys", "/v1/organization/projects/{project_id}/api_keys/{key_id}",
-        "/v1/organization/audit_logs",
+        "/v1/organization/audit_logs", "/v1/organization/projects/{project_id}/rate_limits",
+        "/v1/organization/projects/{project_id}/rate_limits/{rate_limit_id}",
+        "/v1/organization/projects/{project_id}/spend_limit",
     } <= set(document["paths"])
     created = document["paths"]["/v1/organization/projects/{project_id}/api_keys"]["post"]
     assert "value" in created["responses"]["200"]["content"]["application/json"]["schema"]["properties"]

@@ -95,7 +95,7 @@ def test_a_third_user_sees_no_other_tenants_projects_keys_or_members(alice: User
     # Naming another tenant's objects by id gets the same 404 as an unknown id.
     assert client.get(f"/settings/api-keys/{acme_key.public_id}/revoke").status_code == 404
     assert client.post(f"/settings/api-keys/{acme_key.public_id}/revoke").status_code == 404
-    assert client.post(f"/settings/projects/{globex_project.public_id}", {"archive": "1"}).status_code == 404
+    assert client.post(f"/settings/projects/{globex_project.public_id}", {"action": "archive"}).status_code == 404
     alice_id = alice.keyway_profile.public_id
     assert client.post(f"/settings/members/{alice_id}", {"remove": "1"}).status_code == 404
     # Switching to an organization one does not belong to does nothing.
@@ -183,10 +183,10 @@ def test_archiving_a_project_stops_its_keys(
     assert authenticate_key_sync(raw).project_public_id == side.public_id
     # On commit, archiving makes every worker forget the project's keys (the shared cache, with Redis, too).
     with django_capture_on_commit_callbacks(execute=True):
-        client.post(f"/settings/projects/{side.public_id}", {"archive": "1"})
+        client.post(f"/settings/projects/{side.public_id}", {"action": "archive"})
     with pytest.raises(InvalidApiKey):
         authenticate_key_sync(raw)
-    client.post(f"/settings/projects/{default_project(organization=acme).public_id}", {"archive": "1"})
+    client.post(f"/settings/projects/{default_project(organization=acme).public_id}", {"action": "archive"})
     assert default_project(organization=acme).archived_at is None
 
 
@@ -218,3 +218,57 @@ def test_two_factor_set_up_offers_a_totp_code_under_the_policy(alice: User, acme
     page = response.content.decode()
     assert 'src="data:image/svg+xml' in page and "Authenticator code" in page
     assert "img-src 'self' data:" in response["Content-Security-Policy"]
+
+
+def test_a_projects_page_sets_its_budget_and_rate_limits_and_a_reader_only_sees_them(
+    alice: User, acme: Organization
+) -> None:
+    from billing.models import ProjectRateLimit
+    from completions.services import catalog_ensure_default
+
+    catalog_ensure_default()
+    project = default_project(organization=acme)
+    path = f"/settings/projects/{project.public_id}"
+    client = _client(alice)
+    page = client.get(path).content.decode()
+    assert "Monthly budget" in page and "gemma-3-270m" in page and "Save rate limits" in page
+    # Rows follow the catalog's order: all-minilm-l6-v2 is row 0, gemma-3-270m row 1.
+    assert 'name="1-rpm"' in page and "Requests per minute for gemma-3-270m" in page
+    client.post(path, {"action": "budget", "monthly_budget": "12.50"})
+    project.refresh_from_db()
+    assert project.monthly_budget_micros == 12_500_000
+    client.post(path, {"action": "limits", "1-rpm": "60", "1-tpm": "", "1-rpd": "500", "0-rpm": "", "0-tpm": "",
+                       "0-rpd": ""})
+    row = ProjectRateLimit.objects.get(project=project)
+    assert (row.model, row.max_requests_per_1_minute, row.max_tokens_per_1_minute, row.max_requests_per_1_day) == (
+        "gemma-3-270m", 60, None, 500
+    )
+    assert AuditLog.objects.filter(organization=acme, action="rate_limit.updated", target="rl-gemma-3-270m").exists()
+    # A value out of range is shown on the form, and nothing is saved.
+    bad = client.post(path, {"action": "limits", "1-rpm": "0"})
+    assert bad.status_code == 200 and "greater than or equal to 1" in bad.content.decode()
+    assert ProjectRateLimit.objects.get(project=project).max_requests_per_1_minute == 60
+    assert "$12.50" in client.get("/settings/projects").content.decode()
+
+    rex = _user("rex@example.com")
+    membership_set(organization=acme, user=rex, role=Role.READER)
+    reader = _client(rex)
+    seen = reader.get(path).content.decode()
+    assert "Save rate limits" not in seen and "Save budget" not in seen and 'name="1-rpm"' not in seen
+    assert ">60<" in re.sub(r"\s+", "", seen)
+    reader.post(path, {"action": "budget", "monthly_budget": "999"})
+    reader.post(path, {"action": "limits", "1-rpm": "1"})
+    project.refresh_from_db()
+    assert project.monthly_budget_micros == 12_500_000
+    assert ProjectRateLimit.objects.get(project=project).max_requests_per_1_minute == 60
+
+
+def test_another_tenants_project_page_is_not_found(alice: User, acme: Organization) -> None:
+    globex = organization_create(name="Globex", owner=_user("gus@example.com"))
+    theirs = default_project(organization=globex)
+    client = _client(alice)
+    assert client.get(f"/settings/projects/{theirs.public_id}").status_code == 404
+    refused = client.post(f"/settings/projects/{theirs.public_id}", {"action": "budget", "monthly_budget": "1"})
+    assert refused.status_code == 404
+    theirs.refresh_from_db()
+    assert theirs.monthly_budget_micros is None

@@ -196,6 +196,22 @@ def test_a_new_user_signs_up_makes_a_key_calls_the_api_rotates_and_revokes_it(
     _chat(url, raw_key)
     _chat(url, new_key)
 
+    # A project's rate limit on a model holds for every key of the project, at once.
+    page.get_by_role("navigation", name="Dashboard").get_by_role("link", name="Projects", exact=True).click()
+    page.get_by_role("link", name="Default project", exact=True).click()
+    page.get_by_label("Requests per minute for gemma-3-270m").fill("1")
+    page.get_by_role("button", name="Save rate limits").click()
+    page.get_by_text("Rate limits saved").wait_for()
+    shot("project-limits")
+    with pytest.raises(openai.RateLimitError) as caught:
+        for _ in range(2):  # the calls above may have been counted in the minute before this one
+            _chat(url, new_key)
+    assert "in project proj_" in str(caught.value)
+    page.get_by_label("Requests per minute for gemma-3-270m").fill("")
+    page.get_by_role("button", name="Save rate limits").click()
+    page.get_by_text("Rate limits saved").wait_for()
+    _chat(url, new_key)
+
     # Revoke, after confirming: both secrets are refused.
     page.get_by_role("link", name="API keys").click()
     assert "Old secret until" in page.get_by_role("row").filter(has_text="backend").inner_text()
