@@ -152,6 +152,7 @@ def main() -> None:
                KEYWAY_DEFAULT_EMBEDDING_MODEL="", PYTHONUNBUFFERED="1",
                # Limits on but out of reach: the benchmark measures their cost, not their refusals.
                KEYWAY_DEFAULT_RPM=str(10**9), KEYWAY_DEFAULT_TPM=str(10**12),
+               KEYWAY_PROJECT_RPM=str(10**9), KEYWAY_PROJECT_TPM=str(10**12),
                KEYWAY_RATE_LIMITS="0" if args.no_limits or args.no_metering else "1",
                KEYWAY_METERING="0" if args.no_metering else "1")
     upstream_port = free_port()
