@@ -1,0 +1,158 @@
+"""CPU and Python function calls per request of Keyway's hot path, in one process, without server or load
+generator noise.
+
+The real ASGI application is called in process (the way a server would call it), against the fake upstream
+(bench/fake_upstream.py, a real HTTP server in its own process), with auth, rate limits and metering on (a
+prepaid organization, a priced model). Two numbers per case:
+- CPU ms per request: this process's CPU time over many requests, so the upstream's work is not counted;
+- Python function calls per request, counted by cProfile: deterministic for the same code and inputs, so a
+  change's cost can be read from one run on a noisy machine.
+
+    .venv/bin/python bench/hotpath_bench.py [--requests 2000] [--concurrency 1,32]
+
+Uses a scratch SQLite database, or DATABASE_URL / REDIS_URL when they are set (a scratch PostgreSQL database
+and Redis key prefix, as bench/proxy_bench.py makes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(BASE_DIR))
+
+from tests.e2e.server import drop_database, free_port, make_environment, wait_for  # noqa: E402
+
+BODY = b'{"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7}'
+STREAM_BODY = BODY[:-1] + b', "stream": true}'
+
+
+async def _call(app: object, raw_key: str, body: bytes) -> int:
+    """One request through the ASGI app, as a server would make it; returns the status."""
+    status = 0
+    sent = False
+
+    async def receive() -> dict[str, object]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = int(message["status"])  # type: ignore[call-overload]
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+        "root_path": "", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000),
+        "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+                    (b"authorization", f"Bearer {raw_key}".encode())],
+    }
+    await app(scope, receive, send)  # type: ignore[operator]
+    return status
+
+
+async def _run(app: object, raw_key: str, body: bytes, *, requests: int, concurrency: int) -> list[int]:
+    statuses: list[int] = []
+    queue = iter(range(requests))
+
+    async def worker() -> None:
+        for _ in queue:
+            statuses.append(await _call(app, raw_key, body))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return statuses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", default="1,32")
+    parser.add_argument("--top", type=int, default=0, help="also list the N functions called most per request")
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="keyway-hotpath-"))
+    env, database = make_environment(scratch)
+    os.environ.update(env)
+    os.environ.update(DEBUG="1", KEYWAY_VAR_DIR=str(scratch), KEYWAY_DEFAULT_MODEL="",
+                      KEYWAY_DEFAULT_EMBEDDING_MODEL="", KEYWAY_DEFAULT_RPM=str(10**9), KEYWAY_DEFAULT_TPM=str(10**12),
+                      KEYWAY_PROJECT_RPM=str(10**9), KEYWAY_PROJECT_TPM=str(10**12))
+    port = free_port()
+    upstream = subprocess.Popen([sys.executable, str(BASE_DIR / "bench" / "fake_upstream.py"), "--port", str(port)],
+                                cwd=BASE_DIR)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/v1/models", process=upstream)
+        import django
+
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "platform_site.settings")
+        django.setup()
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0)
+        from apikeys.services import apikey_create
+        from billing.models import Plan, Price
+        from billing.services import billing_plan_set, credit_add
+        from completions.services import provider_upsert_openai_compatible
+        from platform_site.asgi import application
+        from platform_site.models import Organization
+        from platform_site.services import organization_create
+
+        organization = organization_create(name="Bench", slug="bench", actor_label="bench")
+        organization = Organization.objects.get(pk=organization.pk)
+        billing_plan_set(organization=organization, plan=Plan.objects.create(name="bench", billing_mode="prepaid"))
+        credit_add(organization=organization, amount_micros=10**15, reason="benchmark", actor_label="bench")
+        Price.objects.create(model="bench", input_per_million_micros=2_500_000, output_per_million_micros=10_000_000)
+        provider_upsert_openai_compatible(name="fake", base_url=f"http://127.0.0.1:{port}/v1", models=["bench"])
+        _, raw_key = apikey_create(organization=organization, name="bench")
+
+        async def measure() -> None:
+            print(f"database: {os.environ.get('DATABASE_URL', 'sqlite')}, cache: "
+                  f"{'redis' if os.environ.get('REDIS_URL') else 'in-process'}, {args.requests} requests a case")
+            print(f"{'case':<10} {'conc':>5} {'cpu ms/req':>11} {'calls/req':>10}")
+            for name, body in (("json", BODY), ("stream", STREAM_BODY)):
+                for concurrency in (int(c) for c in args.concurrency.split(",")):
+                    await _run(application, raw_key, body, requests=200, concurrency=concurrency)  # warm up
+                    started = time.process_time()
+                    statuses = await _run(application, raw_key, body, requests=args.requests, concurrency=concurrency)
+                    cpu = (time.process_time() - started) / args.requests * 1000
+                    assert set(statuses) == {200}, set(statuses)
+                    profile = cProfile.Profile()
+                    profile.enable()
+                    await _run(application, raw_key, body, requests=200, concurrency=concurrency)
+                    profile.disable()
+                    stats = pstats.Stats(profile)
+                    calls = stats.total_calls / 200  # type: ignore[attr-defined]
+                    print(f"{name:<10} {concurrency:>5} {cpu:>11.3f} {calls:>10.0f}")
+                    if args.top:
+                        rows = sorted(stats.stats.items(), key=lambda item: -item[1][1])  # type: ignore[attr-defined]
+                        for (file, line, function), (_, ncalls, *_rest) in rows[: args.top]:
+                            print(f"{ncalls / 200:>10.1f}  {Path(file).name}:{line} {function}")
+            from platform_site.kernel import process
+
+            await process.run_shutdown_hooks()
+
+        asyncio.run(measure())
+    finally:
+        upstream.terminate()
+        upstream.wait(timeout=10)
+        from django.db import connections
+
+        connections.close_all()
+        drop_database(database)
+
+
+if __name__ == "__main__":
+    main()
