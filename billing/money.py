@@ -28,3 +28,11 @@ def usd_to_micros(amount: Decimal | str) -> int:
 def micros_to_usd(micros: int) -> str:
     """The USD string of a micro-USD amount, with all six decimals: 1234 → "0.001234", -5000000 → "-5.000000"."""
     return f"{Decimal(micros).scaleb(-6):.6f}"
+
+
+def usd_display(micros: int) -> str:
+    """A micro-USD amount for people: at least cents, more digits only where they are not zero, so a tiny
+    spend is never shown as nothing: 0 → "0.00", 12500000 → "12.50", 1234 → "0.001234"."""
+    text = micros_to_usd(micros)
+    whole, _, fraction = text.partition(".")
+    return f"{whole}.{fraction.rstrip('0').ljust(2, '0')}"

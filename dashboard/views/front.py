@@ -12,7 +12,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from apikeys.selectors import apikey_list
-from billing.money import micros_to_usd
+from billing.money import usd_display
 from billing.selectors import usage_report
 from completions.selectors import chat_model_id_default
 from dashboard.context import SESSION_KEY, current_membership
@@ -46,7 +46,7 @@ def overview(request: HttpRequest) -> HttpResponse:
         "active_keys": keys.count(),
         "recent_keys": keys.select_related("project")[:5],
         "month": month,
-        "month_spend_usd": micros_to_usd(month.totals.cost_micros),
+        "month_spend_usd": usd_display(month.totals.cost_micros),
         "snippets": first_call(base_url=api_base_url(request), key="$KEYWAY_API_KEY", model=chat_model_id_default()),
     }
     return render(request, "dashboard/overview.html", context)

@@ -18,6 +18,7 @@ from django.views.decorators.http import require_POST
 
 from apikeys.selectors import apikey_list
 from apikeys.services import apikey_create, project_archive
+from billing.money import usd_display
 from billing.selectors import project_month_spend, project_rate_limit_list
 from billing.services import project_budget_set, project_rate_limit_set
 from completions.selectors import model_ids_enabled
@@ -185,8 +186,8 @@ def project_detail(request: HttpRequest, public_id: str) -> HttpResponse:
             "rename_form": ProjectForm(initial={"name": project.name}),
             "budget_form": budget_form,
             "limits_form": limits_form,
-            "spent_usd": Decimal(spent) / 1_000_000,
-            "budget_usd": None if budget is None else Decimal(budget) / 1_000_000,
+            "spent_usd": usd_display(spent),
+            "budget_usd": None if budget is None else usd_display(budget),
             "budget_percent": None if not budget else min(100, spent * 100 // budget),
             "key_count": apikey_list(organization=actor.organization)
             .filter(project=project, revoked_at__isnull=True)

@@ -13,7 +13,7 @@ from django.core.management import CommandError, call_command
 from django.test import Client
 
 from billing.models import BillingAccount, CreditEntry, Plan, Price, UsageEvent
-from billing.money import micros_to_usd, usd_to_micros
+from billing.money import micros_to_usd, usd_display, usd_to_micros
 from billing.services import SettledUsage, credit_add, usage_events_write
 from platform_site.models import AuditLog, Organization
 
@@ -55,6 +55,13 @@ def _account(organization: Organization) -> BillingAccount:
 def test_usd_converts_to_micro_usd_exactly(usd: str | Decimal, micros: int) -> None:
     assert usd_to_micros(usd) == micros
     assert usd_to_micros(micros_to_usd(micros)) == micros
+
+
+@pytest.mark.parametrize(
+    ("micros", "shown"), [(0, "0.00"), (12_500_000, "12.50"), (1234, "0.001234"), (-5_000_000, "-5.00"), (10, "0.00001")]
+)
+def test_amounts_for_people_show_cents_and_never_hide_a_tiny_spend(micros: int, shown: str) -> None:
+    assert usd_display(micros) == shown
 
 
 @pytest.mark.parametrize("usd", ["0.0000001", "abc", "NaN", "Infinity", ""])
