@@ -255,6 +255,17 @@ _SEEDS = {
 }
 
 
+def _window(rpm: int, requests: int, tpm: int, tokens: int, tokens_counter: str, reset: float) -> RateState:
+    """A rate window after this request: tokens settled but not yet sent to the counters count as used."""
+    return RateState(
+        limit_requests=rpm,
+        remaining_requests=rpm - requests,
+        limit_tokens=tpm,
+        remaining_tokens=tpm - tokens - counters.unsent(tokens_counter),
+        reset=reset,
+    )
+
+
 async def _count_and_reserve(
     ask: counters.Ask, *, key: AuthenticatedKey, model: str, now: float
 ) -> tuple[str, RateState | None]:
@@ -274,22 +285,12 @@ async def _count_and_reserve(
     rate_state = None
     reset = WINDOW - now % WINDOW
     if ask.rpm:
-        key_state = RateState(
-            limit_requests=ask.rpm,
-            remaining_requests=ask.rpm - counted.requests,
-            limit_tokens=ask.tpm,
-            remaining_tokens=ask.tpm - counted.tokens - counters.unsent(ask.keys[1]),
-            reset=reset,
-        )
+        key_state = _window(ask.rpm, counted.requests, ask.tpm, counted.tokens, ask.keys[1], reset)
         rate_state = key_state
         if ask.project_rpm and status not in (counters.REFUSED_REQUESTS, counters.REFUSED_TOKENS):
             # The headers tell the tighter of the two windows, as a client pacing itself needs.
-            project_state = RateState(
-                limit_requests=ask.project_rpm,
-                remaining_requests=ask.project_rpm - counted.project_requests,
-                limit_tokens=ask.project_tpm,
-                remaining_tokens=ask.project_tpm - counted.project_tokens - counters.unsent(ask.keys[8]),
-                reset=reset,
+            project_state = _window(
+                ask.project_rpm, counted.project_requests, ask.project_tpm, counted.project_tokens, ask.keys[8], reset
             )
             rate_state = tighter(key_state, project_state)
             if status in (counters.REFUSED_PROJECT_REQUESTS, counters.REFUSED_PROJECT_TOKENS):

@@ -16,9 +16,8 @@ from billing.exceptions import BillingError
 from billing.limits import forget_project_limits
 from billing.models import MICROS_PER_USD, BillingAccount, CreditEntry, Plan, ProjectRateLimit, UsageEvent
 from platform_site.access import Actor
-from platform_site.exceptions import Conflict
 from platform_site.models import Organization, Project
-from platform_site.services import audit_log_record
+from platform_site.services import audit_log_record, project_lock_for_change
 
 # Called on commit of a credit change with (organization id, new credit total, credit version): the hot
 # path's counters (billing.admission) register here; a lower-level module cannot be imported from here.
@@ -116,14 +115,6 @@ def rate_limit_id(model: str) -> str:
     return f"rl-{model}"
 
 
-def _editable_project(by: Actor, project: Project, what: str) -> Project:
-    by.require_manager(what)
-    project = Project.objects.select_for_update().get(pk=project.pk, organization=by.organization)
-    if project.archived_at is not None:
-        raise Conflict("An archived project cannot be changed.", param="project_id")
-    return project
-
-
 @transaction.atomic
 def project_rate_limit_set(
     *, by: Actor, project: Project, model: str, changes: dict[str, int | None]
@@ -131,7 +122,7 @@ def project_rate_limit_set(
     """Change a project's ceilings on one model. Each field of `changes` (RATE_LIMIT_FIELDS) becomes a whole
     number from 1 up, or None to go back to the platform default (no daily limit); fields not named stay as
     they are. Owners and admins only. Every worker enforces the change within KEYWAY_BILLING_LOCAL_TTL."""
-    project = _editable_project(by, project, "change rate limits")
+    project = project_lock_for_change(by=by, project=project, what="change rate limits")
     for name, value in changes.items():
         if name not in RATE_LIMIT_FIELDS:
             raise BillingError(f"Unknown rate limit field '{name}'.", param=name, code="unknown_parameter")
@@ -162,7 +153,7 @@ def project_rate_limit_set(
 def project_budget_set(*, by: Actor, project: Project, monthly_budget_micros: int | None) -> Project:
     """Set (or, with None, remove) a project's spend cap per calendar month (UTC), over all of its keys.
     Owners and admins only. Every worker enforces the change within KEYWAY_BILLING_LOCAL_TTL."""
-    project = _editable_project(by, project, "change project budgets")
+    project = project_lock_for_change(by=by, project=project, what="change project budgets")
     if monthly_budget_micros is not None and not 0 < monthly_budget_micros <= MAX_BUDGET_MICROS:
         raise BillingError(
             f"A monthly budget must be above zero and at most {MAX_BUDGET_MICROS // MICROS_PER_USD} USD.",

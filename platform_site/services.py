@@ -220,13 +220,20 @@ def project_create(*, by: Actor, name: str) -> Project:
     return project
 
 
-@transaction.atomic
-def project_rename(*, by: Actor, project: Project, name: str) -> Project:
-    by.require_manager("rename projects")
-    name = _clean_name(name, what="A project", limit=100)
+def project_lock_for_change(*, by: Actor, project: Project, what: str) -> Project:
+    """The project, locked for the rest of the caller's transaction, once `by` may change it (owners and
+    admins) and it is not archived (an archived project is read-only)."""
+    by.require_manager(what)
     project = Project.objects.select_for_update().get(pk=project.pk, organization=by.organization)
     if project.archived_at is not None:
         raise Conflict("An archived project cannot be changed.", param="project_id")
+    return project
+
+
+@transaction.atomic
+def project_rename(*, by: Actor, project: Project, name: str) -> Project:
+    name = _clean_name(name, what="A project", limit=100)
+    project = project_lock_for_change(by=by, project=project, what="rename projects")
     project.name = name
     project.save(update_fields=["name"])
     audit_log_record(

@@ -58,7 +58,8 @@ def test_usd_converts_to_micro_usd_exactly(usd: str | Decimal, micros: int) -> N
 
 
 @pytest.mark.parametrize(
-    ("micros", "shown"), [(0, "0.00"), (12_500_000, "12.50"), (1234, "0.001234"), (-5_000_000, "-5.00"), (10, "0.00001")]
+    ("micros", "shown"),
+    [(0, "0.00"), (12_500_000, "12.50"), (1234, "0.001234"), (-5_000_000, "-5.00"), (10, "0.00001")],
 )
 def test_amounts_for_people_show_cents_and_never_hide_a_tiny_spend(micros: int, shown: str) -> None:
     assert usd_display(micros) == shown
