@@ -25,7 +25,7 @@ from platform_site.selectors import default_project
 from platform_site.services import project_create
 from tests.conftest import bearer
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_rate_window")]
 MESSAGES = [{"role": "user", "content": "hi"}]
 JSON_COST = 7 * 1000  # the fake upstream's JSON answer: 7 completion tokens at 1,000 micro-USD each
 

@@ -15,7 +15,7 @@ from completions.services import provider_upsert_openai_compatible
 from platform_site.models import Organization
 from tests.conftest import bearer
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fresh_rate_window")]
 MESSAGES = [{"role": "user", "content": "hi"}]
 HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
            "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
