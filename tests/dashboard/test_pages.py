@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import pytest
@@ -218,6 +219,70 @@ def test_two_factor_set_up_offers_a_totp_code_under_the_policy(alice: User, acme
     page = response.content.decode()
     assert 'src="data:image/svg+xml' in page and "Authenticator code" in page
     assert "img-src 'self' data:" in response["Content-Security-Policy"]
+
+
+def _totp_code(secret: str) -> str:
+    from allauth.mfa.totp.internal.auth import format_hotp_value, hotp_value
+
+    return format_hotp_value(hotp_value(secret, int(time.time()) // 30))
+
+
+def test_with_totp_on_a_sign_in_needs_the_password_and_a_current_code(alice: User, acme: Organization) -> None:
+    password = "pw-" + "x" * 12
+    client = Client()
+    client.post("/accounts/login/", {"login": alice.email, "password": password})
+    client.post("/accounts/reauthenticate/", {"password": password})
+    page = client.get("/accounts/2fa/totp/activate/").content.decode()
+    secret = re.search(r"\b([A-Z2-7]{32})\b", page)  # 20 random bytes in base32
+    assert secret is not None, "the set-up page shows the TOTP secret"
+    activated = client.post("/accounts/2fa/totp/activate/", {"code": _totp_code(secret.group(1))})
+    assert activated.status_code == 302
+    from allauth.mfa.models import Authenticator
+
+    assert Authenticator.objects.filter(user=alice, type=Authenticator.Type.TOTP).exists()
+    client.post("/accounts/logout/")
+
+    fresh = Client()
+    step = fresh.post("/accounts/login/", {"login": alice.email, "password": password})
+    assert step.status_code == 302 and step["Location"] == "/accounts/2fa/authenticate/"
+    # The password alone does not sign in: the dashboard still sends the visitor to sign in.
+    assert fresh.get("/settings/api-keys").status_code == 302
+    wrong = fresh.post("/accounts/2fa/authenticate/", {"code": "000000"})
+    assert wrong.status_code == 200 and "Incorrect code" in wrong.content.decode()
+    signed_in = fresh.post("/accounts/2fa/authenticate/", {"code": _totp_code(secret.group(1))})
+    assert signed_in.status_code == 302
+    assert fresh.get("/settings/api-keys").status_code == 200
+
+
+def test_a_forgotten_password_is_reset_by_an_emailed_link_that_works_once(alice: User) -> None:
+    client = Client()
+    client.post("/accounts/password/reset/", {"email": alice.email})
+    link = re.search(r"http://\S+(/accounts/password/reset/key/\S+/)", mail.outbox[-1].body)
+    assert link is not None
+    form_page = client.get(link.group(1), follow=True)
+    action = form_page.redirect_chain[-1][0] if form_page.redirect_chain else link.group(1)
+    new_password = "a-new-pass-" + "y" * 8
+    done = client.post(action, {"password1": new_password, "password2": new_password})
+    assert done.status_code == 302
+    assert Client().post("/accounts/login/", {"login": alice.email, "password": new_password}).status_code == 302
+    # The link is spent: using it again changes nothing.
+    again = Client().get(link.group(1), follow=True).content.decode()
+    assert "Bad Token" in again or "invalid" in again.lower()
+
+
+def test_repeated_failed_sign_ins_are_throttled_even_with_the_right_password_after(
+    alice: User, settings: Any
+) -> None:
+    from django.core.cache import cache
+
+    cache.clear()
+    client = Client()
+    for _ in range(5):
+        client.post("/accounts/login/", {"login": alice.email, "password": "wrong-" + "z" * 10})
+    refused = client.post("/accounts/login/", {"login": alice.email, "password": "pw-" + "x" * 12})
+    assert refused.status_code in (200, 429)
+    assert "_auth_user_id" not in client.session
+    assert "Too many failed login attempts" in refused.content.decode()
 
 
 def test_a_projects_page_sets_its_budget_and_rate_limits_and_a_reader_only_sees_them(
