@@ -28,7 +28,9 @@ class ApiKey(models.Model):
     allowed_models = models.JSONField(default=list, blank=True)
     # Per-key rate limits; null uses the platform default (KEYWAY_DEFAULT_RPM / KEYWAY_DEFAULT_TPM).
     rpm_limit = models.PositiveIntegerField(null=True, blank=True, help_text="Requests per minute.")
-    tpm_limit = models.PositiveIntegerField(null=True, blank=True, help_text="Tokens (input + output) per minute.")
+    tpm_limit = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Tokens (input + output) per minute."
+    )
     # Spend cap per calendar month (UTC) in micro-USD; null means no cap of its own (the organization's holds).
     monthly_budget_micros = models.PositiveBigIntegerField(
         null=True, blank=True, help_text="Spend cap per calendar month (UTC), micro-USD."

@@ -25,7 +25,11 @@ from platform_site.services import audit_log_record, project_mark_archived
 
 MAX_NAME = 100
 MAX_ALLOWED_MODELS = 200
-MAX_LIMIT = 10**12
+# The largest limits anything accepts (keys here, projects in billing): every counter and column holds them.
+MAX_RPM = 10**9
+MAX_TPM = 10**12
+MAX_KEY_BUDGET_MICROS = 10**12  # a million USD a month
+_MAX_LIMIT = {"rpm": MAX_RPM, "tpm": MAX_TPM, "monthly_budget": MAX_KEY_BUDGET_MICROS}
 MAX_ROTATION_GRACE = timedelta(days=30)
 
 
@@ -46,8 +50,9 @@ def _clean_scopes(scopes: Iterable[str]) -> list[str]:
 def _clean_limit(value: int | None, param: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
-        raise InvalidKeySettings(f"{param} must be a whole number from 1 to {MAX_LIMIT}, or empty.", param=param)
+    maximum = _MAX_LIMIT[param]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise InvalidKeySettings(f"{param} must be a whole number from 1 to {maximum}, or empty.", param=param)
     return value
 
 

@@ -18,7 +18,7 @@ from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from apikeys.models import ApiKey
-from billing.limits import default_limit, effective_limit
+from billing.limits import effective_limit
 from billing.models import BillingAccount, CreditEntry, ProjectRateLimit, UsageEvent
 from billing.services import RATE_LIMIT_FIELDS, rate_limit_id
 from platform_site.models import Organization, Project
@@ -315,7 +315,7 @@ def project_rate_limit_list(
     for model in sorted(set(models) | set(rows)):
         row = rows.get(model)
         own = {name: getattr(row, name) if row is not None else None for name in RATE_LIMIT_FIELDS}
-        limit = effective_limit(**own) if row is not None else default_limit()
+        limit = effective_limit(**own)
         listed.append(
             ProjectModelLimit(
                 id=rate_limit_id(model),

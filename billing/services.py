@@ -12,6 +12,7 @@ from django.contrib.auth.models import User
 from django.db import connection, transaction
 from django.db.models import F
 
+from apikeys.services import MAX_RPM, MAX_TPM
 from billing.exceptions import BillingError
 from billing.limits import forget_project_limits
 from billing.models import MICROS_PER_USD, BillingAccount, CreditEntry, Plan, ProjectRateLimit, UsageEvent
@@ -102,9 +103,9 @@ def billing_plan_set(
 
 # The fields of a project rate limit that Keyway enforces, with the largest value each accepts.
 RATE_LIMIT_FIELDS = {
-    "max_requests_per_1_minute": 1_000_000_000,
-    "max_tokens_per_1_minute": 1_000_000_000_000,
-    "max_requests_per_1_day": 1_000_000_000,
+    "max_requests_per_1_minute": MAX_RPM,
+    "max_tokens_per_1_minute": MAX_TPM,
+    "max_requests_per_1_day": MAX_RPM,
 }
 # Larger than any organization should ever be refused for, small enough for every counter's arithmetic.
 MAX_BUDGET_MICROS = 10**9 * MICROS_PER_USD

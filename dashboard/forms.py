@@ -10,6 +10,9 @@ from django import forms
 from django.utils import timezone
 
 from apikeys.scopes import ALL_SCOPES, READ_ONLY_SCOPES, SCOPE_LABELS
+from apikeys.services import MAX_RPM, MAX_TPM
+from billing.money import usd_to_micros
+from billing.services import RATE_LIMIT_FIELDS
 from platform_site.models import Role
 
 PERMISSION_CHOICES = [
@@ -45,14 +48,14 @@ class ProjectBudgetForm(forms.Form):
     )
 
     def budget_micros(self) -> int:
-        return int(self.cleaned_data["monthly_budget"] * 1_000_000)
+        return usd_to_micros(self.cleaned_data["monthly_budget"])
 
 
 # A project's limits on one model, as the form names them (the field suffix) and as the services do.
 RATE_LIMIT_INPUTS = [
-    ("rpm", "max_requests_per_1_minute", "Requests per minute", 10**9),
-    ("tpm", "max_tokens_per_1_minute", "Tokens per minute", 10**12),
-    ("rpd", "max_requests_per_1_day", "Requests per day", 10**9),
+    ("rpm", "max_requests_per_1_minute", "Requests per minute"),
+    ("tpm", "max_tokens_per_1_minute", "Tokens per minute"),
+    ("rpd", "max_requests_per_1_day", "Requests per day"),
 ]
 
 
@@ -66,14 +69,14 @@ class RateLimitsForm(forms.Form):
         self.rows: list[tuple[Any, list[forms.BoundField]]] = []
         for index, limit in enumerate(limits):
             bound = []
-            for suffix, name, label, maximum in RATE_LIMIT_INPUTS:
+            for suffix, name, label in RATE_LIMIT_INPUTS:
                 key = f"{index}-{suffix}"
                 default = getattr(limit, name) if limit.own[name] is None else None
                 self.fields[key] = forms.IntegerField(
                     label=f"{label} for {limit.model}",
                     required=False,
                     min_value=1,
-                    max_value=maximum,
+                    max_value=RATE_LIMIT_FIELDS[name],
                     initial=limit.own[name],
                     widget=forms.NumberInput(
                         attrs={"placeholder": f"{default:,}" if default else "None", "inputmode": "numeric"}
@@ -86,7 +89,7 @@ class RateLimitsForm(forms.Form):
         """Per model, the fields whose value differs from what the project has now."""
         changed: dict[str, dict[str, int | None]] = {}
         for index, limit in enumerate(self.limits):
-            for suffix, name, _, _ in RATE_LIMIT_INPUTS:
+            for suffix, name, _ in RATE_LIMIT_INPUTS:
                 value = self.cleaned_data.get(f"{index}-{suffix}")
                 if value != limit.own[name]:
                     changed.setdefault(limit.model, {})[name] = value
@@ -111,8 +114,8 @@ class ApiKeyCreateForm(forms.Form):
         widget=forms.CheckboxSelectMultiple,
         help_text="None chosen: every model of the catalog.",
     )
-    rpm = forms.IntegerField(label="Requests per minute (RPM)", required=False, min_value=1, max_value=10**9)
-    tpm = forms.IntegerField(label="Tokens per minute (TPM)", required=False, min_value=1, max_value=10**12)
+    rpm = forms.IntegerField(label="Requests per minute (RPM)", required=False, min_value=1, max_value=MAX_RPM)
+    tpm = forms.IntegerField(label="Tokens per minute (TPM)", required=False, min_value=1, max_value=MAX_TPM)
     monthly_budget = forms.DecimalField(
         label="Monthly budget (USD)", required=False, min_value=Decimal("0.000001"), max_digits=14, decimal_places=6
     )
@@ -153,7 +156,7 @@ class ApiKeyCreateForm(forms.Form):
 
     def budget_micros(self) -> int | None:
         budget = self.cleaned_data.get("monthly_budget")
-        return None if budget is None else int(budget * 1_000_000)
+        return None if budget is None else usd_to_micros(budget)
 
 
 class AdminKeyCreateForm(forms.Form):

@@ -94,6 +94,13 @@ def field(body: Any, name: str, kind: type | tuple[type, ...], *, required: bool
     return value
 
 
+def _limit(request: Request, default: int) -> int:
+    raw = request.query_params.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise TenancyError(f"limit must be a whole number from 1 to {MAX_LIMIT}.", param="limit", code="invalid_value")
+    return int(raw)
+
+
 def page(
     request: Request,
     items: QuerySet[M],
@@ -106,10 +113,7 @@ def page(
     `first_id`, `last_id` and `has_more`. The cursor is looked up in the same scoped list, so an id of another
     tenant's object is as unknown as a made-up one."""
     params = request.query_params
-    raw_limit = params.get("limit", "20")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise TenancyError(f"limit must be a whole number from 1 to {MAX_LIMIT}.", param="limit", code="invalid_value")
-    limit = int(raw_limit)
+    limit = _limit(request, 20)
     order = params.get("order", default_order)
     if order not in ("asc", "desc"):
         raise TenancyError("order must be 'asc' or 'desc'.", param="order", code="invalid_value")
@@ -140,10 +144,7 @@ def page_of(request: Request, items: list[dict[str, Any]], *, default_limit: int
     """OpenAI's list object over a short list held in memory (ordered as given): `limit`, and `after` or
     `before` an id of the list."""
     params = request.query_params
-    raw_limit = params.get("limit", str(default_limit))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise TenancyError(f"limit must be a whole number from 1 to {MAX_LIMIT}.", param="limit", code="invalid_value")
-    limit = int(raw_limit)
+    limit = _limit(request, default_limit)
     ids = [item["id"] for item in items]
     start, end = 0, len(items)
     for param in ("after", "before"):

@@ -5,7 +5,6 @@ dashboard; every read is scoped to the caller's organization."""
 from __future__ import annotations
 
 from datetime import timedelta
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.db.models import Q
@@ -16,7 +15,8 @@ from rest_framework.response import Response
 
 from apikeys.models import ApiKey
 from apikeys.scopes import ADMIN, ALL_SCOPES
-from apikeys.services import apikey_create, apikey_revoke, apikey_rotate, project_archive
+from apikeys.services import MAX_KEY_BUDGET_MICROS, apikey_create, apikey_revoke, apikey_rotate, project_archive
+from billing.money import usd_to_micros
 from billing.selectors import project_month_spend, project_rate_limit_list
 from billing.services import MAX_BUDGET_MICROS, RATE_LIMIT_FIELDS, project_budget_set, project_rate_limit_set
 from completions.selectors import model_ids_enabled
@@ -189,12 +189,8 @@ class ProjectRateLimitApi(_ProjectRateLimits):
                     param=name,
                     code="unsupported_parameter",
                 )
-            if name not in RATE_LIMIT_FIELDS:
-                raise TenancyError(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
-            if body[name] is not None and (isinstance(body[name], bool) or not isinstance(body[name], int)):
-                raise TenancyError(f"Invalid type for '{name}': expected an integer or null.", param=name,
-                                   code="invalid_type")
         if body:
+            # The service checks every field's name, type and range, naming the field.
             project_rate_limit_set(by=self.actor, project=project, model=current["model"], changes=dict(body))
             current = next(item for item in self.limits(project) if item["id"] == rate_limit_id)
         return Response(current)
@@ -249,17 +245,21 @@ class ProjectSpendLimitApi(ManagementApi):
 
 
 def _budget_micros(value: Any) -> int | None:
+    """A key's `monthly_budget_usd` (a number or a numeric string) in micro-USD, exactly."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise TenancyError("monthly_budget_usd must be a number.", param="monthly_budget_usd", code="invalid_type")
     try:
-        amount = Decimal(str(value))
-    except InvalidOperation:
-        raise TenancyError("monthly_budget_usd must be a number.", param="monthly_budget_usd") from None
-    if not amount.is_finite() or amount <= 0:
-        raise TenancyError("monthly_budget_usd must be above zero.", param="monthly_budget_usd")
-    return int(amount * 1_000_000)
+        micros = usd_to_micros(str(value))
+    except ValueError as error:
+        raise TenancyError(str(error), param="monthly_budget_usd") from None
+    if not 0 < micros <= MAX_KEY_BUDGET_MICROS:
+        raise TenancyError(
+            f"monthly_budget_usd must be above zero and at most {MAX_KEY_BUDGET_MICROS // 1_000_000} USD.",
+            param="monthly_budget_usd",
+        )
+    return micros
 
 
 class ProjectApiKeyListApi(_Keys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, time, timedelta
-from decimal import Decimal
 
 from django.contrib import messages
 from django.core.paginator import Paginator
@@ -127,10 +126,7 @@ def project_detail(request: HttpRequest, public_id: str) -> HttpResponse:
     except ApiError as error:
         raise Http404(error.message) from None
     limits = project_rate_limit_list(organization=actor.organization, project=project, models=model_ids_enabled())
-    budget_form = ProjectBudgetForm(
-        initial={"monthly_budget": None if project.monthly_budget_micros is None
-                 else Decimal(project.monthly_budget_micros) / 1_000_000}
-    )
+    budget_form = ProjectBudgetForm(initial={"monthly_budget": project.monthly_budget_usd})
     limits_form = RateLimitsForm(limits=limits)
     here = reverse("dashboard:project-detail", args=[project.public_id])
     if request.method == "POST":

@@ -112,6 +112,20 @@ async def test_projects_and_their_keys_through_the_management_api(
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "project"
 
 
+async def test_limits_up_to_the_documented_maxima_are_stored(
+    http: httpx.AsyncClient, admin_key: str, org: Organization
+) -> None:
+    mine = await sync_to_async(default_project)(organization=org)
+    response = await http.post(
+        f"/v1/organization/projects/{mine.public_id}/api_keys",
+        json={"name": "big", "rpm": 10**9, "tpm": 10**12, "monthly_budget_usd": "1000000"},
+        headers=bearer(admin_key),
+    )
+    assert response.status_code == 200, response.text
+    assert (response.json()["rpm"], response.json()["tpm"]) == (10**9, 10**12)
+    assert response.json()["monthly_budget_usd"] == "1000000.000000"
+
+
 async def test_users_and_invites(
     admin: openai.AsyncOpenAI, http: httpx.AsyncClient, admin_key: str, org: Organization, validate_schema: Validate
 ) -> None:
@@ -166,6 +180,15 @@ async def test_bad_input_and_other_tenants_get_openai_errors(
          "rpm"),
         (admin_key, "POST", f"/v1/organization/projects/{mine.public_id}/api_keys", {"name": "k", "rpm": "60"}, 400,
          "rpm"),
+        # Above what the column holds (a PositiveIntegerField on PostgreSQL): refused, never a database error.
+        (admin_key, "POST", f"/v1/organization/projects/{mine.public_id}/api_keys", {"name": "k", "rpm": 10**11}, 400,
+         "rpm"),
+        (admin_key, "POST", f"/v1/organization/projects/{mine.public_id}/api_keys",
+         {"name": "k", "monthly_budget_usd": "0.0000001"}, 400, "monthly_budget_usd"),
+        (admin_key, "POST", f"/v1/organization/projects/{mine.public_id}/api_keys",
+         {"name": "k", "monthly_budget_usd": 10**9}, 400, "monthly_budget_usd"),
+        (admin_key, "POST", f"/v1/organization/projects/{mine.public_id}/api_keys",
+         {"name": "k", "monthly_budget_usd": "NaN"}, 400, "monthly_budget_usd"),
         (admin_key, "POST", f"/v1/organization/projects/{mine.public_id}/api_keys", {"name": "k", "scopes": ["admin"]},
          400, "scopes"),
         (admin_key, "POST", f"/v1/organization/projects/{mine.public_id}/api_keys",
