@@ -17,6 +17,7 @@ from apikeys.auth import invalidate_cached_key
 from apikeys.exceptions import InvalidKeySettings
 from apikeys.models import ApiKey
 from apikeys.scopes import ADMIN, ALL_SCOPES, KNOWN_SCOPES
+from apikeys.sessions import announce_key_ended
 from platform_site.access import Actor
 from platform_site.exceptions import NotPermitted
 from platform_site.models import Organization, Project
@@ -213,7 +214,12 @@ def apikey_revoke(
         by=by,
     )
     public_id = key.public_id
-    transaction.on_commit(lambda: invalidate_cached_key(public_id))
+
+    def forget() -> None:
+        invalidate_cached_key(public_id)
+        announce_key_ended([public_id])
+
+    transaction.on_commit(forget)
     return key
 
 
@@ -225,6 +231,7 @@ def project_archive(*, by: Actor, project: Project) -> Project:
     def forget() -> None:
         for public_id in public_ids:
             invalidate_cached_key(public_id)
+        announce_key_ended(public_ids)
 
     transaction.on_commit(forget)
     return project

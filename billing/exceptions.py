@@ -61,3 +61,18 @@ class QuotaExceeded(ApiError):
 
     def __init__(self, code: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(self.MESSAGES[code], code=code, headers=headers)
+
+
+class TooManySessions(ApiError):
+    """429: the key already holds as many open realtime sessions as it may (KEYWAY_REALTIME_SESSIONS_PER_KEY),
+    counted across every worker."""
+
+    status = 429
+    error_type = "requests"
+    code = "concurrent_sessions_exceeded"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"This API key already has {limit} open realtime sessions, the most it may hold at once. Close one "
+            "and try again."
+        )

@@ -67,6 +67,10 @@ class Meter:
     rate_state: RateState | None = None
     first_token_clock: float | None = None
     settled: bool = False
+    # What the call was charged for, once settled (a surface that reports usage reports exactly this).
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
 
     @property
     def rate_headers(self) -> dict[str, str]:
@@ -93,6 +97,7 @@ class Meter:
         if self.settled:
             return 0
         self.settled = True
+        self.prompt_tokens, self.cached_tokens, self.completion_tokens = prompt_tokens, cached_tokens, completion_tokens
         cost = 0
         if self.terms is not None:
             cost = cost_micros(

@@ -7,6 +7,7 @@ reserves credit, so a request pays one Redis round trip for limits and quota tog
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,20 @@ def duration(seconds: float) -> str:
     minutes, rest = divmod(millis, 60_000)
     text = f"{rest // 1000}.{rest % 1000:03d}".rstrip("0").rstrip(".") + "s"
     return f"{minutes}m{text}" if minutes else text
+
+
+_DURATION = re.compile(r"^(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration as `duration` writes it (for surfaces that report limits in seconds)."""
+    if text.endswith("ms"):
+        return int(text[:-2]) / 1000
+    match = _DURATION.match(text)
+    if match is None or not text:
+        raise ValueError(f"Not a duration: {text!r}")
+    minutes, seconds = match.groups()
+    return int(minutes or 0) * 60 + float(seconds or 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""ASGI entry point: the API under /v1 and /api/v1 on a lean handler, everything else on Django's full stack.
+"""ASGI entry point: the API under /v1 and /api/v1 on a lean handler, everything else on Django's full stack;
+WebSockets go to the realtime surface (completions.realtime.routing).
 
 The lean handler runs no middleware: sessions, auth, messages and CSRF cost more than the whole proxy hop
 (measured: ~1.8 ms, 1,029 → 379 req/s) and mean nothing to a bearer-token API. API views do their own
@@ -12,7 +13,9 @@ import os
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "platform_site.settings")
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.core.asgi import get_asgi_application  # noqa: E402
+from django.utils.module_loading import import_string  # noqa: E402
 
 # Django must be set up before anything imports models, so the dashboard app is built first.
 dashboard_app = get_asgi_application()
@@ -35,7 +38,8 @@ async def http_app(scope, receive, send):  # type: ignore[no-untyped-def]
         await dashboard_app(scope, receive, send)
 
 
-_router = ProtocolTypeRouter({"http": http_app})
+# Named in settings, as the URL conf is: wiring may name the apps above it, never import them.
+_router = ProtocolTypeRouter({"http": http_app, "websocket": import_string(settings.WEBSOCKET_APPLICATION)})
 
 
 async def _lifespan(receive, send):  # type: ignore[no-untyped-def]

@@ -64,6 +64,8 @@ MIDDLEWARE = [
 
 ROOT_URLCONF = "platform_site.urls"
 ASGI_APPLICATION = "platform_site.asgi.application"
+# Where WebSockets go (platform_site.asgi): the realtime surface's router.
+WEBSOCKET_APPLICATION = "completions.realtime.routing.websocket_application"
 
 TEMPLATES = [
     {
@@ -279,6 +281,20 @@ KEYWAY_CATALOG_LOCAL_TTL = env_float("KEYWAY_CATALOG_LOCAL_TTL", 1.0, minimum=0.
 KEYWAY_UPSTREAM_TIMEOUT = env_float("KEYWAY_UPSTREAM_TIMEOUT", 180.0, minimum=0.1)
 KEYWAY_UPSTREAM_CONNECT_TIMEOUT = env_float("KEYWAY_UPSTREAM_CONNECT_TIMEOUT", 10.0, minimum=0.1)
 KEYWAY_UPSTREAM_POOL_SIZE = env_int("KEYWAY_UPSTREAM_POOL_SIZE", 256, minimum=1)
+
+# The realtime WebSocket (/v1/realtime). Every socket is bounded: open sessions per key (counted across
+# workers where there is Redis), the size of one client message, the conversation it may hold, how long it
+# may sit idle and how long it may last (OpenAI ends its sessions after 60 minutes).
+KEYWAY_REALTIME_SESSIONS_PER_KEY = env_int("KEYWAY_REALTIME_SESSIONS_PER_KEY", 32, minimum=1)
+KEYWAY_REALTIME_MAX_MESSAGE_BYTES = env_int("KEYWAY_REALTIME_MAX_MESSAGE_BYTES", 1024 * 1024, minimum=1024)
+KEYWAY_REALTIME_MAX_ITEMS = env_int("KEYWAY_REALTIME_MAX_ITEMS", 1000, minimum=1)
+KEYWAY_REALTIME_MAX_CONVERSATION_BYTES = env_int(
+    "KEYWAY_REALTIME_MAX_CONVERSATION_BYTES", 4 * 1024 * 1024, minimum=1024
+)
+KEYWAY_REALTIME_IDLE_TIMEOUT = env_float("KEYWAY_REALTIME_IDLE_TIMEOUT", 300.0, minimum=1.0)
+KEYWAY_REALTIME_MAX_LIFETIME = env_float("KEYWAY_REALTIME_MAX_LIFETIME", 3600.0, minimum=1.0)
+# How often an open socket checks that its key is still valid (revocation is also pushed to it at once).
+KEYWAY_REALTIME_KEY_RECHECK = env_float("KEYWAY_REALTIME_KEY_RECHECK", 5.0, minimum=0.1)
 
 # Multimodal content parts: size limits (bytes) and how image URLs are fetched server-side.
 KEYWAY_MAX_IMAGE_BYTES = env_int("KEYWAY_MAX_IMAGE_BYTES", 20 * 1024 * 1024, minimum=1024)

@@ -1,4 +1,5 @@
-"""GET /status: version, uptime, loaded models, open streams and sockets. For a valid API key or staff."""
+"""GET /status: version, uptime, loaded models, open streams (this worker) and realtime sockets (every worker,
+where there is Redis). For a valid API key or staff."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from apikeys.auth import authenticate_header
 from apikeys.exceptions import ApiKeyError
+from billing.sessions import open_session_count
 from platform_site.kernel import process
 from platform_site.kernel.errors import ApiError, error_response
 from platform_site.middleware import new_request_id
@@ -45,6 +47,6 @@ async def status(request: HttpRequest) -> HttpResponse:
             "uptime_seconds": process.uptime_seconds(),
             "loaded_models": process.loaded_models(),
             "open_streams": counters.get("open_streams", 0),
-            "open_websockets": counters.get("open_websockets", 0),
+            "open_websockets": await open_session_count(),
         }
     )

@@ -55,6 +55,8 @@ class Caller:
     key: AuthenticatedKey
     request_id: str
     session_id: str = ""
+    # The surface the call is made for, as the ledger records it (a realtime response is a chat call).
+    endpoint: int = Endpoint.CHAT
 
 
 @dataclass(slots=True)
@@ -80,7 +82,8 @@ def model_not_found(model: str) -> ApiError:
     )
 
 
-async def _resolve(key: AuthenticatedKey, public_id: str, *, capability: str, purpose: str) -> CatalogEntry:
+async def resolve_model(key: AuthenticatedKey, public_id: str, *, capability: str, purpose: str) -> CatalogEntry:
+    """The catalog entry of a model the key may use for `purpose`, or the error that says why not."""
     entry = (await catalog()).entries.get(public_id)
     if entry is None:
         raise model_not_found(public_id)
@@ -98,7 +101,7 @@ async def _chat_models(request: ChatRequest, key: AuthenticatedKey) -> list[Cata
     names = (key.pinned_model,) if key.pinned_model else request.models
     entries = []
     for name in names:
-        entry = await _resolve(key, name, capability="chat", purpose="chat completions")
+        entry = await resolve_model(key, name, capability="chat", purpose="chat completions")
         if request.max_tokens is not None and request.max_tokens > entry.context_length:
             raise ApiError(
                 f"'{request.max_tokens_param}' is too large: {request.max_tokens}. This model's context length "
@@ -157,7 +160,7 @@ async def _admit_chat(request: ChatRequest, caller: Caller, entries: list[Catalo
         call_id=call_id,
         request_id=caller.request_id,
         session_id=caller.session_id,
-        endpoint=Endpoint.CHAT,
+        endpoint=caller.endpoint,
         models=[entry.public_id for entry in entries],
         prompt_tokens=prompt_tokens,
         max_output_tokens=max(
@@ -345,6 +348,20 @@ class ChatStream:
             messages=self._request.messages, usage=self.usage, produced=self._produced.text(),
         )
 
+    @property
+    def billed_usage(self) -> dict[str, int] | None:
+        """The tokens the call was charged for, in chat's usage shape, once it is settled (the upstream's
+        report where there was one, else the count): what a surface that reports usage at the end reports."""
+        meter = self._meter
+        if not self._settled:
+            return None
+        return {
+            "prompt_tokens": meter.prompt_tokens,
+            "completion_tokens": meter.completion_tokens,
+            "total_tokens": meter.prompt_tokens + meter.completion_tokens,
+            "cached_tokens": meter.cached_tokens,
+        }
+
     def close(self) -> None:
         """Settle what is left and stop the upstream. Synchronous (it runs while a task is being cancelled,
         and from Django's response closers) and safe to call more than once, from any thread."""
@@ -379,7 +396,7 @@ async def _close_quietly(upstream: Any) -> None:
 
 async def embed(request: EmbeddingsRequest, *, caller: Caller) -> CallResult:
     """One embeddings call."""
-    entry = await _resolve(caller.key, request.model, capability="embeddings", purpose="embeddings")
+    entry = await resolve_model(caller.key, request.model, capability="embeddings", purpose="embeddings")
     if request.wants_dimensions and "dimensions" not in entry.capabilities:
         raise ApiError(
             f"The model `{entry.public_id}` does not support the 'dimensions' parameter.",

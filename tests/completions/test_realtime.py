@@ -1,0 +1,382 @@
+"""The realtime WebSocket, event by event, through Channels' WebsocketCommunicator against the real ASGI
+application (platform_site.asgi) and a real HTTP upstream on loopback (bench/fake_upstream.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.test import override_settings
+
+from apikeys.models import ApiKey
+from apikeys.services import apikey_create, apikey_revoke
+from billing import metering
+from billing.models import UsageEvent
+from completions.services import provider_upsert_openai_compatible
+from platform_site.models import Organization
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+async def fake(upstream: tuple[int, Any]) -> Any:
+    port, app = upstream
+    await sync_to_async(provider_upsert_openai_compatible)(
+        name="fake", base_url=f"http://127.0.0.1:{port}/v1",
+        models=["ok", "drip", "tools-split", "http400", "stream-break"],
+    )
+    return app
+
+
+class Client:
+    """A communicator that speaks JSON and waits for events by type."""
+
+    def __init__(self, communicator: WebsocketCommunicator) -> None:
+        self.ws = communicator
+        self.seen: list[dict[str, Any]] = []
+
+    async def send(self, event: dict[str, Any]) -> None:
+        await self.ws.send_to(text_data=orjson.dumps(event).decode())
+
+    async def next(self, timeout: float = 10) -> dict[str, Any]:
+        message = await self.ws.receive_output(timeout)
+        if message["type"] == "websocket.close":
+            raise ConnectionError(f"closed with {message.get('code')}")
+        event: dict[str, Any] = orjson.loads(message["text"])
+        self.seen.append(event)
+        return event
+
+    async def until(self, kind: str, timeout: float = 10) -> dict[str, Any]:
+        while True:
+            event = await self.next(timeout)
+            if event["type"] == kind:
+                return event
+
+    async def collect_until(self, kind: str) -> list[dict[str, Any]]:
+        events = []
+        while True:
+            event = await self.next()
+            events.append(event)
+            if event["type"] == kind:
+                return events
+
+    async def closed(self) -> int:
+        while True:
+            message = await self.ws.receive_output(10)
+            if message["type"] == "websocket.close":
+                return int(message.get("code", 1000))
+
+
+def communicator(path: str, *, key: str | None = None, subprotocols: list[str] | None = None,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> WebsocketCommunicator:
+    from platform_site.asgi import application
+
+    all_headers = list(headers or [])
+    if key is not None:
+        all_headers.append((b"authorization", f"Bearer {key}".encode()))
+    return WebsocketCommunicator(application, path, headers=all_headers, subprotocols=subprotocols)
+
+
+@pytest.fixture
+async def connect(api_key: tuple[ApiKey, str]) -> AsyncIterator[Any]:
+    opened: list[WebsocketCommunicator] = []
+
+    async def open_session(model: str = "ok", *, key: str | None = None, **options: Any) -> Client:
+        ws = communicator(f"/v1/realtime?model={model}", key=key or api_key[1], **options)
+        connected, _ = await ws.connect()
+        assert connected
+        opened.append(ws)
+        return Client(ws)
+
+    yield open_session
+    for ws in opened:
+        await ws.disconnect()
+
+
+async def _ledger() -> list[UsageEvent]:
+    await metering.flush()
+    return await sync_to_async(lambda: list(UsageEvent.objects.order_by("id")))()
+
+
+async def test_a_text_turn_streams_ga_events_in_order_and_is_metered_with_the_session_id(
+    fake: Any, connect: Any
+) -> None:
+    client = await connect()
+    created = await client.next()
+    assert created["type"] == "session.created"
+    session = created["session"]
+    assert session["type"] == "realtime" and session["model"] == "ok" and session["output_modalities"] == ["text"]
+    assert session["id"].startswith("sess_")
+
+    await client.send({"type": "conversation.item.create", "event_id": "c1", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Say hi"}]}})
+    added = await client.next()
+    assert added["type"] == "conversation.item.added" and added["item"]["role"] == "user"
+    assert (await client.next())["type"] == "conversation.item.done"
+
+    await client.send({"type": "response.create"})
+    events = await client.collect_until("response.done")
+    kinds = [event["type"] for event in events]
+    assert kinds[:6] == ["response.created", "rate_limits.updated", "response.output_item.added",
+                         "conversation.item.added", "response.content_part.added", "response.output_text.delta"]
+    assert kinds[-5:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "conversation.item.done", "response.done"]
+    text = "".join(event["delta"] for event in events if event["type"] == "response.output_text.delta")
+    done = events[-1]["response"]
+    assert done["status"] == "completed" and done["object"] == "realtime.response"
+    assert done["output"][0]["content"] == [{"type": "output_text", "text": text}]
+    assert done["usage"]["input_tokens"] > 0 and done["usage"]["output_tokens"] > 0
+    assert len({event["event_id"] for event in client.seen}) == len(client.seen)
+
+    ledger = await _ledger()
+    assert len(ledger) == 1
+    assert ledger[0].endpoint == UsageEvent.Endpoint.REALTIME and ledger[0].session_id == session["id"]
+    assert ledger[0].prompt_tokens == done["usage"]["input_tokens"]
+    assert ledger[0].completion_tokens == done["usage"]["output_tokens"]
+
+
+async def test_a_bad_event_gets_an_error_that_echoes_its_event_id_and_the_socket_stays_open(
+    fake: Any, connect: Any
+) -> None:
+    client = await connect()
+    await client.until("session.created")
+    bad = [
+        ({"type": "nope", "event_id": "e1"}, "type", "invalid_value"),
+        ({"event_id": "e2"}, "type", "missing_required_parameter"),
+        ({"type": "session.update", "event_id": "e3", "session": {"instructions": 5}}, "session.instructions",
+         "invalid_type"),
+        ({"type": "session.update", "event_id": "e4", "session": {"tools": [{"type": "function", "name": "a b"}]}},
+         "session.tools[0].name", "invalid_value"),
+        ({"type": "session.update", "event_id": "e5", "session": {"bogus": 1}}, "session.bogus",
+         "unknown_parameter"),
+        ({"type": "session.update", "event_id": "e6", "session": {"output_modalities": ["audio"]}},
+         "session.output_modalities", "audio_not_supported"),
+        ({"type": "conversation.item.create", "event_id": "e7", "item": {"type": "message", "role": "user",
+                                                                         "content": []}}, "item.content",
+         "invalid_value"),
+        ({"type": "conversation.item.retrieve", "event_id": "e8", "item_id": "missing"}, "item_id",
+         "item_not_found"),
+        ({"type": "response.cancel", "event_id": "e9"}, None, "response_cancel_not_active"),
+        ({"type": "input_audio_buffer.append", "event_id": "e10", "audio": "AAAA"}, "type", "audio_not_supported"),
+        ({"type": "response.create", "event_id": "e11", "response": {"max_output_tokens": 0}},
+         "response.max_output_tokens", "invalid_value"),
+        ({"type": "session.update", "event_id": "x" * 513}, "event_id", "string_above_max_length"),
+    ]
+    for event, param, code in bad:
+        await client.send(event)
+        error = await client.next()
+        assert error["type"] == "error", event
+        assert error["error"]["param"] == param and error["error"]["code"] == code, (event, error)
+        if len(event.get("event_id", "")) <= 512:
+            assert error["error"]["event_id"] == event.get("event_id")
+    await client.ws.send_to(text_data="{not json")
+    assert (await client.next())["error"]["code"] == "invalid_json"
+    await client.ws.send_to(bytes_data=b"\x00\x01")
+    assert (await client.next())["error"]["code"] == "invalid_event"
+    # Still usable after all that.
+    await client.send({"type": "session.update", "session": {"instructions": "Be brief."}})
+    assert (await client.next())["session"]["instructions"] == "Be brief."
+    # A session.update with one bad field changes nothing.
+    await client.send({"type": "session.update", "session": {"instructions": "Other", "tool_choice": "maybe"}})
+    assert (await client.next())["type"] == "error"
+    await client.send({"type": "session.update", "session": {}})
+    assert (await client.next())["session"]["instructions"] == "Be brief."
+
+
+async def test_wrong_key_missing_scope_and_forbidden_model_are_refused_with_an_error_then_closed(
+    fake: Any, org: Organization, api_key: tuple[ApiKey, str]
+) -> None:
+    chat_only, chat_only_raw = await sync_to_async(apikey_create)(
+        organization=org, name="chat only", actor_label="test", scopes=["chat"])
+    ok_only, ok_only_raw = await sync_to_async(apikey_create)(
+        organization=org, name="ok only", actor_label="test", allowed_models=["ok"])
+    cases = [
+        ("/v1/realtime?model=ok", "sk-kw-aaaaaaaaaaaa-" + "b" * 44, "invalid_api_key"),
+        ("/v1/realtime?model=ok", None, "invalid_api_key"),
+        ("/v1/realtime?model=ok", chat_only_raw, "missing_scope"),
+        ("/v1/realtime?model=drip", ok_only_raw, "model_not_allowed"),
+        ("/v1/realtime?model=nope", api_key[1], "model_not_found"),
+        ("/v1/realtime", api_key[1], "missing_required_parameter"),
+    ]
+    for path, key, code in cases:
+        ws = communicator(path, key=key)
+        connected, _ = await ws.connect()
+        assert connected
+        client = Client(ws)
+        error = await client.next()
+        assert error["type"] == "error" and error["error"]["code"] == code, (path, error)
+        assert await client.closed() == 1008
+        await ws.disconnect()
+
+
+async def test_a_websocket_to_any_other_path_is_refused_at_the_handshake(db: None) -> None:
+    for path in ("/", "/v1/chat/completions", "/v1/realtimeX", "/ws"):
+        ws = communicator(path)
+        connected, code = await ws.connect()
+        assert not connected, path
+        await ws.disconnect()
+
+
+async def test_the_browser_subprotocols_authenticate_and_only_realtime_is_selected(
+    fake: Any, api_key: tuple[ApiKey, str]
+) -> None:
+    ws = communicator("/v1/realtime?model=ok",
+                      subprotocols=["realtime", f"openai-insecure-api-key.{api_key[1]}"])
+    connected, subprotocol = await ws.connect()
+    assert connected and subprotocol == "realtime"
+    client = Client(ws)
+    assert (await client.next())["type"] == "session.created"
+    await ws.disconnect()
+
+
+async def test_the_beta_dialect_is_chosen_by_header_or_subprotocol(fake: Any, api_key: tuple[ApiKey, str]) -> None:
+    for options in ({"headers": [(b"openai-beta", b"realtime=v1")]},
+                    {"subprotocols": ["realtime", "openai-beta.realtime-v1"]}):
+        ws = communicator("/v1/realtime?model=ok", key=api_key[1], **options)
+        connected, _ = await ws.connect()
+        assert connected
+        client = Client(ws)
+        session = (await client.next())["session"]
+        assert session["modalities"] == ["text"] and session["max_response_output_tokens"] == "inf"
+        assert "output_modalities" not in session
+        await client.send({"type": "session.update", "session": {"modalities": ["text", "audio"],
+                                                                 "temperature": 0.7}})
+        updated = (await client.next())["session"]
+        assert updated["modalities"] == ["text"] and updated["temperature"] == 0.7
+        await client.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
+        assert (await client.next())["type"] == "conversation.item.created"
+        await client.send({"type": "response.create"})
+        events = await client.collect_until("response.done")
+        kinds = {event["type"] for event in events}
+        assert "response.text.delta" in kinds and "response.output_text.delta" not in kinds
+        assert events[-1]["response"]["output"][0]["content"][0]["type"] == "text"
+        await ws.disconnect()
+
+
+async def test_response_cancel_stops_generation_and_the_response_ends_cancelled(fake: Any, connect: Any) -> None:
+    client = await connect("drip")
+    await client.until("session.created")
+    await client.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "count"}]}})
+    await client.until("conversation.item.done")
+    await client.send({"type": "response.create", "event_id": "r1"})
+    created = await client.until("response.created")
+    await client.until("response.output_text.delta")
+    await client.send({"type": "response.cancel", "response_id": created["response"]["id"]})
+    events = await client.collect_until("response.done")
+    done = events[-1]["response"]
+    assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
+    assert done["output"][0]["status"] == "incomplete"
+    produced = sum(1 for event in client.seen if event["type"] == "response.output_text.delta")
+    assert produced < 20  # the drip sends 20 chunks, 0.1 s apart
+    ledger = await _ledger()
+    assert [event.status for event in ledger] == [UsageEvent.Status.CLIENT_DISCONNECTED]
+    # The session goes on: the next turn works.
+    await client.send({"type": "response.create"})
+    assert (await client.until("response.created"))["type"] == "response.created"
+
+
+async def test_function_calls_become_items_and_their_outputs_feed_the_next_response(
+    fake: Any, connect: Any
+) -> None:
+    client = await connect("tools-split")
+    await client.until("session.created")
+    await client.send({"type": "session.update", "session": {"tools": [
+        {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+        {"type": "function", "name": "get_time"}]}})
+    await client.until("session.updated")
+    await client.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]}})
+    await client.until("conversation.item.done")
+    await client.send({"type": "response.create"})
+    events = await client.collect_until("response.done")
+    done = events[-1]["response"]
+    calls = [item for item in done["output"] if item["type"] == "function_call"]
+    assert [call["name"] for call in calls] == ["get_weather", "get_time"]
+    assert orjson.loads(calls[0]["arguments"]) == {"city": "Paris"}
+    argument_events = [event for event in events if event["type"] == "response.function_call_arguments.done"]
+    assert [event["call_id"] for event in argument_events] == [call["call_id"] for call in calls]
+
+    await client.send({"type": "conversation.item.create", "item": {
+        "type": "function_call_output", "call_id": calls[0]["call_id"], "output": '{"temp": 21}'}})
+    await client.until("conversation.item.done")
+    seen_before = len(fake[__import__("bench.fake_upstream").fake_upstream.SEEN])
+    await client.send({"type": "response.create"})
+    await client.until("response.done")
+    sent = fake[__import__("bench.fake_upstream").fake_upstream.SEEN][seen_before:]
+    messages = sent[-1]["messages"]
+    assert messages[1]["role"] == "assistant" and len(messages[1]["tool_calls"]) == 2
+    assert messages[2] == {"role": "tool", "tool_call_id": calls[0]["call_id"], "content": '{"temp": 21}'}
+
+
+async def test_a_rate_limited_response_gets_an_error_and_rate_limits_updated(
+    fake: Any, org: Organization, fresh_rate_window: None
+) -> None:
+    _, raw = await sync_to_async(apikey_create)(organization=org, name="slow", actor_label="test", rpm_limit=1)
+    ws = communicator("/v1/realtime?model=ok", key=raw)
+    await ws.connect()
+    client = Client(ws)
+    await client.until("session.created")
+    await client.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
+    await client.until("conversation.item.done")
+    await client.send({"type": "response.create"})
+    await client.until("response.done")
+    await client.send({"type": "response.create", "event_id": "second"})
+    error = await client.until("error")
+    assert error["error"]["code"] == "rate_limit_exceeded" and error["error"]["event_id"] == "second"
+    limits = await client.next()
+    assert limits["type"] == "rate_limits.updated"
+    requests = next(limit for limit in limits["rate_limits"] if limit["name"] == "requests")
+    assert requests["limit"] == 1 and requests["remaining"] == 0 and 0 < requests["reset_seconds"] <= 60
+    await ws.disconnect()
+
+
+async def test_revoking_the_key_closes_its_open_session(fake: Any, connect: Any, api_key: tuple[ApiKey, str]) -> None:
+    client = await connect()
+    await client.until("session.created")
+    await sync_to_async(apikey_revoke)(key=api_key[0], actor_label="test")
+    error = await client.next()
+    assert error["type"] == "error" and error["error"]["code"] == "invalid_api_key"
+    assert await client.closed() == 1008
+
+
+@override_settings(KEYWAY_REALTIME_SESSIONS_PER_KEY=2)
+async def test_a_key_holds_at_most_its_number_of_open_sessions(fake: Any, connect: Any) -> None:
+    first, second = await connect(), await connect()
+    await first.until("session.created")
+    await second.until("session.created")
+    third = await connect()
+    error = await third.next()
+    assert error["error"]["code"] == "concurrent_sessions_exceeded"
+    assert await third.closed() == 1013
+    await first.ws.disconnect()
+    await asyncio.sleep(0.1)
+    fourth = await connect()
+    assert (await fourth.next())["type"] == "session.created"
+
+
+@override_settings(KEYWAY_REALTIME_IDLE_TIMEOUT=1.0)
+async def test_an_idle_session_is_closed(fake: Any, connect: Any) -> None:
+    client = await connect()
+    await client.until("session.created")
+    error = await client.next(timeout=5)
+    assert error["error"]["code"] == "session_idle_timeout"
+    assert await client.closed() == 1000
+
+
+@override_settings(KEYWAY_REALTIME_MAX_MESSAGE_BYTES=2048)
+async def test_an_oversized_message_is_refused_and_the_socket_stays_open(fake: Any, connect: Any) -> None:
+    client = await connect()
+    await client.until("session.created")
+    await client.send({"type": "session.update", "event_id": "big", "session": {"instructions": "x" * 4000}})
+    error = await client.next()
+    assert error["error"]["code"] == "message_too_large"
+    await client.send({"type": "session.update", "session": {"instructions": "short"}})
+    assert (await client.next())["type"] == "session.updated"
