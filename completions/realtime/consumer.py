@@ -29,19 +29,17 @@ from apikeys.auth import AuthenticatedKey, authenticate_key
 from apikeys.exceptions import InvalidApiKey
 from apikeys.scopes import REALTIME
 from apikeys.sessions import key_group
-from billing.exceptions import TooManySessions
 from billing.sessions import session_close, session_open
 from completions.engine import calls
 from completions.engine.catalog import CatalogEntry
 from completions.realtime import session as rt
 from completions.realtime.protocol import (
     CLOSE_NORMAL,
-    CLOSE_POLICY,
-    CLOSE_TRY_LATER,
     Dialect,
     EventIds,
     Handshake,
     RealtimeError,
+    close_code,
     error_event,
     invalid,
     read_handshake,
@@ -81,12 +79,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await session_open(key=self.key, session_id=self.session_id)
         except ApiError as error:
             self.key = None
-            await self._end(error, CLOSE_TRY_LATER if isinstance(error, TooManySessions) else CLOSE_POLICY)
+            await self._end(error)
             return
         except Exception:
             self.key = None
             logger.exception("Could not open a realtime session")
-            await self._end(server_error(request_id=new_request_id()), CLOSE_TRY_LATER)
+            await self._end(server_error(request_id=new_request_id()))
             return
         group = key_group(self.key.public_id)
         self.groups.append(group)  # left again by Channels when the socket closes
@@ -125,14 +123,14 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         event["event_id"] = self.ids.next()
         await self.send(text_data=orjson.dumps(event).decode())
 
-    async def _end(self, error: ApiError, code: int) -> None:
-        """Say why, then close (once)."""
+    async def _end(self, error: ApiError, code: int | None = None) -> None:
+        """Say why, then close (once): with `code`, else 4000 + the error's status."""
         if self.closed:
             return
         await self.send(text_data=orjson.dumps(error_event(error, event_id=self.ids.next(),
                                                            client_event_id=None)).decode())
         self.closed = True
-        await self.close(code=code)
+        await self.close(code=code if code is not None else close_code(error.status))
         await self._release()
 
     async def disconnect(self, code: int) -> None:
@@ -156,7 +154,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     async def key_ended(self, message: dict[str, Any]) -> None:
         """The key was revoked (or its project archived): end the session now."""
         error = InvalidApiKey("The API key of this session was revoked; the session has ended.")
-        await self._end(error, CLOSE_POLICY)
+        await self._end(error)
 
     async def _watch(self) -> None:
         recheck = settings.KEYWAY_REALTIME_KEY_RECHECK
@@ -181,7 +179,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                     await authenticate_key(self._raw_key)
                 except InvalidApiKey:
                     await self._end(InvalidApiKey("The API key of this session is no longer valid; the session "
-                                                  "has ended."), CLOSE_POLICY)
+                                                  "has ended."))
                     return
                 except Exception:
                     logger.exception("Could not re-check a realtime session's key; will retry")

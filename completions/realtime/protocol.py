@@ -21,11 +21,15 @@ GA_PROTOCOL = "realtime"
 BETA_PROTOCOL = "openai-beta.realtime-v1"
 KEY_PROTOCOL_PREFIX = "openai-insecure-api-key."
 
-# Close codes (RFC 6455): the session's own rules (auth, scope, model, revocation) are policy; a full key
-# should come back later; the end of an idle or expired session is a normal close.
+# Close codes. A session that ends normally (idle, expired) closes with 1000; one ended by an error closes
+# with 4000 + the error's HTTP status (4401 a bad or revoked key, 4403 a missing scope, 4404 an unknown
+# model, 4429 too many sessions), which a client can act on without parsing the error event. Servers may
+# send only 1000 and 3000-4999 (daphne refuses anything else), so RFC 6455's 1008 is not an option.
 CLOSE_NORMAL = 1000
-CLOSE_POLICY = 1008
-CLOSE_TRY_LATER = 1013
+
+
+def close_code(status: int) -> int:
+    return 4000 + status if 400 <= status <= 599 else 4500
 
 
 @dataclass(frozen=True, slots=True)

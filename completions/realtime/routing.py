@@ -15,7 +15,7 @@ async def refuse(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Close before accepting: the server answers the handshake with 403."""
     message = await receive()
     if message["type"] == "websocket.connect":
-        await send({"type": "websocket.close", "code": 1008})
+        await send({"type": "websocket.close"})
 
 
 websocket_application = URLRouter(

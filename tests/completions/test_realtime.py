@@ -195,22 +195,24 @@ async def test_wrong_key_missing_scope_and_forbidden_model_are_refused_with_an_e
         organization=org, name="chat only", actor_label="test", scopes=["chat"])
     ok_only, ok_only_raw = await sync_to_async(apikey_create)(
         organization=org, name="ok only", actor_label="test", allowed_models=["ok"])
+    # Closed with 4000 + the error's HTTP status (servers may not send RFC 6455's 1008).
     cases = [
-        ("/v1/realtime?model=ok", "sk-kw-aaaaaaaaaaaa-" + "b" * 44, "invalid_api_key"),
-        ("/v1/realtime?model=ok", None, "invalid_api_key"),
-        ("/v1/realtime?model=ok", chat_only_raw, "missing_scope"),
-        ("/v1/realtime?model=drip", ok_only_raw, "model_not_allowed"),
-        ("/v1/realtime?model=nope", api_key[1], "model_not_found"),
-        ("/v1/realtime", api_key[1], "missing_required_parameter"),
+        ("/v1/realtime?model=ok", "sk-kw-aaaaaaaaaaaa-" + "b" * 44, "invalid_api_key", 4401),
+        ("/v1/realtime?model=ok", None, "invalid_api_key", 4401),
+        ("/v1/realtime?model=ok", chat_only_raw, "missing_scope", 4403),
+        ("/v1/realtime?model=drip", ok_only_raw, "model_not_allowed", 4403),
+        ("/v1/realtime?model=nope", api_key[1], "model_not_found", 4404),
+        ("/v1/realtime", api_key[1], "missing_required_parameter", 4400),
+        ("/v1/realtime?model=ok&call_id=rtc_1", api_key[1], "unsupported_parameter", 4400),
     ]
-    for path, key, code in cases:
+    for path, key, code, close_code in cases:
         ws = communicator(path, key=key)
         connected, _ = await ws.connect()
         assert connected
         client = Client(ws)
         error = await client.next()
         assert error["type"] == "error" and error["error"]["code"] == code, (path, error)
-        assert await client.closed() == 1008
+        assert await client.closed() == close_code
         await ws.disconnect()
 
 
@@ -344,7 +346,7 @@ async def test_revoking_the_key_closes_its_open_session(fake: Any, connect: Any,
     await sync_to_async(apikey_revoke)(key=api_key[0], actor_label="test")
     error = await client.next()
     assert error["type"] == "error" and error["error"]["code"] == "invalid_api_key"
-    assert await client.closed() == 1008
+    assert await client.closed() == 4401
 
 
 @override_settings(KEYWAY_REALTIME_SESSIONS_PER_KEY=2)
@@ -355,7 +357,7 @@ async def test_a_key_holds_at_most_its_number_of_open_sessions(fake: Any, connec
     third = await connect()
     error = await third.next()
     assert error["error"]["code"] == "concurrent_sessions_exceeded"
-    assert await third.closed() == 1013
+    assert await third.closed() == 4429
     await first.ws.disconnect()
     await asyncio.sleep(0.1)
     fourth = await connect()

@@ -91,13 +91,16 @@ def manage(env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
-def start_keyway(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_keyway(env: dict[str, str], log: Path, *, uvicorn: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+    """A Keyway server process: daphne (as `make run` serves), or uvicorn (as production may)."""
     port = free_port()
     handle = log.open("ab")
-    process = subprocess.Popen(
-        [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "platform_site.asgi:application"],
-        cwd=BASE_DIR, env=env, stdout=handle, stderr=subprocess.STDOUT,
-    )
+    if uvicorn:
+        command = [PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+                   "platform_site.asgi:application"]
+    else:
+        command = [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "platform_site.asgi:application"]
+    process = subprocess.Popen(command, cwd=BASE_DIR, env=env, stdout=handle, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_for(f"{url}/health", process=process)
     return process, url
