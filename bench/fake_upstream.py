@@ -12,6 +12,8 @@ The requested model name picks the behaviour:
                          answer with two tool calls (get_weather for Paris, get_time), framed as OpenAI does,
                          with id/type/name repeated on every delta and no index, or each call whole with its
                          arguments as an object and finish_reason "stop"
+GET /v1/realtime is a realtime WebSocket upstream (audio deltas, usage; models named *vad* answer committed
+audio by themselves, as server VAD does).
 Run standalone: python bench/fake_upstream.py --port 9100
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import time
 
 import orjson
@@ -27,6 +30,7 @@ from aiohttp import web
 CHUNKS = 20
 DRIP_SECONDS = 0.1
 SEEN = web.AppKey("seen", list)
+REALTIME_SEEN = web.AppKey("realtime_seen", list)
 
 
 def _completion(model: str) -> dict[str, object]:
@@ -163,9 +167,105 @@ async def models(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps({"object": "list", "data": []}), content_type="application/json")
 
 
+REALTIME_DELTAS = 10
+REALTIME_SECONDS = 0.05
+
+
+class _RealtimeSession:
+    """The fake realtime upstream's side of one socket: a GA realtime server in miniature that answers every
+    response with REALTIME_DELTAS audio and transcript deltas, REALTIME_SECONDS apart, and reports usage."""
+
+    def __init__(self, ws: web.WebSocketResponse, model: str) -> None:
+        self.ws = ws
+        self.model = model
+        self.count = 0
+        self.audio_bytes = 0
+        self.running: dict[str, asyncio.Task[None]] = {}
+
+    async def send(self, event: dict[str, object]) -> None:
+        self.count += 1
+        await self.ws.send_str(orjson.dumps({"event_id": f"event_up{self.count}", **event}).decode())
+
+    def session(self) -> dict[str, object]:
+        return {"type": "realtime", "object": "realtime.session", "id": "sess_upstream", "model": self.model,
+                "output_modalities": ["audio"], "instructions": "", "tools": [], "tool_choice": "auto",
+                "max_output_tokens": "inf", "audio": {"output": {"voice": "marin"}}}
+
+    def start(self, response_id: str) -> None:
+        self.running[response_id] = asyncio.get_running_loop().create_task(self.respond(response_id))
+
+    async def respond(self, response_id: str) -> None:
+        item_id = f"item_{response_id}"
+        base = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
+        produced = 0
+        status = "completed"
+        await self.send({"type": "response.created", "response": {"object": "realtime.response",
+                                                                   "id": response_id, "status": "in_progress"}})
+        try:
+            await self.send({"type": "response.output_item.added", "response_id": response_id, "output_index": 0,
+                             "item": {"id": item_id, "type": "message", "role": "assistant", "content": []}})
+            for _ in range(REALTIME_DELTAS):
+                await asyncio.sleep(REALTIME_SECONDS)
+                await self.send({"type": "response.output_audio.delta", **base,
+                                 "delta": base64.b64encode(bytes(4800)).decode()})
+                await self.send({"type": "response.output_audio_transcript.delta", **base, "delta": "la "})
+                produced += 1
+        except asyncio.CancelledError:
+            status = "cancelled"
+        usage = {"total_tokens": 20 + produced * 5, "input_tokens": 20, "output_tokens": produced * 5,
+                 "input_token_details": {"cached_tokens": 4, "text_tokens": 8, "audio_tokens": 12},
+                 "output_token_details": {"text_tokens": produced, "audio_tokens": produced * 4}}
+        self.running.pop(response_id, None)
+        await self.send({"type": "response.done", "response": {"object": "realtime.response", "id": response_id,
+                                                                "status": status, "usage": usage}})
+
+    async def handle(self, event: dict[str, object]) -> None:
+        kind = event.get("type")
+        if kind == "session.update":
+            await self.send({"type": "session.updated", "session": self.session()})
+        elif kind == "input_audio_buffer.append":
+            self.audio_bytes += len(base64.b64decode(str(event.get("audio", ""))))
+        elif kind == "input_audio_buffer.commit":
+            await self.send({"type": "input_audio_buffer.committed", "item_id": f"item_in{self.count}"})
+            if "vad" in self.model:  # server VAD: the upstream answers by itself
+                self.start(f"resp_vad{self.count}")
+        elif kind == "response.create":
+            self.start(f"resp_up{self.count}")
+        elif kind == "response.cancel":
+            task = self.running.get(str(event.get("response_id")))
+            if task is not None:
+                task.cancel()
+        else:
+            await self.send({"type": "error", "error": {"type": "invalid_request_error", "code": "unknown_event",
+                                                        "message": f"Unknown event {kind}",
+                                                        "event_id": event.get("event_id")}})
+
+
+async def realtime(request: web.Request) -> web.WebSocketResponse:
+    """GET /v1/realtime: a fake realtime upstream (models named *vad* answer committed audio by themselves)."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    model = request.query.get("model", "")
+    request.app[REALTIME_SEEN].append({"authorization": request.headers.get("Authorization"), "model": model,
+                                       "beta": request.headers.get("OpenAI-Beta")})
+    session = _RealtimeSession(ws, model)
+    await session.send({"type": "session.created", "session": session.session()})
+    # The upstream's own account limits: a gateway must not pass these to its clients.
+    await session.send({"type": "rate_limits.updated", "rate_limits": [
+        {"name": "requests", "limit": 99999, "remaining": 99998, "reset_seconds": 1}]})
+    async for message in ws:
+        if message.type == web.WSMsgType.TEXT:
+            await session.handle(orjson.loads(message.data))
+    for task in list(session.running.values()):
+        task.cancel()
+    return ws
+
+
 def make_app() -> web.Application:
     app = web.Application()
     app[SEEN] = []
+    app[REALTIME_SEEN] = []
+    app.router.add_get("/v1/realtime", realtime)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)

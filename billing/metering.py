@@ -175,11 +175,13 @@ async def admit(
     models: list[str],
     prompt_tokens: int,
     max_output_tokens: int,
+    worst_prompt_tokens: int | None = None,
 ) -> Meter:
     """Count the request against the key's rate limits and its project's for the requested model (the first
     of `models`), and reserve its worst-case cost (the dearest of `models`, for `prompt_tokens` in and
     `max_output_tokens` out) against credit and every monthly cap. Raises RateLimitExceeded or QuotaExceeded,
-    with nothing reserved."""
+    with nothing reserved. `worst_prompt_tokens` reserves for a larger prompt than the estimate counted
+    against TPM, where the prompt is not known (a relayed realtime session's conversation lives upstream)."""
     now = time.time()
     names = counters.names(
         organization_id=key.organization_id,
@@ -198,7 +200,8 @@ async def admit(
     hold_counters: list[str] = []
     if terms is not None:
         hold = max(
-            cost_micros(prices.get(model), multiplier=terms.multiplier, prompt_tokens=prompt_tokens,
+            cost_micros(prices.get(model), multiplier=terms.multiplier,
+                        prompt_tokens=max(prompt_tokens, worst_prompt_tokens or 0),
                         cached_tokens=0, completion_tokens=max_output_tokens)
             for model in models
         )

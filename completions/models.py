@@ -65,6 +65,7 @@ class Model(models.Model):
         AUDIO = "audio", "audio (input_audio parts)"
         FILES = "files", "files (PDF parts)"
         DIMENSIONS = "dimensions", "dimensions (shortened embeddings)"
+        REALTIME = "realtime", "realtime (audio sessions relayed to the upstream's realtime WebSocket)"
 
     public_id = models.CharField(max_length=128, unique=True)
     capabilities = models.JSONField(default=list, blank=True)

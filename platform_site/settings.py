@@ -293,6 +293,8 @@ KEYWAY_REALTIME_MAX_CONVERSATION_BYTES = env_int(
 )
 KEYWAY_REALTIME_IDLE_TIMEOUT = env_float("KEYWAY_REALTIME_IDLE_TIMEOUT", 300.0, minimum=1.0)
 KEYWAY_REALTIME_MAX_LIFETIME = env_float("KEYWAY_REALTIME_MAX_LIFETIME", 3600.0, minimum=1.0)
+# The largest frame an upstream realtime provider may send through the relay (audio deltas are large).
+KEYWAY_REALTIME_MAX_UPSTREAM_BYTES = env_int("KEYWAY_REALTIME_MAX_UPSTREAM_BYTES", 16 * 1024 * 1024, minimum=1024)
 # How often an open socket checks that its key is still valid (revocation is also pushed to it at once).
 KEYWAY_REALTIME_KEY_RECHECK = env_float("KEYWAY_REALTIME_KEY_RECHECK", 5.0, minimum=0.1)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from apikeys.auth import AuthenticatedKey
-from billing.metering import Endpoint, Meter, Status, admit
+from billing.metering import Endpoint, Meter, Status, UsageSource, admit
 from billing.ratelimits import estimate_tokens
 from completions.engine.catalog import CatalogEntry, DeploymentEntry, catalog
 from completions.engine.normalize import ChunkNormalizer, normalize_completion
@@ -92,6 +92,19 @@ async def resolve_model(key: AuthenticatedKey, public_id: str, *, capability: st
         raise ApiError(
             f"The model `{public_id}` does not support {purpose}.", param="model", code="model_not_supported"
         )
+    return entry
+
+
+async def realtime_model(key: AuthenticatedKey, public_id: str) -> CatalogEntry:
+    """The model of a realtime session: one relayed to an upstream realtime provider (capability
+    `realtime`), or any chat model, whose session Keyway runs itself in text."""
+    entry = (await catalog()).entries.get(public_id)
+    if entry is None:
+        raise model_not_found(public_id)
+    key.require_model(public_id)
+    if "realtime" not in entry.capabilities and "chat" not in entry.capabilities:
+        raise ApiError(f"The model `{public_id}` does not support realtime sessions.", param="model",
+                       code="model_not_supported")
     return entry
 
 
@@ -392,6 +405,81 @@ async def _close_quietly(upstream: Any) -> None:
         await upstream.aclose()
     except Exception:  # noqa: BLE001, S110 - a broken upstream closing badly changes nothing already settled
         pass
+
+
+async def realtime_upstream(entry: CatalogEntry, *, beta: bool) -> tuple[Any, DeploymentEntry]:
+    """Open the upstream realtime socket of a relayed model: the first of its deployments (in routing order)
+    that connects. Connecting is not metered; each response on it is (`relay_turn`)."""
+    attempts = [(entry, deployment) for deployment in plan(entry, Preferences())
+                if hasattr(deployment.provider, "realtime_connect")]
+    if not attempts:
+        raise ApiError(f"No deployment of `{entry.public_id}` serves realtime sessions.", status=404,
+                       param="model", code="no_deployment_available")
+
+    async def connect(entry: CatalogEntry, deployment: DeploymentEntry) -> Any:
+        return await deployment.provider.realtime_connect(deployment.upstream_model, beta=beta)  # type: ignore[attr-defined]
+
+    socket, _, deployment = await first_success(attempts, connect)
+    return socket, deployment
+
+
+async def relay_turn(
+    entry: CatalogEntry, deployment: DeploymentEntry, *, caller: Caller, prompt_tokens: int, max_output_tokens: int
+) -> RelayTurn:
+    """Admit one response of a relayed realtime session: counted against the rate limits with the
+    surface's estimate of its prompt, and reserved at the worst case (the model's whole context in, the
+    response's output limit out), because the conversation lives upstream."""
+    call_id = new_call_id()
+    meter = await admit(
+        key=caller.key, call_id=call_id, request_id=caller.request_id, session_id=caller.session_id,
+        endpoint=caller.endpoint, models=[entry.public_id], prompt_tokens=prompt_tokens,
+        max_output_tokens=max_output_tokens, worst_prompt_tokens=entry.context_length,
+    )
+    return RelayTurn(call_id, meter, entry, deployment, prompt_tokens)
+
+
+class RelayTurn:
+    """One relayed response, admitted, and settled exactly once by `finish`: from the usage the upstream
+    reported in its `response.done`, or, where it never came (the client left first), estimated."""
+
+    def __init__(
+        self, call_id: str, meter: Meter, entry: CatalogEntry, deployment: DeploymentEntry, prompt_tokens: int
+    ) -> None:
+        self.call_id = call_id
+        self.headers = dict(meter.rate_headers)
+        self._meter = meter
+        self._entry = entry
+        self._deployment = deployment
+        self._prompt_tokens = prompt_tokens
+        self.finished = False
+
+    def finish(self, *, usage: Any, status: int, produced_bytes: int = 0) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        reported = _realtime_usage(usage)
+        if reported is not None:
+            source, (prompt, cached, completion) = UsageSource.REPORTED, reported
+        else:
+            source, cached = UsageSource.ESTIMATED, 0
+            prompt, completion = self._prompt_tokens, produced_bytes // 4 + (1 if produced_bytes else 0)
+        self._meter.settle(
+            model=self._entry.public_id, deployment_id=self._deployment.id, provider=self._deployment.provider_name,
+            status=status, usage_source=source, prompt_tokens=prompt, cached_tokens=cached,
+            completion_tokens=completion,
+        )
+
+
+def _realtime_usage(usage: Any) -> tuple[int, int, int] | None:
+    """(input, cached, output) tokens from a realtime `response.usage` (audio and text together)."""
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
+    if not isinstance(prompt, int) or not isinstance(completion, int) or prompt < 0 or completion < 0:
+        return None
+    details = usage.get("input_token_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+    return prompt, min(cached, prompt) if isinstance(cached, int) and cached >= 0 else 0, completion
 
 
 async def embed(request: EmbeddingsRequest, *, caller: Caller) -> CallResult:

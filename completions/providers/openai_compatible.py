@@ -191,6 +191,34 @@ class OpenAICompatibleProvider:
                 response.close()
 
 
+    async def realtime_connect(self, upstream_model: str, *, beta: bool) -> aiohttp.ClientWebSocketResponse:
+        """Open the upstream's realtime WebSocket for `upstream_model` with the gateway's credentials (never
+        the client's). The caller relays frames both ways and closes it."""
+        url = self.base_url + "/realtime"
+        url = ("wss://" + url[len("https://"):]) if url.startswith("https://") else ("ws://" + url[len("http://"):])
+        headers = {name: value for name, value in self.headers.items() if name != "Content-Type"}
+        if beta:
+            headers["OpenAI-Beta"] = "realtime=v1"
+        try:
+            return await upstream_sessions.get().ws_connect(
+                url, params={"model": upstream_model}, headers=headers, heartbeat=30.0,
+                timeout=aiohttp.ClientWSTimeout(ws_close=5.0), max_msg_size=settings.KEYWAY_REALTIME_MAX_UPSTREAM_BYTES,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (401, 403):
+                raise UpstreamUnavailable("The upstream provider rejected the gateway's credentials.") from None
+            if exc.status >= 500 or exc.status == 429:
+                raise UpstreamUnavailable(f"The upstream realtime endpoint answered HTTP {exc.status}.") from None
+            raise UpstreamRejected(f"The upstream realtime endpoint refused the session (HTTP {exc.status}).",
+                                   status=exc.status, error_type="invalid_request_error", code=None,
+                                   param=None) from None
+        except TimeoutError:
+            raise UpstreamTimeout("The upstream realtime endpoint did not answer in time.") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(f"Could not reach the upstream realtime endpoint ({type(exc).__name__}).") \
+                from None
+
+
 def abandon_pools() -> None:
     """At exit, for servers without lifespan (daphne), which end without closing the pools: drop the sockets
     synchronously, so aiohttp does not report every pool as leaked. `_close` is aiohttp's own synchronous

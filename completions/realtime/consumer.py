@@ -29,6 +29,7 @@ from apikeys.auth import AuthenticatedKey, authenticate_key
 from apikeys.exceptions import InvalidApiKey
 from apikeys.scopes import REALTIME
 from apikeys.sessions import key_group
+from billing.metering import Endpoint
 from billing.sessions import session_close, session_open
 from completions.engine import calls
 from completions.engine.catalog import CatalogEntry
@@ -44,6 +45,7 @@ from completions.realtime.protocol import (
     invalid,
     read_handshake,
 )
+from completions.realtime.relay import Relay
 from completions.realtime.responses import RealtimeResponse, parse_response
 from platform_site.kernel.errors import ApiError, server_error
 from platform_site.middleware import new_request_id
@@ -62,6 +64,8 @@ _EVENT_TYPES = ("session.update", "conversation.item.create", "conversation.item
 class RealtimeConsumer(AsyncWebsocketConsumer):
     key: AuthenticatedKey | None = None
     session_id = ""
+    # Set when the session's model is relayed to an upstream realtime provider (relay.py).
+    relay: Relay | None = None
 
     # Opening --------------------------------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -77,6 +81,14 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self._raw_key = handshake.raw_key or ""
             self.session_id = rt.new_id("sess")
             await session_open(key=self.key, session_id=self.session_id)
+            if "realtime" in self.entry.capabilities:
+                upstream, deployment = await calls.realtime_upstream(self.entry, beta=self.dialect.beta)
+                self.relay = Relay(
+                    upstream=upstream, deployment=deployment, entry=self.entry,
+                    caller=calls.Caller(key=self.key, request_id="", session_id=self.session_id,
+                                        endpoint=Endpoint.REALTIME),
+                    ids=self.ids, send_text=self._send_text, on_upstream_closed=self._end, touch=self._touch,
+                )
         except ApiError as error:
             self.key = None
             await self._end(error)
@@ -99,7 +111,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.conversation = rt.Conversation(max_items=settings.KEYWAY_REALTIME_MAX_ITEMS,
                                             max_bytes=settings.KEYWAY_REALTIME_MAX_CONVERSATION_BYTES)
         self.watchdog = asyncio.get_running_loop().create_task(self._watch())
-        await self._emit({"type": "session.created", "session": self.config.render(self.dialect)})
+        if self.relay is not None:
+            self.relay.start()  # the upstream sends its own session.created
+        else:
+            await self._emit({"type": "session.created", "session": self.config.render(self.dialect)})
 
     async def _admit(self, handshake: Handshake) -> tuple[AuthenticatedKey, CatalogEntry]:
         if handshake.has_call_id:
@@ -115,13 +130,19 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         model = key.pinned_model or handshake.model
         if not model:
             raise invalid("Name a model: /v1/realtime?model=MODEL.", "model", "missing_required_parameter")
-        entry = await calls.resolve_model(key, model, capability="chat", purpose="realtime sessions")
-        return key, entry
+        return key, await calls.realtime_model(key, model)
 
     # Closing --------------------------------------------------------------------------------------------------
     async def _emit(self, event: dict[str, Any]) -> None:
         event["event_id"] = self.ids.next()
         await self.send(text_data=orjson.dumps(event).decode())
+
+    def _touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    async def _send_text(self, text: str) -> None:
+        if not self.closed:
+            await self.send(text_data=text)
 
     async def _end(self, error: ApiError, code: int | None = None) -> None:
         """Say why, then close (once): with `code`, else 4000 + the error's status."""
@@ -148,6 +169,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             task.cancel()
         if responses:
             await asyncio.gather(*responses, return_exceptions=True)
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            await relay.close()
         if self.session_id:
             await session_close(session_id=self.session_id)
 
@@ -197,9 +221,14 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             raw_id = event.get("event_id")
             if raw_id is not None:
                 client_event_id = rt.as_string(raw_id, "event_id", limit=512)
-            kind = rt.one_of(event.get("type"), "type", _EVENT_TYPES) if "type" in event else None
-            if kind is None:
+            if "type" not in event:
                 raise invalid("The event has no 'type'.", "type", "missing_required_parameter")
+            if self.relay is not None:
+                # The upstream checks the event itself (and echoes the event_id in its errors).
+                rt.as_string(event["type"], "type", limit=128)
+                await self.relay.from_client(text_data or "", event, client_event_id)
+                return
+            kind = rt.one_of(event.get("type"), "type", _EVENT_TYPES)
             await self._HANDLERS[kind](self, event, client_event_id)
         except ApiError as error:
             await self._emit_error(error, client_event_id)

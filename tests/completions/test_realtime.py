@@ -15,6 +15,7 @@ from django.test import override_settings
 
 from apikeys.models import ApiKey
 from apikeys.services import apikey_create, apikey_revoke
+from bench import fake_upstream
 from billing import metering
 from billing.models import UsageEvent
 from completions.services import provider_upsert_openai_compatible
@@ -308,10 +309,10 @@ async def test_function_calls_become_items_and_their_outputs_feed_the_next_respo
     await client.send({"type": "conversation.item.create", "item": {
         "type": "function_call_output", "call_id": calls[0]["call_id"], "output": '{"temp": 21}'}})
     await client.until("conversation.item.done")
-    seen_before = len(fake[__import__("bench.fake_upstream").fake_upstream.SEEN])
+    seen_before = len(fake[fake_upstream.SEEN])
     await client.send({"type": "response.create"})
     await client.until("response.done")
-    sent = fake[__import__("bench.fake_upstream").fake_upstream.SEEN][seen_before:]
+    sent = fake[fake_upstream.SEEN][seen_before:]
     messages = sent[-1]["messages"]
     assert messages[1]["role"] == "assistant" and len(messages[1]["tool_calls"]) == 2
     assert messages[2] == {"role": "tool", "tool_call_id": calls[0]["call_id"], "content": '{"temp": 21}'}
@@ -382,3 +383,119 @@ async def test_an_oversized_message_is_refused_and_the_socket_stays_open(fake: A
     assert error["error"]["code"] == "message_too_large"
     await client.send({"type": "session.update", "session": {"instructions": "short"}})
     assert (await client.next())["type"] == "session.updated"
+
+
+# Relayed sessions: a model with the `realtime` capability goes to the upstream's realtime WebSocket.
+
+@pytest.fixture
+async def voice(upstream: tuple[int, Any]) -> Any:
+    port, app = upstream
+    await sync_to_async(provider_upsert_openai_compatible)(
+        name="voice-upstream", base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-upstream-secret",
+        models=["voice", "voice-vad"], capabilities=["realtime"], context_length=32000,
+    )
+    return app
+
+
+AUDIO = {"type": "input_audio_buffer.append", "audio": "AAAAAAAAAAAAAAAA"}
+
+
+async def test_a_relayed_session_passes_the_upstream_events_and_meters_its_reported_usage(
+    voice: Any, connect: Any, api_key: tuple[ApiKey, str]
+) -> None:
+    client = await connect("voice")
+    created = await client.next()
+    assert created["type"] == "session.created" and created["session"]["model"] == "voice"
+    await client.send(AUDIO)
+    await client.send({"type": "input_audio_buffer.commit"})
+    assert (await client.next())["type"] == "input_audio_buffer.committed"
+    await client.send({"type": "response.create", "response": {"max_output_tokens": 200}})
+    events = await client.collect_until("response.done")
+    kinds = [event["type"] for event in events]
+    assert kinds[:2] == ["response.created", "rate_limits.updated"]
+    limits = {limit["name"]: limit for limit in events[1]["rate_limits"]}
+    assert limits["requests"]["limit"] == 600  # the key's limit, not the upstream's 99999
+    assert kinds.count("response.output_audio.delta") == fake_upstream.REALTIME_DELTAS
+    assert all(event["rate_limits"][0]["limit"] != 99999 for event in client.seen
+               if event["type"] == "rate_limits.updated")
+    seen = voice[fake_upstream.REALTIME_SEEN][-1]
+    assert seen["authorization"] == "Bearer sk-upstream-secret" and seen["model"] == "voice"
+    ledger = await _ledger()
+    assert len(ledger) == 1
+    event = ledger[0]
+    # The client knows the session by Keyway's id, the one its usage carries, not the upstream's.
+    assert (event.endpoint, event.model, event.session_id) == (UsageEvent.Endpoint.REALTIME, "voice",
+                                                                created["session"]["id"])
+    assert event.session_id.startswith("sess_") and event.session_id != "sess_upstream"
+    assert (event.prompt_tokens, event.cached_tokens, event.completion_tokens) == (20, 4, 50)
+    assert event.usage_source == UsageEvent.UsageSource.REPORTED
+
+
+async def test_a_relayed_response_is_cancelled_upstream_and_charged_for_what_it_produced(
+    voice: Any, connect: Any
+) -> None:
+    client = await connect("voice")
+    await client.until("session.created")
+    await client.send({"type": "response.create"})
+    first = await client.until("response.output_audio.delta")
+    await client.send({"type": "response.cancel", "response_id": first["response_id"]})
+    done = (await client.until("response.done"))["response"]
+    assert done["status"] == "cancelled"
+    ledger = await _ledger()
+    assert [event.status for event in ledger] == [UsageEvent.Status.CLIENT_DISCONNECTED]
+    assert 0 < ledger[0].completion_tokens < 50
+
+
+async def test_a_response_the_upstream_starts_itself_is_admitted_and_metered(voice: Any, connect: Any) -> None:
+    client = await connect("voice-vad")
+    await client.until("session.created")
+    await client.send(AUDIO)
+    await client.send({"type": "input_audio_buffer.commit"})
+    await client.until("response.done")
+    assert len(await _ledger()) == 1
+
+
+async def test_a_rate_limited_relayed_response_never_reaches_the_upstream(
+    voice: Any, org: Organization, fresh_rate_window: None
+) -> None:
+    _, raw = await sync_to_async(apikey_create)(organization=org, name="one", actor_label="test", rpm_limit=1)
+    ws = communicator("/v1/realtime?model=voice", key=raw)
+    await ws.connect()
+    client = Client(ws)
+    await client.until("session.created")
+    await client.send({"type": "response.create"})
+    await client.until("response.done")
+    await client.send({"type": "response.create", "event_id": "again"})
+    error = await client.until("error")
+    assert error["error"]["code"] == "rate_limit_exceeded" and error["error"]["event_id"] == "again"
+    assert (await client.next())["type"] == "rate_limits.updated"
+    await client.send({"type": "session.update", "session": {"instructions": "x"}})
+    assert (await client.next())["type"] == "session.updated"  # the upstream never saw a second response
+    assert len(await _ledger()) == 1
+    await ws.disconnect()
+
+
+async def test_a_client_that_leaves_mid_response_is_charged_from_the_upstreams_report(
+    voice: Any, connect: Any
+) -> None:
+    client = await connect("voice")
+    await client.until("session.created")
+    await client.send({"type": "response.create"})
+    await client.until("response.output_audio.delta")
+    await client.ws.disconnect()
+    ledger = await _ledger()
+    assert [event.usage_source for event in ledger] == [UsageEvent.UsageSource.REPORTED]
+    assert ledger[0].status == UsageEvent.Status.CLIENT_DISCONNECTED
+
+
+async def test_an_unreachable_realtime_upstream_is_an_error_event_then_a_close(
+    db: None, api_key: tuple[ApiKey, str]
+) -> None:
+    await sync_to_async(provider_upsert_openai_compatible)(
+        name="gone", base_url="http://127.0.0.1:9/v1", models=["voice"], capabilities=["realtime"])
+    ws = communicator("/v1/realtime?model=voice", key=api_key[1])
+    await ws.connect()
+    client = Client(ws)
+    error = await client.next()
+    assert error["type"] == "error" and error["error"]["type"] == "upstream_error"
+    assert await client.closed() == 4502
