@@ -8,8 +8,12 @@ nothing, an item with one bad part is not added. Errors name the offending field
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import re
 import secrets
+import wave
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -367,6 +371,10 @@ def _part(raw: Any, param: str, role: str, *, capabilities: frozenset[str], mode
                 f"The model `{model}` does not take audio. Send text, or give the audio part a 'transcript' "
                 "(the model reads that).", f"{param}.audio", "audio_not_supported",
             )
+        try:
+            base64.b64decode(part["audio"], validate=True)
+        except (binascii.Error, ValueError):
+            raise invalid(f"Invalid '{param}.audio': expected base64 PCM16 audio.", f"{param}.audio") from None
     if transcript is None and part.get("audio") is None:
         raise invalid(f"'{param}' needs 'audio' or 'transcript'.", param, "missing_required_parameter")
     clean = {"type": kind, "transcript": transcript}
@@ -489,6 +497,17 @@ class Conversation:
         return [self.items[item_id] for item_id in self.order]
 
 
+def _wav(pcm_base64: str) -> str:
+    """Realtime audio (PCM16, 24 kHz, mono, base64) as the base64 WAV file chat's input_audio parts take."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(24000)
+        wav.writeframes(base64.b64decode(pcm_base64))
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def _chat_content(item: dict[str, Any]) -> str | list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
     for part in item["content"]:
@@ -496,6 +515,9 @@ def _chat_content(item: dict[str, Any]) -> str | list[dict[str, Any]]:
             parts.append({"type": "text", "text": part["text"]})
         elif part["type"] == "input_image":
             parts.append({"type": "image_url", "image_url": {"url": part["image_url"], "detail": part["detail"]}})
+        elif part["type"] == "input_audio" and part.get("audio"):
+            # Only a model with the audio capability gets here (parse_item checks).
+            parts.append({"type": "input_audio", "input_audio": {"data": _wav(part["audio"]), "format": "wav"}})
         elif part.get("transcript"):
             parts.append({"type": "text", "text": part["transcript"]})
     if item["role"] != "user" or all(part["type"] == "text" for part in parts):

@@ -499,3 +499,243 @@ async def test_an_unreachable_realtime_upstream_is_an_error_event_then_a_close(
     error = await client.next()
     assert error["type"] == "error" and error["error"]["type"] == "upstream_error"
     assert await client.closed() == 4502
+
+
+async def _say(client: Client, text: str, **fields: Any) -> dict[str, Any]:
+    await client.send({"type": "conversation.item.create", **fields, "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+    return (await client.until("conversation.item.done"))["item"]
+
+
+async def test_items_are_retrieved_deleted_and_inserted_where_asked(fake: Any, connect: Any) -> None:
+    client = await connect()
+    await client.until("session.created")
+    first = await _say(client, "one")
+    second = await _say(client, "two")
+    await client.send({"type": "conversation.item.create", "previous_item_id": "root", "item": {
+        "id": "my_item", "type": "message", "role": "system", "content": [{"type": "input_text", "text": "zero"}]}})
+    added = await client.next()
+    assert added["item"]["id"] == "my_item" and added["previous_item_id"] is None
+    await client.until("conversation.item.done")
+    await client.send({"type": "conversation.item.create", "previous_item_id": first["id"], "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "one and a half"}]}})
+    assert (await client.next())["previous_item_id"] == first["id"]
+    await client.until("conversation.item.done")
+    await client.send({"type": "conversation.item.create", "event_id": "dup", "item": {
+        "id": "my_item", "type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]}})
+    assert (await client.next())["error"]["code"] == "duplicate_item_id"
+    await client.send({"type": "conversation.item.create", "previous_item_id": "nope", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]}})
+    assert (await client.next())["error"]["code"] == "item_not_found"
+
+    await client.send({"type": "conversation.item.retrieve", "item_id": second["id"]})
+    retrieved = await client.next()
+    assert retrieved["type"] == "conversation.item.retrieved" and retrieved["item"] == second
+    await client.send({"type": "conversation.item.delete", "item_id": second["id"]})
+    assert await client.next() == {"type": "conversation.item.deleted", "item_id": second["id"],
+                                   "event_id": client.seen[-1]["event_id"]}
+    await client.send({"type": "conversation.item.retrieve", "item_id": second["id"]})
+    assert (await client.next())["error"]["code"] == "item_not_found"
+
+    seen_before = len(fake[fake_upstream.SEEN])
+    await client.send({"type": "response.create"})
+    await client.until("response.done")
+    messages = fake[fake_upstream.SEEN][seen_before]["messages"]
+    assert [message["content"] for message in messages] == ["zero", "one", "one and a half"]
+
+
+async def test_an_out_of_band_response_reads_its_own_input_and_leaves_the_conversation_alone(
+    fake: Any, connect: Any
+) -> None:
+    client = await connect()
+    await client.until("session.created")
+    kept = await _say(client, "kept")
+    seen_before = len(fake[fake_upstream.SEEN])
+    await client.send({"type": "response.create", "response": {
+        "conversation": "none", "instructions": "Classify.", "metadata": {"topic": "triage"},
+        "input": [{"type": "item_reference", "id": kept["id"]},
+                  {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "extra"}]}]}})
+    events = await client.collect_until("response.done")
+    done = events[-1]["response"]
+    assert done["conversation_id"] is None and done["metadata"] == {"topic": "triage"}
+    assert not any(event["type"].startswith("conversation.item") for event in events)
+    messages = fake[fake_upstream.SEEN][seen_before]["messages"]
+    assert messages == [{"role": "system", "content": "Classify."}, {"role": "user", "content": "kept"},
+                        {"role": "user", "content": "extra"}]
+    # The assistant's answer did not join the conversation.
+    await client.send({"type": "conversation.item.retrieve", "item_id": done["output"][0]["id"]})
+    assert (await client.next())["error"]["code"] == "item_not_found"
+    await client.send({"type": "response.create", "response": {"input": [{"type": "item_reference", "id": "gone"}]}})
+    error = await client.next()
+    assert error["error"]["code"] == "item_not_found" and error["error"]["param"] == "response.input[0].id"
+
+
+async def test_one_response_at_a_time_in_the_conversation_and_a_bounded_number_out_of_band(
+    fake: Any, connect: Any
+) -> None:
+    client = await connect("drip")
+    await client.until("session.created")
+    await _say(client, "go")
+    await client.send({"type": "response.create"})
+    await client.until("response.created")
+    await client.send({"type": "response.create", "event_id": "second"})
+    error = await client.until("error")
+    assert error["error"]["code"] == "conversation_already_has_active_response"
+    for _ in range(3):
+        await client.send({"type": "response.create", "response": {"conversation": "none"}})
+    await client.send({"type": "response.create", "event_id": "fifth", "response": {"conversation": "none"}})
+    error = await client.until("error")
+    assert error["error"]["code"] == "too_many_active_responses" and error["error"]["event_id"] == "fifth"
+    done = 0
+    while done < 4:
+        done += (await client.next(timeout=15))["type"] == "response.done"
+
+
+async def test_an_output_limit_ends_the_response_incomplete_and_an_empty_conversation_is_refused(
+    fake: Any, connect: Any
+) -> None:
+    client = await connect()
+    await client.until("session.created")
+    await client.send({"type": "response.create", "event_id": "empty"})
+    error = await client.next()
+    assert error["error"]["code"] == "empty_conversation" and error["error"]["event_id"] == "empty"
+    await _say(client, "hi")
+    seen_before = len(fake[fake_upstream.SEEN])
+    await client.send({"type": "session.update", "session": {"max_output_tokens": 5}})
+    assert (await client.next())["session"]["max_output_tokens"] == 5
+    await client.send({"type": "response.create"})
+    await client.until("response.done")
+    assert fake[fake_upstream.SEEN][seen_before]["max_tokens"] == 5
+
+
+async def test_an_upstream_that_breaks_mid_answer_ends_the_response_failed(fake: Any, connect: Any) -> None:
+    client = await connect("stream-break")
+    await client.until("session.created")
+    await _say(client, "hi")
+    await client.send({"type": "response.create", "event_id": "r"})
+    events = await client.collect_until("response.done")
+    assert any(event["type"] == "error" and event["error"]["event_id"] == "r" for event in events)
+    done = events[-1]["response"]
+    assert done["status"] == "failed" and done["status_details"]["error"]["type"] == "upstream_error"
+    assert done["output"][0]["status"] == "incomplete"
+    assert [event.status for event in await _ledger()] == [UsageEvent.Status.INCOMPLETE]
+
+
+async def test_truncation_needs_assistant_audio_and_cuts_it(fake: Any, connect: Any) -> None:
+    import base64
+
+    client = await connect()
+    await client.until("session.created")
+    user = await _say(client, "hi")
+    await client.send({"type": "conversation.item.truncate", "item_id": user["id"], "content_index": 0,
+                       "audio_end_ms": 0})
+    assert (await client.next())["error"]["param"] == "item_id"
+    audio = base64.b64encode(bytes(48 * 1000)).decode()  # one second of PCM16 at 24 kHz
+    await client.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "assistant", "content": [{"type": "output_audio", "audio": audio,
+                                                             "transcript": "hello there"}]}})
+    error = await client.next()
+    assert error["error"]["code"] == "audio_not_supported"  # a text model takes no audio
+    await client.send({"type": "conversation.item.create", "item": {
+        "id": "spoken", "type": "message", "role": "assistant",
+        "content": [{"type": "output_text", "text": "hello"}, {"type": "output_audio", "transcript": "there"}]}})
+    await client.until("conversation.item.done")
+    for index, end, param in ((5, 0, "content_index"), (0, 0, "content_index"), (1, -1, "audio_end_ms"),
+                              (1, 10, "content_index")):
+        await client.send({"type": "conversation.item.truncate", "item_id": "spoken", "content_index": index,
+                           "audio_end_ms": end})
+        assert (await client.next())["error"]["param"] == param
+
+
+@override_settings(KEYWAY_REALTIME_MAX_ITEMS=2)
+async def test_the_conversation_is_bounded(fake: Any, connect: Any) -> None:
+    client = await connect()
+    await client.until("session.created")
+    await _say(client, "one")
+    await _say(client, "two")
+    await client.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "three"}]}})
+    assert (await client.next())["error"]["code"] == "conversation_full"
+    await client.send({"type": "response.create"})
+    assert (await client.next())["error"]["code"] == "conversation_full"
+
+
+@override_settings(KEYWAY_REALTIME_MAX_LIFETIME=1.0)
+async def test_a_session_ends_at_its_lifetime(fake: Any, connect: Any) -> None:
+    client = await connect()
+    created = await client.until("session.created")
+    await client.send({"type": "session.update", "session": {}})
+    await client.until("session.updated")
+    error = await client.next(timeout=5)
+    assert error["error"]["code"] == "session_expired" and created["session"]["expires_at"] > 0
+    assert await client.closed() == 1000
+
+
+async def test_status_counts_open_realtime_sockets(fake: Any, connect: Any, api_key: tuple[ApiKey, str],
+                                                   asgi_client: Any) -> None:
+    def count() -> Any:
+        return asgi_client.get("/status", headers={"Authorization": f"Bearer {api_key[1]}"})
+
+    before = (await count()).json()["open_websockets"]
+    first, second = await connect(), await connect()
+    await first.until("session.created")
+    await second.until("session.created")
+    assert (await count()).json()["open_websockets"] == before + 2
+    await first.ws.disconnect()
+    await asyncio.sleep(0.1)
+    assert (await count()).json()["open_websockets"] == before + 1
+
+
+async def test_assistant_audio_is_truncated_where_the_client_stopped_playing_it(
+    fake: Any, api_key: tuple[ApiKey, str], connect: Any, upstream: tuple[int, Any]
+) -> None:
+    import base64
+
+    await sync_to_async(provider_upsert_openai_compatible)(
+        name="fake-audio", base_url=f"http://127.0.0.1:{upstream[0]}/v1", models=["ok-audio"],
+        capabilities=["chat", "audio"])
+    client = await connect("ok-audio")
+    await client.until("session.created")
+    audio = base64.b64encode(bytes(48 * 1000)).decode()  # one second of PCM16 at 24 kHz
+    await client.send({"type": "conversation.item.create", "item": {
+        "id": "spoken", "type": "message", "role": "assistant",
+        "content": [{"type": "output_audio", "audio": audio, "transcript": "hello there"}]}})
+    await client.until("conversation.item.done")
+    await client.send({"type": "conversation.item.truncate", "item_id": "spoken", "content_index": 0,
+                       "audio_end_ms": 1500})
+    assert (await client.next())["error"]["param"] == "audio_end_ms"
+    await client.send({"type": "conversation.item.truncate", "item_id": "spoken", "content_index": 0,
+                       "audio_end_ms": 500})
+    truncated = await client.next()
+    assert truncated["type"] == "conversation.item.truncated" and truncated["audio_end_ms"] == 500
+    await client.send({"type": "conversation.item.retrieve", "item_id": "spoken"})
+    part = (await client.next())["item"]["content"][0]
+    assert len(base64.b64decode(part["audio"])) == 48 * 500 and part["transcript"] is None
+
+
+async def test_user_audio_reaches_an_audio_chat_model_as_a_wav_file(
+    fake: Any, connect: Any, upstream: tuple[int, Any]
+) -> None:
+    import base64
+    import io
+    import wave
+
+    await sync_to_async(provider_upsert_openai_compatible)(
+        name="fake-audio", base_url=f"http://127.0.0.1:{upstream[0]}/v1", models=["ok-audio"],
+        capabilities=["chat", "audio"])
+    client = await connect("ok-audio")
+    await client.until("session.created")
+    pcm = bytes(range(256)) * 48
+    await client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+        {"type": "input_audio", "audio": base64.b64encode(pcm).decode()}]}})
+    await client.until("conversation.item.done")
+    await client.send({"type": "conversation.item.create", "event_id": "bad", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_audio", "audio": "not base64!"}]}})
+    assert (await client.next())["error"]["param"] == "item.content[0].audio"
+    seen_before = len(fake[fake_upstream.SEEN])
+    await client.send({"type": "response.create"})
+    await client.until("response.done")
+    part = fake[fake_upstream.SEEN][seen_before]["messages"][0]["content"][0]
+    assert part["type"] == "input_audio" and part["input_audio"]["format"] == "wav"
+    with wave.open(io.BytesIO(base64.b64decode(part["input_audio"]["data"]))) as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.readframes(10**6)) == (24000, 1, pcm)
