@@ -42,6 +42,30 @@ OVERFLOWING = """() => {
 }"""
 
 
+# One text turn over the realtime WebSocket, as a web page would make it.
+REALTIME_TURN = """([url, key]) => new Promise((resolve, reject) => {
+  const socket = new WebSocket(url, ["realtime", "openai-insecure-api-key." + key]);
+  const events = [];
+  const timer = setTimeout(() => reject(new Error("no response.done after 60 s: " + events)), 60000);
+  socket.onerror = () => reject(new Error("the socket failed: " + events));
+  socket.onmessage = (message) => {
+    const event = JSON.parse(message.data);
+    events.push(event.type);
+    if (event.type === "session.created") {
+      socket.send(JSON.stringify({type: "conversation.item.create", item: {type: "message", role: "user",
+        content: [{type: "input_text", text: "Say hello."}]}}));
+      socket.send(JSON.stringify({type: "response.create", response: {max_output_tokens: 4}}));
+    } else if (event.type === "error") {
+      reject(new Error(JSON.stringify(event.error)));
+    } else if (event.type === "response.done") {
+      clearTimeout(timer);
+      socket.close();
+      resolve({protocol: socket.protocol, events, status: event.response.status});
+    }
+  };
+})"""
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     var_dir = tmp_path_factory.mktemp("keyway-browser")
@@ -195,6 +219,12 @@ def test_a_new_user_signs_up_makes_a_key_calls_the_api_rotates_and_revokes_it(
     shot("api-key-rotated")
     _chat(url, raw_key)
     _chat(url, new_key)
+
+    # A browser page talks to the realtime API itself, with the key in its WebSocket subprotocols.
+    realtime = page.evaluate(REALTIME_TURN, [url.replace("http://", "ws://") + "/v1/realtime?model=gemma-3-270m",
+                                             new_key])
+    assert realtime["protocol"] == "realtime" and realtime["status"] in ("completed", "incomplete"), realtime
+    assert realtime["events"][0] == "session.created" and "response.output_text.delta" in realtime["events"]
 
     # A project's rate limit on a model holds for every key of the project, at once.
     page.get_by_role("navigation", name="Dashboard").get_by_role("link", name="Projects", exact=True).click()

@@ -5,6 +5,7 @@ subprotocols, against the embedded Gemma model and a real HTTP upstream on loopb
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import time
@@ -46,6 +47,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                    KEYWAY_UPSTREAM_MODELS="drip")
         server.manage(env, "migrate", "--no-input", "-v", "0")
         bootstrap = server.manage(env, "bootstrap")
+        # An audio model, relayed to the fake upstream's realtime WebSocket.
+        server.django_shell(env, (
+            "from completions.services import provider_upsert_openai_compatible as upsert; "
+            f"upsert(name='voice-upstream', base_url='{upstream_url}/v1', api_key='sk-upstream', "
+            "models=['voice'], capabilities=['realtime'], context_length=32000)"
+        ))
         daphne, daphne_url = server.start_keyway(env, log)
         processes.append(daphne)
         uvicorn, uvicorn_url = server.start_keyway(env, log, uvicorn=True)
@@ -132,6 +139,24 @@ async def test_the_sdk_gets_a_function_call_and_answers_it(stack: dict[str, Any]
         _, answered = await _until(connection, "response.done")
         assert answered.response.status in ("completed", "incomplete")
         assert answered.response.output[0].type == "message"
+    await client.close()
+
+
+@pytest.mark.parametrize("served_by", ["daphne", "uvicorn"])
+async def test_the_sdk_speaks_to_a_relayed_audio_model(stack: dict[str, Any], served_by: str) -> None:
+    client = _client(stack[served_by], stack["key"])
+    async with client.realtime.connect(model="voice") as connection:
+        _, created = await _until(connection, "session.created")
+        assert created.session.model == "voice" and created.session.id.startswith("sess_")
+        await connection.input_audio_buffer.append(audio=base64.b64encode(bytes(9600)).decode())
+        await connection.input_audio_buffer.commit()
+        await connection.response.create()
+        events, done = await _until(connection, "response.done")
+        audio = [event for event in events if event.type == "response.output_audio.delta"]
+        assert len(audio) == 10 and all(base64.b64decode(event.delta) for event in audio)
+        assert done.response.usage.output_tokens == 50
+        limits = next(event for event in events if event.type == "rate_limits.updated")
+        assert limits.rate_limits[0].limit != 99999  # Keyway's limits, not the upstream's
     await client.close()
 
 
