@@ -47,7 +47,9 @@ class _RedisSessions:
     def __init__(self) -> None:
         import redis.asyncio
 
-        self.client = redis.asyncio.Redis.from_url(settings.REDIS_URL, max_connections=8)
+        # A blocking pool: a burst of sockets opening at once waits for a connection instead of failing.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(settings.REDIS_URL, max_connections=16, timeout=5)
+        self.client = redis.asyncio.Redis(connection_pool=pool)
         self.open_script = self.client.register_script(_OPEN)
 
     async def open(self, key_id: int, session_id: str, limit: int) -> bool:

@@ -120,8 +120,14 @@ if REDIS_URL:
             "KEY_PREFIX": KEYWAY_CACHE_PREFIX,
         }
     }
+    # channels_redis waits for messages in 5 s blocking pops; redis-py 8's default 5 s socket timeout cut
+    # those reads and tore every quiet WebSocket down (channels_redis#422), and made a closing socket wait
+    # for the timeout. No socket timeout, as before redis-py 8; keepalive notices a dead connection.
     CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None, "socket_keepalive": True}]},
+        }
     }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "keyway"}}

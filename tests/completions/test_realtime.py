@@ -4,6 +4,7 @@ application (platform_site.asgi) and a real HTTP upstream on loopback (bench/fak
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +12,7 @@ import orjson
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.conf import settings
 from django.test import override_settings
 
 from apikeys.models import ApiKey
@@ -739,3 +741,23 @@ async def test_user_audio_reaches_an_audio_chat_model_as_a_wav_file(
     assert part["type"] == "input_audio" and part["input_audio"]["format"] == "wav"
     with wave.open(io.BytesIO(base64.b64decode(part["input_audio"]["data"]))) as wav:
         assert (wav.getframerate(), wav.getnchannels(), wav.readframes(10**6)) == (24000, 1, pcm)
+
+
+async def test_many_sessions_open_at_once(fake: Any, connect: Any) -> None:
+    clients = await asyncio.gather(*(connect() for _ in range(30)))
+    created = await asyncio.gather(*(client.next() for client in clients))
+    assert {event["type"] for event in created} == {"session.created"}
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="the channel layer is channels_redis only with REDIS_URL")
+async def test_a_session_outlives_the_channel_layers_blocking_read(fake: Any, connect: Any) -> None:
+    """channels_redis waits on Redis in 5 s blocking pops; a socket timeout at or below that (redis-py 8's
+    default) tore every quiet session down after ~5 s. A quiet session must stay open, and close at once."""
+    client = await connect()
+    await client.until("session.created")
+    await asyncio.sleep(6.5)
+    await client.send({"type": "session.update", "session": {"instructions": "still here"}})
+    assert (await client.next())["session"]["instructions"] == "still here"
+    started = time.monotonic()
+    await client.ws.disconnect(timeout=10)
+    assert time.monotonic() - started < 0.5
