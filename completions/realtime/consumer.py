@@ -89,6 +89,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                                         endpoint=Endpoint.REALTIME),
                     ids=self.ids, send_text=self._send_text, on_upstream_closed=self._end, touch=self._touch,
                 )
+            group = key_group(self.key.public_id)
+            await self.channel_layer.group_add(group, self.channel_name)
+            self.groups.append(group)  # left again by Channels when the socket closes
         except ApiError as error:
             self.key = None
             await self._end(error)
@@ -98,9 +101,6 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             logger.exception("Could not open a realtime session")
             await self._end(server_error(request_id=new_request_id()))
             return
-        group = key_group(self.key.public_id)
-        self.groups.append(group)  # left again by Channels when the socket closes
-        await self.channel_layer.group_add(group, self.channel_name)
         now = time.monotonic()
         self.last_activity = now
         self.ends_at = now + settings.KEYWAY_REALTIME_MAX_LIFETIME

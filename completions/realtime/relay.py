@@ -29,7 +29,7 @@ import orjson
 from billing.metering import Status
 from completions.engine import calls
 from completions.engine.catalog import CatalogEntry, DeploymentEntry
-from completions.realtime.protocol import EventIds, error_event, rate_limits_event
+from completions.realtime.protocol import EventIds, error_event, invalid, rate_limits_event
 from platform_site.kernel.errors import ApiError, to_api_error
 from platform_site.middleware import new_request_id
 
@@ -94,9 +94,21 @@ class Relay:
         if kind == "session.update":
             session = event.get("session")
             if isinstance(session, dict):
+                if "model" in session:
+                    # The model was chosen (and checked against the key) when the session opened; the
+                    # upstream knows it by its own name.
+                    if session["model"] != self.entry.public_id:
+                        raise invalid(f"The model is chosen when the session opens (`{self.entry.public_id}`); "
+                                      "open a new session for another one.", "session.model")
+                    session = {**session, "model": self.deployment.upstream_model}
+                    text = orjson.dumps({**event, "session": session}).decode()
                 limit = session.get("max_output_tokens", session.get("max_response_output_tokens"))
                 self.max_output_tokens = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
         elif kind == "response.create":
+            response = event.get("response")
+            if isinstance(response, dict) and "model" in response:
+                raise invalid("A response cannot choose its model; the session's is used.", "response.model",
+                              "unknown_parameter")
             turn = await self._admit(event, client_event_id)
             if turn is None:
                 return

@@ -761,3 +761,16 @@ async def test_a_session_outlives_the_channel_layers_blocking_read(fake: Any, co
     started = time.monotonic()
     await client.ws.disconnect(timeout=10)
     assert time.monotonic() - started < 0.5
+
+
+async def test_a_relayed_session_cannot_switch_to_another_upstream_model(voice: Any, connect: Any) -> None:
+    client = await connect("voice")
+    await client.until("session.created")
+    await client.send({"type": "session.update", "event_id": "swap", "session": {"model": "gpt-realtime-max"}})
+    error = await client.next()
+    assert error["error"]["param"] == "session.model" and error["error"]["event_id"] == "swap"
+    await client.send({"type": "response.create", "response": {"model": "gpt-realtime-max"}})
+    assert (await client.next())["error"]["param"] == "response.model"
+    await client.send({"type": "session.update", "session": {"model": "voice"}})
+    assert (await client.next())["type"] == "session.updated"
+    assert len(await _ledger()) == 0
