@@ -103,6 +103,43 @@ async def test_the_sdk_holds_a_text_conversation_with_the_embedded_model(
     await client.close()
 
 
+async def test_the_sdk_authenticates_with_the_browser_subprotocol_instead_of_the_header(
+    stack: dict[str, Any]
+) -> None:
+    # The SDK always sends its api_key as a header; here that header is removed, and the key rides in the
+    # subprotocols as a browser sends it.
+    client = openai.AsyncOpenAI(base_url=f"{stack['daphne']}/v1", api_key="unused", max_retries=0)
+    async with client.realtime.connect(
+        model="gemma-3-270m", extra_headers={"Authorization": openai.omit},
+        websocket_connection_options={"subprotocols": ["realtime", f"openai-insecure-api-key.{stack['key']}"]},
+    ) as connection:
+        _, created = await _until(connection, "session.created")
+        await connection.conversation.item.create(item=USER_TURN)
+        await connection.response.create(response={"max_output_tokens": 4})
+        _, done = await _until(connection, "response.done")
+        assert done.response.status in ("completed", "incomplete")
+    await client.close()
+
+
+async def test_the_sdks_beta_client_gets_beta_events(stack: dict[str, Any]) -> None:
+    # The beta client always dials wss:// unless told the WebSocket base URL.
+    client = openai.AsyncOpenAI(base_url=f"{stack['uvicorn']}/v1", api_key=stack["key"], max_retries=0,
+                                websocket_base_url=stack["uvicorn"].replace("http://", "ws://") + "/v1")
+    async with client.beta.realtime.connect(model="gemma-3-270m") as connection:
+        _, created = await _until(connection, "session.created")
+        assert created.session.modalities == ["text"]
+        await connection.session.update(session={"modalities": ["text", "audio"], "instructions": "Be brief."})
+        await _until(connection, "session.updated")
+        await connection.conversation.item.create(item={"type": "message", "role": "user",
+                                                        "content": [{"type": "input_text", "text": "Hi"}]})
+        _, item = await _until(connection, "conversation.item.created")
+        await connection.response.create(response={"max_response_output_tokens": 4})
+        events, done = await _until(connection, "response.done")
+        assert any(event.type == "response.text.delta" for event in events)
+        assert done.response.output[0].content[0].type == "text"
+    await client.close()
+
+
 async def test_the_sdk_cancels_a_turn_and_it_ends_cancelled(stack: dict[str, Any]) -> None:
     client = _client(stack["daphne"], stack["key"])
     async with client.realtime.connect(model="drip") as connection:
