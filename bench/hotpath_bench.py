@@ -7,6 +7,8 @@ prepaid organization, a priced model). Two numbers per case:
 - CPU ms per request: this process's CPU time over many requests, so the upstream's work is not counted;
 - Python function calls per request, counted by cProfile: deterministic for the same code and inputs, so a
   change's cost can be read from one run on a noisy machine.
+Cases: a JSON chat completion, the same as a 20-chunk SSE stream, and a realtime turn (a response.create on
+an open WebSocket, answered by the same 20 chunks).
 
     .venv/bin/python bench/hotpath_bench.py [--requests 2000] [--concurrency 1,32]
 
@@ -65,7 +67,51 @@ async def _call(app: object, raw_key: str, body: bytes) -> int:
     return status
 
 
-async def _run(app: object, raw_key: str, body: bytes, *, requests: int, concurrency: int) -> list[int]:
+REALTIME_TURN = (b'{"type": "response.create", "response": {"conversation": "none", "input": [{"type": "message", '
+                 b'"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}}').decode()
+
+
+async def _realtime(app: object, raw_key: str, *, requests: int, concurrency: int) -> list[int]:
+    """`requests` realtime turns (a 20-chunk answer each) over `concurrency` sockets, through the ASGI app as
+    a server would drive it; returns 200 for each turn that ended in response.done."""
+    statuses: list[int] = []
+    queue = iter(range(requests))
+
+    async def socket() -> None:
+        inbox: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+        ready = asyncio.Event()
+
+        async def send(message: dict[str, object]) -> None:
+            text = str(message.get("text", ""))
+            if text.startswith('{"type":"response.done"'):
+                statuses.append(200 if '"status":"completed"' in text else 500)
+                ready.set()
+            elif text.startswith(('{"type":"session.created"', '{"type":"error"')):
+                ready.set()
+
+        scope = {
+            "type": "websocket", "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "ws",
+            "path": "/v1/realtime", "raw_path": b"/v1/realtime", "query_string": b"model=bench", "root_path": "",
+            "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000), "subprotocols": [],
+            "headers": [(b"host", b"127.0.0.1:8000"), (b"authorization", f"Bearer {raw_key}".encode())],
+        }
+        await inbox.put({"type": "websocket.connect"})
+        task = asyncio.get_running_loop().create_task(app(scope, inbox.get, send))  # type: ignore[operator]
+        await ready.wait()
+        for _ in queue:
+            ready.clear()
+            await inbox.put({"type": "websocket.receive", "text": REALTIME_TURN})
+            await ready.wait()
+        await inbox.put({"type": "websocket.disconnect", "code": 1000})
+        await task
+
+    await asyncio.gather(*(socket() for _ in range(concurrency)))
+    return statuses
+
+
+async def _run(app: object, raw_key: str, body: bytes | None, *, requests: int, concurrency: int) -> list[int]:
+    if body is None:
+        return await _realtime(app, raw_key, requests=requests, concurrency=concurrency)
     statuses: list[int] = []
     queue = iter(range(requests))
 
@@ -89,7 +135,8 @@ def main() -> None:
     os.environ.update(env)
     os.environ.update(DEBUG="1", KEYWAY_VAR_DIR=str(scratch), KEYWAY_DEFAULT_MODEL="",
                       KEYWAY_DEFAULT_EMBEDDING_MODEL="", KEYWAY_DEFAULT_RPM=str(10**9), KEYWAY_DEFAULT_TPM=str(10**12),
-                      KEYWAY_PROJECT_RPM=str(10**9), KEYWAY_PROJECT_TPM=str(10**12))
+                      KEYWAY_PROJECT_RPM=str(10**9), KEYWAY_PROJECT_TPM=str(10**12),
+                      KEYWAY_REALTIME_SESSIONS_PER_KEY="1000")
     port = free_port()
     upstream = subprocess.Popen([sys.executable, str(BASE_DIR / "bench" / "fake_upstream.py"), "--port", str(port)],
                                 cwd=BASE_DIR)
@@ -122,7 +169,7 @@ def main() -> None:
             print(f"database: {os.environ.get('DATABASE_URL', 'sqlite')}, cache: "
                   f"{'redis' if os.environ.get('REDIS_URL') else 'in-process'}, {args.requests} requests a case")
             print(f"{'case':<10} {'conc':>5} {'cpu ms/req':>11} {'calls/req':>10}")
-            for name, body in (("json", BODY), ("stream", STREAM_BODY)):
+            for name, body in (("json", BODY), ("stream", STREAM_BODY), ("realtime", None)):
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
                     await _run(application, raw_key, body, requests=200, concurrency=concurrency)  # warm up
                     started = time.process_time()
