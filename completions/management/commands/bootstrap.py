@@ -67,6 +67,11 @@ class Command(BaseCommand):
         self.stdout.write(f"\n  {raw_key}\n")
         self.stdout.write("Try it with the official OpenAI SDK (pip install openai):")
         self.stdout.write(SNIPPET.format(base_url=options["base_url"], key=raw_key, model=model_id))
+        self.stdout.write(
+            f'The same key opens a realtime session (pip install "openai[realtime]"):\n'
+            f'  async with AsyncOpenAI(...).realtime.connect(model="{model_id}") as connection: ...\n'
+            "  (README → Realtime)\n"
+        )
 
     def _demo_user(self, organization: Organization, base_url: str) -> None:
         """The dashboard's demo owner, with a generated password printed this once (its e-mail is verified,
