@@ -229,6 +229,11 @@ class _RealtimeSession:
             await self.send({"type": "input_audio_buffer.committed", "item_id": f"item_in{self.count}"})
             if "vad" in self.model:  # server VAD: the upstream answers by itself
                 self.start(f"resp_vad{self.count}")
+        elif kind == "conversation.item.create":
+            raw = event.get("item")
+            item = {"id": f"item_up{self.count}", "status": "completed", **(raw if isinstance(raw, dict) else {})}
+            await self.send({"type": "conversation.item.added", "previous_item_id": None, "item": item})
+            await self.send({"type": "conversation.item.done", "previous_item_id": None, "item": item})
         elif kind == "response.create":
             self.start(f"resp_up{self.count}")
         elif kind == "response.cancel":

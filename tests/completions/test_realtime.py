@@ -774,3 +774,29 @@ async def test_a_relayed_session_cannot_switch_to_another_upstream_model(voice: 
     await client.send({"type": "session.update", "session": {"model": "voice"}})
     assert (await client.next())["type"] == "session.updated"
     assert len(await _ledger()) == 0
+
+
+def _prepaid_without_credit(org: Organization) -> None:
+    from billing.models import Plan, Price
+    from billing.services import billing_plan_set
+
+    billing_plan_set(organization=org, plan=Plan.objects.create(name="prepaid", billing_mode=Plan.Mode.PREPAID),
+                     actor_label="test")
+    Price.objects.create(model="ok", input_per_million_micros=1_000_000, output_per_million_micros=1_000_000)
+    Price.objects.create(model="voice", input_per_million_micros=1_000_000, output_per_million_micros=1_000_000)
+
+
+@pytest.mark.parametrize("model", ["ok", "voice"])
+async def test_an_out_of_credit_response_gets_an_error_and_rate_limits_updated(
+    fake: Any, voice: Any, connect: Any, org: Organization, model: str
+) -> None:
+    await sync_to_async(_prepaid_without_credit)(org)
+    client = await connect(model)
+    await client.until("session.created")
+    await client.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
+    await client.send({"type": "response.create", "event_id": "broke"})
+    error = await client.until("error")
+    assert error["error"]["code"] == "insufficient_quota" and error["error"]["event_id"] == "broke"
+    assert (await client.next())["type"] == "rate_limits.updated"
+    assert await _ledger() == []
