@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--server", choices=["daphne", "uvicorn"], default="uvicorn")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", default="1,32")
+    parser.add_argument("--ws", default="auto", help="uvicorn's WebSocket implementation (auto, websockets, "
+                        "websockets-sansio, wsproto)")
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="keyway-bench-"))
@@ -107,7 +109,8 @@ def main() -> None:
         port = free_port()
         if args.server == "uvicorn":
             command = [sys.executable, "-m", "uvicorn", "platform_site.asgi:application", "--port", str(port),
-                       "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+                       "--loop", "uvloop", "--http", "httptools", "--ws", args.ws, "--no-access-log",
+                       "--log-level", "warning"]
         else:
             command = [sys.executable, "-m", "daphne", "-p", str(port), "-v", "0", "platform_site.asgi:application"]
         keyway = subprocess.Popen(command, cwd=BASE_DIR, env=env)
@@ -130,7 +133,8 @@ def main() -> None:
         stop(keyway)
         keyway = None
         ledger = manage(env, "shell", "-c", LEDGER_COUNT).strip().splitlines()[-1].split()[0]
-        print(f"\nserver: {args.server}, 1 worker, metering and limits on, {args.seconds:g} s per case, "
+        served = f"{args.server} --ws {args.ws}" if args.server == "uvicorn" else args.server
+        print(f"\nserver: {served}, 1 worker, metering and limits on, {args.seconds:g} s per case, "
               f"database: {env.get('DATABASE_URL', 'sqlite')}, cache: {'redis' if env.get('REDIS_URL') else 'local'}")
         print(f"{'case':<20}{'conc':>5}{'done':>8}{'err':>5}{'per s':>9}{'cpu ms each':>13}")
         for name, concurrency, done, errors, rate, cpu in rows:
