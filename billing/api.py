@@ -42,11 +42,14 @@ from billing.selectors import (
     usage_report,
 )
 from platform_site.kernel.errors import ApiError
+from platform_site.kernel.params import whole_number
 from platform_site.models import Organization
 
 DEFAULT_RANGE_DAYS = 30
 MAX_RANGE_DAYS = 366
-_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", re.ASCII)
+# Dates a usage range may name: a year off either end made the range's arithmetic overflow (a 500).
+_FIRST_DATE, _LAST_DATE = date(2000, 1, 1), date(9000, 12, 31)
 _MONTH_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 _EXPORT_PAGE = 2000
 
@@ -109,9 +112,12 @@ def _date_param(request: Request, name: str) -> date | None:
     try:
         if not _DATE_RE.match(raw):
             raise ValueError
-        return date.fromisoformat(raw)
+        value = date.fromisoformat(raw)
     except ValueError:
-        raise invalid_param(name, f"Invalid '{name}': {raw!r} is not a date of the form YYYY-MM-DD.") from None
+        raise invalid_param(name, f"Invalid '{name}': {raw[:40]!r} is not a date of the form YYYY-MM-DD.") from None
+    if not _FIRST_DATE <= value <= _LAST_DATE:
+        raise invalid_param(name, f"Invalid '{name}': {raw} is outside {_FIRST_DATE} … {_LAST_DATE}.")
+    return value
 
 
 def _date_range(request: Request) -> tuple[date, date]:
@@ -297,9 +303,10 @@ def _int_param(request: Request, name: str, *, default: int | None, minimum: int
     raw = request.query_params.get(name, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or not minimum <= int(raw) <= maximum:
-        raise invalid_param(name, f"Invalid '{name}': {raw!r} is not an integer from {minimum} to {maximum}.")
-    return int(raw)
+    value = whole_number(raw, maximum=maximum)
+    if value is None or value < minimum:
+        raise invalid_param(name, f"Invalid '{name}': {raw[:40]!r} is not an integer from {minimum} to {maximum}.")
+    return value
 
 
 class CreditListApi(BillingApi):

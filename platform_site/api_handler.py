@@ -26,6 +26,7 @@ from django.http import HttpResponseBase
 from django.urls import get_resolver
 
 from platform_site.kernel.errors import ApiError, error_response, server_error
+from platform_site.kernel.params import nul_byte_error, nul_byte_param
 from platform_site.middleware import new_request_id
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ class ApiHandler(ASGIHandler):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             raise ValueError(f"The API handler serves HTTP only, not {scope['type']}.")
+        param = nul_byte_param(scope["path"], scope.get("query_string", b"").decode("latin-1"))
+        if param is not None:
+            await self.send_response(error_response(nul_byte_error(param), request_id=new_request_id()), send)
+            return
         try:
             body = await self._read_body(scope, receive)
         except RequestAborted:

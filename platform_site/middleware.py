@@ -1,4 +1,5 @@
-"""Dashboard middleware. The API path does not run this stack (see platform_site.asgi)."""
+"""Middleware of the full stack (the dashboard, the management and billing APIs). The lean API path does not
+run this stack (see platform_site.asgi) and makes the same checks itself."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import secrets
 from collections.abc import Awaitable, Callable
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, HttpResponseBase
+
+from platform_site.kernel.errors import error_response
+from platform_site.kernel.params import nul_byte_error, nul_byte_param
+
+# Paths answered with OpenAI error objects (JSON) rather than pages.
+API_PREFIXES = ("/v1/", "/api/")
 
 
 def new_request_id() -> str:
@@ -38,3 +45,25 @@ class RequestIdMiddleware:
         response = await self.get_response(request)  # type: ignore[misc]
         response["x-request-id"] = request.request_id  # type: ignore[attr-defined]
         return response
+
+
+class RejectNulBytesMiddleware:
+    """A NUL byte in the path or the query string gets a 400 before any view runs: PostgreSQL refuses one in
+    any string, so every lookup it reached was a 500. API paths get an OpenAI error naming the parameter."""
+
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        param = nul_byte_param(request.path, request.META.get("QUERY_STRING", ""))
+        if param is None:
+            return self.get_response(request)
+        error = nul_byte_error(param)
+        if request.path.startswith(API_PREFIXES):
+            response: HttpResponse = error_response(error, request_id=getattr(request, "request_id", "") or
+                                                    new_request_id())
+            return response
+        return HttpResponseBadRequest(error.message)

@@ -50,6 +50,7 @@ INSTALLED_APPS = [
 # whole proxy hop and mean nothing to a bearer-token API.
 MIDDLEWARE = [
     "platform_site.middleware.RequestIdMiddleware",
+    "platform_site.middleware.RejectNulBytesMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "csp.middleware.CSPMiddleware",

@@ -26,6 +26,7 @@ from billing.errors import openai_exception_handler
 from dashboard.context import current_membership
 from platform_site.access import Actor
 from platform_site.exceptions import NotPermitted, TenancyError
+from platform_site.kernel.params import whole_number
 from platform_site.models import Organization, Role
 
 M = TypeVar("M", bound=Model)
@@ -95,10 +96,10 @@ def field(body: Any, name: str, kind: type | tuple[type, ...], *, required: bool
 
 
 def _limit(request: Request, default: int) -> int:
-    raw = request.query_params.get("limit", str(default))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    value = whole_number(request.query_params.get("limit", str(default)), maximum=MAX_LIMIT)
+    if value is None or value < 1:
         raise TenancyError(f"limit must be a whole number from 1 to {MAX_LIMIT}.", param="limit", code="invalid_value")
-    return int(raw)
+    return value
 
 
 def page(

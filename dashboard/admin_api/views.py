@@ -24,6 +24,7 @@ from dashboard.admin_api import objects
 from dashboard.admin_api import schema as doc
 from dashboard.admin_api.base import ManagementApi, field, page, page_of, parse_unix
 from platform_site.exceptions import NotFound, TenancyError
+from platform_site.kernel.params import whole_number
 from platform_site.models import Project
 from platform_site.selectors import (
     audit_log_list,
@@ -422,7 +423,8 @@ class InviteApi(ManagementApi):
 
 def _audit_id(value: str) -> Q:
     number = value.removeprefix("audit_log-")
-    return Q(pk=int(number)) if number.isdigit() else Q(pk=None)
+    pk = whole_number(number)
+    return Q(pk=pk) if pk is not None else Q(pk=None)
 
 
 class AuditLogListApi(ManagementApi):
@@ -445,9 +447,10 @@ class AuditLogListApi(ManagementApi):
         for bound, lookup in (("gt", "gt"), ("gte", "gte"), ("lt", "lt"), ("lte", "lte")):
             raw = params.get(f"effective_at[{bound}]")
             if raw is not None:
-                if not raw.isdigit():
+                seconds = whole_number(raw)
+                if seconds is None:
                     raise TenancyError("effective_at bounds are Unix seconds.", param=f"effective_at[{bound}]")
-                moment = parse_unix(int(raw), f"effective_at[{bound}]")
+                moment = parse_unix(seconds, f"effective_at[{bound}]")
                 events = events.filter(**{f"created_at__{lookup}": moment})
         before = params.get("before")
         if before:

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.db import DataError
 from django.http import Http404, HttpResponse
 from rest_framework import exceptions as drf
 
@@ -109,6 +110,11 @@ def to_api_error(exc: BaseException, *, request_id: str) -> ApiError:
         return exc
     if isinstance(exc, drf.APIException):
         return _from_drf(exc)
+    if isinstance(exc, DataError):
+        # A value the database cannot hold (a number past its column, a string it refuses): the input's
+        # fault, whichever check missed it. Logged, so the missing check gets written.
+        logger.warning("A request value did not fit the database (request %s): %s", request_id, type(exc).__name__)
+        return ApiError("A value in the request is out of range or not allowed.", code="invalid_value")
     if isinstance(exc, RequestDataTooBig):
         return ApiError("The request body is too large.", status=413, code="request_too_large")
     if isinstance(exc, PermissionDenied):

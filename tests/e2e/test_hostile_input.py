@@ -1,0 +1,124 @@
+"""Hostile input against a real server process: every query parameter, path id and header of the JSON APIs
+given NUL bytes, non-ASCII digits, out-of-range numbers and dates, invalid UTF-8 and very long values. The
+answer is always a 4xx OpenAI error object naming what was wrong where it can, never a 500 or a page."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2
+import pytest
+
+from tests.e2e import server
+
+pytestmark = pytest.mark.e2e
+
+HOSTILE = [
+    "%00", "a%00b", "%C2%B2", "%EF%BC%91%EF%BC%92", "99999999999999999999999", "-1", "1.5", "%FF", "x" * 3000,
+    "2025-13-45", "0001-01-01", "9999-12-31", "%20", "1e3", "0x10", "%F0%9F%98%80",
+]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    var_dir = tmp_path_factory.mktemp("keyway-hostile")
+    env, database = server.make_environment(var_dir)
+    process = None
+    try:
+        server.manage(env, "migrate", "--no-input", "-v", "0")
+        server.manage(env, "bootstrap")
+        key = server.manage(env, "createapikey", "demo", "--name", "all").strip()
+        admin = server.manage(env, "createapikey", "demo", "--name", "admin", "--scopes", "admin").strip()
+        process, url = server.start_keyway(env, var_dir / "server.log")
+        project = httpx2.get(f"{url}/v1/organization/projects", headers=_auth(admin), timeout=30).json()["data"][0]
+        yield {"url": url, "key": key, "admin": admin, "project": project["id"], "log": var_dir / "server.log"}
+    finally:
+        if process is not None:
+            server.stop(process)
+        server.drop_database(database)
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _check(response: httpx2.Response, where: str, failures: list[str]) -> None:
+    if response.status_code >= 500:
+        failures.append(f"{where}: {response.status_code}")
+    elif response.status_code >= 400:
+        if not response.headers["content-type"].startswith("application/json"):
+            failures.append(f"{where}: {response.status_code} {response.headers['content-type']}")
+        elif set(response.json().get("error") or {}) < {"message", "type", "param", "code"}:
+            failures.append(f"{where}: {response.text[:120]}")
+
+
+def _lists(stack: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
+    """(path, key, query parameters) of every GET that takes parameters."""
+    project = stack["project"]
+    admin, key = stack["admin"], stack["key"]
+    organization = "/v1/organization"
+    paged = ["limit", "after", "before", "order"]
+    return [
+        ("/api/billing/usage", key, ["start", "end", "model", "api_key", "group_by", "organization"]),
+        ("/api/billing/usage.csv", key, ["start", "end", "model", "api_key", "group_by"]),
+        ("/api/billing/credits", key, ["limit", "after"]),
+        ("/api/billing/balance", key, ["organization"]),
+        (f"{organization}/projects", admin, [*paged, "include_archived"]),
+        (f"{organization}/admin_api_keys", admin, paged),
+        (f"{organization}/users", admin, [*paged, "emails[]", "emails"]),
+        (f"{organization}/invites", admin, paged),
+        (f"{organization}/audit_logs", admin, [*paged, "event_types[]", "project_ids[]", "actor_emails[]",
+                                                "resource_ids[]", "effective_at[gt]", "effective_at[lte]"]),
+        (f"{organization}/projects/{project}/api_keys", admin, paged),
+        (f"{organization}/projects/{project}/rate_limits", admin, paged),
+        (f"{organization}/projects/{project}/service_accounts", admin, paged),
+        (f"{organization}/projects/{project}/users", admin, paged),
+        ("/v1/models", key, ["after"]),
+    ]
+
+
+def test_hostile_query_parameters_are_answered_with_4xx_error_objects(stack: dict[str, Any]) -> None:
+    failures: list[str] = []
+    with httpx2.Client(base_url=stack["url"], timeout=30) as client:
+        for path, key, names in _lists(stack):
+            for name in names:
+                for value in HOSTILE:
+                    response = client.get(f"{path}?{name}={value}", headers=_auth(key))
+                    _check(response, f"GET {path}?{name}={value[:20]}", failures)
+    assert not failures, "\n".join(failures)
+
+
+def test_hostile_path_ids_are_answered_with_4xx_error_objects(stack: dict[str, Any]) -> None:
+    organization = "/v1/organization"
+    paths = [
+        ("/v1/models/{}", stack["key"]), ("/api/billing/statements/{}", stack["key"]),
+        (f"{organization}/projects/{{}}", stack["admin"]), (f"{organization}/admin_api_keys/{{}}", stack["admin"]),
+        (f"{organization}/users/{{}}", stack["admin"]), (f"{organization}/invites/{{}}", stack["admin"]),
+        (f"{organization}/projects/{stack['project']}/api_keys/{{}}", stack["admin"]),
+        (f"{organization}/projects/{stack['project']}/rate_limits/{{}}", stack["admin"]),
+    ]
+    failures: list[str] = []
+    with httpx2.Client(base_url=stack["url"], timeout=30) as client:
+        for template, key in paths:
+            for value in HOSTILE:
+                path = template.format(value)
+                for method in ("GET", "POST", "DELETE"):
+                    response = client.request(method, path, headers=_auth(key), json={})
+                    _check(response, f"{method} {path[:80]}", failures)
+    assert not failures, "\n".join(failures)
+
+
+def test_a_nul_byte_in_a_page_url_is_a_400_not_a_database_error(stack: dict[str, Any]) -> None:
+    with httpx2.Client(base_url=stack["url"], timeout=30) as client:
+        for path in ("/settings/projects/%00", "/settings/api-keys?project=%00", "/accounts/login/?next=%00"):
+            response = client.get(path)
+            assert response.status_code == 400, path
+        response = client.post("/v1/chat/completions?x=a%00", headers=_auth(stack["key"]), json={})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "x"
+
+
+def test_the_log_names_no_key(stack: dict[str, Any]) -> None:
+    text = stack["log"].read_text(errors="replace")
+    assert not re.search(r"sk-kw-[a-z0-9]{12}-[A-Za-z0-9]{44}", text)
