@@ -16,6 +16,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from apikeys.auth import AuthenticatedKey, authenticate_header
 from completions.engine.calls import Caller
+from platform_site.kernel import jsonbody
 from platform_site.kernel.errors import ApiError, error_response, to_api_error
 from platform_site.middleware import new_request_id
 
@@ -74,7 +75,9 @@ def api_endpoint(*, methods: tuple[str, ...], scope: str | None) -> Callable[[Vi
 def json_body(request: HttpRequest) -> dict[str, Any]:
     # The Content-Type is not checked: `curl -d` sends form encoding by default and OpenAI parses JSON anyway.
     try:
-        body = orjson.loads(request.body)
+        body = jsonbody.loads(request.body)
+    except jsonbody.TooDeep:
+        raise jsonbody.too_deep_error() from None
     except orjson.JSONDecodeError:
         raise ApiError(
             "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "

@@ -177,12 +177,16 @@ def _validate_response_format(response_format: Any) -> None:
         if spec.get("schema") is not None and not isinstance(spec["schema"], dict):
             raise ApiError("'response_format.json_schema.schema' must be an object.",
                            param="response_format.json_schema.schema", code="invalid_type")
+        if spec.get("schema"):
+            _validate_schema(spec["schema"], "response_format.json_schema.schema")
         return
     if kind == "json":
         # Seed 002's legacy form: {"type": "json", "schema"?, "name"?, "description"?}.
         if response_format.get("schema") is not None and not isinstance(response_format["schema"], dict):
             raise ApiError("'response_format.schema' must be an object.", param="response_format.schema",
                            code="invalid_type")
+        if response_format.get("schema"):
+            _validate_schema(response_format["schema"], "response_format.schema")
         return
     raise _invalid(
         f"Invalid value for 'response_format.type': {kind!r}. Supported: 'text', 'json_object', 'json_schema'.",
@@ -191,6 +195,38 @@ def _validate_response_format(response_format: Any) -> None:
 
 
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# Bounds of a JSON Schema a tenant sends (tool parameters, response_format): the embedded model compiles it
+# into a grammar on the generation thread that every tenant shares, and a deep or wide schema, or a large
+# repetition count (which the grammar spells out), made that take minutes. OpenAI's structured outputs allow
+# 10 levels of object nesting and 5,000 properties; a level is two or three JSON containers deep.
+MAX_SCHEMA_DEPTH = 32
+MAX_SCHEMA_NODES = 5_000
+MAX_SCHEMA_REPETITION = 256
+_REPETITION_KEYWORDS = frozenset(
+    {"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties", "minContains", "maxContains"}
+)
+
+
+def _validate_schema(schema: dict[str, Any], param: str) -> None:
+    """A schema's depth, size and repetition counts, without recursion (a deep one must not blow the stack)."""
+    nodes = 0
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_SCHEMA_DEPTH:
+            raise _invalid(f"'{param}' is nested more than {MAX_SCHEMA_DEPTH} levels deep.", param)
+        if nodes > MAX_SCHEMA_NODES:
+            raise _invalid(f"'{param}' has more than {MAX_SCHEMA_NODES} parts.", param)
+        if isinstance(node, dict):
+            for name, value in node.items():
+                if name in _REPETITION_KEYWORDS and isinstance(value, int | float) and value > MAX_SCHEMA_REPETITION:
+                    raise _invalid(f"'{param}' sets {name} to {value}; the most this server allows is "
+                                   f"{MAX_SCHEMA_REPETITION}.", param)
+                if isinstance(value, dict | list):
+                    stack.append((value, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((value, depth + 1) for value in node if isinstance(value, dict | list))
 
 
 def _validate_tools(body: dict[str, Any]) -> None:
@@ -214,6 +250,8 @@ def _validate_tools(body: dict[str, Any]) -> None:
             if parameters is not None and not isinstance(parameters, dict):
                 raise ApiError(f"'{param}.function.parameters' must be a JSON Schema object.",
                                param=f"{param}.function.parameters", code="invalid_type")
+            if parameters:
+                _validate_schema(parameters, f"{param}.function.parameters")
             names.add(name)
     choice = body.get("tool_choice")
     if choice is None:

@@ -47,6 +47,7 @@ from completions.realtime.protocol import (
 )
 from completions.realtime.relay import Relay
 from completions.realtime.responses import RealtimeResponse, parse_response
+from platform_site.kernel import jsonbody
 from platform_site.kernel.errors import ApiError, server_error
 from platform_site.middleware import new_request_id
 
@@ -251,9 +252,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             raise invalid(f"The event is larger than {limit} bytes, the most one message may carry.", None,
                           "message_too_large")
         try:
-            event = orjson.loads(text_data)
+            event = jsonbody.loads(text_data.encode())
         except orjson.JSONDecodeError:
             raise invalid("The event is not valid JSON.", None, "invalid_json") from None
+        except jsonbody.TooDeep:
+            raise invalid(f"The event is nested more than {jsonbody.MAX_DEPTH} levels deep.", None,
+                          "invalid_json") from None
         if not isinstance(event, dict):
             raise invalid("The event must be a JSON object.", None, "invalid_event")
         return event

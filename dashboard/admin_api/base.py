@@ -12,7 +12,6 @@ from django.contrib.auth.models import AnonymousUser
 from django.db.models import Model, Q, QuerySet
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.exceptions import NotAuthenticated
-from rest_framework.parsers import JSONParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.views import APIView
@@ -26,6 +25,7 @@ from billing.errors import openai_exception_handler
 from dashboard.context import current_membership
 from platform_site.access import Actor
 from platform_site.exceptions import NotPermitted, TenancyError
+from platform_site.kernel.jsonbody import BoundedJSONParser
 from platform_site.kernel.params import whole_number
 from platform_site.models import Organization, Role
 
@@ -48,7 +48,7 @@ class ManagementApi(APIView):
     permission_classes: list[Any] = []
     renderer_classes = [JSONRenderer]
     # JSON bodies only: a form-encoded body is refused (415), never half-read as a form.
-    parser_classes = [JSONParser]
+    parser_classes = [BoundedJSONParser]
     content_negotiation_class = JsonOnlyNegotiation
 
     def get_exception_handler(self) -> Callable[..., Any]:

@@ -179,6 +179,9 @@ async def test_a_bad_event_gets_an_error_that_echoes_its_event_id_and_the_socket
             assert error["error"]["event_id"] == event.get("event_id")
     await client.ws.send_to(text_data="{not json")
     assert (await client.next())["error"]["code"] == "invalid_json"
+    deep = '{"type": "conversation.item.create", "item": ' + "[" * 300 + "]" * 300 + "}"
+    await client.ws.send_to(text_data=deep)
+    assert (await client.next())["error"]["code"] == "invalid_json"
     await client.ws.send_to(bytes_data=b"\x00\x01")
     assert (await client.next())["error"]["code"] == "invalid_event"
     # Still usable after all that.

@@ -122,3 +122,41 @@ def test_a_nul_byte_in_a_page_url_is_a_400_not_a_database_error(stack: dict[str,
 def test_the_log_names_no_key(stack: dict[str, Any]) -> None:
     text = stack["log"].read_text(errors="replace")
     assert not re.search(r"sk-kw-[a-z0-9]{12}-[A-Za-z0-9]{44}", text)
+
+
+def _nested(depth: int) -> str:
+    """JSON text nested `depth` containers deep (built as text: encoders refuse to go that deep)."""
+    opening = "".join('{"a":' if level % 2 == 0 else "[" for level in range(depth))
+    closing = "".join("}" if level % 2 == 0 else "]" for level in reversed(range(depth)))
+    return opening + '"x"' + closing
+
+
+def test_deeply_nested_json_is_a_400_wherever_it_is_sent(stack: dict[str, Any]) -> None:
+    failures: list[str] = []
+    key, admin = stack["key"], stack["admin"]
+    with httpx2.Client(base_url=stack["url"], timeout=60) as client:
+        for depth in (100, 300, 900, 5000):
+            nested = _nested(depth)
+            gemma = '"model": "gemma-3-270m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]'
+            bodies = [
+                ("/v1/chat/completions", key, f'{{{gemma}, "metadata": {{"a": {nested}}}}}'),
+                ("/v1/chat/completions", key, f'{{{gemma}, "tools": [{{"type": "function", "function": {{"name": '
+                                              f'"f", "parameters": {{"type": "object", "properties": {{"a": '
+                                              f'{nested}}}}}}}}}]}}'),
+                ("/v1/chat/completions", key, f'{{{gemma}, "response_format": {{"type": "json_schema", '
+                                              f'"json_schema": {{"name": "s", "schema": {{"type": "object", '
+                                              f'"properties": {{"a": {nested}}}}}}}}}}}'),
+                ("/v1/chat/completions", key, '{"model": "gemma-3-270m", "max_tokens": 2, "messages": [{"role": '
+                                              f'"user", "content": [{{"type": "text", "text": "hi", "extra": '
+                                              f'{nested}}}]}}]}}'),
+                ("/v1/chat/completions", key, f'{{{gemma}, "unknown": {nested}}}'),
+                ("/v1/embeddings", key, f'{{"model": "all-minilm-l6-v2", "input": {nested}}}'),
+                ("/v1/organization/projects", admin, f'{{"name": {nested}}}'),
+                (f"/v1/organization/projects/{stack['project']}/rate_limits/rl-gemma-3-270m", admin,
+                 f'{{"max_requests_per_1_minute": {nested}}}'),
+                ("/api/billing/credits", key, nested),
+            ]
+            for path, auth, raw in bodies:
+                response = client.post(path, content=raw, headers={**_auth(auth), "Content-Type": "application/json"})
+                _check(response, f"POST {path} depth {depth}", failures)
+    assert not failures, "\n".join(failures)
