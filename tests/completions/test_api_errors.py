@@ -234,3 +234,44 @@ async def test_health_is_503_when_a_dependency_fails(asgi_client, monkeypatch: p
     response = await asgi_client.get("/health")
     assert response.status_code == 503
     assert response.json() == {"status": "unavailable", "checks": {"database": "ok", "cache": "error: ConnectionError"}}
+
+
+def _deep_schema(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize(
+    ("field", "schema", "param"),
+    [
+        ("tools", _deep_schema(20), "tools[0].function.parameters"),
+        ("tools", {"type": "array", "items": {"type": "string"}, "maxItems": 100_000}, "tools[0].function.parameters"),
+        ("tools", {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(6000)}},
+         "tools[0].function.parameters"),
+        ("response_format", {"type": "string", "maxLength": 10**9}, "response_format.json_schema.schema"),
+        ("response_format", _deep_schema(20), "response_format.json_schema.schema"),
+    ],
+)
+async def test_schemas_that_would_compile_into_huge_grammars_are_refused_before_the_model(
+    asgi_client, api_key: tuple[ApiKey, str], default_model: None, field: str, schema: dict[str, Any], param: str,
+    validate_schema
+) -> None:
+    body: dict[str, Any] = {**OK, "max_tokens": 2}
+    if field == "tools":
+        body["tools"] = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    else:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    response = await asgi_client.post(CHAT, json=body, headers=bearer(api_key[1]))
+    assert assert_error(response, 400, "invalid_value", validate_schema)["param"] == param
+
+
+async def test_a_schema_within_the_bounds_still_works(
+    asgi_client, api_key: tuple[ApiKey, str], default_model: None
+) -> None:
+    schema = {**_deep_schema(8), "properties": {"a": {"type": "array", "items": {"type": "integer"}, "maxItems": 3}}}
+    body = {**OK, "max_tokens": 8, "response_format": {"type": "json_schema", "json_schema": {"name": "s",
+                                                                                                "schema": schema}}}
+    response = await asgi_client.post(CHAT, json=body, headers=bearer(api_key[1]))
+    assert response.status_code == 200, response.text
