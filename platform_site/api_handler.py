@@ -22,7 +22,8 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, ASGIRequest
-from django.http import HttpResponseBase
+from django.http import HttpResponse, HttpResponseBase
+from django.http.request import split_domain_port, validate_host
 from django.urls import get_resolver
 
 from platform_site.kernel.errors import ApiError, error_response, server_error
@@ -48,6 +49,24 @@ class _BodyTooLarge(Exception):
     pass
 
 
+# CORS as OpenAI answers it: any origin may call with a bearer key, and no cookie is ever involved, so a
+# browser app (and the dashboard's playground) can call the API. Only this path: the management API and the
+# dashboard, which do use cookies, answer no cross-origin request.
+_CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+_CORS_EXPOSED = (
+    "x-request-id, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
+    "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, retry-after, "
+    "x-keyway-model, x-keyway-provider"
+)
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
 class ApiHandler(ASGIHandler):
     def load_middleware(self, is_async: bool = False) -> None:
         # No middleware on the API path; the views do request ids, authentication and error mapping.
@@ -59,9 +78,10 @@ class ApiHandler(ASGIHandler):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             raise ValueError(f"The API handler serves HTTP only, not {scope['type']}.")
-        param = nul_byte_param(scope["path"], scope.get("query_string", b"").decode("latin-1"))
-        if param is not None:
-            await self.send_response(error_response(nul_byte_error(param), request_id=new_request_id()), send)
+        cors = _header(scope, b"origin") is not None
+        early = self._refusal(scope)
+        if early is not None:
+            await self._send(early, send, cors=cors)
             return
         try:
             body = await self._read_body(scope, receive)
@@ -69,7 +89,7 @@ class ApiHandler(ASGIHandler):
             return
         except _BodyTooLarge:
             error = ApiError("The request body is too large.", status=413, code="request_too_large")
-            await self.send_response(error_response(error, request_id=new_request_id()), send)
+            await self._send(error_response(error, request_id=new_request_id()), send, cors=cors)
             return
         request = ASGIRequest(scope, io.BytesIO(body))
         task = asyncio.current_task()
@@ -79,7 +99,7 @@ class ApiHandler(ASGIHandler):
         response: HttpResponseBase | None = None
         try:
             response = await self._respond(request)
-            await self.send_response(response, send)
+            await self._send(response, send, cors=cors)
         except asyncio.CancelledError:
             # The client went away: the view (and any stream it was producing) has been cancelled.
             if not disconnected.is_set():
@@ -89,6 +109,36 @@ class ApiHandler(ASGIHandler):
             # Finished or abandoned: a stream that never started (or stopped half-way) settles here.
             if response is not None:
                 close_response(response)
+
+    @staticmethod
+    def _refusal(scope: dict[str, Any]) -> HttpResponseBase | None:
+        """What is answered before the body is read: a CORS preflight, a Host this server is not, a NUL byte
+        in the URL."""
+        if scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method") is not None:
+            preflight = HttpResponse(status=204)
+            preflight["Access-Control-Allow-Methods"] = _CORS_METHODS
+            preflight["Access-Control-Allow-Headers"] = (
+                _header(scope, b"access-control-request-headers") or "authorization, content-type"
+            )[:1000]
+            preflight["Access-Control-Max-Age"] = "86400"
+            return preflight
+        domain, _ = split_domain_port(_header(scope, b"host") or "")
+        if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
+            error = ApiError("The Host header names a host this server does not serve.", code="invalid_host")
+            return error_response(error, request_id=new_request_id())
+        param = nul_byte_param(scope["path"], scope.get("query_string", b"").decode("latin-1"))
+        if param is not None:
+            return error_response(nul_byte_error(param), request_id=new_request_id())
+        return None
+
+    async def _send(self, response: HttpResponseBase, send: Any, *, cors: bool) -> None:
+        """Every answer of the API path is never cached or sniffed, and readable cross-origin."""
+        response.setdefault("Cache-Control", "no-store")
+        response["X-Content-Type-Options"] = "nosniff"
+        if cors:
+            response["Access-Control-Allow-Origin"] = "*"
+            response["Access-Control-Expose-Headers"] = _CORS_EXPOSED
+        await self.send_response(response, send)
 
     async def _read_body(self, scope: dict[str, Any], receive: Any) -> bytes:
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE

@@ -160,3 +160,36 @@ def test_deeply_nested_json_is_a_400_wherever_it_is_sent(stack: dict[str, Any]) 
                 response = client.post(path, content=raw, headers={**_auth(auth), "Content-Type": "application/json"})
                 _check(response, f"POST {path} depth {depth}", failures)
     assert not failures, "\n".join(failures)
+
+
+def test_the_api_path_answers_cors_like_openai_and_is_never_cached_or_sniffed(stack: dict[str, Any]) -> None:
+    origin = {"Origin": "https://app.example.com"}
+    with httpx2.Client(base_url=stack["url"], timeout=30) as client:
+        preflight = client.options("/v1/chat/completions", headers={
+            **origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+        assert preflight.status_code == 204
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+        assert "authorization" in preflight.headers["access-control-allow-headers"]
+        response = client.get("/v1/models", headers={**origin, **_auth(stack["key"])})
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == "*"
+        assert "x-request-id" in response.headers["access-control-expose-headers"]
+        assert "access-control-allow-credentials" not in response.headers
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["cache-control"] == "no-store"
+        refused = client.get("/v1/models", headers=origin)  # errors are readable cross-origin too
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "*"
+        # The management API and the dashboard use cookies: no cross-origin reads there.
+        for path in ("/v1/organization/projects", "/settings/api-keys"):
+            other = client.get(path, headers={**origin, **_auth(stack["admin"])})
+            assert "access-control-allow-origin" not in other.headers, path
+        no_origin = client.get("/v1/models", headers=_auth(stack["key"]))
+        assert "access-control-allow-origin" not in no_origin.headers
+
+
+def test_a_host_this_server_does_not_serve_is_refused_on_the_api_path(stack: dict[str, Any]) -> None:
+    with httpx2.Client(base_url=stack["url"], timeout=30) as client:
+        response = client.get("/v1/models", headers={**_auth(stack["key"]), "Host": "evil.example.com"})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_host"
+        assert client.get("/v1/models", headers=_auth(stack["key"])).status_code == 200
