@@ -12,10 +12,15 @@ USAGE_READ = "usage:read"
 # project key manages nothing.
 ADMIN = "admin"
 
-ALL_SCOPES: tuple[str, ...] = (MODELS_READ, CHAT, EMBEDDINGS, RESPONSES, REALTIME, USAGE_READ)
-KNOWN_SCOPES: tuple[str, ...] = (*ALL_SCOPES, ADMIN)
+# The "All" permission: every model endpoint. Reading the organization's usage and billing is not a model
+# endpoint, so a key gets it only where it is asked for (a backend's key that leaks must not show the
+# organization's spend).
+ALL_SCOPES: tuple[str, ...] = (MODELS_READ, CHAT, EMBEDDINGS, RESPONSES, REALTIME)
+# What a key that is not an admin key may hold.
+KEY_SCOPES: tuple[str, ...] = (*ALL_SCOPES, USAGE_READ)
+KNOWN_SCOPES: tuple[str, ...] = (*KEY_SCOPES, ADMIN)
 READ_ONLY_SCOPES: tuple[str, ...] = (MODELS_READ, USAGE_READ)
-SCOPE_CHOICES = [(scope, scope) for scope in ALL_SCOPES]
+SCOPE_CHOICES = [(scope, scope) for scope in KEY_SCOPES]
 # What each scope opens, for the dashboard's "Restricted" permission picker.
 SCOPE_LABELS: dict[str, str] = {
     MODELS_READ: "Models (list and retrieve)",

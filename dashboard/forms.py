@@ -9,14 +9,14 @@ from typing import Any
 from django import forms
 from django.utils import timezone
 
-from apikeys.scopes import ALL_SCOPES, READ_ONLY_SCOPES, SCOPE_LABELS
+from apikeys.scopes import ALL_SCOPES, KEY_SCOPES, READ_ONLY_SCOPES, SCOPE_LABELS
 from apikeys.services import MAX_RPM, MAX_TPM
 from billing.money import usd_to_micros
 from billing.services import RATE_LIMIT_FIELDS
 from platform_site.models import Role
 
 PERMISSION_CHOICES = [
-    ("all", "All — every endpoint"),
+    ("all", "All — every model endpoint (usage only where asked for)"),
     ("restricted", "Restricted — only the endpoints chosen below"),
     ("read_only", "Read only — list models and read usage"),
 ]
@@ -104,7 +104,7 @@ class ApiKeyCreateForm(forms.Form):
     )
     scopes = forms.MultipleChoiceField(
         label="Endpoints this key may call",
-        choices=[(scope, SCOPE_LABELS[scope]) for scope in ALL_SCOPES],
+        choices=[(scope, SCOPE_LABELS[scope]) for scope in KEY_SCOPES],
         required=False,
         widget=forms.CheckboxSelectMultiple,
     )

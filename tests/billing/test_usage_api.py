@@ -19,6 +19,7 @@ from django.test import Client
 from django.utils import timezone
 
 from apikeys.models import ApiKey
+from apikeys.scopes import KEY_SCOPES
 from apikeys.services import apikey_create
 from billing import api
 from billing.models import CreditEntry, UsageEvent
@@ -72,8 +73,20 @@ def _event(
 
 
 @pytest.fixture
+def api_key(org: Organization) -> tuple[ApiKey, str]:
+    """This module's key reads usage: a scope a key gets only when it is asked for."""
+    return apikey_create(organization=org, name="test key", actor_label="test", scopes=KEY_SCOPES)
+
+
+@pytest.fixture
 def second_key(org: Organization) -> tuple[ApiKey, str]:
     return apikey_create(organization=org, name="batch jobs", actor_label="test")
+
+
+def test_a_key_made_with_the_default_scopes_cannot_read_usage(client: Client, org: Organization) -> None:
+    _, raw = apikey_create(organization=org, name="backend", actor_label="test")
+    response = client.get("/api/billing/usage", headers=bearer(raw))
+    assert response.status_code == 403 and response.json()["error"]["code"] == "missing_scope"
 
 
 @pytest.fixture
@@ -335,7 +348,8 @@ def test_a_member_of_another_organization_cannot_read_it(
 def test_a_key_reads_only_its_own_organization(
     client: Client, other_org: Organization, ledger: list[SettledUsage]
 ) -> None:
-    _, globex_raw = apikey_create(organization=other_org, name="globex reader", actor_label="test")
+    _, globex_raw = apikey_create(organization=other_org, name="globex reader", actor_label="test",
+                                  scopes=KEY_SCOPES)
     refused = client.get("/api/billing/usage", {**MARCH, "organization": "acme"}, headers=bearer(globex_raw))
     assert refused.status_code == 404
     own = client.get("/api/billing/usage", MARCH, headers=bearer(globex_raw)).json()
@@ -488,7 +502,7 @@ def test_the_billing_api_is_rate_limited_with_an_openai_429(
     assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
     assert 1 <= int(refused["Retry-After"]) <= 60
     # The limit is per caller: another key of the same organization still gets through.
-    _, other_raw = apikey_create(organization=org, name="second", actor_label="test")
+    _, other_raw = apikey_create(organization=org, name="second", actor_label="test", scopes=KEY_SCOPES)
     assert client.get("/api/billing/balance", headers=bearer(other_raw)).status_code == 200
 
 
