@@ -33,12 +33,14 @@ SCOPE_LABELS: dict[str, str] = {
 
 
 def permissions_label(scopes: list[str] | frozenset[str] | tuple[str, ...]) -> str:
-    """How the dashboard names a key's scopes: All, Read only, Admin, or Restricted."""
+    """How the dashboard names a key's scopes: All, All + usage, Read only, Admin, or Restricted."""
     chosen = set(scopes)
     if chosen == {ADMIN}:
         return "Admin"
     if chosen == set(ALL_SCOPES):
         return "All"
+    if chosen == set(KEY_SCOPES):
+        return "All + usage"
     if chosen and chosen <= set(READ_ONLY_SCOPES):
         return "Read only"
     return "Restricted"

@@ -215,7 +215,8 @@ class ApiKeyFilterForm(forms.Form):
     permissions = forms.ChoiceField(
         label="Permissions",
         required=False,
-        choices=[("", "Any permissions"), ("All", "All"), ("Restricted", "Restricted"), ("Read only", "Read only")],
+        choices=[("", "Any permissions"), ("All", "All"), ("All + usage", "All + usage"), ("Restricted", "Restricted"),
+                 ("Read only", "Read only")],
     )
 
     def __init__(self, *args: Any, projects: list[tuple[str, str]], **kwargs: Any) -> None:
