@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,22 +139,33 @@ def _query_record(public_id: str) -> _KeyRecord | None:
 _MISSING = "missing"
 
 
+def _generation_key(public_id: str) -> str:
+    return f"apikey-gen:{public_id}"
+
+
 def _fetch_record(
     public_id: str, *, load: Callable[[str], _KeyRecord | None] = _query_record
 ) -> _KeyRecord | None:
     """Shared cache, then database. Runs in a worker thread (through orm(), which hands the connection
-    back), or inside Django's request cycle (authenticate_key_sync), whose connection Django closes."""
+    back), or inside Django's request cycle (authenticate_key_sync), whose connection Django closes.
+
+    A cached copy is stamped with the key's generation as it was read before the database was: a change
+    sets a new generation, so a copy loaded before a revocation committed, and written after it, is never
+    trusted (it would otherwise have served a revoked key for KEYWAY_KEY_CACHE_TTL)."""
     if _shared_cache_is_process_local():
         return load(public_id)
-    cached = cache.get(_cache_key(public_id))
-    if cached is not None:
-        return None if cached == _MISSING else cached
+    record_key, generation_key = _cache_key(public_id), _generation_key(public_id)
+    found = cache.get_many([record_key, generation_key])
+    generation = found.get(generation_key)
+    cached = found.get(record_key)
+    if isinstance(cached, tuple) and len(cached) == 2 and cached[0] == generation:
+        return None if cached[1] == _MISSING else cached[1]
     record = load(public_id)
     # Unknown ids are remembered briefly only: a key created a moment later must start working quickly.
     if record is None:
-        cache.set(_cache_key(public_id), _MISSING, timeout=2)
+        cache.set(record_key, (generation, _MISSING), timeout=2)
     else:
-        cache.set(_cache_key(public_id), record, timeout=settings.KEYWAY_KEY_CACHE_TTL)
+        cache.set(record_key, (generation, record), timeout=settings.KEYWAY_KEY_CACHE_TTL)
     return record
 
 
@@ -167,8 +179,11 @@ _records: SingleFlight[str, _KeyRecord | None] = SingleFlight(_fetch_record, ttl
 
 
 def invalidate_cached_key(public_id: str) -> None:
-    """Forget every cached copy of a key that this process can reach. Called on commit of a key change."""
+    """Forget every cached copy of a key that this process can reach, and make any copy being loaded right
+    now untrusted (a new generation, outliving every copy stamped with the old one). Called on commit of a
+    key change."""
     _records.invalidate(public_id)
+    cache.set(_generation_key(public_id), secrets.token_hex(8), timeout=settings.KEYWAY_KEY_CACHE_TTL + 600)
     cache.delete(_cache_key(public_id))
 
 

@@ -4,8 +4,10 @@ import math
 import string
 from datetime import timedelta
 from io import StringIO
+from typing import Any
 
 import pytest
+from django.conf import settings
 from django.core.management import call_command
 from django.utils import timezone
 
@@ -160,3 +162,20 @@ async def test_last_used_at_is_written_at_most_once_a_minute(api_key: tuple[ApiK
     await asyncio.gather(*auth._background)
     await sync_to_async(key.refresh_from_db)()
     assert key.last_used_at == first
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="the shared key cache exists only with REDIS_URL")
+def test_a_copy_loaded_before_a_revocation_committed_is_never_trusted_after_it(api_key: tuple[ApiKey, str]) -> None:
+    """The race: a worker reads the key's row, the revocation commits and clears the shared cache, and
+    then the worker writes what it read into the cache. That copy must not serve the revoked key."""
+    key, _ = api_key
+
+    def load_then_lose_the_race(public_id: str) -> Any:
+        record = auth._query_record(public_id)  # read while the key is live
+        apikey_revoke(key=key, actor_label="test")  # commits (and invalidates) before the copy is written
+        return record
+
+    stale = auth._fetch_record(key.public_id, load=load_then_lose_the_race)
+    assert stale is not None and not stale.revoked  # what the racing worker itself saw
+    fresh = auth._fetch_record(key.public_id)
+    assert fresh is not None and fresh.revoked
