@@ -11,9 +11,10 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 
+from apikeys.exceptions import InvalidKeySettings
 from apikeys.models import ApiKey
-from apikeys.scopes import ALL_SCOPES, SCOPE_CHOICES
-from apikeys.services import apikey_create, apikey_revoke, apikey_rotate
+from apikeys.scopes import ADMIN, ALL_SCOPES, SCOPE_CHOICES
+from apikeys.services import apikey_create, apikey_revoke, apikey_rotate, apikey_settings_check, apikey_update
 
 
 class ApiKeyForm(forms.ModelForm):
@@ -37,6 +38,20 @@ class ApiKeyForm(forms.ModelForm):
     def clean_allowed_models(self) -> list[str]:
         raw = self.cleaned_data.get("allowed_models") or ""
         return sorted({item.strip() for item in raw.split(",") if item.strip()})
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        try:
+            apikey_settings_check(
+                scopes=cleaned.get("scopes") or [], rpm_limit=cleaned.get("rpm_limit"),
+                tpm_limit=cleaned.get("tpm_limit"), monthly_budget_micros=cleaned.get("monthly_budget_micros"),
+            )
+            if self.instance.pk and (cleaned.get("scopes") == [ADMIN]) != (self.instance.scopes == [ADMIN]):
+                raise InvalidKeySettings("An admin key stays an admin key, and a project key a project key.",
+                                         param="scopes")
+        except InvalidKeySettings as error:
+            raise forms.ValidationError(error.message) from None
+        return cleaned
 
 
 def _show_secret_once(request: HttpRequest, key: ApiKey, raw_key: str, action: str) -> HttpResponse:
@@ -66,14 +81,28 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
         editable = ("organization", "name", "scopes", "allowed_models", "rpm_limit", "tpm_limit",
                     "monthly_budget_micros", "expires_at")
-        return editable if obj is None else editable + tuple(self.readonly_fields)
+        # A key never moves to another organization: its ledger, limits and audit trail belong to the one
+        # that created it.
+        return editable if obj is None else editable[1:] + ("organization", *self.readonly_fields)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[str]:
+        return list(self.readonly_fields) if obj is None else ["organization", *self.readonly_fields]
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: forms.ModelForm, change: bool) -> None:
         if change:
-            super().save_model(request, obj, form, change)
-            from apikeys.auth import invalidate_cached_key
-
-            invalidate_cached_key(obj.public_id)
+            # Through the service: checked, audited, and invalidated on commit (not before it, when another
+            # worker could cache the old row again).
+            apikey_update(
+                key=obj,
+                name=form.cleaned_data["name"],
+                scopes=form.cleaned_data["scopes"],
+                allowed_models=form.cleaned_data["allowed_models"],
+                expires_at=form.cleaned_data.get("expires_at"),
+                rpm_limit=form.cleaned_data.get("rpm_limit"),
+                tpm_limit=form.cleaned_data.get("tpm_limit"),
+                monthly_budget_micros=form.cleaned_data.get("monthly_budget_micros"),
+                actor=request.user,  # type: ignore[arg-type]
+            )
             return
         key, raw_key = apikey_create(
             organization=form.cleaned_data["organization"],

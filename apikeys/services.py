@@ -57,6 +57,16 @@ def _clean_limit(value: int | None, param: str) -> int | None:
     return value
 
 
+def apikey_settings_check(
+    *, scopes: Iterable[str], rpm_limit: int | None, tpm_limit: int | None, monthly_budget_micros: int | None
+) -> None:
+    """The checks a key's settings get when they are saved, for forms that show errors beside the field."""
+    _clean_scopes(scopes)
+    _clean_limit(rpm_limit, "rpm")
+    _clean_limit(tpm_limit, "tpm")
+    _clean_limit(monthly_budget_micros, "monthly_budget")
+
+
 def _require_may_manage(by: Actor | None, key: ApiKey) -> None:
     if by is None:
         return
@@ -146,6 +156,61 @@ def apikey_create(
     )
     transaction.on_commit(lambda: invalidate_cached_key(public_id))
     return key, keyformat.format_key(public_id, secret)
+
+
+@transaction.atomic
+def apikey_update(
+    *,
+    key: ApiKey,
+    name: str,
+    scopes: Iterable[str],
+    allowed_models: Iterable[str],
+    expires_at: datetime | None,
+    rpm_limit: int | None,
+    tpm_limit: int | None,
+    monthly_budget_micros: int | None,
+    actor: User | None = None,
+    actor_label: str = "",
+) -> ApiKey:
+    """Change a key's settings (staff, in the admin): checked like a new key's, audited, and seen by every
+    worker once it commits. A key stays in its organization and project, and an admin key stays one."""
+    key = ApiKey.objects.select_for_update(of=("self",)).select_related("organization", "project").get(pk=key.pk)
+    if key.revoked_at is not None:
+        raise InvalidKeySettings("A revoked key cannot be changed.", param="api_key_id")
+    cleaned_scopes = _clean_scopes(scopes)
+    if (cleaned_scopes == [ADMIN]) != (key.scopes == [ADMIN]):
+        raise InvalidKeySettings("An admin key stays an admin key, and a project key a project key.", param="scopes")
+    name = name.strip()
+    if not name or len(name) > MAX_NAME:
+        raise InvalidKeySettings(f"A key needs a name of 1 to {MAX_NAME} characters.", param="name")
+    models = sorted({model.strip() for model in allowed_models if model.strip()})
+    if len(models) > MAX_ALLOWED_MODELS:
+        raise InvalidKeySettings(f"A key may list at most {MAX_ALLOWED_MODELS} models.", param="models")
+    wanted = {
+        "name": name, "scopes": cleaned_scopes, "allowed_models": models, "expires_at": expires_at,
+        "rpm_limit": _clean_limit(rpm_limit, "rpm"), "tpm_limit": _clean_limit(tpm_limit, "tpm"),
+        "monthly_budget_micros": _clean_limit(monthly_budget_micros, "monthly_budget"),
+    }
+    changes = {field: value for field, value in wanted.items() if getattr(key, field) != value}
+    if not changes:
+        return key
+    for field, value in changes.items():
+        setattr(key, field, value)
+    key.save(update_fields=list(changes))
+    audit_log_record(
+        organization=key.organization,
+        action="api_key.updated",
+        target=key.public_id,
+        actor=actor,
+        actor_label=actor_label,
+        project=key.project,
+        details={"changes_requested": {
+            field: value.isoformat() if isinstance(value, datetime) else value for field, value in changes.items()
+        }},
+    )
+    public_id = key.public_id
+    transaction.on_commit(lambda: invalidate_cached_key(public_id))
+    return key
 
 
 @transaction.atomic

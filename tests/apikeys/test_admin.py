@@ -67,3 +67,32 @@ def test_audit_log_is_read_only_in_admin(admin_client_logged_in: Client, org: Or
     deletion = admin_client_logged_in.post(f"/admin/platform_site/auditlog/{row.pk}/delete/", {"post": "yes"})
     assert deletion.status_code == 403
     assert AuditLog.objects.filter(pk=row.pk).exists()
+
+
+def test_an_admin_edit_is_checked_audited_and_cannot_move_the_key(
+    admin_client_logged_in: Client, org: Organization, other_org: Organization
+) -> None:
+    key, raw = apikey_create(organization=org, name="edited", actor_label="test")
+    url = f"/admin/apikeys/apikey/{key.pk}/change/"
+    form = {"organization": other_org.pk, "name": "renamed", "scopes": ["chat"], "allowed_models": "",
+            "rpm_limit": "7", "tpm_limit": "", "monthly_budget_micros": "", "expires_at_0": "", "expires_at_1": ""}
+    response = admin_client_logged_in.post(url, form)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    key.refresh_from_db()
+    assert key.organization_id == org.pk  # the organization field is read-only on change
+    assert (key.name, key.scopes, key.rpm_limit) == ("renamed", ["chat"], 7)
+    entry = AuditLog.objects.filter(organization=org, action="api_key.updated", target=key.public_id).get()
+    assert entry.details["changes_requested"]["scopes"] == ["chat"]
+    refused = admin_client_logged_in.post(url, {**form, "scopes": ["admin"]})
+    assert refused.status_code == 200 and "errornote" in refused.content.decode()
+    refused = admin_client_logged_in.post(url, {**form, "rpm_limit": str(10**10)})
+    assert refused.status_code == 200 and "rpm must be a whole number" in refused.content.decode()
+    key.refresh_from_db()
+    assert (key.scopes, key.rpm_limit) == (["chat"], 7)
+    assert apikey_authenticates(raw)
+
+
+def apikey_authenticates(raw: str) -> bool:
+    from apikeys.auth import authenticate_key_sync
+
+    return authenticate_key_sync(raw).scopes == frozenset({"chat"})
