@@ -50,8 +50,10 @@ class Plan(models.Model):
 class BillingAccount(models.Model):
     """An organization's money: its plan, its own cap, and the running totals of its two ledgers."""
 
+    # PROTECT here and on every ledger: deleting an organization must never delete what it was charged (an
+    # organization with a ledger cannot be deleted; it is deactivated instead).
     organization = models.OneToOneField(
-        Organization, on_delete=models.CASCADE, primary_key=True, related_name="billing_account"
+        Organization, on_delete=models.PROTECT, primary_key=True, related_name="billing_account"
     )
     plan = models.ForeignKey(Plan, null=True, blank=True, on_delete=models.PROTECT, related_name="accounts")
     monthly_budget_micros = models.PositiveBigIntegerField(
@@ -129,7 +131,7 @@ class CreditEntry(models.Model):
         TOPUP = "topup", "Top-up"
         ADJUSTMENT = "adjustment", "Adjustment"
 
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="credit_entries")
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="credit_entries")
     kind = models.CharField(max_length=16, choices=Kind.choices)
     amount_micros = models.BigIntegerField()
     reason = models.CharField(max_length=500)
@@ -179,7 +181,7 @@ class UsageEvent(models.Model):
     request_id = models.CharField(max_length=64, db_index=True)
     # The WebSocket connection, agent run or conversation the call belongs to; "" for a plain request.
     session_id = models.CharField(max_length=64, blank=True, default="")
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     # The key's project when the call was made (keys never move between projects; kept here so that usage
     # and project budgets are read without a join, and survive the key).

@@ -165,7 +165,8 @@ class AuditLog(models.Model):
     plans) have names of their own and appear on the dashboard's audit page only.
     """
 
-    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="audit_log")
+    # PROTECT: the audit trail outlives nothing it records by accident of a cascade.
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="audit_log")
     project = models.ForeignKey(Project, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     # Who acted when there is no user: "cli", "admin", "system", or the admin key's masked form.

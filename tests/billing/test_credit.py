@@ -215,3 +215,14 @@ def test_saving_an_account_in_admin_keeps_usage_recorded_while_the_page_was_open
     assert response.status_code == 302
     account = _account(org)
     assert account.monthly_budget_micros == 9 and account.usage_total_micros == 5_100
+
+
+def test_an_organization_with_a_ledger_or_an_audit_trail_cannot_be_deleted(org: Organization) -> None:
+    """Ledgers and the audit log are never deleted by a cascade: deleting their organization is refused."""
+    from django.db.models import ProtectedError
+
+    _spend(org, 1_000)
+    with pytest.raises(ProtectedError):
+        org.delete()
+    assert UsageEvent.objects.filter(organization=org).count() == 1
+    assert AuditLog.objects.filter(organization=org).exists()
