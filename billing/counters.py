@@ -8,7 +8,9 @@ concurrent requests cannot together overshoot a balance or cap by more than what
 
 The rate windows are the key's (its RPM and TPM) and its project's for the requested model (OpenAI's project
 rate limits: RPM, TPM and, where set, requests per UTC day), all counted in the same step; a request must fit
-under every one of them.
+under every one of them. An admitted request's token estimate (its prompt and its output limit, as OpenAI
+counts it) is added to the token windows in that step, so concurrent requests cannot all fit under a TPM
+that only their sum exceeds; settlement replaces the estimate by what was used.
 
 Counters, all in micro-USD except the rate windows:
 - spend:{org}        everything ever charged or reserved: written usage + settled-but-unwritten + open holds.
@@ -135,6 +137,16 @@ for i, cap in ipairs({org_cap, key_cap, project_cap}) do
   if cap >= 0 then
     redis.call('INCRBY', KEYS[4 + i], hold)
     redis.call('HINCRBY', KEYS[11], KEYS[4 + i], hold)
+  end
+end
+if rpm > 0 then
+  -- Admitted: its estimate (prompt and output limit) counts in the token windows now; settlement corrects it.
+  local estimate = tonumber(ARGV[4])
+  tokens = redis.call('INCRBY', KEYS[2], estimate)
+  redis.call('EXPIRE', KEYS[2], 120)
+  if tonumber(ARGV[13]) > 0 then
+    ptokens = redis.call('INCRBY', KEYS[9], estimate)
+    redis.call('EXPIRE', KEYS[9], 120)
   end
 end
 return {0, requests, tokens, prequests, ptokens, pday}
@@ -440,6 +452,11 @@ class _LocalCounters:
         for cap, name, _ in caps:
             if cap >= 0:
                 values[name] += ask.hold
+        if ask.rpm > 0:
+            tokens = values[tokens_key] = values.get(tokens_key, 0) + ask.estimated_tokens
+            if ask.project_rpm > 0:
+                project_tokens = values[project_tokens_key] = values.get(project_tokens_key, 0) + ask.estimated_tokens
+            counted = (requests, tokens, project_requests, project_tokens, project_day)
         return Counted(ADMITTED, *counted)
 
     lease = ""  # one process: its holds die with it, and the counters are seeded anew from the ledger

@@ -67,6 +67,8 @@ class Meter:
     rate_state: RateState | None = None
     first_token_clock: float | None = None
     settled: bool = False
+    # Tokens the admission added to the token windows (its estimate), which settlement replaces.
+    reserved_tokens: int = 0
     # What the call was charged for, once settled (a surface that reports usage reports exactly this).
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -140,7 +142,7 @@ class Meter:
         adjustments = {name: cost - self.hold for name in self.hold_counters}
         if self.rate_state is not None:
             for name in self.tokens_counters:
-                adjustments[name] = prompt_tokens + completion_tokens
+                adjustments[name] = prompt_tokens + completion_tokens - self.reserved_tokens
         counters.settle_later(
             adjustments, lease=self.lease, released={name: self.hold for name in self.hold_counters}
         )
@@ -222,7 +224,7 @@ async def admit(
             keys=names,
             rpm=rpm,
             tpm=tpm,
-            estimated_tokens=prompt_tokens,
+            estimated_tokens=prompt_tokens + max_output_tokens,
             hold=hold,
             prepaid=terms is not None and terms.prepaid,
             spend_seed=terms.usage_total_micros if terms is not None else -1,
@@ -252,6 +254,7 @@ async def admit(
         lease=lease,
         started_at=now,
         rate_state=rate_state,
+        reserved_tokens=prompt_tokens + max_output_tokens if rate_state is not None else 0,
     )
 
 

@@ -96,11 +96,12 @@ async def test_a_projects_tpm_counts_the_tokens_of_all_its_keys(asgi_client, pro
     await _set_limit(projects, "ok", max_tokens_per_1_minute=50)
     statuses = []
     for name in ("a", "b", "a", "b"):
-        statuses.append((await _call(asgi_client, projects[name])).status_code)
-        await metering.flush()  # tokens are counted after the response, in batches
-    # The fake upstream reports 16 tokens a call: the fourth call would pass 50.
+        statuses.append((await _call(asgi_client, projects[name], max_tokens=7)).status_code)
+        await metering.flush()  # the estimates are replaced by the real counts after the response
+    # Each call is admitted with its estimate (prompt and max_tokens, about 17) and settles at the 16 tokens
+    # the fake upstream reports: the fourth call would pass 50.
     assert statuses == [200, 200, 200, 429]
-    refused = await _call(asgi_client, projects["a"])
+    refused = await _call(asgi_client, projects["a"], max_tokens=7)
     assert refused.json()["error"]["type"] == "tokens"
     assert "tokens per min (TPM): Limit 50" in refused.json()["error"]["message"]
 

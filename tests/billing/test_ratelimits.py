@@ -3,6 +3,7 @@ proof across worker processes)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import openai
@@ -36,7 +37,7 @@ async def limited(org: Organization, upstream: tuple[int, Any]) -> dict[str, Any
 
     def setup() -> dict[str, Any]:
         provider_upsert_openai_compatible(name="fake", base_url=f"http://127.0.0.1:{port}/v1",
-                                          models=["ok", "http500"])
+                                          models=["ok", "http500", "drip"])
         _, rpm_key = apikey_create(organization=org, name="rpm", rpm_limit=3)
         _, tpm_key = apikey_create(organization=org, name="tpm", tpm_limit=50)
         return {"rpm": rpm_key, "tpm": tpm_key}
@@ -67,10 +68,11 @@ async def test_tokens_over_the_tpm_limit_get_429_of_type_tokens(asgi_client, lim
     statuses = []
     for _ in range(5):
         response = await asgi_client.post("/v1/chat/completions", headers=bearer(limited["tpm"]),
-                                          json={"model": "ok", "messages": MESSAGES})
+                                          json={"model": "ok", "messages": MESSAGES, "max_tokens": 7})
         statuses.append(response.status_code)
-        await metering.flush()  # tokens are counted after the response, in batches
-    # The fake upstream reports 16 tokens a call: the fourth call would pass 50.
+        await metering.flush()  # the estimates are replaced by the real counts after the response
+    # Each call is admitted with its estimate (prompt and max_tokens) and settles at the 16 tokens the fake
+    # upstream reports: the fourth call would pass 50.
     assert statuses == [200, 200, 200, 429, 429]
     assert response.json()["error"]["type"] == "tokens"
     assert int(response.headers["x-ratelimit-remaining-tokens"]) == 50 - 48
@@ -90,3 +92,18 @@ async def test_the_sdk_sees_a_rate_limit_error(sdk: openai.AsyncOpenAI, limited:
     with pytest.raises(openai.RateLimitError) as caught:
         await client.chat.completions.create(model="ok", messages=MESSAGES)  # type: ignore[arg-type]
     assert caught.value.code == "rate_limit_exceeded"
+
+
+async def test_concurrent_requests_reserve_their_output_limit_against_the_tpm(
+    asgi_client, org: Organization, limited: dict[str, Any], fresh_rate_window: None
+) -> None:
+    """A key with TPM 1,000 and 20 concurrent requests of max_tokens 200 admits at most 5: each reserves
+    its prompt and its output limit when admitted, not only what it used when it ends."""
+    _, raw = await sync_to_async(apikey_create)(organization=org, name="tpm", actor_label="test", tpm_limit=1000)
+    responses = await asyncio.gather(*(
+        asgi_client.post("/v1/chat/completions", headers=bearer(raw),
+                         json={"model": "drip", "messages": MESSAGES, "max_tokens": 200, "stream": True})
+        for _ in range(20)
+    ))
+    statuses = [response.status_code for response in responses]
+    assert 1 <= statuses.count(200) <= 5 and statuses.count(429) == 20 - statuses.count(200), statuses
