@@ -676,10 +676,19 @@ async def test_a_session_ends_at_its_lifetime(fake: Any, connect: Any) -> None:
     assert await client.closed() == 1000
 
 
-async def test_status_counts_open_realtime_sockets(fake: Any, connect: Any, api_key: tuple[ApiKey, str],
-                                                   asgi_client: Any) -> None:
+async def test_status_counts_open_realtime_sockets_for_staff(fake: Any, connect: Any, asgi_client: Any) -> None:
+    def staff_session_cookie() -> str:
+        from django.contrib.auth import get_user_model
+        from django.test import Client as PageClient
+
+        page_client = PageClient()
+        page_client.force_login(get_user_model().objects.create_user("ops", password="x" * 16, is_staff=True))
+        return str(page_client.cookies["sessionid"].value)
+
+    cookie = await sync_to_async(staff_session_cookie)()
+
     def count() -> Any:
-        return asgi_client.get("/status", headers={"Authorization": f"Bearer {api_key[1]}"})
+        return asgi_client.get("/status", headers={"Cookie": f"sessionid={cookie}"})
 
     before = (await count()).json()["open_websockets"]
     first, second = await connect(), await connect()

@@ -135,3 +135,24 @@ def start_llama_server(model_path: Path, log: Path, alias: str) -> tuple[subproc
     url = f"http://127.0.0.1:{port}"
     wait_for(f"{url}/v1/models", process=process, timeout=120)
     return process, url
+
+
+STAFF_SESSION = """
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
+from django.contrib.sessions.backends.db import SessionStore
+user, _ = get_user_model().objects.get_or_create(username="ops", defaults={"email": "ops@example.com"})
+user.is_staff = True
+user.set_unusable_password()
+user.save()
+session = SessionStore()
+session[SESSION_KEY] = str(user.pk)
+session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+session.create()
+print(session.session_key)
+"""
+
+
+def staff_cookies(env: dict[str, str]) -> dict[str, str]:
+    """A signed-in staff user's session cookie (for /status's figures), made in the stack's database."""
+    return {"sessionid": django_shell(env, STAFF_SESSION).strip().splitlines()[-1]}

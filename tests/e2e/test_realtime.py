@@ -59,7 +59,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         processes.append(uvicorn)
         match = re.search(r"sk-kw-[a-z0-9]+-[A-Za-z0-9]+", bootstrap)
         assert match, bootstrap
-        yield {"env": env, "daphne": daphne_url, "uvicorn": uvicorn_url, "key": match.group(0), "log": log}
+        yield {"env": env, "daphne": daphne_url, "uvicorn": uvicorn_url, "key": match.group(0), "log": log,
+               "staff": server.staff_cookies(env)}
     finally:
         for process in processes:
             server.stop(process)
@@ -223,8 +224,8 @@ async def test_a_websocket_to_another_path_is_refused_not_a_500(stack: dict[str,
         assert refused.value.response.status_code == 403
 
 
-def _open_sockets(url: str, key: str) -> int:
-    status = httpx2.get(f"{url}/status", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
+def _open_sockets(url: str, cookies: dict[str, str]) -> int:
+    status = httpx2.get(f"{url}/status", cookies=cookies, timeout=10).json()
     return int(status["open_websockets"])
 
 
@@ -238,7 +239,7 @@ async def test_revoking_a_key_closes_its_sessions_on_every_worker(stack: dict[st
         sockets.append(socket)
     if server.os.environ.get("REDIS_URL"):
         # Counted across both workers.
-        assert _open_sockets(stack["daphne"], stack["key"]) >= 2
+        assert _open_sockets(stack["daphne"], stack["staff"]) >= 2
     # Revoked by a third process, the CLI: the channel layer (Redis) or the sessions' own re-check reaches
     # both servers.
     await asyncio.to_thread(server.manage, stack["env"], "revokeapikey", key)
@@ -255,19 +256,22 @@ async def test_revoking_a_key_closes_its_sessions_on_every_worker(stack: dict[st
 
 @pytest.mark.skipif(not server.os.environ.get("REDIS_URL"), reason="needs REDIS_URL: workers share the count there")
 async def test_status_counts_open_sockets_across_workers(stack: dict[str, Any]) -> None:
-    before = _open_sockets(stack["uvicorn"], stack["key"])
+    before = _open_sockets(stack["uvicorn"], stack["staff"])
     sockets = []
     for served_by in ("daphne", "daphne", "uvicorn"):
         url = stack[served_by].replace("http://", "ws://") + "/v1/realtime?model=drip"
         socket = await websockets.connect(url, additional_headers={"Authorization": f"Bearer {stack['key']}"})
         await socket.recv()
         sockets.append(socket)
-    assert _open_sockets(stack["uvicorn"], stack["key"]) == before + 3
-    assert _open_sockets(stack["daphne"], stack["key"]) == before + 3
+    assert _open_sockets(stack["uvicorn"], stack["staff"]) == before + 3
+    assert _open_sockets(stack["daphne"], stack["staff"]) == before + 3
+    # A tenant's key learns nothing of the deployment's sockets.
+    keyed = httpx2.get(f"{stack['daphne']}/status", headers={"Authorization": f"Bearer {stack['key']}"}).json()
+    assert "open_websockets" not in keyed and "loaded_models" not in keyed
     for socket in sockets:
         await socket.close()
     deadline = time.monotonic() + 5
-    while _open_sockets(stack["daphne"], stack["key"]) != before:
+    while _open_sockets(stack["daphne"], stack["staff"]) != before:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
 

@@ -148,8 +148,9 @@ def test_client_disconnect_ends_the_stream_on_the_server(stack: dict[str, Any]) 
         for _ in range(3):
             next(lines)
     deadline = time.monotonic() + 5
+    staff = server.staff_cookies(stack["env"])
     while True:
-        status = httpx2.get(f"{stack['url']}/status", headers=headers).json()
+        status = httpx2.get(f"{stack['url']}/status", cookies=staff).json()
         if status["open_streams"] == 0:
             break
         assert time.monotonic() < deadline, "the server kept generating for a client that had gone"
