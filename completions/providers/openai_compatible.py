@@ -70,7 +70,9 @@ def _rejection(status: int, raw: bytes) -> ProviderError:
         # The upstream refused *our* credentials; passing its 401 on would tell the client its own key is bad.
         return UpstreamUnavailable("The upstream provider rejected the gateway's credentials.")
     if status >= 500:
-        return UpstreamUnavailable(f"The upstream provider failed with HTTP {status}: {message}")
+        # Its own failure, not the client's: its text (which may name its internals, or another tenant's
+        # request) stays here.
+        return UpstreamUnavailable(f"The upstream provider failed with HTTP {status}.")
     return UpstreamRejected(
         message,
         status=status,
@@ -173,9 +175,8 @@ class OpenAICompatibleProvider:
                 if not isinstance(chunk, dict):
                     raise UpstreamUnavailable("The upstream provider sent an unexpected stream event.")
                 if chunk.get("error"):
-                    error = chunk["error"]
-                    message = error.get("message") if isinstance(error, dict) else str(error)
-                    raise UpstreamUnavailable(f"The upstream provider failed mid-stream: {message}")
+                    # Mid-stream failures are the upstream's own; their text is not passed on.
+                    raise UpstreamUnavailable("The upstream provider failed mid-stream.")
                 yield chunk
             if not finished:
                 raise UpstreamUnavailable("The upstream provider ended the stream before it was complete.")

@@ -97,6 +97,9 @@ async def test_upstream_failures_become_openai_errors(
     assert caught.value.status_code == status  # type: ignore[attr-defined]
     assert caught.value.code == code  # type: ignore[attr-defined]
     assert "sk-upstream-secret" not in str(caught.value.body)  # type: ignore[attr-defined]
+    # The upstream's own words reach the client only where the client is at fault (a 4xx).
+    passed_on = "fake upstream error" in str(caught.value.body)  # type: ignore[attr-defined]
+    assert passed_on == (400 <= status < 500 and status != 504)
 
 
 async def test_unreachable_upstream_is_a_502(api_key: tuple[ApiKey, str], asgi_client) -> None:
