@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any
@@ -25,7 +26,9 @@ class Provider(models.Model):
     base_url = models.URLField(max_length=500, blank=True, default="")
     # Encrypted at rest (platform_site.crypto); read through `api_key` / set through `set_api_key`.
     api_key_encrypted = models.TextField(blank=True, default="")
-    extra_headers = models.JSONField(default=dict, blank=True)
+    # Headers sent with every call (an upstream's own auth header, a tenant id), encrypted at rest like the
+    # key: read through `extra_headers` / set through `set_extra_headers`.
+    extra_headers_encrypted = models.TextField(blank=True, default="")
     # Total timeout of one upstream call in seconds; null uses KEYWAY_UPSTREAM_TIMEOUT.
     timeout_seconds = models.FloatField(null=True, blank=True)
     enabled = models.BooleanField(default=True)
@@ -43,6 +46,14 @@ class Provider(models.Model):
 
     def set_api_key(self, plaintext: str) -> None:
         self.api_key_encrypted = encrypt_secret(plaintext)
+
+    @property
+    def extra_headers(self) -> dict[str, str]:
+        plaintext = decrypt_secret(self.extra_headers_encrypted)
+        return dict(json.loads(plaintext)) if plaintext else {}
+
+    def set_extra_headers(self, headers: dict[str, str]) -> None:
+        self.extra_headers_encrypted = encrypt_secret(json.dumps(headers, sort_keys=True)) if headers else ""
 
 
 def _now() -> int:
