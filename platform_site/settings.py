@@ -313,6 +313,9 @@ KEYWAY_MAX_FILE_BYTES = env_int("KEYWAY_MAX_FILE_BYTES", 32 * 1024 * 1024, minim
 KEYWAY_FETCH_TIMEOUT = env_float("KEYWAY_FETCH_TIMEOUT", 10.0, minimum=0.1)
 # Connections of the image fetcher's own pool (per worker), apart from the upstream pool.
 KEYWAY_FETCH_POOL_SIZE = env_int("KEYWAY_FETCH_POOL_SIZE", 16, minimum=1)
+# Remote images one request may have fetched, and their bytes together.
+KEYWAY_FETCH_MAX_IMAGES = env_int("KEYWAY_FETCH_MAX_IMAGES", 8, minimum=0)
+KEYWAY_FETCH_MAX_TOTAL_BYTES = env_int("KEYWAY_FETCH_MAX_TOTAL_BYTES", 50 * 1024 * 1024, minimum=1024)
 # Off by default: fetching URLs that resolve to private addresses would let callers probe the network.
 KEYWAY_FETCH_ALLOW_PRIVATE = env_bool("KEYWAY_FETCH_ALLOW_PRIVATE", False)
 

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import aiohttp.abc
 from django.conf import settings
 
 from platform_site.kernel.errors import ApiError
@@ -161,11 +162,64 @@ async def convert_pdfs_to_text(messages: list[dict[str, Any]], report: ContentRe
         report.pdfs_converted += 1
 
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A globally routable unicast address, looking through the IPv6 forms that carry an IPv4 address
+    (IPv4-mapped, NAT64, 6to4), which `is_global` alone judges by their IPv6 prefix: 64:ff9b::7f00:1 is
+    127.0.0.1 behind a NAT64 gateway, and `is_global` says True."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and any(address in network for network in _NAT64):
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None and not is_public_address(embedded):
+            return False
+    return address.is_global and not address.is_multicast
+
+
+class _PrivateAddress(OSError):
+    pass
+
+
+def _vet(host: str, addresses: list[str], param: str) -> None:
+    if settings.KEYWAY_FETCH_ALLOW_PRIVATE:
+        return
+    for text in addresses:
+        if not is_public_address(ipaddress.ip_address(text.split("%", 1)[0])):
+            raise _bad(f"'{param}' points to a private address; only public URLs are fetched.", param,
+                       "image_fetch_refused")
+
+
+class _PublicOnlyResolver(aiohttp.abc.AbstractResolver):
+    """The fetch session's resolver: the connection goes only to addresses vetted here, in the same lookup,
+    so a name cannot resolve to a public address for the check and a private one for the connect (DNS
+    rebinding)."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[Any]:
+        found = await self._inner.resolve(host, port, family)
+        if not settings.KEYWAY_FETCH_ALLOW_PRIVATE:
+            for entry in found:
+                if not is_public_address(ipaddress.ip_address(entry["host"])):
+                    raise _PrivateAddress(f"{host} resolves to a private address")
+        return found
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 def _new_fetch_session() -> aiohttp.ClientSession:
     # Its own small pool, apart from the upstream pool: fetching customers' URLs must not take connections
-    # the proxy hop needs, and no cookie set by one customer's server may ride along to another's.
+    # the proxy hop needs, and no cookie set by one customer's server may ride along to another's. No DNS
+    # cache: every fetch is vetted afresh.
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=settings.KEYWAY_FETCH_POOL_SIZE, ttl_dns_cache=60),
+        connector=aiohttp.TCPConnector(limit=settings.KEYWAY_FETCH_POOL_SIZE, use_dns_cache=False,
+                                       resolver=_PublicOnlyResolver()),
         cookie_jar=aiohttp.DummyCookieJar(),
         headers={"User-Agent": "Keyway image fetcher"},
     )
@@ -181,26 +235,38 @@ fetch_sessions: PerLoop[aiohttp.ClientSession] = PerLoop(
 
 
 async def _refuse_private_address(host: str, param: str) -> None:
-    """Server-side fetching must not become a way into the private network (SSRF)."""
+    """Server-side fetching must not become a way into the private network (SSRF): every address the host
+    names (IP literals in any spelling, decimal and hex included, or a name) must be public. The session's
+    resolver vets the addresses it connects to once more."""
     if settings.KEYWAY_FETCH_ALLOW_PRIVATE:
         return
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
         raise _bad(f"The host of '{param}' cannot be resolved.", param, "image_fetch_failed") from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
-            raise _bad(f"'{param}' points to a private address; only public URLs are fetched.", param,
-                       "image_fetch_refused")
+    _vet(host, [str(info[4][0]) for info in infos], param)
 
 
-async def _fetch_image(url: str, param: str) -> str:
+class _Budget:
+    """The bytes one request may still fetch, over all its images."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, total: int) -> None:
+        self.left = total
+
+
+async def _fetch_image(url: str, param: str, budget: _Budget) -> str:
     limit = settings.KEYWAY_MAX_IMAGE_BYTES
     await _refuse_private_address(urlsplit(url).hostname or "", param)
     timeout = aiohttp.ClientTimeout(total=settings.KEYWAY_FETCH_TIMEOUT)
     try:
         async with fetch_sessions.get().get(url, timeout=timeout, allow_redirects=False) as response:
+            # The peer actually connected to, checked once more.
+            transport = response.connection.transport if response.connection is not None else None
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            if peer:
+                _vet(urlsplit(url).hostname or "", [str(peer[0])], param)
             if response.status != 200:
                 raise _bad(f"Fetching '{param}' gave HTTP {response.status}.", param, "image_fetch_failed")
             mime = response.content_type.lower()
@@ -209,10 +275,19 @@ async def _fetch_image(url: str, param: str) -> str:
             body = bytearray()
             async for piece in response.content.iter_chunked(65536):
                 body += piece
+                budget.left -= len(piece)
                 if len(body) > limit:
                     raise _bad(f"'{param}' is larger than the limit of {limit} bytes.", param, "content_too_large")
+                if budget.left < 0:
+                    raise _bad(f"The request's images are larger than {settings.KEYWAY_FETCH_MAX_TOTAL_BYTES} "
+                               "bytes together.", param, "content_too_large")
     except TimeoutError:
         raise _bad(f"Fetching '{param}' took too long.", param, "image_fetch_failed") from None
+    except aiohttp.ClientConnectorError as exc:
+        if isinstance(exc.os_error, _PrivateAddress) or isinstance(exc.__cause__, _PrivateAddress):
+            raise _bad(f"'{param}' points to a private address; only public URLs are fetched.", param,
+                       "image_fetch_refused") from None
+        raise _bad(f"Fetching '{param}' failed ({type(exc).__name__}).", param, "image_fetch_failed") from None
     except aiohttp.ClientError as exc:
         raise _bad(f"Fetching '{param}' failed ({type(exc).__name__}).", param, "image_fetch_failed") from None
     return f"data:{mime};base64,{base64.b64encode(bytes(body)).decode()}"
@@ -222,8 +297,13 @@ async def inline_remote_images(messages: list[dict[str, Any]], report: ContentRe
     """Fetch http(s) images once, here, within limits, and pass them on as data: URLs."""
     remote = [w for w in report.parts if w.kind == "image_url"
               and not messages[w.message]["content"][w.index]["image_url"]["url"].startswith("data:")]
+    if len(remote) > settings.KEYWAY_FETCH_MAX_IMAGES:
+        raise _bad(f"A request may name at most {settings.KEYWAY_FETCH_MAX_IMAGES} image URLs to fetch; send the "
+                   "others inline as data: URLs.", f"{remote[-1].param}.image_url.url", "too_many_images")
+    budget = _Budget(settings.KEYWAY_FETCH_MAX_TOTAL_BYTES)
     urls = await asyncio.gather(*(
-        _fetch_image(messages[w.message]["content"][w.index]["image_url"]["url"], f"{w.param}.image_url.url")
+        _fetch_image(messages[w.message]["content"][w.index]["image_url"]["url"], f"{w.param}.image_url.url",
+                     budget)
         for w in remote
     ))
     for where, data_url in zip(remote, urls, strict=True):

@@ -5,6 +5,7 @@ answer is always a 4xx OpenAI error object naming what was wrong where it can, n
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,18 +26,26 @@ HOSTILE = [
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     var_dir = tmp_path_factory.mktemp("keyway-hostile")
     env, database = server.make_environment(var_dir)
-    process = None
+    process = upstream = None
     try:
+        upstream, upstream_url = server.start_fake_upstream(var_dir / "server.log")
         server.manage(env, "migrate", "--no-input", "-v", "0")
         server.manage(env, "bootstrap")
+        # A vision model (the fake upstream answers anything): image URLs are fetched by Keyway for it.
+        server.django_shell(env, (
+            "from completions.services import provider_upsert_openai_compatible as upsert; "
+            f"upsert(name='seer-upstream', base_url='{upstream_url}/v1', models=['seer'], "
+            "capabilities=['chat', 'vision'])"
+        ))
         key = server.manage(env, "createapikey", "demo", "--name", "all").strip()
         admin = server.manage(env, "createapikey", "demo", "--name", "admin", "--scopes", "admin").strip()
         process, url = server.start_keyway(env, var_dir / "server.log")
         project = httpx2.get(f"{url}/v1/organization/projects", headers=_auth(admin), timeout=30).json()["data"][0]
         yield {"url": url, "key": key, "admin": admin, "project": project["id"], "log": var_dir / "server.log"}
     finally:
-        if process is not None:
-            server.stop(process)
+        for running in (process, upstream):
+            if running is not None:
+                server.stop(running)
         server.drop_database(database)
 
 
@@ -193,3 +202,36 @@ def test_a_host_this_server_does_not_serve_is_refused_on_the_api_path(stack: dic
         response = client.get("/v1/models", headers={**_auth(stack["key"]), "Host": "evil.example.com"})
         assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_host"
         assert client.get("/v1/models", headers=_auth(stack["key"])).status_code == 200
+
+
+def test_image_urls_that_point_inward_are_refused_and_never_reached(stack: dict[str, Any]) -> None:
+    """Server-side image fetching cannot be turned inward: a real listener on 127.0.0.1 is never connected
+    to, whichever spelling of a private address the URL uses."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        urls = [
+            f"http://127.0.0.1:{port}/x.png", f"http://localhost:{port}/x.png", f"http://2130706433:{port}/x.png",
+            f"http://0x7f000001:{port}/x.png", f"http://0177.0.0.1:{port}/x.png", f"http://127.1:{port}/x.png",
+            f"http://[::1]:{port}/x.png", f"http://[::ffff:127.0.0.1]:{port}/x.png",
+            f"http://[64:ff9b::7f00:1]:{port}/x.png", f"http://[2002:7f00:1::]:{port}/x.png",
+            f"http://0.0.0.0:{port}/x.png", "http://169.254.169.254/latest/meta-data/", "http://[fe80::1]/x.png",
+            f"http://10.0.0.1:{port}/x.png", f"http://100.64.0.1:{port}/x.png",
+        ]
+        with httpx2.Client(base_url=stack["url"], timeout=30) as client:
+            for url in urls:
+                body = {"model": "seer", "max_tokens": 2, "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": url}}]}]}
+                response = client.post("/v1/chat/completions", json=body, headers=_auth(stack["key"]))
+                assert response.status_code == 400, (url, response.text)
+                error = response.json()["error"]
+                assert error["code"] == "image_fetch_refused", (url, error)
+                assert error["param"] == "messages[0].content[1].image_url.url"
+            too_many = {"model": "seer", "max_tokens": 2, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"https://example.com/{n}.png"}} for n in range(9)]}]}
+            refused = client.post("/v1/chat/completions", json=too_many, headers=_auth(stack["key"]))
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == "too_many_images"
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing ever connected
