@@ -313,6 +313,11 @@ KEYWAY_MAX_FILE_BYTES = env_int("KEYWAY_MAX_FILE_BYTES", 32 * 1024 * 1024, minim
 KEYWAY_FETCH_TIMEOUT = env_float("KEYWAY_FETCH_TIMEOUT", 10.0, minimum=0.1)
 # Connections of the image fetcher's own pool (per worker), apart from the upstream pool.
 KEYWAY_FETCH_POOL_SIZE = env_int("KEYWAY_FETCH_POOL_SIZE", 16, minimum=1)
+# PDFs are read in a process of their own (completions/api/pdf_worker.py), within these bounds.
+KEYWAY_PDF_TIMEOUT = env_float("KEYWAY_PDF_TIMEOUT", 10.0, minimum=0.1)
+KEYWAY_PDF_MAX_PAGES = env_int("KEYWAY_PDF_MAX_PAGES", 200, minimum=1)
+KEYWAY_PDF_MAX_TEXT_CHARS = env_int("KEYWAY_PDF_MAX_TEXT_CHARS", 1_000_000, minimum=1000)
+KEYWAY_PDF_MEMORY_MB = env_int("KEYWAY_PDF_MEMORY_MB", 512, minimum=128)
 # Remote images one request may have fetched, and their bytes together.
 KEYWAY_FETCH_MAX_IMAGES = env_int("KEYWAY_FETCH_MAX_IMAGES", 8, minimum=0)
 KEYWAY_FETCH_MAX_TOTAL_BYTES = env_int("KEYWAY_FETCH_MAX_TOTAL_BYTES", 50 * 1024 * 1024, minimum=1024)

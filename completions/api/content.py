@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import ipaddress
+import json
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -137,16 +138,31 @@ def inspect_content(messages: list[dict[str, Any]]) -> ContentReport:
     return report
 
 
-def _pdf_text(pdf: bytes) -> str:
-    from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
-
+async def _pdf_text(pdf: bytes, param: str) -> str:
+    """The PDF's text, read in a process of its own (completions/api/pdf_worker.py) with memory, time, page
+    and text limits: a malicious PDF can cost that process, never the server."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "completions.api.pdf_worker", str(settings.KEYWAY_PDF_MAX_PAGES),
+        str(settings.KEYWAY_PDF_MAX_TEXT_CHARS), str(settings.KEYWAY_PDF_MEMORY_MB),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        cwd=settings.BASE_DIR,
+    )
     try:
-        reader = PdfReader(io.BytesIO(pdf))
-        pages = [page.extract_text() or "" for page in reader.pages]
-    except (PdfReadError, ValueError, KeyError) as exc:
-        raise ApiError(f"The PDF could not be read: {exc}", param="messages", code="invalid_file") from None
-    return "\n\n".join(page.strip() for page in pages if page.strip())
+        out, _ = await asyncio.wait_for(process.communicate(pdf), settings.KEYWAY_PDF_TIMEOUT)
+    except TimeoutError:
+        raise ApiError(f"The PDF took longer than {settings.KEYWAY_PDF_TIMEOUT:g} s to read.", param=param,
+                       code="invalid_file") from None
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    try:
+        result = json.loads(out) if out else {"error": "The PDF could not be read."}
+    except ValueError:
+        result = {"error": "The PDF could not be read."}
+    if "error" in result:
+        raise ApiError(str(result["error"]), param=param, code="invalid_file")
+    return str(result.get("text", ""))
 
 
 async def convert_pdfs_to_text(messages: list[dict[str, Any]], report: ContentReport) -> None:
@@ -156,7 +172,7 @@ async def convert_pdfs_to_text(messages: list[dict[str, Any]], report: ContentRe
             continue
         part = messages[where.message]["content"][where.index]
         file = part["file"]
-        text = await asyncio.to_thread(_pdf_text, _file_bytes(file, where.param))
+        text = await _pdf_text(_file_bytes(file, where.param), f"{where.param}.file.file_data")
         name = file.get("filename") or "document.pdf"
         messages[where.message]["content"][where.index] = {"type": "text", "text": f"[{name}]\n{text}"}
         report.pdfs_converted += 1

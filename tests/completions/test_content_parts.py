@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from typing import Any
 
 import openai
@@ -143,3 +144,52 @@ async def test_audio_needs_an_audio_model(sdk: Any, upstream: tuple[int, Any]) -
     await sdk.chat.completions.create(model="ok", messages=user(part))
     with pytest.raises(openai.BadRequestError):
         await sdk.chat.completions.create(model="text-only", messages=user(part))
+
+
+def make_bomb_pdf(megabytes: int) -> bytes:
+    """A valid one-page PDF whose content stream inflates from a few hundred kilobytes to `megabytes` MB."""
+    import zlib
+
+    packer = zlib.compressobj(9)
+    chunk = b"0 0 m " * (1024 * 1024 // 6)
+    packed = b"".join(packer.compress(chunk) for _ in range(megabytes)) + packer.flush()
+    pdf = make_pdf("x")
+    body = b"<< /Length " + str(len(packed)).encode() + b" /Filter /FlateDecode >>\nstream\n" + packed + b"\nendstream"
+    start = pdf.index(b"4 0 obj\n") + len(b"4 0 obj\n")
+    end = pdf.index(b"\nendobj", start)
+    # The cross-reference offsets of object 5 move; pypdf repairs that as any reader does.
+    return pdf[:start] + body + pdf[end:]
+
+
+@pytest.mark.parametrize(
+    ("case", "limits"),
+    [
+        ("a 1 GB inflation bomb", {"KEYWAY_PDF_MEMORY_MB": 256}),
+        ("a slow read", {"KEYWAY_PDF_TIMEOUT": 0.001}),
+        ("garbage", {}),
+    ],
+)
+async def test_a_hostile_pdf_costs_its_own_process_and_gets_a_400(
+    sdk: Any, settings: Any, case: str, limits: dict[str, Any]
+) -> None:
+    for name, value in limits.items():
+        setattr(settings, name, value)
+    pdf = {"a 1 GB inflation bomb": lambda: make_bomb_pdf(1024), "a slow read": lambda: make_pdf("a page"),
+           "garbage": lambda: b"%PDF-1.4\n" + b"\x00garbage" * 100}[case]()
+    data = base64.b64encode(pdf).decode()
+    part = {"type": "file", "file": {"filename": "bomb.pdf", "file_data": f"data:application/pdf;base64,{data}"}}
+    started = time.monotonic()
+    with pytest.raises(openai.BadRequestError) as refused:
+        await sdk.chat.completions.create(model="text-only", messages=user(part))
+    assert refused.value.code == "invalid_file" and refused.value.param == "messages[0].content[1].file.file_data"
+    assert time.monotonic() - started < 30
+
+
+async def test_a_pdf_longer_than_the_page_limit_is_refused(sdk: Any, settings: Any) -> None:
+    settings.KEYWAY_PDF_MAX_PAGES = 1
+    two_pages = make_pdf("one").replace(b"/Kids [3 0 R] /Count 1", b"/Kids [3 0 R 3 0 R] /Count 2")
+    data = base64.b64encode(two_pages).decode()
+    part = {"type": "file", "file": {"filename": "long.pdf", "file_data": f"data:application/pdf;base64,{data}"}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        await sdk.chat.completions.create(model="text-only", messages=user(part))
+    assert "at most 1 are read" in refused.value.message
