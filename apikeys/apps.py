@@ -9,7 +9,8 @@ class ApikeysConfig(AppConfig):
 
     def ready(self) -> None:
         # Wired here, not at import (platform_site.kernel.process).
-        from apikeys import auth
+        from apikeys import auth, throttle
         from platform_site.kernel import process
 
         process.resettable(auth.forget_last_touches)
+        process.resettable(throttle.reset)

@@ -22,8 +22,8 @@ from django.core.cache import cache, caches
 from django.core.cache.backends.locmem import LocMemCache
 from django.utils import timezone
 
-from apikeys import keyformat
-from apikeys.exceptions import InvalidApiKey, MissingScope, ModelNotAllowed
+from apikeys import keyformat, throttle
+from apikeys.exceptions import InvalidApiKey, MissingScope, ModelNotAllowed, TooManyFailedAuthentications
 from platform_site.kernel.orm import orm
 from platform_site.kernel.singleflight import SingleFlight
 
@@ -254,8 +254,24 @@ async def authenticate_key(raw_key: str) -> AuthenticatedKey:
     return record.key
 
 
-async def authenticate_header(header: str | None) -> AuthenticatedKey:
-    return await authenticate_key(parse_bearer(header))
+async def authenticate_from(address: str, raw_key: Callable[[], str]) -> AuthenticatedKey:
+    """authenticate_key for a client at `address`: its failures are counted, and an address past its limit
+    is refused before any lookup (apikeys.throttle). `raw_key` may itself refuse (a malformed header)."""
+    if address:
+        wait = throttle.retry_after(address)
+        if wait is not None:
+            raise TooManyFailedAuthentications(wait)
+    try:
+        return await authenticate_key(raw_key())
+    except InvalidApiKey:
+        if address:
+            throttle.record_failure(address)
+        raise
+
+
+async def authenticate_header(header: str | None, *, address: str = "") -> AuthenticatedKey:
+    """The key in an Authorization header (counted against `address` where it is given)."""
+    return await authenticate_from(address, lambda: parse_bearer(header))
 
 
 def authenticate_key_sync(raw_key: str) -> AuthenticatedKey:

@@ -43,3 +43,17 @@ class InvalidKeySettings(ApiKeyError):
     status = 400
     error_type = "invalid_request_error"
     code = "invalid_value"
+
+
+class TooManyFailedAuthentications(ApiKeyError):
+    """429: this client address presented too many wrong keys this minute (apikeys.throttle)."""
+
+    status = 429
+    error_type = "requests"
+    code = "too_many_failed_authentications"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            f"Too many requests with an invalid API key from this address. Please try again in {retry_after}s.",
+            headers={"Retry-After": str(retry_after)},
+        )

@@ -281,6 +281,8 @@ LOGGING = {
 # How long a worker trusts its in-process copy of an API key before re-checking the shared cache. Revocation
 # deletes the shared entry, so this bounds how long a revoked key may still pass on another worker.
 KEYWAY_KEY_LOCAL_TTL = env_float("KEYWAY_KEY_LOCAL_TTL", 0.5, minimum=0.0)
+# Failed authentications one client address may make in a minute (per worker) before it is refused unseen.
+KEYWAY_AUTH_FAILURES_PER_MINUTE = env_int("KEYWAY_AUTH_FAILURES_PER_MINUTE", 60, minimum=1)
 KEYWAY_KEY_CACHE_TTL = env_int("KEYWAY_KEY_CACHE_TTL", 300, minimum=1)
 KEYWAY_ROTATION_GRACE_SECONDS = env_int("KEYWAY_ROTATION_GRACE_SECONDS", 24 * 3600, minimum=0)
 KEYWAY_CATALOG_LOCAL_TTL = env_float("KEYWAY_CATALOG_LOCAL_TTL", 1.0, minimum=0.0)

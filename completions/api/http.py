@@ -55,7 +55,9 @@ def api_endpoint(*, methods: tuple[str, ...], scope: str | None) -> Callable[[Vi
                         headers={"Allow": ", ".join(methods)},
                     )
                 if scope is not None:
-                    request.api_key = await authenticate_header(request.headers.get("Authorization"))
+                    request.api_key = await authenticate_header(
+                        request.headers.get("Authorization"), address=request.META.get("REMOTE_ADDR") or ""
+                    )
                     request.api_key.require_scope(scope)
                     request.caller = Caller(key=request.api_key, request_id=request_id)
                 response = await view(request, *args, **kwargs)

@@ -25,7 +25,7 @@ import orjson
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from apikeys.auth import AuthenticatedKey, authenticate_key
+from apikeys.auth import AuthenticatedKey, authenticate_from, authenticate_key
 from apikeys.exceptions import InvalidApiKey
 from apikeys.scopes import REALTIME
 from apikeys.sessions import key_group
@@ -126,7 +126,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 "You didn't provide an API key. Send it in the Authorization header as 'Bearer YOUR_KEY', or "
                 "from a browser as the subprotocol 'openai-insecure-api-key.YOUR_KEY'."
             )
-        key = await authenticate_key(handshake.raw_key)
+        raw_key = handshake.raw_key
+        client = self.scope.get("client") or ("",)
+        key = await authenticate_from(str(client[0] or ""), lambda: raw_key)
         key.require_scope(REALTIME)
         model = key.pinned_model or handshake.model
         if not model:

@@ -277,3 +277,33 @@ async def test_a_schema_within_the_bounds_still_works(
                                                                                                 "schema": schema}}}
     response = await asgi_client.post(CHAT, json=body, headers=bearer(api_key[1]))
     assert response.status_code == 200, response.text
+
+
+async def test_an_address_that_keeps_failing_authentication_is_refused_without_a_lookup(
+    api_key: tuple[ApiKey, str], settings: Any, monkeypatch: pytest.MonkeyPatch, validate_schema
+) -> None:
+    import httpx2 as httpx
+
+    from apikeys import auth
+    from platform_site.asgi import application
+
+    settings.KEYWAY_AUTH_FAILURES_PER_MINUTE = 3
+    lookups: list[str] = []
+    real = auth._records._load
+    monkeypatch.setattr(auth._records, "_load", lambda public_id: lookups.append(public_id) or real(public_id))
+
+    def client(address: str) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=application, client=(address, 4711))
+        return httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1")
+
+    async with client("203.0.113.9") as guesser, client("198.51.100.7") as bystander:
+        for attempt in range(3):
+            wrong = f"sk-kw-{attempt:012d}-" + "a" * 44
+            assert (await guesser.get("/v1/models", headers=bearer(wrong))).status_code == 401
+        assert len(lookups) == 3
+        refused = await guesser.get("/v1/models", headers=bearer("sk-kw-999999999999-" + "a" * 44))
+        error = assert_error(refused, 429, "too_many_failed_authentications", validate_schema)
+        assert "try again in" in error["message"] and 1 <= int(refused.headers["retry-after"]) <= 60
+        assert len(lookups) == 3  # refused before any lookup
+        # Another address is not affected.
+        assert (await bystander.get("/v1/models", headers=bearer(api_key[1]))).status_code == 200

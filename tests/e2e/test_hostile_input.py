@@ -235,3 +235,17 @@ def test_image_urls_that_point_inward_are_refused_and_never_reached(stack: dict[
             assert refused.status_code == 400 and refused.json()["error"]["code"] == "too_many_images"
         with pytest.raises(BlockingIOError):
             listener.accept()  # nothing ever connected
+
+
+def test_zz_an_address_guessing_keys_is_refused_unseen_after_the_limit(stack: dict[str, Any]) -> None:
+    """Last in this module: afterwards this address stays refused for the rest of the minute."""
+    with httpx2.Client(base_url=stack["url"], timeout=30) as client:
+        statuses = [client.get("/v1/models", headers=_auth(f"sk-kw-{n:012d}-" + "b" * 44)).status_code
+                    for n in range(61)]
+        # 60 failures a minute (earlier tests here spent one or two of them), then refused unseen.
+        first = statuses.index(429)
+        assert 55 <= first <= 60 and set(statuses[:first]) == {401} and set(statuses[first:]) == {429}
+        refused = client.get("/v1/models", headers=_auth(stack["key"]))
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_failed_authentications"
+        chat = client.post("/v1/chat/completions", headers=_auth(stack["key"]), json={"model": "seer"})
+        assert chat.status_code == 429
