@@ -91,8 +91,14 @@ def manage(env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
+# Every Keyway server's log and var directory this session, for the check that no secret or prompt text is
+# ever logged (tests/e2e/conftest.py).
+SERVER_LOGS: list[tuple[Path, Path]] = []
+
+
 def start_keyway(env: dict[str, str], log: Path, *, uvicorn: bool = False) -> tuple[subprocess.Popen[bytes], str]:
     """A Keyway server process: daphne (as `make run` serves), or uvicorn (as production may)."""
+    SERVER_LOGS.append((log, Path(env["KEYWAY_VAR_DIR"])))
     port = free_port()
     handle = log.open("ab")
     if uvicorn:
