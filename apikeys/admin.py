@@ -7,6 +7,7 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
@@ -14,7 +15,7 @@ from django.template.response import TemplateResponse
 from apikeys.exceptions import InvalidKeySettings
 from apikeys.models import ApiKey
 from apikeys.scopes import ADMIN, ALL_SCOPES, SCOPE_CHOICES
-from apikeys.services import apikey_create, apikey_revoke, apikey_rotate, apikey_settings_check, apikey_update
+from apikeys.services import apikey_create, apikey_revoke, apikey_rotate, apikey_settings_clean, apikey_update
 
 
 class ApiKeyForm(forms.ModelForm):
@@ -39,14 +40,20 @@ class ApiKeyForm(forms.ModelForm):
         raw = self.cleaned_data.get("allowed_models") or ""
         return sorted({item.strip() for item in raw.split(",") if item.strip()})
 
+    def key_settings(self) -> dict[str, Any]:
+        """The settings the services take, from the cleaned form."""
+        data = self.cleaned_data
+        return {
+            "name": data.get("name") or "", "scopes": data.get("scopes") or [],
+            "allowed_models": data.get("allowed_models") or [], "rpm_limit": data.get("rpm_limit"),
+            "tpm_limit": data.get("tpm_limit"), "monthly_budget_micros": data.get("monthly_budget_micros"),
+        }
+
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
         try:
-            apikey_settings_check(
-                scopes=cleaned.get("scopes") or [], rpm_limit=cleaned.get("rpm_limit"),
-                tpm_limit=cleaned.get("tpm_limit"), monthly_budget_micros=cleaned.get("monthly_budget_micros"),
-            )
-            if self.instance.pk and (cleaned.get("scopes") == [ADMIN]) != (self.instance.scopes == [ADMIN]):
+            checked = apikey_settings_clean(**self.key_settings())
+            if self.instance.pk and (checked["scopes"] == [ADMIN]) != (self.instance.scopes == [ADMIN]):
                 raise InvalidKeySettings("An admin key stays an admin key, and a project key a project key.",
                                          param="scopes")
         except InvalidKeySettings as error:
@@ -89,32 +96,15 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return list(self.readonly_fields) if obj is None else ["organization", *self.readonly_fields]
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: forms.ModelForm, change: bool) -> None:
+        assert isinstance(form, ApiKeyForm)
+        settings = {**form.key_settings(), "expires_at": form.cleaned_data.get("expires_at")}
+        staff = request.user if isinstance(request.user, User) else None
         if change:
             # Through the service: checked, audited, and invalidated on commit (not before it, when another
             # worker could cache the old row again).
-            apikey_update(
-                key=obj,
-                name=form.cleaned_data["name"],
-                scopes=form.cleaned_data["scopes"],
-                allowed_models=form.cleaned_data["allowed_models"],
-                expires_at=form.cleaned_data.get("expires_at"),
-                rpm_limit=form.cleaned_data.get("rpm_limit"),
-                tpm_limit=form.cleaned_data.get("tpm_limit"),
-                monthly_budget_micros=form.cleaned_data.get("monthly_budget_micros"),
-                actor=request.user,  # type: ignore[arg-type]
-            )
+            apikey_update(key=obj, actor=staff, **settings)
             return
-        key, raw_key = apikey_create(
-            organization=form.cleaned_data["organization"],
-            name=form.cleaned_data["name"],
-            scopes=form.cleaned_data["scopes"],
-            allowed_models=form.cleaned_data["allowed_models"],
-            expires_at=form.cleaned_data.get("expires_at"),
-            rpm_limit=form.cleaned_data.get("rpm_limit"),
-            tpm_limit=form.cleaned_data.get("tpm_limit"),
-            monthly_budget_micros=form.cleaned_data.get("monthly_budget_micros"),
-            created_by=request.user,  # type: ignore[arg-type]
-        )
+        key, raw_key = apikey_create(organization=form.cleaned_data["organization"], created_by=staff, **settings)
         obj.pk = key.pk
         request._keyway_new_key = (key, raw_key)  # type: ignore[attr-defined]
 

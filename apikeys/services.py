@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -57,14 +58,31 @@ def _clean_limit(value: int | None, param: str) -> int | None:
     return value
 
 
-def apikey_settings_check(
-    *, scopes: Iterable[str], rpm_limit: int | None, tpm_limit: int | None, monthly_budget_micros: int | None
-) -> None:
-    """The checks a key's settings get when they are saved, for forms that show errors beside the field."""
-    _clean_scopes(scopes)
-    _clean_limit(rpm_limit, "rpm")
-    _clean_limit(tpm_limit, "tpm")
-    _clean_limit(monthly_budget_micros, "monthly_budget")
+def apikey_settings_clean(
+    *,
+    name: str,
+    scopes: Iterable[str],
+    allowed_models: Iterable[str],
+    rpm_limit: int | None,
+    tpm_limit: int | None,
+    monthly_budget_micros: int | None,
+) -> dict[str, Any]:
+    """A key's settings, checked and normalised as they are stored (the ApiKey fields of the same names), or
+    InvalidKeySettings naming the field. Shared by creation, updates and forms that show errors beside it."""
+    name = name.strip()
+    if not name or len(name) > MAX_NAME:
+        raise InvalidKeySettings(f"A key needs a name of 1 to {MAX_NAME} characters.", param="name")
+    models = sorted({model.strip() for model in allowed_models if model.strip()})
+    if len(models) > MAX_ALLOWED_MODELS:
+        raise InvalidKeySettings(f"A key may list at most {MAX_ALLOWED_MODELS} models.", param="models")
+    return {
+        "name": name,
+        "scopes": _clean_scopes(scopes),
+        "allowed_models": models,
+        "rpm_limit": _clean_limit(rpm_limit, "rpm"),
+        "tpm_limit": _clean_limit(tpm_limit, "tpm"),
+        "monthly_budget_micros": _clean_limit(monthly_budget_micros, "monthly_budget"),
+    }
 
 
 def _require_may_manage(by: Actor | None, key: ApiKey) -> None:
@@ -99,13 +117,9 @@ def apikey_create(
 
     A key with the admin scope is an admin key of the organization; any other key belongs to `project` (the
     organization's default project when none is given)."""
-    cleaned_scopes = _clean_scopes(scopes)
-    name = name.strip()
-    if not name or len(name) > MAX_NAME:
-        raise InvalidKeySettings(f"A key needs a name of 1 to {MAX_NAME} characters.", param="name")
-    models = sorted({model.strip() for model in allowed_models if model.strip()})
-    if len(models) > MAX_ALLOWED_MODELS:
-        raise InvalidKeySettings(f"A key may list at most {MAX_ALLOWED_MODELS} models.", param="models")
+    cleaned = apikey_settings_clean(name=name, scopes=scopes, allowed_models=allowed_models, rpm_limit=rpm_limit,
+                                    tpm_limit=tpm_limit, monthly_budget_micros=monthly_budget_micros)
+    cleaned_scopes = cleaned["scopes"]
     if expires_at is not None and expires_at <= timezone.now():
         raise InvalidKeySettings("The expiry must be in the future.", param="expires_at")
     if by is not None:
@@ -133,15 +147,10 @@ def apikey_create(
     key = ApiKey.objects.create(
         organization=organization,
         project=project,
-        name=name,
         public_id=public_id,
         secret_hash=keyformat.hash_secret(public_id, secret),
-        scopes=cleaned_scopes,
-        allowed_models=models,
         expires_at=expires_at,
-        rpm_limit=_clean_limit(rpm_limit, "rpm"),
-        tpm_limit=_clean_limit(tpm_limit, "tpm"),
-        monthly_budget_micros=_clean_limit(monthly_budget_micros, "monthly_budget"),
+        **cleaned,
         created_by=created_by if created_by is not None and created_by.is_authenticated else None,
     )
     audit_log_record(
@@ -152,7 +161,7 @@ def apikey_create(
         actor_label=actor_label,
         project=project,
         by=by,
-        details={"data": {"scopes": key.scopes}, "name": name, "allowed_models": key.allowed_models},
+        details={"data": {"scopes": key.scopes}, "name": key.name, "allowed_models": key.allowed_models},
     )
     transaction.on_commit(lambda: invalidate_cached_key(public_id))
     return key, keyformat.format_key(public_id, secret)
@@ -177,20 +186,11 @@ def apikey_update(
     key = ApiKey.objects.select_for_update(of=("self",)).select_related("organization", "project").get(pk=key.pk)
     if key.revoked_at is not None:
         raise InvalidKeySettings("A revoked key cannot be changed.", param="api_key_id")
-    cleaned_scopes = _clean_scopes(scopes)
-    if (cleaned_scopes == [ADMIN]) != (key.scopes == [ADMIN]):
+    wanted = apikey_settings_clean(name=name, scopes=scopes, allowed_models=allowed_models, rpm_limit=rpm_limit,
+                                   tpm_limit=tpm_limit, monthly_budget_micros=monthly_budget_micros)
+    if (wanted["scopes"] == [ADMIN]) != (key.scopes == [ADMIN]):
         raise InvalidKeySettings("An admin key stays an admin key, and a project key a project key.", param="scopes")
-    name = name.strip()
-    if not name or len(name) > MAX_NAME:
-        raise InvalidKeySettings(f"A key needs a name of 1 to {MAX_NAME} characters.", param="name")
-    models = sorted({model.strip() for model in allowed_models if model.strip()})
-    if len(models) > MAX_ALLOWED_MODELS:
-        raise InvalidKeySettings(f"A key may list at most {MAX_ALLOWED_MODELS} models.", param="models")
-    wanted = {
-        "name": name, "scopes": cleaned_scopes, "allowed_models": models, "expires_at": expires_at,
-        "rpm_limit": _clean_limit(rpm_limit, "rpm"), "tpm_limit": _clean_limit(tpm_limit, "tpm"),
-        "monthly_budget_micros": _clean_limit(monthly_budget_micros, "monthly_budget"),
-    }
+    wanted["expires_at"] = expires_at
     changes = {field: value for field, value in wanted.items() if getattr(key, field) != value}
     if not changes:
         return key

@@ -3,24 +3,20 @@ any other path is refused at the handshake (HTTP 403), never left to fail."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
-
-from channels.routing import URLRouter
-from django.urls import re_path
 
 from completions.realtime.consumer import RealtimeConsumer
 
+_REALTIME_PATH = re.compile(r"^/(?:api/)?v1/realtime/?$")
+_realtime = RealtimeConsumer.as_asgi()
 
-async def refuse(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Close before accepting: the server answers the handshake with 403."""
+
+async def websocket_application(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if _REALTIME_PATH.match(scope["path"]):
+        await _realtime(scope, receive, send)
+        return
+    # Closing before accepting: the server answers the handshake with 403.
     message = await receive()
     if message["type"] == "websocket.connect":
         await send({"type": "websocket.close"})
-
-
-websocket_application = URLRouter(
-    [
-        re_path(r"^(?:api/)?v1/realtime/?$", RealtimeConsumer.as_asgi()),
-        re_path(r"", refuse),  # type: ignore[arg-type]  # the stubs know only Django views
-    ]
-)
