@@ -151,8 +151,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         """Say why, then close (once): with `code`, else 4000 + the error's status."""
         if self.closed:
             return
-        await self.send(text_data=orjson.dumps(error_event(error, event_id=self.ids.next(),
-                                                           client_event_id=None)).decode())
+        await self._emit_error(error, None)
         self.closed = True
         await self.close(code=code if code is not None else close_code(error.status))
         await self._release()

@@ -141,3 +141,12 @@ def rate_limits_event(headers: dict[str, str], *, event_id: str) -> dict[str, An
     if not limits:
         return None
     return {"type": "rate_limits.updated", "event_id": event_id, "rate_limits": limits}
+
+
+def refusal_events(error: ApiError, *, ids: EventIds, client_event_id: str | None) -> list[dict[str, Any]]:
+    """What a refused response.create gets: the error, then the limits where the refusal carries them."""
+    events = [error_event(error, event_id=ids.next(), client_event_id=client_event_id)]
+    limits = rate_limits_event(error.headers, event_id=ids.next())
+    if limits is not None:
+        events.append(limits)
+    return events

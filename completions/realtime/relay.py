@@ -29,7 +29,7 @@ import orjson
 from billing.metering import Status
 from completions.engine import calls
 from completions.engine.catalog import CatalogEntry, DeploymentEntry
-from completions.realtime.protocol import EventIds, error_event, invalid, rate_limits_event
+from completions.realtime.protocol import EventIds, invalid, rate_limits_event, refusal_events
 from platform_site.kernel.errors import ApiError, to_api_error
 from platform_site.middleware import new_request_id
 
@@ -133,11 +133,8 @@ class Relay:
                                           max_output_tokens=self._output_limit(event))
         except Exception as exc:  # noqa: BLE001 - a refusal is the client's to read, as an error event
             error = to_api_error(exc, request_id=caller.request_id)
-            await self._send_text(orjson.dumps(error_event(error, event_id=self.ids.next(),
-                                                           client_event_id=client_event_id)).decode())
-            limits = rate_limits_event(error.headers, event_id=self.ids.next())
-            if limits is not None:
-                await self._send_text(orjson.dumps(limits).decode())
+            for refusal in refusal_events(error, ids=self.ids, client_event_id=client_event_id):
+                await self._send_text(orjson.dumps(refusal).decode())
             return None
         return turn
 

@@ -19,7 +19,7 @@ from billing.metering import Endpoint
 from completions.api.requests import parse_chat
 from completions.engine import calls
 from completions.realtime import session as rt
-from completions.realtime.protocol import Dialect, EventIds, error_event, invalid, rate_limits_event
+from completions.realtime.protocol import Dialect, EventIds, error_event, invalid, rate_limits_event, refusal_events
 from platform_site.kernel.errors import ApiError, to_api_error
 from platform_site.middleware import new_request_id
 
@@ -313,10 +313,8 @@ class RealtimeResponse:
         await self._stream(stream)
 
     async def _refused(self, error: ApiError) -> None:
-        await self._send(error_event(error, event_id=self.ids.next(), client_event_id=self.client_event_id))
-        limits = rate_limits_event(error.headers, event_id=self.ids.next())
-        if limits is not None:
-            await self._send(limits)
+        for refusal in refusal_events(error, ids=self.ids, client_event_id=self.client_event_id):
+            await self._send(refusal)
 
     async def _stream(self, stream: calls.ChatStream) -> None:
         status, finish = "completed", None
