@@ -75,6 +75,22 @@ class Client:
                 return int(message.get("code", 1000))
 
 
+async def _say(client: Client, text: str, **fields: Any) -> dict[str, Any]:
+    await client.send({"type": "conversation.item.create", **fields, "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+    return (await client.until("conversation.item.done"))["item"]
+
+
+async def _session_with_new_key(org: Organization, model: str, **key_settings: Any) -> Client:
+    """A session opened with a key of its own (limits set on it), past session.created."""
+    _, raw = await sync_to_async(apikey_create)(organization=org, name="own", actor_label="test", **key_settings)
+    ws = communicator(f"/v1/realtime?model={model}", key=raw)
+    await ws.connect()
+    client = Client(ws)
+    await client.until("session.created")
+    return client
+
+
 def communicator(path: str, *, key: str | None = None, subprotocols: list[str] | None = None,
                  headers: list[tuple[bytes, bytes]] | None = None) -> WebsocketCommunicator:
     from platform_site.asgi import application
@@ -270,9 +286,7 @@ async def test_the_beta_dialect_is_chosen_by_header_or_subprotocol(fake: Any, ap
 async def test_response_cancel_stops_generation_and_the_response_ends_cancelled(fake: Any, connect: Any) -> None:
     client = await connect("drip")
     await client.until("session.created")
-    await client.send({"type": "conversation.item.create", "item": {
-        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "count"}]}})
-    await client.until("conversation.item.done")
+    await _say(client, "count")
     await client.send({"type": "response.create", "event_id": "r1"})
     created = await client.until("response.created")
     await client.until("response.output_text.delta")
@@ -299,9 +313,7 @@ async def test_function_calls_become_items_and_their_outputs_feed_the_next_respo
         {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}},
         {"type": "function", "name": "get_time"}]}})
     await client.until("session.updated")
-    await client.send({"type": "conversation.item.create", "item": {
-        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]}})
-    await client.until("conversation.item.done")
+    await _say(client, "Weather in Paris?")
     await client.send({"type": "response.create"})
     events = await client.collect_until("response.done")
     done = events[-1]["response"]
@@ -326,14 +338,8 @@ async def test_function_calls_become_items_and_their_outputs_feed_the_next_respo
 async def test_a_rate_limited_response_gets_an_error_and_rate_limits_updated(
     fake: Any, org: Organization, fresh_rate_window: None
 ) -> None:
-    _, raw = await sync_to_async(apikey_create)(organization=org, name="slow", actor_label="test", rpm_limit=1)
-    ws = communicator("/v1/realtime?model=ok", key=raw)
-    await ws.connect()
-    client = Client(ws)
-    await client.until("session.created")
-    await client.send({"type": "conversation.item.create", "item": {
-        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
-    await client.until("conversation.item.done")
+    client = await _session_with_new_key(org, "ok", rpm_limit=1)
+    await _say(client, "hi")
     await client.send({"type": "response.create"})
     await client.until("response.done")
     await client.send({"type": "response.create", "event_id": "second"})
@@ -343,7 +349,7 @@ async def test_a_rate_limited_response_gets_an_error_and_rate_limits_updated(
     assert limits["type"] == "rate_limits.updated"
     requests = next(limit for limit in limits["rate_limits"] if limit["name"] == "requests")
     assert requests["limit"] == 1 and requests["remaining"] == 0 and 0 < requests["reset_seconds"] <= 60
-    await ws.disconnect()
+    await client.ws.disconnect()
 
 
 async def test_revoking_the_key_closes_its_open_session(fake: Any, connect: Any, api_key: tuple[ApiKey, str]) -> None:
@@ -463,11 +469,7 @@ async def test_a_response_the_upstream_starts_itself_is_admitted_and_metered(voi
 async def test_a_rate_limited_relayed_response_never_reaches_the_upstream(
     voice: Any, org: Organization, fresh_rate_window: None
 ) -> None:
-    _, raw = await sync_to_async(apikey_create)(organization=org, name="one", actor_label="test", rpm_limit=1)
-    ws = communicator("/v1/realtime?model=voice", key=raw)
-    await ws.connect()
-    client = Client(ws)
-    await client.until("session.created")
+    client = await _session_with_new_key(org, "voice", rpm_limit=1)
     await client.send({"type": "response.create"})
     await client.until("response.done")
     await client.send({"type": "response.create", "event_id": "again"})
@@ -477,7 +479,7 @@ async def test_a_rate_limited_relayed_response_never_reaches_the_upstream(
     await client.send({"type": "session.update", "session": {"instructions": "x"}})
     assert (await client.next())["type"] == "session.updated"  # the upstream never saw a second response
     assert len(await _ledger()) == 1
-    await ws.disconnect()
+    await client.ws.disconnect()
 
 
 async def test_a_client_that_leaves_mid_response_is_charged_from_the_upstreams_report(
@@ -504,12 +506,6 @@ async def test_an_unreachable_realtime_upstream_is_an_error_event_then_a_close(
     error = await client.next()
     assert error["type"] == "error" and error["error"]["type"] == "upstream_error"
     assert await client.closed() == 4502
-
-
-async def _say(client: Client, text: str, **fields: Any) -> dict[str, Any]:
-    await client.send({"type": "conversation.item.create", **fields, "item": {
-        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
-    return (await client.until("conversation.item.done"))["item"]
 
 
 async def test_items_are_retrieved_deleted_and_inserted_where_asked(fake: Any, connect: Any) -> None:
