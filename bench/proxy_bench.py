@@ -30,7 +30,15 @@ import orjson
 BASE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BASE_DIR))
 
-from tests.e2e.server import drop_database, free_port, make_environment, manage, stop, wait_for  # noqa: E402
+from tests.e2e.server import (  # noqa: E402
+    drop_database,
+    free_port,
+    make_environment,
+    manage,
+    start_fake_upstream,
+    stop,
+    wait_for,
+)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -56,6 +64,18 @@ if connection.vendor == "postgresql":
         commits = cursor.fetchone()[0]
 print(UsageEvent.objects.count(), commits)
 """
+
+
+def prepare_demo(env: dict[str, str], upstream_url: str) -> str:
+    """The scratch database of a benchmark: migrated, the demo organization on a prepaid plan, the fake
+    upstream's `bench` model priced; returns a key of the demo organization."""
+    env.update(KEYWAY_UPSTREAM_BASE_URL=f"{upstream_url}/v1", KEYWAY_UPSTREAM_MODELS="bench",
+               KEYWAY_UPSTREAM_NAME="fake")
+    manage(env, "migrate", "--no-input", "-v", "0")
+    manage(env, "bootstrap")
+    key = manage(env, "createapikey", "demo", "--name", "bench").strip()
+    manage(env, "shell", "-c", PREPAID_SETUP)
+    return key
 
 
 def cpu_seconds(pid: int) -> float:
@@ -155,19 +175,10 @@ def main() -> None:
                KEYWAY_PROJECT_RPM=str(10**9), KEYWAY_PROJECT_TPM=str(10**12),
                KEYWAY_RATE_LIMITS="0" if args.no_limits or args.no_metering else "1",
                KEYWAY_METERING="0" if args.no_metering else "1")
-    upstream_port = free_port()
-    upstream = subprocess.Popen([sys.executable, str(BASE_DIR / "bench" / "fake_upstream.py"), "--port",
-                                 str(upstream_port)], cwd=BASE_DIR)
+    upstream, upstream_url = start_fake_upstream(scratch / "upstream.log")
     keyway = None
     try:
-        upstream_url = f"http://127.0.0.1:{upstream_port}"
-        wait_for(f"{upstream_url}/v1/models", process=upstream)
-        env.update(KEYWAY_UPSTREAM_BASE_URL=f"{upstream_url}/v1", KEYWAY_UPSTREAM_MODELS="bench",
-                   KEYWAY_UPSTREAM_NAME="fake")
-        manage(env, "migrate", "--no-input", "-v", "0")
-        manage(env, "bootstrap")
-        key = manage(env, "createapikey", "demo", "--name", "bench").strip()
-        manage(env, "shell", "-c", PREPAID_SETUP)
+        key = prepare_demo(env, upstream_url)
         commits_before = manage(env, "shell", "-c", LEDGER_COUNT).strip().splitlines()[-1].split()[1]
         port = free_port()
         if args.server == "uvicorn":

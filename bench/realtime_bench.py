@@ -26,8 +26,16 @@ import websockets
 BASE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BASE_DIR))
 
-from bench.proxy_bench import LEDGER_COUNT, PREPAID_SETUP, cpu_seconds  # noqa: E402
-from tests.e2e.server import drop_database, free_port, make_environment, manage, stop, wait_for  # noqa: E402
+from bench.proxy_bench import LEDGER_COUNT, cpu_seconds, prepare_demo  # noqa: E402
+from tests.e2e.server import (  # noqa: E402
+    drop_database,
+    free_port,
+    make_environment,
+    manage,
+    start_fake_upstream,
+    stop,
+    wait_for,
+)
 
 TURN = orjson.dumps({"type": "response.create", "response": {"conversation": "none", "input": [
     {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Say hello."}]}]}}).decode()
@@ -93,19 +101,10 @@ def main() -> None:
     env.update(DEBUG="1", KEYWAY_VAR_DIR=str(scratch), KEYWAY_DEFAULT_MODEL="", KEYWAY_DEFAULT_EMBEDDING_MODEL="",
                KEYWAY_DEFAULT_RPM=str(10**9), KEYWAY_DEFAULT_TPM=str(10**12), KEYWAY_PROJECT_RPM=str(10**9),
                KEYWAY_PROJECT_TPM=str(10**12), KEYWAY_REALTIME_SESSIONS_PER_KEY="1000")
-    upstream_port = free_port()
-    upstream = subprocess.Popen([sys.executable, str(BASE_DIR / "bench" / "fake_upstream.py"), "--port",
-                                 str(upstream_port)], cwd=BASE_DIR)
+    upstream, upstream_url = start_fake_upstream(scratch / "upstream.log")
     keyway = None
     try:
-        upstream_url = f"http://127.0.0.1:{upstream_port}"
-        wait_for(f"{upstream_url}/v1/models", process=upstream)
-        env.update(KEYWAY_UPSTREAM_BASE_URL=f"{upstream_url}/v1", KEYWAY_UPSTREAM_MODELS="bench",
-                   KEYWAY_UPSTREAM_NAME="fake")
-        manage(env, "migrate", "--no-input", "-v", "0")
-        manage(env, "bootstrap")
-        key = manage(env, "createapikey", "demo", "--name", "bench").strip()
-        manage(env, "shell", "-c", PREPAID_SETUP)
+        key = prepare_demo(env, upstream_url)
         port = free_port()
         if args.server == "uvicorn":
             command = [sys.executable, "-m", "uvicorn", "platform_site.asgi:application", "--port", str(port),
