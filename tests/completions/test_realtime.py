@@ -696,14 +696,19 @@ async def test_status_counts_open_realtime_sockets_for_staff(fake: Any, connect:
     assert (await count()).json()["open_websockets"] == before + 1
 
 
-async def test_assistant_audio_is_truncated_where_the_client_stopped_playing_it(
-    fake: Any, api_key: tuple[ApiKey, str], connect: Any, upstream: tuple[int, Any]
-) -> None:
-    import base64
-
+@pytest.fixture
+async def audio_chat_model(fake: Any, upstream: tuple[int, Any]) -> None:
+    """`ok-audio`: a chat model that takes audio, on the fake upstream."""
     await sync_to_async(provider_upsert_openai_compatible)(
         name="fake-audio", base_url=f"http://127.0.0.1:{upstream[0]}/v1", models=["ok-audio"],
         capabilities=["chat", "audio"])
+
+
+async def test_assistant_audio_is_truncated_where_the_client_stopped_playing_it(
+    audio_chat_model: None, connect: Any
+) -> None:
+    import base64
+
     client = await connect("ok-audio")
     await client.until("session.created")
     audio = base64.b64encode(bytes(48 * 1000)).decode()  # one second of PCM16 at 24 kHz
@@ -724,15 +729,12 @@ async def test_assistant_audio_is_truncated_where_the_client_stopped_playing_it(
 
 
 async def test_user_audio_reaches_an_audio_chat_model_as_a_wav_file(
-    fake: Any, connect: Any, upstream: tuple[int, Any]
+    fake: Any, audio_chat_model: None, connect: Any
 ) -> None:
     import base64
     import io
     import wave
 
-    await sync_to_async(provider_upsert_openai_compatible)(
-        name="fake-audio", base_url=f"http://127.0.0.1:{upstream[0]}/v1", models=["ok-audio"],
-        capabilities=["chat", "audio"])
     client = await connect("ok-audio")
     await client.until("session.created")
     pcm = bytes(range(256)) * 48
