@@ -55,11 +55,6 @@ logger = logging.getLogger(__name__)
 
 # Responses one session may run at once: one in its conversation, the rest out of band (conversation: none).
 MAX_ACTIVE_RESPONSES = 4
-_AUDIO_EVENTS = ("input_audio_buffer.append", "input_audio_buffer.commit", "input_audio_buffer.clear",
-                 "output_audio_buffer.clear")
-_EVENT_TYPES = ("session.update", "conversation.item.create", "conversation.item.retrieve",
-                "conversation.item.delete", "conversation.item.truncate", "response.create", "response.cancel",
-                *_AUDIO_EVENTS)
 
 
 class RealtimeConsumer(AsyncWebsocketConsumer):
@@ -230,7 +225,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 rt.as_string(event["type"], "type", limit=128)
                 await self.relay.from_client(text_data or "", event, client_event_id)
                 return
-            kind = rt.one_of(event.get("type"), "type", _EVENT_TYPES)
+            kind = rt.one_of(event.get("type"), "type", self._EVENT_TYPES)
             await self._HANDLERS[kind](self, event, client_event_id)
         except ApiError as error:
             await self._emit_error(error, client_event_id)
@@ -395,3 +390,4 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         "input_audio_buffer.clear": _audio,
         "output_audio_buffer.clear": _audio,
     }
+    _EVENT_TYPES = tuple(_HANDLERS)
