@@ -16,7 +16,7 @@ from billing.services import RATE_LIMIT_FIELDS
 from platform_site.models import Role
 
 PERMISSION_CHOICES = [
-    ("all", "All — every model endpoint (usage only where asked for)"),
+    ("all", "All — every model endpoint (not usage and billing)"),
     ("restricted", "Restricted — only the endpoints chosen below"),
     ("read_only", "Read only — list models and read usage"),
 ]
