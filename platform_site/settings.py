@@ -290,7 +290,11 @@ KEYWAY_CATALOG_LOCAL_TTL = env_float("KEYWAY_CATALOG_LOCAL_TTL", 1.0, minimum=0.
 # Upstream HTTP providers.
 KEYWAY_UPSTREAM_TIMEOUT = env_float("KEYWAY_UPSTREAM_TIMEOUT", 180.0, minimum=0.1)
 KEYWAY_UPSTREAM_CONNECT_TIMEOUT = env_float("KEYWAY_UPSTREAM_CONNECT_TIMEOUT", 10.0, minimum=0.1)
-KEYWAY_UPSTREAM_POOL_SIZE = env_int("KEYWAY_UPSTREAM_POOL_SIZE", 256, minimum=1)
+# Upstream calls and streams in flight per worker process; past it a call waits up to POOL_WAIT seconds for
+# a place, then gets 503. One key may hold MAX_PER_KEY of them (429 past it).
+KEYWAY_UPSTREAM_POOL_SIZE = env_int("KEYWAY_UPSTREAM_POOL_SIZE", 1024, minimum=1)
+KEYWAY_UPSTREAM_POOL_WAIT = env_float("KEYWAY_UPSTREAM_POOL_WAIT", 5.0, minimum=0.0)
+KEYWAY_UPSTREAM_MAX_PER_KEY = env_int("KEYWAY_UPSTREAM_MAX_PER_KEY", 768, minimum=1)
 
 # The realtime WebSocket (/v1/realtime). Every socket is bounded: open sessions per key (counted across
 # workers where there is Redis), the size of one client message, the conversation it may hold, how long it
@@ -343,6 +347,17 @@ KEYWAY_BREAKER_COOLDOWN = env_float("KEYWAY_BREAKER_COOLDOWN", 30.0, minimum=0.0
 # The embedded llama.cpp provider.
 KEYWAY_LLAMA_THREADS = env_int("KEYWAY_LLAMA_THREADS", 2, minimum=1)
 KEYWAY_LLAMA_CONTEXT = env_int("KEYWAY_LLAMA_CONTEXT", 4096, minimum=256)
+# Sharing an embedded model (completions/providers/slots.py), per worker process: generations that run at
+# once (instances sharing the weights), how many of them one key and one organization may hold, how many may
+# wait (in all, and per key) and for how long; the output of one request; the time to compile a grammar.
+KEYWAY_LLAMA_SLOTS = env_int("KEYWAY_LLAMA_SLOTS", 4, minimum=1)
+KEYWAY_LLAMA_MAX_PER_KEY = env_int("KEYWAY_LLAMA_MAX_PER_KEY", 3, minimum=1)
+KEYWAY_LLAMA_MAX_PER_ORG = env_int("KEYWAY_LLAMA_MAX_PER_ORG", 3, minimum=1)
+KEYWAY_LLAMA_QUEUE = env_int("KEYWAY_LLAMA_QUEUE", 32, minimum=0)
+KEYWAY_LLAMA_QUEUE_PER_KEY = env_int("KEYWAY_LLAMA_QUEUE_PER_KEY", 8, minimum=0)
+KEYWAY_LLAMA_QUEUE_WAIT = env_float("KEYWAY_LLAMA_QUEUE_WAIT", 30.0, minimum=0.1)
+KEYWAY_LLAMA_MAX_OUTPUT_TOKENS = env_int("KEYWAY_LLAMA_MAX_OUTPUT_TOKENS", 4096, minimum=1)
+KEYWAY_LLAMA_GRAMMAR_TIMEOUT = env_float("KEYWAY_LLAMA_GRAMMAR_TIMEOUT", 2.0, minimum=0.1)
 KEYWAY_EMBEDDING_THREADS = env_int("KEYWAY_EMBEDDING_THREADS", 2, minimum=1)
 KEYWAY_MODEL_DIR = Path(env_str("KEYWAY_MODEL_DIR", str(VAR_DIR / "models")))
 # The default catalog entries `make run` creates (public ids); empty disables one.

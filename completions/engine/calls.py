@@ -191,6 +191,8 @@ def _chat_call(request: ChatRequest, caller: Caller, deployment: DeploymentEntry
         deployment.timeout,
         max_tokens=request.max_tokens,
         n=request.n,
+        organization=str(caller.key.organization_id),
+        key=caller.key.public_id,
     )
 
 
@@ -511,6 +513,7 @@ async def embed(request: EmbeddingsRequest, *, caller: Caller) -> CallResult:
             call = EmbeddingsCall(
                 deployment.upstream_model, _upstream_body(request.body, request.extra_fields, deployment),
                 caller.request_id, entry.context_length, deployment.timeout,
+                organization=str(caller.key.organization_id), key=caller.key.public_id,
             )
             return await deployment.provider.embeddings(call)
 

@@ -20,7 +20,13 @@ from django.conf import settings
 
 from completions.engine.catalog import CatalogEntry, DeploymentEntry
 from completions.engine.requests import Preferences
-from completions.providers.base import ProviderError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from completions.providers.base import (
+    ProviderBusy,
+    ProviderError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from platform_site.kernel.errors import ApiError
 
 T = TypeVar("T")
@@ -104,6 +110,10 @@ async def first_success(
     for entry, deployment in attempts:
         try:
             result = await call(entry, deployment)
+        except ProviderBusy as error:
+            # Full, not failing: the next deployment may have room, and this one's circuit stays closed.
+            last_error = error
+            continue
         except ProviderError as error:
             if not is_retryable(error):
                 raise

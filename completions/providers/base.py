@@ -42,6 +42,10 @@ class ChatCall:
     # The output limit per choice (max_completion_tokens, else max_tokens); None: what the context leaves.
     max_tokens: int | None = None
     n: int = 1
+    # Opaque labels of who asks (organization, key), for sharing a provider's own capacity fairly between
+    # tenants; never sent anywhere.
+    organization: str = ""
+    key: str = ""
 
 
 @dataclass(slots=True)
@@ -53,6 +57,8 @@ class EmbeddingsCall:
     request_id: str
     context_length: int
     timeout: float | None = None
+    organization: str = ""
+    key: str = ""
 
 
 class ChatProvider(Protocol):
@@ -131,6 +137,23 @@ class UpstreamRejected(ProviderError):
         ApiError.__init__(self, message, status=status, error_type=error_type, param=param)
         # The upstream's own code, even none: it is not ours to fill in.
         self.code = code
+
+
+class ProviderBusy(ProviderError):
+    """No capacity for this call now, though nothing failed: 503 `server_overloaded`, or 429
+    `rate_limit_exceeded` when it is the caller's own share that is used up. Another deployment may have
+    room; this one's circuit is not counted against."""
+
+    status = 503
+    error_type = "server_error"
+    code = "server_overloaded"
+
+    def __init__(self, message: str, *, retry_after: int, status: int = 503) -> None:
+        super().__init__(message)
+        self.status = status
+        if status == 429:
+            self.error_type, self.code = "requests", "rate_limit_exceeded"
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class UnsupportedByModel(ProviderError):

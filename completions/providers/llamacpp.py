@@ -1,9 +1,13 @@
 """A GGUF model run in-process by llama.cpp (llama-cpp-python).
 
-Each model file is loaded once per process, lazily, on first use. A llama.cpp context is not thread-safe, so
-every loaded model owns a single worker thread: generations run off the event loop and queue behind each
-other instead of crashing. A client that goes away sets a cancel flag that the token loop checks before
-every token, so its generation stops at once and the next request in the queue starts.
+Each model file is loaded once per process, lazily, on first use, as a few instances that share the mmapped
+weights (KEYWAY_LLAMA_SLOTS). Their generations are stepped a token at a time in turn by one thread per
+model, shared fairly between keys and organizations (completions/providers/slots.py): a short request is not
+stuck behind other tenants' long ones. A client that goes away sets a cancel flag that is checked before
+every token, so its generation stops at once and its slot serves the next request.
+
+Schemas are turned into grammars on the event loop's side, in their own thread with a time limit, never on
+the thread that steps every tenant's generation.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +25,18 @@ from typing import Any
 import orjson
 from django.conf import settings
 
-from completions.providers.base import ChatCall, EmbeddingsCall, LoadedOnce, ProviderConfig, UnsupportedByModel
+from completions.providers.base import (
+    ChatCall,
+    EmbeddingsCall,
+    LoadedOnce,
+    ProviderConfig,
+    ProviderError,
+    UnsupportedByModel,
+    UpstreamUnavailable,
+)
+from completions.providers.slots import Cancelled, Job, Limits, Slots
 
 _DONE = object()
-
-
-class _Cancelled(Exception):
-    """Raised inside the worker thread when the client went away."""
 
 
 @dataclass(slots=True)
@@ -75,7 +84,7 @@ def _metered_llama_class() -> type:
                 while True:
                     if meter.cancel.is_set():
                         inner.close()
-                        raise _Cancelled
+                        raise Cancelled
                     if not llama_cpp.llama_vocab_is_eog(vocab, token):
                         meter.completion_tokens += 1
                         if meter.top_logprobs is not None and meter.scores is not None:
@@ -96,9 +105,14 @@ def _metered_llama_class() -> type:
 
 @dataclass
 class _LoadedModel:
-    llama: Any
-    executor: ThreadPoolExecutor
+    instances: list[Any]
+    slots: Slots
     path: str
+
+    @property
+    def llama(self) -> Any:
+        """The instance whose tokenizer metering borrows (all share one vocabulary)."""
+        return self.instances[0]
 
 
 def resolve_model_path(upstream_model: str) -> Path:
@@ -123,20 +137,28 @@ def resolve_model_path(upstream_model: str) -> Path:
 
 def _load(upstream_model: str) -> _LoadedModel:
     path = resolve_model_path(upstream_model)
-    llama = _metered_llama_class()(
-        model_path=str(path),
-        # Gemma's GGUF carries no chat template; without this every chat answer comes back empty.
-        chat_format="gemma" if "gemma" in path.name.lower() else None,
-        n_ctx=settings.KEYWAY_LLAMA_CONTEXT,
-        n_threads=settings.KEYWAY_LLAMA_THREADS,
-        n_threads_batch=settings.KEYWAY_LLAMA_THREADS,
-        verbose=False,
+    instances = [
+        _metered_llama_class()(
+            model_path=str(path),
+            # Gemma's GGUF carries no chat template; without this every chat answer comes back empty.
+            chat_format="gemma" if "gemma" in path.name.lower() else None,
+            n_ctx=settings.KEYWAY_LLAMA_CONTEXT,
+            # Only one instance computes at a time (the slots are stepped in turn): each may use every core.
+            n_threads=settings.KEYWAY_LLAMA_THREADS,
+            n_threads_batch=settings.KEYWAY_LLAMA_THREADS,
+            verbose=False,
+        )
+        for _ in range(settings.KEYWAY_LLAMA_SLOTS)
+    ]
+    limits = Limits(
+        slots=settings.KEYWAY_LLAMA_SLOTS,
+        per_key=settings.KEYWAY_LLAMA_MAX_PER_KEY,
+        per_org=settings.KEYWAY_LLAMA_MAX_PER_ORG,
+        queue=settings.KEYWAY_LLAMA_QUEUE,
+        queue_per_key=settings.KEYWAY_LLAMA_QUEUE_PER_KEY,
+        queue_wait=settings.KEYWAY_LLAMA_QUEUE_WAIT,
     )
-    return _LoadedModel(
-        llama=llama,
-        executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{path.stem}"),
-        path=str(path),
-    )
+    return _LoadedModel(instances=instances, slots=Slots(path.stem, list(instances), limits), path=str(path))
 
 
 models: LoadedOnce[_LoadedModel] = LoadedOnce(_load)
@@ -146,8 +168,9 @@ def close_models() -> None:
     # Free the models while the interpreter is still whole; llama-cpp-python's own finalizer fails if it
     # only runs during interpreter teardown.
     for loaded in models.items().values():
-        loaded.executor.shutdown(wait=True, cancel_futures=True)
-        loaded.llama.close()
+        loaded.slots.close()
+        for llama in loaded.instances:
+            llama.close()
     models.clear()
 
 
@@ -157,7 +180,7 @@ def loaded_model_paths() -> list[str]:
 
 def loaded_llama(upstream_model: str) -> Any | None:
     """The model's Llama if this process has loaded it already; never loads it. Metering borrows its
-    tokenizer, which reads only the vocabulary and so is safe beside a generation in the worker thread."""
+    tokenizer, which reads only the vocabulary and so is safe beside a generation in the stepping thread."""
     loaded = models.items().get(upstream_model)
     return None if loaded is None else loaded.llama
 
@@ -253,33 +276,99 @@ def _tool_calls_schema(body: dict[str, Any]) -> dict[str, Any]:
 
 
 _JSON_GRAMMARS: dict[str, Any] = {}
+_JSON_GRAMMARS_LOCK = threading.Lock()
+# Schemas become grammars here, never on the thread that steps every tenant's generation. Two threads: a
+# hostile schema that runs up to the time limit holds one of them, not everyone's structured output.
+_grammar_compiler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llama-grammar")
+
+
+class GrammarRefused(ProviderError):
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_value"
+
+
+def _grammar_key(schema: dict[str, Any] | None) -> str:
+    return orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode() if schema is not None else ""
 
 
 def _schema_grammar(schema: dict[str, Any] | None) -> Any:
     """A grammar for any JSON (schema None) or for JSON valid against `schema`, built once per schema."""
     from llama_cpp import llama_grammar
 
-    key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode() if schema is not None else ""
+    key = _grammar_key(schema)
     grammar = _JSON_GRAMMARS.get(key)
     if grammar is None:
         if schema is None:
             grammar = llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
         else:
             grammar = llama_grammar.LlamaGrammar.from_json_schema(key, verbose=False)
-        if len(_JSON_GRAMMARS) > 256:
-            _JSON_GRAMMARS.clear()
-        _JSON_GRAMMARS[key] = grammar
+        with _JSON_GRAMMARS_LOCK:
+            if len(_JSON_GRAMMARS) > 256:
+                _JSON_GRAMMARS.clear()
+            _JSON_GRAMMARS[key] = grammar
     return grammar
 
 
-def _grammar(response_format: Any) -> Any:
-    """The grammar `response_format` asks for: any JSON (json_object) or JSON valid for a schema."""
+@dataclass(frozen=True, slots=True)
+class _Grammars:
+    """The grammars a request's generation needs, compiled before it is given a slot."""
+
+    answer: Any = None  # response_format: any JSON, or JSON valid for a schema
+    calls: Any = None  # tool calls: an array of calls valid for the tools' parameters
+
+
+def _answer_schema(response_format: Any) -> tuple[bool, dict[str, Any] | None]:
+    """(whether the answer is constrained, its schema: None for any JSON)."""
     if not isinstance(response_format, dict) or response_format.get("type") not in ("json_object", "json_schema"):
-        return None
-    schema = None
+        return False, None
     if response_format["type"] == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
-    return _schema_grammar(schema)
+        return True, (response_format.get("json_schema") or {}).get("schema")
+    return True, None
+
+
+async def _grammars(body: dict[str, Any]) -> _Grammars:
+    """Compile the request's grammars off the event loop and off the stepping thread, within
+    KEYWAY_LLAMA_GRAMMAR_TIMEOUT seconds; a schema that cannot be compiled in that time is refused."""
+    constrained, schema = _answer_schema(body.get("response_format"))
+    calls = _tool_calls_schema(body) if _tool_mode(body) is not None else None
+    if not constrained and calls is None:
+        return _Grammars()
+
+    def compile_all() -> _Grammars:
+        return _Grammars(
+            answer=_schema_grammar(schema) if constrained else None,
+            calls=_schema_grammar(calls) if calls is not None else None,
+        )
+
+    param = "tools" if calls is not None else "response_format"
+    future = asyncio.get_running_loop().run_in_executor(_grammar_compiler, compile_all)
+    try:
+        return await asyncio.wait_for(future, settings.KEYWAY_LLAMA_GRAMMAR_TIMEOUT)
+    except TimeoutError:
+        raise GrammarRefused(
+            f"The JSON schema in '{param}' is too complex: it could not be compiled into a grammar within "
+            f"{settings.KEYWAY_LLAMA_GRAMMAR_TIMEOUT:g} s. Simplify it.", param=param,
+        ) from None
+    except (ValueError, RuntimeError, KeyError, TypeError, RecursionError) as exc:
+        raise GrammarRefused(
+            f"The JSON schema in '{param}' cannot be used by this model ({type(exc).__name__}).", param=param
+        ) from None
+
+
+def _output_limit(call: ChatCall, n_ctx: int) -> int:
+    """The output limit per choice. All choices together may produce KEYWAY_LLAMA_MAX_OUTPUT_TOKENS at most:
+    an explicit limit beyond that is refused; without one, each choice gets its share."""
+    cap = settings.KEYWAY_LLAMA_MAX_OUTPUT_TOKENS
+    if call.max_tokens is None:
+        return max(1, min(n_ctx, cap // call.n))
+    if call.n * call.max_tokens > cap:
+        param = "max_completion_tokens" if call.body.get("max_completion_tokens") is not None else "max_tokens"
+        raise GrammarRefused(
+            f"This model produces at most {cap} tokens per request: n × {param} is {call.n * call.max_tokens}.",
+            param=param,
+        )
+    return call.max_tokens
 
 
 _DECISION = 'root ::= "call" | "reply"'
@@ -288,13 +377,13 @@ _DECISION = 'root ::= "call" | "reply"'
 _EXTRA_SAMPLERS = (("top_k", int, 0, 1000), ("min_p", float, 0.0, 1.0), ("repeat_penalty", float, 0.0, 10.0))
 
 
-def _sampling(body: dict[str, Any], max_tokens: int | None, n_ctx: int) -> dict[str, Any]:
+def _sampling(body: dict[str, Any], max_tokens: int, grammar: Any) -> dict[str, Any]:
     stop = body.get("stop")
     kwargs: dict[str, Any] = {
         # OpenAI's defaults, not llama-cpp-python's (which samples at 0.2).
         "temperature": 1.0 if body.get("temperature") is None else float(body["temperature"]),
         "top_p": 1.0 if body.get("top_p") is None else float(body["top_p"]),
-        "max_tokens": int(max_tokens) if max_tokens else n_ctx,
+        "max_tokens": max_tokens,
         "stop": [stop] if isinstance(stop, str) else (stop or []),
         "presence_penalty": float(body.get("presence_penalty") or 0.0),
         "frequency_penalty": float(body.get("frequency_penalty") or 0.0),
@@ -310,7 +399,6 @@ def _sampling(body: dict[str, Any], max_tokens: int | None, n_ctx: int) -> dict[
         if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
             raise UnsupportedByModel(f"'{name}' must be a number between {low} and {high}.", param=name)
         kwargs[name] = kind(value)
-    grammar = _grammar(body.get("response_format"))
     if grammar is not None:
         kwargs["grammar"] = grammar
     return kwargs
@@ -339,19 +427,22 @@ def _complete(llama: Any, **options: Any) -> Any:
     return llama.create_chat_completion(**options)
 
 
-def _generate(loaded: _LoadedModel, call: ChatCall, meter: _Meter, emit: Any) -> None:
-    """Run every choice of a request in the model's worker thread, handing each chunk to `emit`.
+Emit = Callable[[dict[str, Any]], object]
+
+
+def _generation(
+    llama: Any, call: ChatCall, meter: _Meter, grammars: _Grammars, max_tokens: int, emit: Emit
+) -> Iterator[None]:
+    """Every choice of a request, on one model instance, one step (about a token) per `next()`; each chunk
+    goes to `emit`. Run by the model's stepping thread, in turn with other generations.
 
     Choices run one after another (`n` > 1), each with its own seed when the request fixed one, so they
     differ from each other yet repeat across identical requests.
     """
-    if meter.cancel.is_set():
-        raise _Cancelled
-    llama = loaded.llama
     body = call.body
     mode = _tool_mode(body)
     messages = _prompt_messages(body["messages"], body.get("tools") if mode else None)
-    kwargs = _sampling(body, call.max_tokens, llama.n_ctx())
+    kwargs = _sampling(body, max_tokens, grammars.answer)
     if meter.top_logprobs is not None:
         from llama_cpp import LogitsProcessorList
 
@@ -362,7 +453,8 @@ def _generate(loaded: _LoadedModel, call: ChatCall, meter: _Meter, emit: Any) ->
             if "seed" in kwargs and index:
                 kwargs["seed"] = int(body["seed"]) + index
             if mode is not None and _decide_to_call(llama, messages, mode, kwargs):
-                _emit_tool_calls(llama, messages, body, kwargs, index, emit)
+                yield
+                yield from _tool_calls(llama, messages, grammars.calls, kwargs, index, emit)
                 continue
             for chunk in _complete(llama, messages=messages, stream=True, **kwargs):
                 choice = chunk["choices"][0]
@@ -371,6 +463,7 @@ def _generate(loaded: _LoadedModel, call: ChatCall, meter: _Meter, emit: Any) ->
                     entries, meter.entries = meter.entries, []
                     choice["logprobs"] = {"content": _logprobs_content(llama, entries), "refusal": None}
                 emit(chunk)
+                yield
     finally:
         llama.meter = None
 
@@ -389,15 +482,17 @@ def _decide_to_call(llama: Any, messages: list[dict[str, str]], mode: str, kwarg
     return (answer["choices"][0]["message"]["content"] or "").strip() == "call"
 
 
-def _emit_tool_calls(
-    llama: Any, messages: list[dict[str, str]], body: dict[str, Any], kwargs: dict[str, Any], index: int, emit: Any
-) -> None:
-    """Generate the calls under a grammar of the tools' schemas (so the arguments always validate), then
-    stream them the way OpenAI does: id, type and name once per call, then the arguments."""
-    options = {**kwargs, "grammar": _schema_grammar(_tool_calls_schema(body))}
+def _tool_calls(
+    llama: Any, messages: list[dict[str, str]], grammar: Any, kwargs: dict[str, Any], index: int, emit: Emit
+) -> Iterator[None]:
+    """Generate the calls under a grammar of the tools' schemas (so the arguments always validate), a step
+    per token, then stream them the way OpenAI does: id, type and name once per call, then the arguments."""
+    options = {**kwargs, "grammar": grammar}
     options.pop("logits_processor", None)
-    answer = _complete(llama, messages=messages, stream=False, **options)
-    text = answer["choices"][0]["message"]["content"] or ""
+    text = ""
+    for piece in _complete(llama, messages=messages, stream=True, **options):
+        text += piece["choices"][0]["delta"].get("content") or ""
+        yield
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {"choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
@@ -431,6 +526,10 @@ def _new_meter(body: dict[str, Any]) -> _Meter:
     return _Meter(cancel=threading.Event(), top_logprobs=int(top or 0) if body.get("logprobs") else None)
 
 
+def _stopped() -> ProviderError:
+    return UpstreamUnavailable("The model was stopped before it finished (the server is shutting down).")
+
+
 class LlamaCppProvider:
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -438,81 +537,97 @@ class LlamaCppProvider:
     def loaded_models(self) -> list[str]:
         return loaded_model_paths()
 
-    async def chat(self, call: ChatCall) -> dict[str, Any]:
+    async def _submit(
+        self, call: ChatCall, meter: _Meter, emit: Emit, finish: Callable[[BaseException | None], object]
+    ) -> _LoadedModel:
+        """Queue the generation for a slot of its model; refused at once when the queue is full."""
         loaded = await models.get(call.upstream_model)
+        grammars = await _grammars(call.body)
+        max_tokens = _output_limit(call, settings.KEYWAY_LLAMA_CONTEXT)
+        # A wall-clock limit on the whole generation, queueing included: the deployment's timeout.
+        timeout = call.timeout or self.config.timeout or settings.KEYWAY_UPSTREAM_TIMEOUT
+        loaded.slots.submit(Job(
+            organization=call.organization,
+            key=call.key,
+            start=lambda llama: _generation(llama, call, meter, grammars, max_tokens, emit),
+            finish=finish,
+            deadline=time.monotonic() + timeout,
+            cancel=meter.cancel,
+        ))
+        return loaded
+
+    async def chat(self, call: ChatCall) -> dict[str, Any]:
         meter = _new_meter(call.body)
+        choices: dict[int, dict[str, Any]] = {}
 
-        def work() -> dict[str, Any]:
-            choices: dict[int, dict[str, Any]] = {}
+        def collect(chunk: dict[str, Any]) -> None:
+            piece = chunk["choices"][0]
+            choice = choices.setdefault(
+                piece["index"],
+                {"index": piece["index"], "message": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None},
+            )
+            delta = piece["delta"]
+            if delta.get("tool_calls"):
+                calls = choice["message"].setdefault("tool_calls", [])
+                for fragment in delta["tool_calls"]:
+                    if "id" in fragment:
+                        calls.append({"id": fragment["id"], "type": "function",
+                                      "function": {"name": fragment["function"]["name"], "arguments": ""}})
+                    calls[fragment["index"]]["function"]["arguments"] += fragment["function"]["arguments"]
+                choice["message"]["content"] = None
+            elif choice["message"]["content"] is not None:
+                choice["message"]["content"] += delta.get("content") or ""
+            if piece.get("finish_reason"):
+                choice["finish_reason"] = piece["finish_reason"]
+            if piece.get("logprobs") is not None:
+                if choice["logprobs"] is None:
+                    choice["logprobs"] = {"content": [], "refusal": None}
+                choice["logprobs"]["content"] += piece["logprobs"]["content"]
 
-            def collect(chunk: dict[str, Any]) -> None:
-                piece = chunk["choices"][0]
-                choice = choices.setdefault(
-                    piece["index"],
-                    {"index": piece["index"], "message": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None},
-                )
-                delta = piece["delta"]
-                if delta.get("tool_calls"):
-                    calls = choice["message"].setdefault("tool_calls", [])
-                    for fragment in delta["tool_calls"]:
-                        if "id" in fragment:
-                            calls.append({"id": fragment["id"], "type": "function",
-                                          "function": {"name": fragment["function"]["name"], "arguments": ""}})
-                        calls[fragment["index"]]["function"]["arguments"] += fragment["function"]["arguments"]
-                    choice["message"]["content"] = None
-                elif choice["message"]["content"] is not None:
-                    choice["message"]["content"] += delta.get("content") or ""
-                if piece.get("finish_reason"):
-                    choice["finish_reason"] = piece["finish_reason"]
-                if piece.get("logprobs") is not None:
-                    if choice["logprobs"] is None:
-                        choice["logprobs"] = {"content": [], "refusal": None}
-                    choice["logprobs"]["content"] += piece["logprobs"]["content"]
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
 
-            _generate(loaded, call, meter, collect)
-            return {
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": call.upstream_model,
-                "choices": [choices[index] for index in sorted(choices)],
-                "usage": _usage(meter),
-            }
+        def resolve(error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(_stopped() if isinstance(error, Cancelled) else error)
 
-        future = asyncio.get_running_loop().run_in_executor(loaded.executor, work)
+        loaded = await self._submit(call, meter, collect, lambda error: loop.call_soon_threadsafe(resolve, error))
         try:
-            result: dict[str, Any] = await future
+            await done
         except asyncio.CancelledError:
             meter.cancel.set()
-            # Nobody awaits the abandoned generation any more; retrieve its outcome so it is not reported.
-            future.add_done_callback(lambda done: done.cancelled() or done.exception())
+            loaded.slots.wake()
             raise
-        return result
+        return {
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": call.upstream_model,
+            "choices": [choices[index] for index in sorted(choices)],
+            "usage": _usage(meter),
+        }
 
     async def chat_stream(self, call: ChatCall) -> AsyncGenerator[dict[str, Any], None]:
-        loaded = await models.get(call.upstream_model)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         meter = _new_meter(call.body)
-
-        def work() -> None:
-            try:
-                _generate(loaded, call, meter, lambda chunk: loop.call_soon_threadsafe(queue.put_nowait, chunk))
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-            except BaseException as exc:  # noqa: BLE001 - handed to the event loop, which re-raises it
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-
         started = time.monotonic()
-        loaded.executor.submit(work)
+        loaded = await self._submit(
+            call, meter,
+            lambda chunk: loop.call_soon_threadsafe(queue.put_nowait, chunk),
+            lambda error: loop.call_soon_threadsafe(queue.put_nowait, _DONE if error is None else error),
+        )
         try:
             while True:
                 item = await queue.get()
                 if item is _DONE:
                     break
                 if isinstance(item, BaseException):
-                    if isinstance(item, _Cancelled):
-                        return
-                    raise item
+                    raise _stopped() if isinstance(item, Cancelled) else item
                 yield item
             yield {
                 "id": "",
@@ -525,6 +640,7 @@ class LlamaCppProvider:
         finally:
             # Runs on normal end, on error and when the client disconnects (the generator is closed).
             meter.cancel.set()
+            loaded.slots.wake()
 
     async def embeddings(self, call: EmbeddingsCall) -> dict[str, Any]:
         raise UnsupportedByModel("This model does not serve embeddings.", param="model")

@@ -6,6 +6,7 @@ aiohttp rather than httpx: measured here as a bare proxy on loopback, aiohttp su
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -16,6 +17,7 @@ from django.conf import settings
 from completions.providers.base import (
     ChatCall,
     EmbeddingsCall,
+    ProviderBusy,
     ProviderConfig,
     ProviderError,
     UpstreamRejected,
@@ -26,9 +28,12 @@ from platform_site.kernel.loops import PerLoop
 
 
 def _new_session() -> aiohttp.ClientSession:
+    # No connection limit here: the gate below bounds the calls in flight, so a call never waits inside
+    # aiohttp for a connection, where the wait would count against its connect timeout and end as a
+    # misleading 504. Idle keep-alive connections close after 30 s.
     connector = aiohttp.TCPConnector(
-        limit=settings.KEYWAY_UPSTREAM_POOL_SIZE,
-        limit_per_host=settings.KEYWAY_UPSTREAM_POOL_SIZE,
+        limit=0,
+        limit_per_host=0,
         ttl_dns_cache=300,
         keepalive_timeout=30,
     )
@@ -49,6 +54,58 @@ async def _close_session(session: aiohttp.ClientSession) -> None:
 upstream_sessions: PerLoop[aiohttp.ClientSession] = PerLoop(
     "upstream HTTP", _new_session, _close_session, is_closed=lambda session: session.closed
 )
+
+
+class _Gate:
+    """The upstream calls and streams in flight from this worker: KEYWAY_UPSTREAM_POOL_SIZE at most, one key
+    KEYWAY_UPSTREAM_MAX_PER_KEY of them. A call past the pool's bound waits up to KEYWAY_UPSTREAM_POOL_WAIT
+    seconds for a place, then gets 503 `server_overloaded`; a key past its own bound gets 429 at once, so a
+    key holding slow streams cannot take every connection from the other tenants."""
+
+    def __init__(self) -> None:
+        self._places = asyncio.Semaphore(settings.KEYWAY_UPSTREAM_POOL_SIZE)
+        self._by_key: dict[str, int] = {}
+
+    async def enter(self, key: str) -> None:
+        held = self._by_key.get(key, 0)
+        if key and held >= settings.KEYWAY_UPSTREAM_MAX_PER_KEY:
+            raise ProviderBusy(
+                f"Too many concurrent upstream requests for this key: at most "
+                f"{settings.KEYWAY_UPSTREAM_MAX_PER_KEY} at once on this server. Please try again shortly.",
+                retry_after=1, status=429,
+            )
+        self._by_key[key] = held + 1
+        try:
+            if self._places.locked():
+                await asyncio.wait_for(self._places.acquire(), settings.KEYWAY_UPSTREAM_POOL_WAIT)
+            else:
+                await self._places.acquire()  # free: returns at once, no timer on the hot path
+        except BaseException as error:
+            self._forget(key)
+            if isinstance(error, TimeoutError):
+                raise ProviderBusy(
+                    "The server is overloaded: every upstream connection stayed in use for "
+                    f"{settings.KEYWAY_UPSTREAM_POOL_WAIT:g} s. Please try again shortly.", retry_after=1,
+                ) from None
+            raise
+
+    def leave(self, key: str) -> None:
+        self._places.release()
+        self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        held = self._by_key[key] - 1
+        if held:
+            self._by_key[key] = held
+        else:
+            del self._by_key[key]
+
+
+async def _no_close(gate: _Gate) -> None:
+    return None
+
+
+upstream_gates: PerLoop[_Gate] = PerLoop("upstream gate", _Gate, _no_close)
 
 
 def _rejection(status: int, raw: bytes) -> ProviderError:
@@ -95,16 +152,27 @@ class OpenAICompatibleProvider:
     def _timeouts(total: float) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
         connect = min(total, settings.KEYWAY_UPSTREAM_CONNECT_TIMEOUT)
         # A stream that keeps producing is not cut at the total limit: the limit applies to each wait for the
-        # upstream (the first byte, then every read), so only a silent upstream times out.
+        # upstream (the first byte, then every read), so only a silent upstream times out. The connect limit
+        # is the socket's own (sock_connect), not aiohttp's pool wait.
         return (
-            aiohttp.ClientTimeout(total=total, connect=connect),
-            aiohttp.ClientTimeout(total=None, connect=connect, sock_read=total),
+            aiohttp.ClientTimeout(total=total, sock_connect=connect),
+            aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=total),
         )
 
     def loaded_models(self) -> list[str]:
         return []
 
-    async def _post_json(self, path: str, payload: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    async def _post_json(
+        self, path: str, payload: dict[str, Any], timeout: float | None, key: str
+    ) -> dict[str, Any]:
+        gate = upstream_gates.get()
+        await gate.enter(key)
+        try:
+            return await self._post_json_now(path, payload, timeout)
+        finally:
+            gate.leave(key)
+
+    async def _post_json_now(self, path: str, payload: dict[str, Any], timeout: float | None) -> dict[str, Any]:
         client_timeout = self._timeouts(timeout)[0] if timeout else self.timeout
         try:
             async with upstream_sessions.get().post(
@@ -126,18 +194,29 @@ class OpenAICompatibleProvider:
         return data
 
     async def chat(self, call: ChatCall) -> dict[str, Any]:
-        data = await self._post_json("/chat/completions", {**call.body, "model": call.upstream_model}, call.timeout)
+        data = await self._post_json("/chat/completions", {**call.body, "model": call.upstream_model}, call.timeout,
+                                     call.key)
         if not isinstance(data.get("choices"), list):
             raise UpstreamUnavailable("The upstream provider sent a chat completion without choices.")
         return data
 
     async def embeddings(self, call: EmbeddingsCall) -> dict[str, Any]:
-        data = await self._post_json("/embeddings", {**call.body, "model": call.upstream_model}, call.timeout)
+        data = await self._post_json("/embeddings", {**call.body, "model": call.upstream_model}, call.timeout,
+                                     call.key)
         if not isinstance(data.get("data"), list):
             raise UpstreamUnavailable("The upstream provider sent an embeddings answer without data.")
         return data
 
     async def chat_stream(self, call: ChatCall) -> AsyncGenerator[dict[str, Any], None]:
+        gate = upstream_gates.get()
+        await gate.enter(call.key)
+        try:
+            async for chunk in self._stream(call):
+                yield chunk
+        finally:
+            gate.leave(call.key)
+
+    async def _stream(self, call: ChatCall) -> AsyncGenerator[dict[str, Any], None]:
         payload = {**call.body, "model": call.upstream_model, "stream": True}
         # Always ask for usage: metering must not depend on what the client asked for.
         payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}

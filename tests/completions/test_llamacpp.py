@@ -69,8 +69,12 @@ async def test_a_client_that_goes_away_stops_its_generation(monkeypatch: pytest.
         await anext(stream)
     await stream.aclose()
     loaded = llamacpp.models.get_sync(GEMMA_PACKAGE)
-    # Once the model's worker thread is free again, the abandoned generation must have stopped early.
-    await asyncio.get_running_loop().run_in_executor(loaded.executor, lambda: None)
+    # Once the model's slots are idle again, the abandoned generation must have stopped early.
+    for _ in range(200):
+        if loaded.slots.depth() == (0, 0):
+            break
+        await asyncio.sleep(0.05)
+    assert loaded.slots.depth() == (0, 0)
     assert meters[0].cancel.is_set()
     assert meters[0].completion_tokens < 100
 
@@ -339,3 +343,26 @@ async def test_a_pinned_organization_model_answers_whatever_the_request_names(
         model="", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
     )
     assert raw.headers["x-keyway-model"] == "gemma-3-270m"
+
+
+async def test_a_schema_that_does_not_compile_in_time_is_refused_before_it_takes_a_slot(settings: Any) -> None:
+    # Some 50 ms of compiling (the thread switch interval is 5 ms), against a limit of 1 ms.
+    settings.KEYWAY_LLAMA_GRAMMAR_TIMEOUT = 0.001
+    schema = {"type": "object", "properties": {f"field_{n}": {"type": "string", "pattern": "^[a-z]{1,9}$"}
+                                               for n in range(400)}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "wide", "schema": schema}}
+    with pytest.raises(llamacpp.GrammarRefused) as refused:
+        await PROVIDER.chat(call(max_tokens=2, response_format=response_format))
+    assert refused.value.status == 400 and refused.value.param == "response_format"
+    assert "too complex" in refused.value.message
+    assert llamacpp.models.get_sync(GEMMA_PACKAGE).slots.depth() == (0, 0)
+
+
+async def test_n_times_max_tokens_is_capped_and_without_a_limit_each_choice_gets_its_share(settings: Any) -> None:
+    settings.KEYWAY_LLAMA_MAX_OUTPUT_TOKENS = 8
+    with pytest.raises(llamacpp.GrammarRefused) as refused:
+        await PROVIDER.chat(call(max_tokens=5, n=2))
+    assert refused.value.param == "max_tokens"
+    result = await PROVIDER.chat(call("Tell a very long story.", n=2, seed=4))
+    assert all(choice["finish_reason"] in ("length", "stop") for choice in result["choices"])
+    assert result["usage"]["completion_tokens"] <= 8
