@@ -8,6 +8,7 @@ The requested model name picks the behaviour:
   badjson                answer 200 with a body that is not JSON
   stream-break           send two chunks, then drop the connection (no [DONE])
   drip                   stream like ok, one chunk every DRIP_SECONDS (clients that leave mid-stream)
+  slow-stream-<S>        stream like ok, the chunks spread over S seconds (many long streams at once)
   tools-split / tools-repeat / tools-whole
                          answer with two tool calls (get_weather for Paris, get_time), framed as OpenAI does,
                          with id/type/name repeated on every delta and no index, or each call whole with its
@@ -118,9 +119,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return response
     await response.write(_chunk(model, {"role": "assistant", "content": ""}))
     count = 2 if model == "stream-break" else CHUNKS
+    pause = DRIP_SECONDS if model == "drip" else 0.0
+    if model.startswith("slow-stream-"):
+        pause = float(model.removeprefix("slow-stream-")) / count
     for index in range(count):
-        if model == "drip":
-            await asyncio.sleep(DRIP_SECONDS)
+        if pause:
+            await asyncio.sleep(pause)
         await response.write(_chunk(model, {"content": f"t{index} "}))
     if model == "stream-break":
         request.transport.close()  # type: ignore[union-attr]

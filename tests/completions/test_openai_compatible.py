@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import socket
 from typing import Any
@@ -13,6 +15,7 @@ from asgiref.sync import sync_to_async
 from apikeys.models import ApiKey
 from bench import fake_upstream
 from completions.models import Provider
+from completions.providers.openai_compatible import upstream_gates
 from completions.services import provider_upsert_openai_compatible
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -196,3 +199,44 @@ async def test_legacy_json_format_reaches_the_upstream_as_json_schema(
                                                                               "strict": True}}
     await sdk.chat.completions.create(model="ok", messages=MESSAGES, extra_body={"response_format": {"type": "json"}})
     assert upstream[1][fake_upstream.SEEN][-1]["response_format"] == {"type": "json_object"}
+
+
+async def _held_calls(sdk: openai.AsyncOpenAI, count: int) -> list[asyncio.Task[Any]]:
+    """`count` calls to the upstream that does not answer, each holding its place until the provider's 1 s
+    timeout ends it."""
+
+    async def hold() -> None:
+        with contextlib.suppress(openai.APIStatusError):
+            await sdk.chat.completions.create(model="slow", messages=MESSAGES)
+
+    held = [asyncio.create_task(hold()) for _ in range(count)]
+    await asyncio.sleep(0.3)
+    return held
+
+
+async def test_a_key_holding_its_share_of_upstream_calls_gets_429_not_a_timeout(
+    sdk: openai.AsyncOpenAI, settings: Any
+) -> None:
+    settings.KEYWAY_UPSTREAM_MAX_PER_KEY = 2
+    held = await _held_calls(sdk, 2)
+    with pytest.raises(openai.RateLimitError) as refused:
+        await sdk.chat.completions.create(model="ok", messages=MESSAGES)
+    assert refused.value.code == "rate_limit_exceeded" and refused.value.response.headers["retry-after"] == "1"
+    await asyncio.gather(*held)
+    # The places are given back when the calls end.
+    assert (await sdk.chat.completions.create(model="ok", messages=MESSAGES)).choices
+
+
+async def test_a_full_upstream_pool_queues_briefly_then_answers_503(sdk: openai.AsyncOpenAI, settings: Any) -> None:
+    settings.KEYWAY_UPSTREAM_POOL_SIZE = 2
+    settings.KEYWAY_UPSTREAM_POOL_WAIT = 0.2
+    await upstream_gates.close_current()  # this loop's gate is made again, with the pool size above
+    held = await _held_calls(sdk, 2)
+    with pytest.raises(openai.InternalServerError) as refused:
+        await sdk.chat.completions.create(model="ok", messages=MESSAGES)
+    assert refused.value.status_code == 503 and refused.value.code == "server_overloaded"
+    # With a longer bound, a request waits for a place and gets in as soon as one is given back.
+    settings.KEYWAY_UPSTREAM_POOL_WAIT = 5.0
+    assert (await sdk.chat.completions.create(model="ok", messages=MESSAGES)).choices
+    await asyncio.gather(*held)
+    await upstream_gates.close_current()
