@@ -10,6 +10,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: run test serve lint bench chromium
 
+# Keyway's DEBUG is off unless asked for; these two targets are the development setup, so they ask for it
+# (an explicit DEBUG=0 in the environment still wins).
+run test: export DEBUG ?= 1
+
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 

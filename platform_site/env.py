@@ -81,7 +81,9 @@ def env_secret(name: str, *, debug: bool, var_dir: Path) -> str:
     if value:
         return value
     if not debug:
-        raise ImproperlyConfigured(f"{name} is required when DEBUG is off.")
+        raise ImproperlyConfigured(
+            f"{name} is required when DEBUG is off. For a development setup, set DEBUG=1 (as `make run` does)."
+        )
     path = var_dir / f"{name.lower()}.secret"
     if path.exists():
         return path.read_text().strip()

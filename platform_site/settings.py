@@ -12,7 +12,8 @@ from platform_site.env import env_bool, env_float, env_int, env_list, env_secret
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("KEYWAY_VAR_DIR", str(BASE_DIR / "var")))
 
-DEBUG = env_bool("DEBUG", True)
+# Off unless asked for: `make run` and `make test` ask for the development mode (DEBUG=1) explicitly.
+DEBUG = env_bool("DEBUG", False)
 SECRET_KEY = env_secret("SECRET_KEY", debug=DEBUG, var_dir=VAR_DIR)
 # The pepper keys the HMAC under which API key secrets are stored. Changing it invalidates every key.
 KEYWAY_KEY_PEPPER = env_secret("KEYWAY_KEY_PEPPER", debug=DEBUG, var_dir=VAR_DIR)

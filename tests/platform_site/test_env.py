@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,26 @@ def test_redis_cache_shares_one_client_across_backend_instances() -> None:
     assert first._cache.get_client(write=True) is second._cache.get_client(write=True)  # type: ignore[attr-defined]
     first.set("shared-client-probe", 1)
     assert second.get("shared-client-probe") == 1
+
+
+def _settings_in_a_fresh_process(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {name: value for name, value in os.environ.items()
+            if name not in ("DEBUG", "SECRET_KEY", "KEYWAY_KEY_PEPPER", "KEYWAY_ENCRYPTION_KEY")}
+    return subprocess.run(
+        [sys.executable, "-c", "from django.conf import settings; print(settings.DEBUG, settings.SESSION_COOKIE_SECURE,"
+         " settings.SECURE_HSTS_SECONDS, settings.ALLOWED_HOSTS)"],
+        env={**base, "DJANGO_SETTINGS_MODULE": "platform_site.settings", "KEYWAY_VAR_DIR": str(tmp_path), **env},
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=60,
+    )
+
+
+def test_debug_is_off_unless_asked_for_and_then_production_needs_its_secrets(tmp_path: Path) -> None:
+    refused = _settings_in_a_fresh_process(tmp_path)
+    assert refused.returncode != 0 and "SECRET_KEY is required when DEBUG is off" in refused.stderr
+    production = _settings_in_a_fresh_process(
+        tmp_path, SECRET_KEY="s" * 50, KEYWAY_KEY_PEPPER="p" * 50, KEYWAY_ENCRYPTION_KEY="e" * 50,
+        ALLOWED_HOSTS="api.example.com",
+    )
+    assert production.stdout.split() == ["False", "True", "31536000", "['api.example.com']"], production.stderr
+    development = _settings_in_a_fresh_process(tmp_path, DEBUG="1")
+    assert development.stdout.split()[:3] == ["True", "False", "0"], development.stderr
