@@ -15,6 +15,7 @@ chores this path does on its own.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 from typing import Any
@@ -25,6 +26,7 @@ from django.core.handlers.asgi import ASGIHandler, ASGIRequest
 from django.http import HttpResponse, HttpResponseBase
 from django.http.request import split_domain_port, validate_host
 from django.urls import get_resolver
+from django.utils.module_loading import import_string
 
 from platform_site.kernel.errors import ApiError, error_response, server_error
 from platform_site.kernel.params import nul_byte_error, nul_byte_param
@@ -47,6 +49,15 @@ def close_response(response: HttpResponseBase) -> None:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+_BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
+
+
+@functools.cache
+def _authenticator() -> Any:
+    # Named in settings: wiring may name the apps above it, never import them. Resolved once.
+    return import_string(settings.API_AUTHENTICATOR)
 
 
 # CORS as OpenAI answers it: any origin may call with a bearer key, and no cookie is ever involved, so a
@@ -83,12 +94,26 @@ class ApiHandler(ASGIHandler):
         if early is not None:
             await self._send(early, send, cors=cors)
             return
+        if scope["method"] in _BODY_METHODS:
+            # Identity before body: a request without a valid key is answered before any of its body is read.
+            refused = await _authenticator()(scope)
+            if refused is not None:
+                await self._send(refused, send, cors=cors)
+                return
         try:
-            body = await self._read_body(scope, receive)
+            async with asyncio.timeout(settings.KEYWAY_BODY_READ_TIMEOUT):
+                body = await self._read_body(scope, receive)
         except RequestAborted:
             return
         except _BodyTooLarge:
             error = ApiError("The request body is too large.", status=413, code="request_too_large")
+            await self._send(error_response(error, request_id=new_request_id()), send, cors=cors)
+            return
+        except TimeoutError:
+            error = ApiError(
+                f"The request body did not arrive within {settings.KEYWAY_BODY_READ_TIMEOUT:g} seconds.",
+                status=408, code="request_timeout",
+            )
             await self._send(error_response(error, request_id=new_request_id()), send, cors=cors)
             return
         request = ASGIRequest(scope, io.BytesIO(body))

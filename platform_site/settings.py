@@ -68,6 +68,9 @@ ROOT_URLCONF = "platform_site.urls"
 ASGI_APPLICATION = "platform_site.asgi.application"
 # Where WebSockets go (platform_site.asgi): the realtime surface's router.
 WEBSOCKET_APPLICATION = "completions.realtime.routing.websocket_application"
+# What the API path's lean handler (platform_site.api_handler) runs before it reads a request body: the key
+# is checked from the headers first, so nobody without one can make this server read (or wait for) a body.
+API_AUTHENTICATOR = "completions.api.http.authenticate_before_body"
 
 TEMPLATES = [
     {
@@ -156,6 +159,8 @@ WHITENOISE_AUTOREFRESH = DEBUG
 
 # Request bodies: the API maps a body over this size to a 413 OpenAI error.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("KEYWAY_MAX_BODY_BYTES", 64 * 1024 * 1024, minimum=1024)
+# Seconds a client with a valid key has to send its whole request body on the API path (408 past it).
+KEYWAY_BODY_READ_TIMEOUT = env_float("KEYWAY_BODY_READ_TIMEOUT", 60.0, minimum=0.1)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],

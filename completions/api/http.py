@@ -38,6 +38,31 @@ def json_response(payload: Any, *, status: int = 200, headers: dict[str, str] | 
     return HttpResponse(body, status=status, content_type="application/json", headers=headers)
 
 
+# Where authenticate_before_body leaves the key it checked, in the request's ASGI scope.
+PREAUTHENTICATED = "keyway.api_key"
+
+
+async def authenticate_before_body(scope: dict[str, Any]) -> HttpResponseBase | None:
+    """Run by the lean handler (settings.API_AUTHENTICATOR) on a request that carries a body, before any of
+    it is read: the key in the headers must be valid, or the client gets its 401 (or 429, for an address
+    that keeps failing) at once, and the server neither reads nor waits for the body. The key found is kept
+    for the view, which does not look it up again."""
+    header = None
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            header = value.decode("latin-1")
+            break
+    client = scope.get("client") or ("", 0)
+    try:
+        scope[PREAUTHENTICATED] = await authenticate_header(header, address=str(client[0] or ""))
+    except Exception as exc:  # noqa: BLE001 - the one mapping from exceptions to error objects
+        request_id = new_request_id()
+        response = error_response(to_api_error(exc, request_id=request_id), request_id=request_id)
+        response["x-request-id"] = request_id
+        return response
+    return None
+
+
 def api_endpoint(*, methods: tuple[str, ...], scope: str | None) -> Callable[[View], Any]:
     """Wrap an async API view: request id, method check, bearer authentication and scope, error mapping."""
 
@@ -55,7 +80,8 @@ def api_endpoint(*, methods: tuple[str, ...], scope: str | None) -> Callable[[Vi
                         headers={"Allow": ", ".join(methods)},
                     )
                 if scope is not None:
-                    request.api_key = await authenticate_header(
+                    # The lean handler may have checked the key already, before it read the body.
+                    request.api_key = getattr(request, "scope", {}).get(PREAUTHENTICATED) or await authenticate_header(
                         request.headers.get("Authorization"), address=request.META.get("REMOTE_ADDR") or ""
                     )
                     request.api_key.require_scope(scope)

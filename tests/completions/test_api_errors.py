@@ -89,7 +89,9 @@ async def test_unknown_route_and_wrong_method_are_json_errors(
 ) -> None:
     _, raw = api_key
     assert_error(await asgi_client.get("/v1/nothing/here", headers=bearer(raw)), 404, "unknown_url", validate_schema)
-    assert_error(await asgi_client.post("/api/v1/whatever"), 404, "unknown_url", validate_schema)
+    assert_error(await asgi_client.post("/api/v1/whatever", headers=bearer(raw)), 404, "unknown_url", validate_schema)
+    # A body is only read from a client with a valid key, whatever the URL.
+    assert_error(await asgi_client.post("/api/v1/whatever"), 401, "invalid_api_key", validate_schema)
     assert_error(await asgi_client.get("/v1"), 404, "unknown_url", validate_schema)
     response = await asgi_client.get(CHAT, headers=bearer(raw))
     assert_error(response, 405, "method_not_allowed", validate_schema)
