@@ -113,8 +113,13 @@ async def _chat_models(request: ChatRequest, key: AuthenticatedKey) -> list[Cata
     # An organization that pins a model gets it whatever the request says (the response names it).
     names = (key.pinned_model,) if key.pinned_model else request.models
     entries = []
-    for name in names:
-        entry = await resolve_model(key, name, capability="chat", purpose="chat completions")
+    for position, name in enumerate(names):
+        try:
+            entry = await resolve_model(key, name, capability="chat", purpose="chat completions")
+        except ApiError as error:
+            if position:  # a fallback of the `models` list, not the model asked for first
+                error.param = "models"
+            raise
         if request.max_tokens is not None and request.max_tokens > entry.context_length:
             raise ApiError(
                 f"'{request.max_tokens_param}' is too large: {request.max_tokens}. This model's context length "

@@ -39,9 +39,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         ))
         key = server.manage(env, "createapikey", "demo", "--name", "all").strip()
         admin = server.manage(env, "createapikey", "demo", "--name", "admin", "--scopes", "admin").strip()
+        seer_only = server.manage(env, "createapikey", "demo", "--name", "seer only", "--models", "seer").strip()
         process, url = server.start_keyway(env, var_dir / "server.log")
         project = httpx2.get(f"{url}/v1/organization/projects", headers=_auth(admin), timeout=30).json()["data"][0]
-        yield {"url": url, "key": key, "admin": admin, "project": project["id"], "log": var_dir / "server.log"}
+        yield {"url": url, "key": key, "admin": admin, "seer_only": seer_only, "project": project["id"],
+               "log": var_dir / "server.log"}
     finally:
         for running in (process, upstream):
             if running is not None:
@@ -237,6 +239,23 @@ def test_image_urls_that_point_inward_are_refused_and_never_reached(stack: dict[
             listener.accept()  # nothing ever connected
 
 
+def test_a_model_the_key_may_not_use_cannot_be_slipped_in_as_a_fallback(stack: dict[str, Any]) -> None:
+    for models in (["seer", "gemma-3-270m"], ["gemma-3-270m"], ["seer", "seer", "gemma-3-270m"]):
+        response = httpx2.post(
+            f"{stack['url']}/v1/chat/completions", headers=_auth(stack["seer_only"]), timeout=30,
+            json={"model": "seer", "models": models, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert response.status_code == 403, response.text
+        error = response.json()["error"]
+        assert error["code"] == "model_not_allowed" and "gemma-3-270m" in error["message"]
+        assert error["param"] == "models"
+    allowed = httpx2.post(
+        f"{stack['url']}/v1/chat/completions", headers=_auth(stack["seer_only"]), timeout=30,
+        json={"model": "seer", "models": ["seer"], "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert allowed.status_code == 200
+
+
 def test_zz_an_address_guessing_keys_is_refused_unseen_after_the_limit(stack: dict[str, Any]) -> None:
     """Last in this module: afterwards this address stays refused for the rest of the minute."""
     with httpx2.Client(base_url=stack["url"], timeout=30) as client:
@@ -249,3 +268,4 @@ def test_zz_an_address_guessing_keys_is_refused_unseen_after_the_limit(stack: di
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_failed_authentications"
         chat = client.post("/v1/chat/completions", headers=_auth(stack["key"]), json={"model": "seer"})
         assert chat.status_code == 429
+
