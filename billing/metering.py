@@ -32,6 +32,7 @@ from billing.models import UsageEvent
 from billing.pricing import AccountTerms, ModelPrice, account_terms, cost_micros, price_table
 from billing.ratelimits import WINDOW, RateState, tighter
 from billing.services import SettledUsage
+from platform_site.kernel import metrics
 from platform_site.kernel.orm import orm
 
 Endpoint = UsageEvent.Endpoint
@@ -44,6 +45,11 @@ _QUOTA_CODES = {
     counters.REFUSED_KEY_BUDGET: "key_budget_exceeded",
     counters.REFUSED_PROJECT_BUDGET: "project_budget_exceeded",
 }
+
+
+# Outcomes as the metrics name them (UsageEvent.Status).
+_OUTCOMES: dict[int, str] = {Status.OK: "ok", Status.ERROR: "error", Status.CLIENT_DISCONNECTED: "client_disconnected",
+             Status.INCOMPLETE: "incomplete"}
 
 
 @dataclass(slots=True)
@@ -99,6 +105,7 @@ class Meter:
         if self.settled:
             return 0
         self.settled = True
+        outcome = _OUTCOMES.get(status, "error")
         self.prompt_tokens, self.cached_tokens, self.completion_tokens = prompt_tokens, cached_tokens, completion_tokens
         cost = 0
         if self.terms is not None:
@@ -146,6 +153,7 @@ class Meter:
         counters.settle_later(
             adjustments, lease=self.lease, released={name: self.hold for name in self.hold_counters}
         )
+        metrics.usage_settled(model, outcome, prompt_tokens, completion_tokens, cost)
         return cost
 
 

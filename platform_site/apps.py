@@ -9,7 +9,11 @@ class PlatformSiteConfig(AppConfig):
 
     def ready(self) -> None:
         # Wired here, not at import (platform_site.kernel.process).
-        from platform_site.kernel import process
+        import atexit
+
+        from platform_site.kernel import metrics, process
         from platform_site.kernel.singleflight import SingleFlight
 
         process.resettable(SingleFlight.invalidate_all)
+        # A worker that ends stops counting in the live gauges (daphne has no lifespan: atexit too).
+        atexit.register(metrics.process_ended)

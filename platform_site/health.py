@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 
+from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 
+from platform_site.kernel import metrics
+from platform_site.kernel.errors import ApiError, error_response
 from platform_site.kernel.orm import orm
+from platform_site.middleware import new_request_id
 
 
 def _check_database() -> None:
@@ -23,6 +28,22 @@ def _check_cache() -> None:
     if cache.get(probe) != "ok":
         raise RuntimeError("cache read-back failed")
     cache.delete(probe)
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """GET /metrics: every worker's Prometheus metrics. For a scraper holding KEYWAY_METRICS_TOKEN (as a bearer
+    token), or a logged-in staff member; nobody else."""
+    token = settings.KEYWAY_METRICS_TOKEN
+    sent = request.headers.get("Authorization", "")
+    allowed = bool(token) and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode())
+    if not allowed and not (request.user.is_authenticated and request.user.is_staff):
+        error = ApiError("Send the metrics token as a bearer token, or log in as staff, to read the metrics.",
+                         status=401, code="invalid_api_key")
+        return error_response(error, request_id=getattr(request, "request_id", "") or new_request_id())
+    body, content_type = metrics.exposition()
+    response = HttpResponse(body, content_type=content_type)
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 async def health(request: HttpRequest) -> JsonResponse:

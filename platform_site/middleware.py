@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, HttpResponseBase
 
+from platform_site.kernel import logs
 from platform_site.kernel.errors import error_response
 from platform_site.kernel.params import nul_byte_error, nul_byte_param
 
@@ -36,12 +37,14 @@ class RequestIdMiddleware:
         if self.is_async:
             return self._acall(request)
         request.request_id = new_request_id()  # type: ignore[attr-defined]
+        logs.current_request_id.set(request.request_id)  # type: ignore[attr-defined]
         response = self.get_response(request)
         response["x-request-id"] = request.request_id  # type: ignore[attr-defined,index]
         return response
 
     async def _acall(self, request: HttpRequest) -> HttpResponseBase:
         request.request_id = new_request_id()  # type: ignore[attr-defined]
+        logs.current_request_id.set(request.request_id)  # type: ignore[attr-defined]
         response = await self.get_response(request)  # type: ignore[misc]
         response["x-request-id"] = request.request_id  # type: ignore[attr-defined]
         return response

@@ -274,16 +274,27 @@ SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000,
 if env_bool("KEYWAY_BEHIND_TLS_PROXY", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
+# Logs: one JSON object per line (time, level, logger, message, request_id) unless LOG_FORMAT=plain; plain
+# text by default in DEBUG. Messages never carry a key, a secret or prompt text (tests/e2e/conftest.py).
+LOG_FORMAT = env_str("LOG_FORMAT", "plain" if DEBUG else "json")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "platform_site.kernel.logs.JsonFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler",
+                             "formatter": "json" if LOG_FORMAT == "json" else "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {"django.request": {"level": "ERROR"}},
 }
 
 # --- Keyway -------------------------------------------------------------------------------------------------
+# Prometheus metrics (platform_site.kernel.metrics): where the worker processes write them, and the bearer
+# token a scraper sends to GET /metrics (staff may read it logged in; without a token, nobody else may).
+KEYWAY_METRICS_DIR = Path(env_str("KEYWAY_METRICS_DIR", str(VAR_DIR / "metrics")))
+KEYWAY_METRICS_TOKEN = env_str("KEYWAY_METRICS_TOKEN", "")
 # How long a worker trusts its in-process copy of an API key before re-checking the shared cache. Revocation
 # deletes the shared entry, so this bounds how long a revoked key may still pass on another worker.
 KEYWAY_KEY_LOCAL_TTL = env_float("KEYWAY_KEY_LOCAL_TTL", 0.5, minimum=0.0)

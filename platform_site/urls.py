@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import include, path
 
-from platform_site.health import health
+from platform_site.health import health, metrics_view
 
 urlpatterns = [
     # The management API (OpenAI's Admin API paths), on Django's full stack: dashboard sessions use it too.
@@ -20,6 +20,7 @@ urlpatterns = [
     # billing API serves logged-in members as well as keys.
     path("api/billing/", include("billing.urls", namespace="billing")),
     path("health", health, name="health"),
+    path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
     path("accounts/", include("allauth.urls")),
     # The web dashboard: the front door at /, the organization's pages under /settings/.

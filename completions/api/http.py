@@ -8,6 +8,7 @@ OpenAI error object through the one mapping (platform_site.kernel.errors), never
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from apikeys.auth import AuthenticatedKey, authenticate_header
 from completions.engine.calls import Caller
-from platform_site.kernel import jsonbody
+from platform_site.kernel import jsonbody, logs, metrics
 from platform_site.kernel.errors import ApiError, error_response, to_api_error
 from platform_site.middleware import new_request_id
 
@@ -70,7 +71,9 @@ def api_endpoint(*, methods: tuple[str, ...], scope: str | None) -> Callable[[Vi
     def decorate(view: View) -> Any:
         @functools.wraps(view)
         async def wrapper(request: ApiRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            began = time.perf_counter()
             request.request_id = request_id = new_request_id()
+            logs.current_request_id.set(request_id)
             try:
                 if request.method not in methods:
                     raise ApiError(
@@ -90,8 +93,10 @@ def api_endpoint(*, methods: tuple[str, ...], scope: str | None) -> Callable[[Vi
             except Exception as exc:  # noqa: BLE001 - the one mapping from exceptions to error objects
                 response = error_response(to_api_error(exc, request_id=request_id), request_id=request_id)
             response["x-request-id"] = request_id
+            metrics.request_answered(endpoint, response.status_code, time.perf_counter() - began)
             return response
 
+        endpoint = view.__name__
         # A bearer-token API: no cookie authenticates a call, so there is no cross-site request to forge.
         # (Marked for when Django's full stack serves these views; the lean handler runs no middleware.)
         wrapper.csrf_exempt = True  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ path.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -27,8 +28,10 @@ from completions.providers.base import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from platform_site.kernel import metrics
 from platform_site.kernel.errors import ApiError
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -95,6 +98,14 @@ def plan(entry: CatalogEntry, preferences: Preferences) -> list[DeploymentEntry]
     return [d for d in ordered if not is_open(d)] + [d for d in ordered if is_open(d)]
 
 
+def _error_kind(error: ProviderError) -> str:
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, UpstreamUnavailable):
+        return "unavailable"
+    return f"http_{error.status}"
+
+
 def is_retryable(error: ProviderError) -> bool:
     if isinstance(error, UpstreamTimeout | UpstreamUnavailable):
         return True
@@ -112,9 +123,14 @@ async def first_success(
             result = await call(entry, deployment)
         except ProviderBusy as error:
             # Full, not failing: the next deployment may have room, and this one's circuit stays closed.
+            metrics.upstream_error(deployment.provider_name, "busy")
             last_error = error
             continue
         except ProviderError as error:
+            kind = _error_kind(error)
+            metrics.upstream_error(deployment.provider_name, kind)
+            # What failed, never what was sent: the provider's name and the kind of failure.
+            logger.warning("Upstream attempt failed: provider %s, %s", deployment.provider_name, kind)
             if not is_retryable(error):
                 raise
             record_failure(deployment)

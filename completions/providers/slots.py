@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from completions.providers.base import ProviderBusy, UpstreamTimeout
+from platform_site.kernel import metrics
 
 
 class Cancelled(Exception):
@@ -96,6 +97,7 @@ class Slots:
                     retry_after=self._retry_after(),
                 )
             self._waiting.append(job)
+            self._report()
             self._cond.notify()
 
     def wake(self) -> None:
@@ -117,6 +119,10 @@ class Slots:
         return self._free
 
     # The stepping thread -----------------------------------------------------------------------------
+    def _report(self) -> None:
+        """The queue's depth to the metrics (called with the lock held)."""
+        metrics.queue_depth(self.name, len(self._running), len(self._waiting))
+
     def _retry_after(self) -> int:
         return max(1, min(60, math.ceil(self._typical)))
 
@@ -167,6 +173,7 @@ class Slots:
             self._by_key[job.key] = self._by_key.get(job.key, 0) + 1
             self._by_org[job.organization] = self._by_org.get(job.organization, 0) + 1
             self._running.append(job)
+        self._report()
 
     def _step(self, job: Job) -> None:
         error: BaseException | None
@@ -201,5 +208,6 @@ class Slots:
                 if not counts[owner]:
                     del counts[owner]
             self._typical = 0.8 * self._typical + 0.2 * (time.monotonic() - job.arrived)
+            self._report()
         job.instance = None
         job.finish(error)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 
+from platform_site.kernel import metrics
+
 STARTED_AT = time.time()
 _counters: dict[str, int] = {"open_streams": 0, "open_websockets": 0}
 _loaded_models_reporters: list[Callable[[], list[str]]] = []
@@ -24,6 +26,7 @@ _resets: list[Callable[[], None]] = []
 
 def counter_add(name: str, delta: int) -> None:
     _counters[name] = _counters.get(name, 0) + delta
+    metrics.open_changed(name.removeprefix("open_"), delta)
 
 
 def counters() -> dict[str, int]:

@@ -96,14 +96,17 @@ def manage(env: dict[str, str], *args: str) -> str:
 SERVER_LOGS: list[tuple[Path, Path]] = []
 
 
-def start_keyway(env: dict[str, str], log: Path, *, uvicorn: bool = False) -> tuple[subprocess.Popen[bytes], str]:
-    """A Keyway server process: daphne (as `make run` serves), or uvicorn (as production may)."""
+def start_keyway(
+    env: dict[str, str], log: Path, *, uvicorn: bool = False, workers: int = 1
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A Keyway server process: daphne (as `make run` serves), or uvicorn (as production may, with several
+    worker processes)."""
     SERVER_LOGS.append((log, Path(env["KEYWAY_VAR_DIR"])))
     port = free_port()
     handle = log.open("ab")
     if uvicorn:
         command = [PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
-                   "platform_site.asgi:application"]
+                   "--workers", str(workers), "platform_site.asgi:application"]
     else:
         command = [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "platform_site.asgi:application"]
     process = subprocess.Popen(command, cwd=BASE_DIR, env=env, stdout=handle, stderr=subprocess.STDOUT)
