@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import orjson
 from django.conf import settings
-from django.db import IntegrityError
+from django.db import DataError, IntegrityError
 
 from billing.services import SettledUsage, usage_events_write
 from platform_site.kernel.orm import orm, returns_connection
@@ -39,6 +40,8 @@ from platform_site.kernel.orm import orm, returns_connection
 logger = logging.getLogger(__name__)
 
 _SUFFIX = ".usage"
+# Events the database refused, one JSON line each, beside the journals (not a journal: never replayed).
+_REJECTED = "rejected.usage-rows"
 _RECOVER_EVERY = 60.0
 
 
@@ -122,7 +125,7 @@ class _Ledger:
         with self._write_lock:
             for journal in self._seal():
                 try:
-                    _write(journal.events)
+                    _write(journal.events, self._directory())
                 except Exception:
                     # The database is unreachable or refused the batch: keep the sealed journal and retry on
                     # the next flush. Nothing is lost while the file exists.
@@ -141,18 +144,36 @@ class _Ledger:
             return current + sum(len(journal.events) for journal in self._sealed)
 
 
+# What one row can do wrong, as opposed to the database being unreachable: a reference that no longer holds
+# (IntegrityError), or a value no column can take (DataError on PostgreSQL; SQLite's driver raises
+# OverflowError for an integer past 64 bits).
+_BAD_ROW = (IntegrityError, DataError, OverflowError)
+
+
 @returns_connection
-def _write(events: list[SettledUsage]) -> None:
+def _write(events: list[SettledUsage], directory: Path | None = None) -> None:
     try:
         usage_events_write(events)
-    except IntegrityError:
-        # One bad event (its organization deleted meanwhile) must not hold the rest back forever: write
-        # them one by one and set aside those the database refuses.
+    except _BAD_ROW:
+        # One bad event must not hold the rest back forever: write them one by one, and set aside those the
+        # database refuses, each in its own transaction (a refused one rolls back alone).
         for event in events:
             try:
                 usage_events_write([event])
-            except IntegrityError:
-                logger.error("Usage event %s refused by the database; dropped from the ledger", event.call_id)
+            except _BAD_ROW as error:
+                _set_aside(event, error, directory)
+
+
+def _set_aside(event: SettledUsage, error: Exception, directory: Path | None) -> None:
+    """Keep a refused event where an operator finds it (rejected.usage-rows beside the journals), never lose it
+    silently. The log names the call and the kind of error, not the database's message, which quotes values."""
+    directory = Path(directory or settings.KEYWAY_USAGE_JOURNAL_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / _REJECTED).open("ab") as handle:
+        # The standard library's encoder: orjson refuses the integers past 64 bits that may be why it failed.
+        handle.write(json.dumps({"error": type(error).__name__, "event": event.as_row()}).encode() + b"\n")
+    logger.error("Usage event %s refused by the database (%s); set aside in %s", event.call_id,
+                 type(error).__name__, _REJECTED)
 
 
 def _read_journal(path: Path) -> list[SettledUsage]:
@@ -184,7 +205,7 @@ def recover_orphans(directory: Path | None = None) -> int:
                 continue  # a live process holds it
             events = _read_journal(path)
             if events:
-                _write(events)
+                _write(events, directory)
                 replayed += len(events)
                 logger.warning("Replayed %d usage events from orphaned journal %s", len(events), path.name)
             path.unlink(missing_ok=True)

@@ -51,6 +51,9 @@ class Produced:
         return "".join(self.parts)
 
 
+_MOST_TOKENS = 2**31 - 1
+
+
 def _reported(usage: Any) -> tuple[int, int, int] | None:
     if not isinstance(usage, dict):
         return None
@@ -59,7 +62,12 @@ def _reported(usage: Any) -> tuple[int, int, int] | None:
         return None
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else 0
-    return prompt, cached if isinstance(cached, int) else 0, completion
+    cached = cached if isinstance(cached, int) else 0
+    # A report no request can have (negative, which would credit the tenant, or past what a ledger column
+    # holds) is not believed: the tokens are counted instead.
+    if any(isinstance(n, bool) or not 0 <= n <= _MOST_TOKENS for n in (prompt, cached, completion)) or cached > prompt:
+        return None
+    return prompt, cached, completion
 
 
 def settle_chat(

@@ -133,3 +133,21 @@ async def test_a_starting_server_replays_orphaned_journals_before_serving(
 
     await application({"type": "lifespan"}, receive, send)
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_row_the_database_refuses_is_set_aside_and_the_rest_is_written(org: Organization, tmp_path: Path) -> None:
+    from billing.ledger import _write
+
+    good = [_event(org, f"req_good_{i}") for i in range(3)]
+    # A value no column can hold: DataError on PostgreSQL, OverflowError from SQLite's driver.
+    bad = _event(org, "req_bad")
+    bad.prompt_tokens = 2**70
+    _write([good[0], bad, *good[1:]], tmp_path)
+    assert set(UsageEvent.objects.values_list("request_id", flat=True)) == {e.request_id for e in good}
+    assert BillingAccount.objects.get(pk=org.pk).usage_total_micros == 3 * 1234
+    rejected = [orjson.loads(line) for line in (tmp_path / "rejected.usage-rows").read_bytes().splitlines()]
+    assert len(rejected) == 1 and rejected[0]["event"][0] == "req_bad"
+    assert rejected[0]["error"] in ("DataError", "OverflowError")
+    # Not a journal: a replay does not pick it up.
+    assert recover_orphans(tmp_path) == 0

@@ -265,3 +265,18 @@ async def test_an_output_limit_beyond_the_context_is_refused_naming_the_field_us
         assert refused.value.body["code"] == "context_length_exceeded"
         assert refused.value.body["param"] == field
     assert await _ledger() == []
+
+
+def test_a_usage_report_no_request_can_have_is_not_believed() -> None:
+    from completions.engine.usage import _reported
+
+    assert _reported({"prompt_tokens": 9, "completion_tokens": 7}) == (9, 0, 7)
+    assert _reported({"prompt_tokens": 9, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 4}}) \
+        == (9, 4, 7)
+    for usage in (
+        {"prompt_tokens": -500, "completion_tokens": 7},  # would credit the tenant
+        {"prompt_tokens": 9, "completion_tokens": 2**40},  # past any ledger column
+        {"prompt_tokens": True, "completion_tokens": 7},
+        {"prompt_tokens": 9, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 10}},
+    ):
+        assert _reported(usage) is None, usage
