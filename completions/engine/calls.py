@@ -171,8 +171,22 @@ def _with_rate_headers(error: BaseException, meter: Meter) -> None:
             error.headers.setdefault(name, value)
 
 
+# The most tokens one image part costs (OpenAI's high detail: 85 + 170 per 512-px tile, 8 tiles at most).
+_IMAGE_TOKENS = 85 + 170 * 8
+
+
+def prompt_estimate(request: ChatRequest) -> int:
+    """What the prompt holds before any model counted it: the messages, and what the model also reads — the
+    tools, the response_format schema — plus the most an image by URL can cost (inline images and PDFs are
+    counted by their bytes, which their text never exceeds)."""
+    body = request.body
+    read_too = [body[name] for name in ("tools", "functions", "response_format") if body.get(name)]
+    images = sum(1 for need in request.needs if need.kind == "image_url")
+    return estimate_tokens([request.messages, read_too] if read_too else request.messages) + images * _IMAGE_TOKENS
+
+
 async def _admit_chat(request: ChatRequest, caller: Caller, entries: list[CatalogEntry], call_id: str) -> Meter:
-    prompt_tokens = estimate_tokens(request.messages)
+    prompt_tokens = prompt_estimate(request)
     return await admit(
         key=caller.key,
         call_id=call_id,

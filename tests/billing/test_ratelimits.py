@@ -107,3 +107,23 @@ async def test_concurrent_requests_reserve_their_output_limit_against_the_tpm(
     ))
     statuses = [response.status_code for response in responses]
     assert 1 <= statuses.count(200) <= 5 and statuses.count(429) == 20 - statuses.count(200), statuses
+
+
+async def test_the_tpm_hold_counts_tools_and_the_response_schema_not_only_the_messages(
+    asgi_client, org: Organization, limited: dict[str, Any], fresh_rate_window: None
+) -> None:
+    """Tools and a response_format schema are read by the model: a request whose messages are short but whose
+    tools are long is held (and refused) for what it really sends."""
+    _, raw = await sync_to_async(apikey_create)(organization=org, name="tools", actor_label="test", tpm_limit=2000)
+    properties = {f"field_{n}": {"type": "string", "description": "x" * 60} for n in range(200)}
+    tools = [{"type": "function", "function": {"name": "fill", "parameters": {"type": "object",
+                                                                                "properties": properties}}}]
+    schema = {"type": "json_schema", "json_schema": {"name": "big", "schema": {"type": "object",
+                                                                              "properties": properties}}}
+    for extra in ({"tools": tools}, {"response_format": schema}):
+        refused = await asgi_client.post("/v1/chat/completions", headers=bearer(raw),
+                                         json={"model": "ok", "messages": MESSAGES, "max_tokens": 7, **extra})
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "tokens", refused.text
+    allowed = await asgi_client.post("/v1/chat/completions", headers=bearer(raw),
+                                     json={"model": "ok", "messages": MESSAGES, "max_tokens": 7})
+    assert allowed.status_code == 200
