@@ -32,7 +32,7 @@ from completions.engine.requests import ChatRequest, EmbeddingsRequest, Preferen
 from completions.engine.routing import first_success, plan
 from completions.engine.tokenizers import preload_token_counter
 from completions.engine.usage import Produced, max_output_tokens, settle_chat, settle_embeddings
-from completions.providers.base import ChatCall, EmbeddingsCall
+from completions.providers.base import ChatCall, EmbeddingsCall, UpstreamTimeout
 from platform_site.kernel import process
 from platform_site.kernel.errors import ApiError
 
@@ -245,6 +245,12 @@ async def chat(request: ChatRequest, *, caller: Caller, prepare: Prepare | None 
     except asyncio.CancelledError:
         status = Status.CLIENT_DISCONNECTED
         raise
+    except UpstreamTimeout as error:
+        # The last deployment tried was working on it when it ran out of time: its prompt (and whatever it
+        # reports producing) is charged, as that upstream charges it.
+        result = {"usage": error.usage} if error.usage else None
+        _with_rate_headers(error, meter)
+        raise
     except BaseException as error:
         answered = None  # nothing was produced that anyone could use
         _with_rate_headers(error, meter)
@@ -277,7 +283,11 @@ async def chat_stream(request: ChatRequest, *, caller: Caller, prepare: Prepare 
     call_id = new_call_id()
     meter = await _admit_chat(request, caller, entries, call_id)
 
+    tried: Attempt | None = None
+
     async def open_stream(entry: CatalogEntry, deployment: DeploymentEntry) -> tuple[Any, dict[str, Any] | None]:
+        nonlocal tried
+        tried = (entry, deployment)
         await preload_token_counter(entry, deployment)
         upstream = deployment.provider.chat_stream(_chat_call(request, caller, deployment))
         try:
@@ -292,9 +302,14 @@ async def chat_stream(request: ChatRequest, *, caller: Caller, prepare: Prepare 
             headers.update(await prepare(entries))
         (upstream, first), entry, deployment = await first_success(attempts, open_stream)
     except BaseException as error:
-        # Nothing reached the client; nothing was produced that anyone could use.
+        # Nothing reached the client; nothing was produced that anyone could use. But an upstream that timed
+        # out was working on the prompt meanwhile, and that is charged, as it charges it.
         status = Status.CLIENT_DISCONNECTED if isinstance(error, asyncio.CancelledError) else Status.ERROR
-        settle_chat(meter, entry=entries[0], deployment=None, status=status, messages=request.messages)
+        if isinstance(error, UpstreamTimeout) and tried is not None:
+            settle_chat(meter, entry=tried[0], deployment=tried[1], status=status, messages=request.messages,
+                        usage=error.usage)
+        else:
+            settle_chat(meter, entry=entries[0], deployment=None, status=status, messages=request.messages)
         _with_rate_headers(error, meter)
         raise
     meter.first_token()

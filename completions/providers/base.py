@@ -119,9 +119,13 @@ class ProviderError(ApiError):
 
 
 class UpstreamTimeout(ProviderError):
+    """The upstream did not finish in time. It was working on the request meanwhile, so the call is charged
+    for the prompt, and for what it produced where the provider knows (`usage`, OpenAI's usage object)."""
+
     status = 504
     error_type = "timeout_error"
     code = "upstream_timeout"
+    usage: dict[str, int] | None = None
 
 
 class UpstreamUnavailable(ProviderError):

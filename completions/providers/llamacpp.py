@@ -32,6 +32,7 @@ from completions.providers.base import (
     ProviderConfig,
     ProviderError,
     UnsupportedByModel,
+    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from completions.providers.slots import Cancelled, Job, Limits, Slots
@@ -593,8 +594,10 @@ class LlamaCppProvider:
                 return
             if error is None:
                 done.set_result(None)
-            else:
-                done.set_exception(_stopped() if isinstance(error, Cancelled) else error)
+                return
+            if isinstance(error, UpstreamTimeout):
+                error.usage = _usage(meter)  # what was computed before the deadline is charged
+            done.set_exception(_stopped() if isinstance(error, Cancelled) else error)
 
         loaded = await self._submit(call, meter, collect, lambda error: loop.call_soon_threadsafe(resolve, error))
         try:
@@ -627,6 +630,8 @@ class LlamaCppProvider:
                 if item is _DONE:
                     break
                 if isinstance(item, BaseException):
+                    if isinstance(item, UpstreamTimeout):
+                        item.usage = _usage(meter)
                     raise _stopped() if isinstance(item, Cancelled) else item
                 yield item
             yield {

@@ -366,3 +366,39 @@ async def test_n_times_max_tokens_is_capped_and_without_a_limit_each_choice_gets
     result = await PROVIDER.chat(call("Tell a very long story.", n=2, seed=4))
     assert all(choice["finish_reason"] in ("length", "stop") for choice in result["choices"])
     assert result["usage"]["completion_tokens"] <= 8
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_generation_stopped_at_the_deployment_timeout_is_charged_what_it_computed(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    from billing import metering
+    from billing.models import UsageEvent
+    from completions.engine.catalog import catalog_invalidate
+    from completions.models import Provider
+
+    async def provider_timeout(seconds: float | None) -> None:
+        await sync_to_async(Provider.objects.filter(kind="llamacpp").update)(timeout_seconds=seconds)
+        catalog_invalidate()
+
+    await sdk.chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": "Hi"}],
+                                      max_tokens=1)  # loaded, so the limit below is spent generating
+    await provider_timeout(0.5)
+    long = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Tell a very long story."}],
+            "max_tokens": 400, "seed": 3}
+    try:
+        with pytest.raises(openai.APIStatusError) as stopped:
+            await sdk.chat.completions.create(**long)
+        assert stopped.value.status_code == 504 and stopped.value.code == "upstream_timeout"
+        with pytest.raises(openai.APIError):  # the stream has begun: the error comes as its last event
+            async for _ in await sdk.chat.completions.create(**long, stream=True):
+                pass
+    finally:
+        await provider_timeout(None)
+    await metering.flush()
+    streamed, plain = await sync_to_async(list)(UsageEvent.objects.order_by("-id").values(
+        "status", "prompt_tokens", "completion_tokens")[:2])
+    assert plain["status"] == UsageEvent.Status.ERROR
+    assert streamed["status"] == UsageEvent.Status.INCOMPLETE
+    for row in (plain, streamed):
+        assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0, row
