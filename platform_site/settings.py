@@ -65,6 +65,8 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "platform_site.urls"
+# Error reports (the DEBUG page) hide connection URLs too, not only what looks like a key.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "platform_site.reporting.KeywayExceptionReporterFilter"
 ASGI_APPLICATION = "platform_site.asgi.application"
 # Where WebSockets go (platform_site.asgi): the realtime surface's router.
 WEBSOCKET_APPLICATION = "completions.realtime.routing.websocket_application"
