@@ -97,7 +97,9 @@ class Slots:
                     retry_after=self._retry_after(),
                 )
             self._waiting.append(job)
-            self._report()
+            # Admitted here and now when a slot is free, so that whether a key's next request waits or is
+            # refused never depends on how soon the stepping thread looked.
+            self._admit()
             self._cond.notify()
 
     def wake(self) -> None:
@@ -165,7 +167,7 @@ class Slots:
                 and self._by_org.get(job.organization, 0) < self.limits.per_org
             ]
             if not eligible:
-                return
+                break
             job = min(eligible, key=lambda j: (self._by_key.get(j.key, 0), self._by_org.get(j.organization, 0),
                                                 j.arrived))
             self._waiting.remove(job)
