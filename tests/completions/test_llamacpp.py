@@ -402,3 +402,22 @@ async def test_a_generation_stopped_at_the_deployment_timeout_is_charged_what_it
     assert streamed["status"] == UsageEvent.Status.INCOMPLETE
     for row in (plain, streamed):
         assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0, row
+
+
+async def test_a_long_prompt_is_evaluated_in_turns_and_does_not_hold_up_a_short_request() -> None:
+    """A 2,700-token prompt takes ~10 s to evaluate here. Evaluated in one step, it held every other slot for
+    all of it, and a short request started beside it finished after it; in turns, the short one is done
+    long before."""
+    finished: list[str] = []
+    long_prompt = " ".join(f"word{n}" for n in range(700))
+
+    async def run(name: str, content: str, key: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        request = call(content, max_tokens=3, seed=1)
+        request.key = request.organization = key
+        await PROVIDER.chat(request)
+        finished.append(name)
+
+    await PROVIDER.chat(call(max_tokens=1))  # loaded
+    await asyncio.gather(run("long", long_prompt, "a", 0), run("short", "Say hello.", "b", 0.3))
+    assert finished == ["short", "long"]
