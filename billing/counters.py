@@ -155,8 +155,13 @@ return {0, requests, tokens, prequests, ptokens, pday}
 # Settlements: ARGV[1] = n; KEYS[1..n] are counters moved by ARGV[1+i] (cost − hold, summed) where they exist
 # (token windows are created, with their expiry). Then, per lease j (KEYS[n+j]), ARGV lists how much of each
 # counter its settled holds were: taken off the lease, or — where the lease was reaped meanwhile, which
-# already gave the holds back — added back to the counter, so that counter ends at +cost.
+# already gave the holds back — added back to the counter, so that counter ends at +cost. The last KEY marks
+# the batch as applied: a batch sent again after an answer that never came (a timeout after Redis ran it) is
+# not applied twice.
 _SETTLE = """
+if not redis.call('SET', KEYS[#KEYS], 1, 'NX', 'EX', 86400) then
+  return 1
+end
 local n = tonumber(ARGV[1])
 for i = 1, n do
   local key, amount = KEYS[i], tonumber(ARGV[1 + i])
@@ -168,7 +173,7 @@ for i = 1, n do
   end
 end
 local at = n + 2
-for j = n + 1, #KEYS do
+for j = n + 1, #KEYS - 1 do
   local lease = KEYS[j]
   local alive = redis.call('EXISTS', lease) == 1
   local fields = tonumber(ARGV[at])
@@ -364,8 +369,8 @@ class _RedisCounters:
         )
         return Counted(status, requests, tokens, project_requests, project_tokens, project_day, lease)
 
-    async def settle(self, amounts: dict[str, int], releases: Releases) -> None:
-        keys: list[str] = [*amounts, *releases]
+    async def settle(self, amounts: dict[str, int], releases: Releases, batch: str) -> None:
+        keys: list[str] = [*amounts, *releases, f"{self.prefix}:bill:settled:{batch}"]
         args: list[str | int] = [len(amounts), *amounts.values()]
         for held in releases.values():
             args.append(len(held))
@@ -461,7 +466,8 @@ class _LocalCounters:
 
     lease = ""  # one process: its holds die with it, and the counters are seeded anew from the ledger
 
-    async def settle(self, amounts: dict[str, int], releases: Releases) -> None:
+    async def settle(self, amounts: dict[str, int], releases: Releases, batch: str) -> None:
+        # In process nothing is ambiguous: a call that raised applied nothing.
         for name, amount in amounts.items():
             if ":rl:tok:" in name or name in self.values:
                 self.values[name] = self.values.get(name, 0) + amount
@@ -503,6 +509,8 @@ def store() -> Any:
 
 _unsent: defaultdict[str, int] = defaultdict(int)
 _releases: defaultdict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
+# Batches whose sending failed: (batch id, amounts, releases), sent again as they were.
+_resend: list[tuple[str, dict[str, int], dict[str, dict[str, int]]]] = []
 _sender: asyncio.Task[None] | None = None
 
 
@@ -518,7 +526,7 @@ def settle_later(amounts: dict[str, int], *, lease: str = "", released: dict[str
         for name, hold in released.items():
             if hold:
                 _releases[lease][name] += hold
-    if not _unsent and not _releases:
+    if not _unsent and not _releases and not _resend:
         return
     try:
         loop = asyncio.get_running_loop()
@@ -529,7 +537,7 @@ def settle_later(amounts: dict[str, int], *, lease: str = "", released: dict[str
 
 
 def unsent(name: str) -> int:
-    return _unsent.get(name, 0)
+    return _unsent.get(name, 0) + sum(amounts.get(name, 0) for _, amounts, _ in _resend)
 
 
 async def _send_soon() -> None:
@@ -540,22 +548,20 @@ async def _send_soon() -> None:
 
 async def flush() -> None:
     """Send the queued settlements (also on shutdown, and by tests)."""
-    if not _unsent and not _releases:
-        return
-    amounts = dict(_unsent)
-    releases = {lease: dict(held) for lease, held in _releases.items()}
-    _unsent.clear()
-    _releases.clear()
-    try:
-        await store().settle(amounts, releases)
-    except Exception:
-        # Not lost on a passing Redis error: put back for the next flush.
-        for name, amount in amounts.items():
-            _unsent[name] += amount
-        for lease, held in releases.items():
-            for name, hold in held.items():
-                _releases[lease][name] += hold
-        raise
+    batches = list(_resend)
+    _resend.clear()
+    if _unsent or _releases:
+        batches.append((secrets.token_hex(12), dict(_unsent), {lease: dict(held) for lease, held in _releases.items()}))
+        _unsent.clear()
+        _releases.clear()
+    for position, (batch, amounts, releases) in enumerate(batches):
+        try:
+            await store().settle(amounts, releases, batch)
+        except Exception:
+            # Not lost on a passing Redis error, and not applied twice if Redis did run it before the error
+            # (a timeout): sent again as it was, under the same batch id, on the next flush.
+            _resend.extend(batches[position:])
+            raise
 
 
 async def flush_at_shutdown() -> None:
@@ -570,3 +576,4 @@ def reset() -> None:
     _local.credit.clear()
     _unsent.clear()
     _releases.clear()
+    _resend.clear()

@@ -293,3 +293,34 @@ async def test_a_worker_reaped_while_still_running_settles_at_full_cost_without_
     assert await _spend_counter(fake) == 2 * 1000
     assert (await dead.heartbeat()) is None and dead.lease != meter.lease  # it continues under a new lease
     await dead.close()
+
+
+@pytest.mark.skipif(not USES_REDIS, reason="an ambiguous answer exists only with the counters in Redis")
+async def test_a_settlement_sent_again_after_an_ambiguous_redis_error_is_applied_once(
+    fake: Organization, api_key: tuple[Any, str]
+) -> None:
+    """Redis ran the settlement, then the answer was lost (a timeout): the batch is sent again on the next
+    flush, and its id makes the second sending a no-op."""
+    import redis.exceptions
+
+    from apikeys.auth import authenticate_key
+
+    await sync_to_async(_prepaid)(fake, credit=10 * JSON_COST)
+    key = await authenticate_key(api_key[1])
+    meter = await metering.admit(key=key, call_id="call-ambiguous", request_id="req_ambiguous", endpoint=1,
+                                 models=["ok"], prompt_tokens=1, max_output_tokens=7)
+    store = counters.store()
+    real = store.settle_script
+
+    async def ran_then_timed_out(**kwargs: Any) -> Any:
+        await real(**kwargs)
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    with patch.object(store, "settle_script", ran_then_timed_out):
+        meter.settle(model="ok", status=1, usage_source=1, prompt_tokens=9, completion_tokens=2)
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await counters.flush()
+    await counters.flush()  # the same batch again
+    assert await _spend_counter(fake) == 2 * 1000
+    await counters.flush()
+    assert await _spend_counter(fake) == 2 * 1000
