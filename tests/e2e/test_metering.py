@@ -156,6 +156,26 @@ def _stop_under_load(stack: dict[str, Any], how: signal.Signals) -> list[str]:
     return ids
 
 
+def test_twenty_concurrent_requests_under_a_tpm_of_1000_admit_at_most_five(stack: dict[str, Any]) -> None:
+    """Each request reserves its prompt and its output limit (200) when admitted, in the current window: a
+    key with TPM 1,000 lets at most 5 of 20 simultaneous requests in, however fast they arrive."""
+    key = server.manage(stack["env"], "createapikey", "demo", "--name", "tpm", "--tpm", "1000").strip()
+
+    async def burst() -> list[int]:
+        async with httpx2.AsyncClient(timeout=60) as client:
+            async def one() -> int:
+                response = await client.post(
+                    f"{stack['url']}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                    json={"model": "drip", "messages": MESSAGES, "max_tokens": 200, "stream": True},
+                )
+                return response.status_code
+
+            return await asyncio.gather(*(one() for _ in range(20)))
+
+    statuses = asyncio.run(burst())
+    assert 1 <= statuses.count(200) <= 5 and statuses.count(429) == 20 - statuses.count(200), statuses
+
+
 def test_stopping_the_server_under_load_loses_no_usage_event(stack: dict[str, Any]) -> None:
     ids = _stop_under_load(stack, signal.SIGTERM)
     print(f"{len(ids)} answered before and during the stop")
