@@ -9,6 +9,8 @@ The requested model name picks the behaviour:
   stream-break           send two chunks, then drop the connection (no [DONE])
   drip                   stream like ok, one chunk every DRIP_SECONDS (clients that leave mid-stream)
   slow-stream-<S>        stream like ok, the chunks spread over S seconds (many long streams at once)
+  chars                  answer like ok, but count one prompt token per character of the messages' text (as
+                         CJK text often costs): more than a byte-based estimate expects
   tools-split / tools-repeat / tools-whole
                          answer with two tool calls (get_weather for Paris, get_time), framed as OpenAI does,
                          with id/type/name repeated on every delta and no index, or each call whole with its
@@ -103,6 +105,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return web.Response(status=200, body=b"<html>not json</html>", content_type="text/html")
     if not body.get("stream"):
         completion = _completion(model)
+        if model == "chars":
+            prompt = sum(len(m["content"]) for m in body["messages"] if isinstance(m.get("content"), str))
+            completion["usage"] = {"prompt_tokens": prompt, "completion_tokens": 7, "total_tokens": prompt + 7}
         if model.startswith("tools"):
             message = {"role": "assistant", "content": None, "tool_calls": [
                 {"id": call_id, "type": "function", "function": {"name": name, "arguments": orjson.loads(arguments)}}

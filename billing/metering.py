@@ -191,7 +191,8 @@ async def admit(
     of `models`), and reserve its worst-case cost (the dearest of `models`, for `prompt_tokens` in and
     `max_output_tokens` out) against credit and every monthly cap. Raises RateLimitExceeded or QuotaExceeded,
     with nothing reserved. `worst_prompt_tokens` reserves for a larger prompt than the estimate counted
-    against TPM, where the prompt is not known (a relayed realtime session's conversation lives upstream)."""
+    against TPM: the most the prompt can be counted at, or a bound where the prompt is not known (a relayed
+    realtime session's conversation lives upstream)."""
     now = time.time()
     names = counters.names(
         organization_id=key.organization_id,

@@ -23,6 +23,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from apikeys.auth import AuthenticatedKey
 from billing.metering import Endpoint, Meter, Status, UsageSource, admit
 from billing.ratelimits import estimate_tokens
@@ -175,18 +177,27 @@ def _with_rate_headers(error: BaseException, meter: Meter) -> None:
 _IMAGE_TOKENS = 85 + 170 * 8
 
 
-def prompt_estimate(request: ChatRequest) -> int:
-    """What the prompt holds before any model counted it: the messages, and what the model also reads — the
-    tools, the response_format schema — plus the most an image by URL can cost (inline images and PDFs are
-    counted by their bytes, which their text never exceeds)."""
+# Chat-template tokens a message adds at most (role markers, separators).
+_TEMPLATE_TOKENS_PER_MESSAGE = 8
+
+
+def prompt_tokens_bounds(request: ChatRequest) -> tuple[int, int]:
+    """(estimate, worst case) of the prompt's tokens before any model counted them. Both count what the model
+    reads besides the messages (the tools, the response_format schema) and the most an image by URL costs
+    (inline images and PDFs are counted by their bytes, which their text never exceeds).
+
+    The estimate (~4 bytes a token) is what rate limits count. The worst case is the bytes sent plus the
+    template's tokens per message: a byte-level tokenizer never makes a token of less than a byte. Credit is
+    held for the worst case, so a prepaid balance does not go below zero by what an estimate missed."""
     body = request.body
     read_too = [body[name] for name in ("tools", "functions", "response_format") if body.get(name)]
-    images = sum(1 for need in request.needs if need.kind == "image_url")
-    return estimate_tokens([request.messages, read_too] if read_too else request.messages) + images * _IMAGE_TOKENS
+    images = sum(1 for need in request.needs if need.kind == "image_url") * _IMAGE_TOKENS
+    sent = len(orjson.dumps([request.messages, read_too] if read_too else request.messages))
+    return sent // 4 + 1 + images, sent + _TEMPLATE_TOKENS_PER_MESSAGE * len(request.messages) + images
 
 
 async def _admit_chat(request: ChatRequest, caller: Caller, entries: list[CatalogEntry], call_id: str) -> Meter:
-    prompt_tokens = prompt_estimate(request)
+    prompt_tokens, worst_prompt_tokens = prompt_tokens_bounds(request)
     return await admit(
         key=caller.key,
         call_id=call_id,
@@ -199,6 +210,7 @@ async def _admit_chat(request: ChatRequest, caller: Caller, entries: list[Catalo
             max_output_tokens(request, context_length=entry.context_length, prompt_tokens=prompt_tokens)
             for entry in entries
         ),
+        worst_prompt_tokens=worst_prompt_tokens,
     )
 
 
@@ -538,6 +550,8 @@ async def embed(request: EmbeddingsRequest, *, caller: Caller) -> CallResult:
         models=[entry.public_id],
         prompt_tokens=estimate_tokens(request.inputs),
         max_output_tokens=0,
+        # The most the inputs can be counted at: a token per byte of text, and token-id lists as they are.
+        worst_prompt_tokens=sum(len(item.encode()) if isinstance(item, str) else len(item) for item in request.inputs),
     )
     answered: DeploymentEntry | None = None
     status: int = Status.ERROR
