@@ -47,11 +47,6 @@ _QUOTA_CODES = {
 }
 
 
-# Outcomes as the metrics name them (UsageEvent.Status).
-_OUTCOMES: dict[int, str] = {Status.OK: "ok", Status.ERROR: "error", Status.CLIENT_DISCONNECTED: "client_disconnected",
-             Status.INCOMPLETE: "incomplete"}
-
-
 @dataclass(slots=True)
 class Meter:
     key: AuthenticatedKey
@@ -105,7 +100,6 @@ class Meter:
         if self.settled:
             return 0
         self.settled = True
-        outcome = _OUTCOMES.get(status, "error")
         self.prompt_tokens, self.cached_tokens, self.completion_tokens = prompt_tokens, cached_tokens, completion_tokens
         cost = 0
         if self.terms is not None:
@@ -153,7 +147,7 @@ class Meter:
         counters.settle_later(
             adjustments, lease=self.lease, released={name: self.hold for name in self.hold_counters}
         )
-        metrics.usage_settled(model, outcome, prompt_tokens, completion_tokens, cost)
+        metrics.usage_settled(model, Status(status).label, prompt_tokens, completion_tokens, cost)
         return cost
 
 

@@ -9,6 +9,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 
 from platform_site.kernel import metrics
 from platform_site.kernel.errors import ApiError, error_response
@@ -30,16 +31,23 @@ def _check_cache() -> None:
     cache.delete(probe)
 
 
+# Read-only: any other method gets its 405 as an error object, not the CSRF page.
+@csrf_exempt
 def metrics_view(request: HttpRequest) -> HttpResponse:
     """GET /metrics: every worker's Prometheus metrics. For a scraper holding KEYWAY_METRICS_TOKEN (as a bearer
     token), or a logged-in staff member; nobody else."""
+    request_id = getattr(request, "request_id", "") or new_request_id()
+    if request.method not in ("GET", "HEAD"):
+        error = ApiError(f"Method {request.method} is not allowed on /metrics. Allowed: GET.", status=405,
+                         code="method_not_allowed", headers={"Allow": "GET, HEAD"})
+        return error_response(error, request_id=request_id)
     token = settings.KEYWAY_METRICS_TOKEN
     sent = request.headers.get("Authorization", "")
     allowed = bool(token) and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode())
     if not allowed and not (request.user.is_authenticated and request.user.is_staff):
         error = ApiError("Send the metrics token as a bearer token, or log in as staff, to read the metrics.",
                          status=401, code="invalid_api_key")
-        return error_response(error, request_id=getattr(request, "request_id", "") or new_request_id())
+        return error_response(error, request_id=request_id)
     body, content_type = metrics.exposition()
     response = HttpResponse(body, content_type=content_type)
     response["Cache-Control"] = "no-store"

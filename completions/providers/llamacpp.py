@@ -152,7 +152,6 @@ def _load(upstream_model: str) -> _LoadedModel:
         for _ in range(settings.KEYWAY_LLAMA_SLOTS)
     ]
     limits = Limits(
-        slots=settings.KEYWAY_LLAMA_SLOTS,
         per_key=settings.KEYWAY_LLAMA_MAX_PER_KEY,
         per_org=settings.KEYWAY_LLAMA_MAX_PER_ORG,
         queue=settings.KEYWAY_LLAMA_QUEUE,
@@ -283,7 +282,10 @@ _JSON_GRAMMARS_LOCK = threading.Lock()
 _grammar_compiler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llama-grammar")
 
 
-class GrammarRefused(ProviderError):
+class InvalidForModel(ProviderError):
+    """A request this model's own limits refuse: a schema it cannot compile in time, more output than it
+    gives one request."""
+
     status = 400
     error_type = "invalid_request_error"
     code = "invalid_value"
@@ -335,6 +337,11 @@ async def _grammars(body: dict[str, Any]) -> _Grammars:
     calls = _tool_calls_schema(body) if _tool_mode(body) is not None else None
     if not constrained and calls is None:
         return _Grammars()
+    # Grammars built before are taken here, without a trip to the compiling threads.
+    answer = _JSON_GRAMMARS.get(_grammar_key(schema)) if constrained else None
+    for_calls = _JSON_GRAMMARS.get(_grammar_key(calls)) if calls is not None else None
+    if (answer is not None or not constrained) and (for_calls is not None or calls is None):
+        return _Grammars(answer=answer, calls=for_calls)
 
     def compile_all() -> _Grammars:
         return _Grammars(
@@ -347,12 +354,12 @@ async def _grammars(body: dict[str, Any]) -> _Grammars:
     try:
         return await asyncio.wait_for(future, settings.KEYWAY_LLAMA_GRAMMAR_TIMEOUT)
     except TimeoutError:
-        raise GrammarRefused(
+        raise InvalidForModel(
             f"The JSON schema in '{param}' is too complex: it could not be compiled into a grammar within "
             f"{settings.KEYWAY_LLAMA_GRAMMAR_TIMEOUT:g} s. Simplify it.", param=param,
         ) from None
     except (ValueError, RuntimeError, KeyError, TypeError, RecursionError) as exc:
-        raise GrammarRefused(
+        raise InvalidForModel(
             f"The JSON schema in '{param}' cannot be used by this model ({type(exc).__name__}).", param=param
         ) from None
 
@@ -365,7 +372,7 @@ def _output_limit(call: ChatCall, n_ctx: int) -> int:
         return max(1, min(n_ctx, cap // call.n))
     if call.n * call.max_tokens > cap:
         param = "max_completion_tokens" if call.body.get("max_completion_tokens") is not None else "max_tokens"
-        raise GrammarRefused(
+        raise InvalidForModel(
             f"This model produces at most {cap} tokens per request: n × {param} is {call.n * call.max_tokens}.",
             param=param,
         )

@@ -53,7 +53,6 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    slots: int
     per_key: int
     per_org: int
     queue: int
@@ -112,13 +111,12 @@ class Slots:
         with self._cond:
             return len(self._running), len(self._waiting)
 
-    def close(self) -> list[Any]:
-        """Stop the thread after its current step; every generation ends as cancelled. Returns the instances."""
+    def close(self) -> None:
+        """Stop the thread after its current step; every generation ends as cancelled."""
         with self._cond:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout=30)
-        return self._free
 
     # The stepping thread -----------------------------------------------------------------------------
     def _report(self) -> None:
@@ -148,7 +146,10 @@ class Slots:
             self._end(job, Cancelled())
 
     def _admit(self) -> None:
-        """Drop waiting jobs that were cancelled or waited too long; start the fairest ones on free slots."""
+        """Drop waiting jobs that were cancelled or waited too long; start the fairest ones on free slots.
+        Called with the lock held, on every round of steps: it does nothing more while nobody waits."""
+        if not self._waiting:
+            return
         now = time.monotonic()
         for job in list(self._waiting):
             if job.cancel.is_set():

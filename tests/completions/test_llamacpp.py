@@ -351,7 +351,7 @@ async def test_a_schema_that_does_not_compile_in_time_is_refused_before_it_takes
     schema = {"type": "object", "properties": {f"field_{n}": {"type": "string", "pattern": "^[a-z]{1,9}$"}
                                                for n in range(400)}}
     response_format = {"type": "json_schema", "json_schema": {"name": "wide", "schema": schema}}
-    with pytest.raises(llamacpp.GrammarRefused) as refused:
+    with pytest.raises(llamacpp.InvalidForModel) as refused:
         await PROVIDER.chat(call(max_tokens=2, response_format=response_format))
     assert refused.value.status == 400 and refused.value.param == "response_format"
     assert "too complex" in refused.value.message
@@ -360,7 +360,7 @@ async def test_a_schema_that_does_not_compile_in_time_is_refused_before_it_takes
 
 async def test_n_times_max_tokens_is_capped_and_without_a_limit_each_choice_gets_its_share(settings: Any) -> None:
     settings.KEYWAY_LLAMA_MAX_OUTPUT_TOKENS = 8
-    with pytest.raises(llamacpp.GrammarRefused) as refused:
+    with pytest.raises(llamacpp.InvalidForModel) as refused:
         await PROVIDER.chat(call(max_tokens=5, n=2))
     assert refused.value.param == "max_tokens"
     result = await PROVIDER.chat(call("Tell a very long story.", n=2, seed=4))

@@ -65,3 +65,15 @@ async def test_calls_are_counted_with_their_tokens_and_only_the_token_holder_rea
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
     settings.KEYWAY_METRICS_TOKEN = ""
     assert (await asgi_client.get("/metrics", headers={"Authorization": "Bearer "})).status_code == 401
+
+
+async def test_metrics_answer_bad_requests_with_error_objects(asgi_client: httpx.AsyncClient, settings: Any) -> None:
+    settings.KEYWAY_METRICS_TOKEN = "scrape-token"
+    for method in ("POST", "PUT", "DELETE"):
+        response = await asgi_client.request(method, "/metrics", headers={"Authorization": "Bearer scrape-token"})
+        assert response.status_code == 405, (method, response.status_code)
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    for header in (b"Bearer " + b"x" * 100_000, b"Bearer scrape-token-and-more", b"scrape-token", b"Bearer",
+                   "Bearer scène".encode()):
+        response = await asgi_client.get("/metrics", headers={"Authorization": header})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key", header[:40]

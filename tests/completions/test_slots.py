@@ -13,7 +13,7 @@ import pytest
 from completions.providers.base import ProviderBusy, UpstreamTimeout
 from completions.providers.slots import Cancelled, Job, Limits, Slots
 
-LIMITS = Limits(slots=2, per_key=1, per_org=2, queue=4, queue_per_key=2, queue_wait=30.0)
+LIMITS = Limits(per_key=1, per_org=2, queue=4, queue_per_key=2, queue_wait=30.0)
 
 
 class Recorder:
@@ -117,7 +117,7 @@ def test_a_cancelled_waiting_generation_leaves_the_queue(slots: Slots) -> None:
 
 
 def test_waiting_too_long_is_a_503(slots: Slots) -> None:
-    quick = Slots("quick", ["a"], Limits(slots=1, per_key=1, per_org=1, queue=4, queue_per_key=4, queue_wait=0.1))
+    quick = Slots("quick", ["a"], Limits(per_key=1, per_org=1, queue=4, queue_per_key=4, queue_wait=0.1))
     try:
         recorder = Recorder()
         quick.submit(recorder.job("long", key="a", steps=10_000, deadline=0.6))
