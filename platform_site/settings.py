@@ -42,6 +42,7 @@ INSTALLED_APPS = [
     "platform_site",
     "apikeys",
     "billing",
+    "conversations",
     "completions",
     "dashboard",
 ]
@@ -314,6 +315,19 @@ KEYWAY_UPSTREAM_CONNECT_TIMEOUT = env_float("KEYWAY_UPSTREAM_CONNECT_TIMEOUT", 1
 KEYWAY_UPSTREAM_POOL_SIZE = env_int("KEYWAY_UPSTREAM_POOL_SIZE", 1024, minimum=1)
 KEYWAY_UPSTREAM_POOL_WAIT = env_float("KEYWAY_UPSTREAM_POOL_WAIT", 5.0, minimum=0.0)
 KEYWAY_UPSTREAM_MAX_PER_KEY = env_int("KEYWAY_UPSTREAM_MAX_PER_KEY", 768, minimum=1)
+
+# The Responses and Conversations APIs (completions/api/responses.py, conversations/). Stored responses are
+# kept this many days (then invisible, and removed by `manage.py purge_responses`); a response reads at most
+# this many predecessors and this many bytes of earlier items; a conversation holds at most this many items.
+KEYWAY_RESPONSES_RETENTION_DAYS = env_int("KEYWAY_RESPONSES_RETENTION_DAYS", 30, minimum=1)
+KEYWAY_RESPONSES_MAX_CHAIN = env_int("KEYWAY_RESPONSES_MAX_CHAIN", 1000, minimum=1)
+KEYWAY_RESPONSES_MAX_CONTEXT_BYTES = env_int("KEYWAY_RESPONSES_MAX_CONTEXT_BYTES", 16 * 1024 * 1024, minimum=1024)
+KEYWAY_CONVERSATION_MAX_ITEMS = env_int("KEYWAY_CONVERSATION_MAX_ITEMS", 10_000, minimum=1)
+# Background responses one organization may have running in one worker process; more get 429.
+KEYWAY_RESPONSES_BACKGROUND_PER_ORG = env_int("KEYWAY_RESPONSES_BACKGROUND_PER_ORG", 16, minimum=1)
+# A background response whose runner has not written for this long is taken for lost (its worker died) and
+# is failed when next read.
+KEYWAY_RESPONSES_STALE_SECONDS = env_float("KEYWAY_RESPONSES_STALE_SECONDS", 60.0, minimum=5.0)
 
 # The realtime WebSocket (/v1/realtime). Every socket is bounded: open sessions per key (counted across
 # workers where there is Redis), the size of one client message, the conversation it may hold, how long it

@@ -11,30 +11,11 @@ from django.http import HttpResponseBase, StreamingHttpResponse
 
 from apikeys.scopes import CHAT
 from completions.api import sse
-from completions.api.content import ContentReport, convert_pdfs_to_text, inline_remote_images
+from completions.api.content import content_step
 from completions.api.http import ApiRequest, api_endpoint, json_body, json_response
 from completions.api.requests import parse_chat
 from completions.engine import calls
-from completions.engine.catalog import CatalogEntry
 from platform_site.kernel.errors import to_api_error
-
-
-def _content_step(report: ContentReport) -> calls.Prepare | None:
-    """What the content parts need once the request is admitted: PDFs turned into text where a model cannot
-    take files, remote images fetched. Returns the headers that tell the client what was done."""
-    if not report.parts:
-        return None
-
-    async def prepare(entries: list[CatalogEntry]) -> dict[str, str]:
-        messages = report.messages
-        if any(part.kind == "file" for part in report.parts) and any("files" not in e.capabilities for e in entries):
-            await convert_pdfs_to_text(messages, report)
-        await inline_remote_images(messages, report)
-        if report.pdfs_converted:
-            return {"x-keyway-file-conversion": f"pdf-to-text; files={report.pdfs_converted}"}
-        return {}
-
-    return prepare
 
 
 @api_endpoint(methods=("POST",), scope=CHAT)
@@ -42,14 +23,14 @@ async def chat_completions(request: ApiRequest) -> HttpResponseBase:
     chat, report = parse_chat(json_body(request), model_pinned=bool(request.api_key.pinned_model))
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
     if chat.stream:
-        stream = await calls.chat_stream(chat, caller=request.caller, prepare=_content_step(report))
+        stream = await calls.chat_stream(chat, caller=request.caller, prepare=content_step(report))
         return StreamingHttpResponse(
             _ServerSentEvents(stream, completion_id=completion_id, include_usage=chat.include_usage,
                               request_id=request.request_id),
             content_type=sse.CONTENT_TYPE,
             headers={**sse.HEADERS, **stream.headers},
         )
-    result = await calls.chat(chat, caller=request.caller, prepare=_content_step(report))
+    result = await calls.chat(chat, caller=request.caller, prepare=content_step(report))
     completion = result.body
     completion["id"] = completion_id
     completion["object"] = "chat.completion"

@@ -22,6 +22,8 @@ import aiohttp
 import aiohttp.abc
 from django.conf import settings
 
+from completions.engine.calls import Prepare
+from completions.engine.catalog import CatalogEntry
 from platform_site.kernel.errors import ApiError
 from platform_site.kernel.loops import PerLoop
 
@@ -325,3 +327,21 @@ async def inline_remote_images(messages: list[dict[str, Any]], report: ContentRe
     for where, data_url in zip(remote, urls, strict=True):
         image = messages[where.message]["content"][where.index]["image_url"]
         messages[where.message]["content"][where.index]["image_url"] = {**image, "url": data_url}
+
+
+def content_step(report: ContentReport) -> Prepare | None:
+    """What the content parts need once the request is admitted: PDFs turned into text where a model cannot
+    take files, remote images fetched. Returns the headers that tell the client what was done."""
+    if not report.parts:
+        return None
+
+    async def prepare(entries: list[CatalogEntry]) -> dict[str, str]:
+        messages = report.messages
+        if any(part.kind == "file" for part in report.parts) and any("files" not in e.capabilities for e in entries):
+            await convert_pdfs_to_text(messages, report)
+        await inline_remote_images(messages, report)
+        if report.pdfs_converted:
+            return {"x-keyway-file-conversion": f"pdf-to-text; files={report.pdfs_converted}"}
+        return {}
+
+    return prepare

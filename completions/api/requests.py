@@ -39,7 +39,7 @@ def _invalid(message: str, param: str) -> ApiError:
     return ApiError(message, param=param, code="invalid_value")
 
 
-def _number(body: dict[str, Any], name: str, low: float, high: float) -> None:
+def check_number(body: dict[str, Any], name: str, low: float, high: float) -> None:
     value = body.get(name)
     if value is None:
         return
@@ -96,10 +96,10 @@ def _validate_chat(body: dict[str, Any], *, model_required: bool) -> None:
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
         raise ApiError("'stream_options' must be an object.", param="stream_options", code="invalid_type")
-    _number(body, "temperature", 0, 2)
-    _number(body, "top_p", 0, 1)
-    _number(body, "presence_penalty", -2, 2)
-    _number(body, "frequency_penalty", -2, 2)
+    check_number(body, "temperature", 0, 2)
+    check_number(body, "top_p", 0, 1)
+    check_number(body, "presence_penalty", -2, 2)
+    check_number(body, "frequency_penalty", -2, 2)
     for name in ("max_tokens", "max_completion_tokens"):
         value = body.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -108,7 +108,7 @@ def _validate_chat(body: dict[str, Any], *, model_required: bool) -> None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError("'seed' must be an integer.", param="seed", code="invalid_type")
     _validate_choices_and_logprobs(body)
-    _validate_metadata(body.get("metadata"))
+    validate_metadata(body.get("metadata"))
     if stream_options is not None and not stream:
         raise _invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
     _validate_response_format(body.get("response_format"))
@@ -124,7 +124,7 @@ def _validate_chat(body: dict[str, Any], *, model_required: bool) -> None:
             raise ApiError("'stop' must be a string or an array of strings.", param="stop", code="invalid_type")
 
 
-def _integer(body: dict[str, Any], name: str, low: int, high: int) -> None:
+def check_integer(body: dict[str, Any], name: str, low: int, high: int) -> None:
     value = body.get(name)
     if value is None:
         return
@@ -135,16 +135,16 @@ def _integer(body: dict[str, Any], name: str, low: int, high: int) -> None:
 
 
 def _validate_choices_and_logprobs(body: dict[str, Any]) -> None:
-    _integer(body, "n", 1, 128)
+    check_integer(body, "n", 1, 128)
     logprobs = body.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         raise ApiError("'logprobs' must be a boolean.", param="logprobs", code="invalid_type")
-    _integer(body, "top_logprobs", 0, 20)
+    check_integer(body, "top_logprobs", 0, 20)
     if body.get("top_logprobs") is not None and not logprobs:
         raise _invalid("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
 
 
-def _validate_metadata(metadata: Any) -> None:
+def validate_metadata(metadata: Any) -> None:
     if metadata is None:
         return
     if not isinstance(metadata, dict):
@@ -178,7 +178,7 @@ def _validate_response_format(response_format: Any) -> None:
             raise ApiError("'response_format.json_schema.schema' must be an object.",
                            param="response_format.json_schema.schema", code="invalid_type")
         if spec.get("schema"):
-            _validate_schema(spec["schema"], "response_format.json_schema.schema")
+            validate_schema(spec["schema"], "response_format.json_schema.schema")
         return
     if kind == "json":
         # Seed 002's legacy form: {"type": "json", "schema"?, "name"?, "description"?}.
@@ -186,7 +186,7 @@ def _validate_response_format(response_format: Any) -> None:
             raise ApiError("'response_format.schema' must be an object.", param="response_format.schema",
                            code="invalid_type")
         if response_format.get("schema"):
-            _validate_schema(response_format["schema"], "response_format.schema")
+            validate_schema(response_format["schema"], "response_format.schema")
         return
     raise _invalid(
         f"Invalid value for 'response_format.type': {kind!r}. Supported: 'text', 'json_object', 'json_schema'.",
@@ -207,7 +207,7 @@ _REPETITION_KEYWORDS = frozenset(
 )
 
 
-def _validate_schema(schema: dict[str, Any], param: str) -> None:
+def validate_schema(schema: dict[str, Any], param: str) -> None:
     """A schema's depth, size and repetition counts, without recursion (a deep one must not blow the stack)."""
     nodes = 0
     stack: list[tuple[Any, int]] = [(schema, 1)]
@@ -251,7 +251,7 @@ def _validate_tools(body: dict[str, Any]) -> None:
                 raise ApiError(f"'{param}.function.parameters' must be a JSON Schema object.",
                                param=f"{param}.function.parameters", code="invalid_type")
             if parameters:
-                _validate_schema(parameters, f"{param}.function.parameters")
+                validate_schema(parameters, f"{param}.function.parameters")
             names.add(name)
     choice = body.get("tool_choice")
     if choice is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path, re_path
 
-from completions.api import chat, embeddings, http, models
+from completions.api import chat, conversations, embeddings, http, models, responses
 
 app_name = "completions"
 
@@ -14,5 +14,14 @@ urlpatterns = [
     path("chat/models", models.models_list, name="chat-models-list"),
     path("chat/completions", chat.chat_completions, name="chat-completions"),
     path("embeddings", embeddings.embeddings, name="embeddings"),
+    path("responses", responses.responses_create, name="responses-create"),
+    path("responses/<str:response_id>", responses.response_detail, name="responses-detail"),
+    path("responses/<str:response_id>/cancel", responses.response_cancel, name="responses-cancel"),
+    path("responses/<str:response_id>/input_items", responses.response_input_items, name="responses-input-items"),
+    path("conversations", conversations.conversations_create, name="conversations-create"),
+    path("conversations/<str:conversation_id>", conversations.conversation_detail, name="conversations-detail"),
+    path("conversations/<str:conversation_id>/items", conversations.conversation_items, name="conversations-items"),
+    path("conversations/<str:conversation_id>/items/<str:item_id>", conversations.conversation_item,
+         name="conversations-item"),
     re_path(r"^(?P<rest>.*)$", http.unknown_route, name="unknown"),
 ]

@@ -286,13 +286,18 @@ async def chat(request: ChatRequest, *, caller: Caller, prepare: Prepare | None 
     )
 
 
-async def chat_stream(request: ChatRequest, *, caller: Caller, prepare: Prepare | None = None) -> ChatStream:
+async def chat_stream(
+    request: ChatRequest, *, caller: Caller, prepare: Prepare | None = None, call_id: str | None = None
+) -> ChatStream:
     """One chat completion, answered in chunks. The first chunk is awaited here, before anything is sent: an
     upstream that fails at once can still be replaced by the next deployment, or get the client a proper
-    HTTP status and a JSON error. Once a byte has gone to the client there is no retry."""
+    HTTP status and a JSON error. Once a byte has gone to the client there is no retry.
+
+    `call_id` names the call in the ledger where the surface has an id for it already (a response is one
+    call, metered under the response's id); it must be unique."""
     entries = await _chat_models(request, caller.key)
     attempts = _attempts(entries, request.preferences, request.extra_fields)
-    call_id = new_call_id()
+    call_id = call_id or new_call_id()
     meter = await _admit_chat(request, caller, entries, call_id)
 
     tried: Attempt | None = None

@@ -291,6 +291,10 @@ class InvalidForModel(ProviderError):
     code = "invalid_value"
 
 
+class ContextTooLong(InvalidForModel):
+    code = "context_length_exceeded"
+
+
 def _grammar_key(schema: dict[str, Any] | None) -> str:
     return orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode() if schema is not None else ""
 
@@ -439,6 +443,30 @@ def _complete(llama: Any, **options: Any) -> Any:
 _PREFILL_CHUNK = 64
 
 
+def _prompt_tokens(llama: Any, messages: list[dict[str, str]]) -> list[int] | None:
+    """The prompt as the model's chat template tokenizes it (None for a template this module does not render)."""
+    if llama.chat_format != "gemma":
+        return None
+    from llama_cpp import llama_chat_format
+
+    formatted = llama_chat_format.format_gemma(messages=messages)
+    tokens: list[int] = llama.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special,
+                                       special=True)
+    return tokens
+
+
+def _refuse_if_too_long(llama: Any, messages: list[dict[str, str]]) -> None:
+    """A prompt the context cannot hold is the client's error (400), named before any of it is evaluated: past
+    the context llama.cpp fails to decode, which would otherwise be a 500."""
+    tokens = _prompt_tokens(llama, messages)
+    context = llama.n_ctx()
+    if tokens is not None and len(tokens) + 1 > context:
+        raise ContextTooLong(
+            f"This model's maximum context length is {context} tokens. However, your messages resulted in "
+            f"{len(tokens)} tokens. Please reduce the length of the messages.", param="messages",
+        )
+
+
 def _prefilled(llama: Any, messages: list[dict[str, str]], **options: Any) -> Iterator[Any]:
     """_complete(stream=True) whose prompt is evaluated a chunk per step first, so that a long prompt holds
     the other generations for one chunk at a time rather than for the whole of its evaluation (1,500 tokens
@@ -446,11 +474,8 @@ def _prefilled(llama: Any, messages: list[dict[str, str]], **options: Any) -> It
     evaluated prefix) and evaluates only its last token. The same prompt is always cut the same way, so a
     fixed seed still gives the same answer. Yields None per chunk, then the completion's chunks."""
     llama.reset()
-    if llama.chat_format == "gemma":
-        from llama_cpp import llama_chat_format
-
-        formatted = llama_chat_format.format_gemma(messages=messages)
-        tokens = llama.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+    tokens = _prompt_tokens(llama, messages)
+    if tokens is not None:
         if len(tokens) > 2 * _PREFILL_CHUNK:
             for start in range(0, len(tokens) - 1, _PREFILL_CHUNK):
                 llama.eval(tokens[start : min(start + _PREFILL_CHUNK, len(tokens) - 1)])
@@ -478,6 +503,7 @@ def _generation(
         from llama_cpp import LogitsProcessorList
 
         kwargs["logits_processor"] = LogitsProcessorList([llama.capture_scores])
+    _refuse_if_too_long(llama, messages)
     llama.meter = meter
     try:
         for index in range(call.n):

@@ -57,11 +57,15 @@ async def run_startup_hooks() -> None:
         await hook()
 
 
-def register_shutdown_hook(hook: Callable[[], Awaitable[None]]) -> None:
+def register_shutdown_hook(hook: Callable[[], Awaitable[None]], *, first: bool = False) -> None:
     """Run `hook` when the ASGI server shuts the application down (lifespan.shutdown), in the order of
-    registration."""
+    registration; a hook registered `first` runs before the others (work that ends calls, which the later
+    hooks then write down)."""
     if hook not in _shutdown_hooks:
-        _shutdown_hooks.append(hook)
+        if first:
+            _shutdown_hooks.insert(0, hook)
+        else:
+            _shutdown_hooks.append(hook)
 
 
 async def run_shutdown_hooks() -> None:
