@@ -130,9 +130,13 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 async def run_case(name: str, url: str, headers: dict[str, str], *, stream: bool, concurrency: int, seconds: float,
-                   pid: int | None) -> dict[str, object]:
-    body = orjson.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}], "stream": stream,
-                         "max_tokens": 32})
+                   pid: int | None, store: bool | None = None) -> dict[str, object]:
+    if store is None:
+        body = orjson.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}], "stream": stream,
+                             "max_tokens": 32})
+    else:  # /v1/responses
+        body = orjson.dumps({"model": "bench", "input": "hi", "stream": stream, "max_output_tokens": 32,
+                             "store": store})
     # Warm up connections, caches and the catalog before measuring.
     warm, _, _ = await load(url, headers, body, concurrency=concurrency, seconds=1.0, max_requests=200, stream=stream)
     cpu_before = cpu_seconds(pid) if pid else 0.0
@@ -161,6 +165,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", default="1,32")
     parser.add_argument("--no-limits", action="store_true", help="run Keyway with rate limiting off")
+    parser.add_argument("--responses", action="store_true",
+                        help="also measure /v1/responses, stored (a database write per response) and not")
     parser.add_argument("--no-metering", action="store_true",
                         help="run Keyway with metering (reservations, usage ledger) and rate limits off")
     args = parser.parse_args()
@@ -205,6 +211,11 @@ def main() -> None:
                 results.append(asyncio.run(run_case(
                     f"keyway {kind}", f"{keyway_url}/v1/chat/completions", auth, stream=stream,
                     concurrency=concurrency, seconds=args.seconds, pid=keyway.pid)))
+                for store in (False, True) if args.responses else ():
+                    results.append(asyncio.run(run_case(
+                        f"keyway responses {'stored ' if store else ''}{'stream' if stream else 'json'}",
+                        f"{keyway_url}/v1/responses", auth, stream=stream, concurrency=concurrency,
+                        seconds=args.seconds, pid=keyway.pid, store=store)))
         stop(keyway)  # a clean stop writes the last usage events
         keyway = None
         ledger = manage(env, "shell", "-c", LEDGER_COUNT).strip().splitlines()[-1].split()

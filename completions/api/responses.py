@@ -546,10 +546,14 @@ def _current(row: StoredResponse) -> tuple[dict[str, Any], list[Step], bool]:
         return local
     body, log = orjson.loads(row.body_json), orjson.loads(row.log_json)
     body["status"] = row.status
-    if row.status in RUNNING:
+    if row.status in RUNNING or (log and not body["output"]):
+        # Running, or ended by another hand (a cancel its runner has not answered yet, a worker that died):
+        # the output is what its log holds.
         _, writer = replay(body, log, finished=False)
+        if row.status not in RUNNING:
+            writer.finish("incomplete")
         body["output"] = writer.output()
-        return body, log, False
+        return body, log, row.status not in RUNNING
     return body, log, True
 
 
@@ -630,7 +634,15 @@ async def response_cancel(request: ApiRequest, response_id: str) -> HttpResponse
             with contextlib.suppress(Exception):
                 await asyncio.wait({job.task}, timeout=5)
     if row.status in RUNNING:
-        await orm(store.response_cancel, row=row)
+        marked = await orm(store.response_cancel, row=row)
+        # Another worker runs it: it sees the mark at its next write (every FLUSH_EVERY), stops, and stores
+        # what it made. Waiting for that (a moment) answers with the output the response keeps.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            await asyncio.sleep(FLUSH_EVERY / 2)
+            row = await _load(request, response_id)
+            if row.updated_at > marked.updated_at:
+                break
     row = await _load(request, response_id)
     body, _, _ = _current(row)
     return json_response(body)
