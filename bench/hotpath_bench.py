@@ -7,8 +7,9 @@ prepaid organization, a priced model). Two numbers per case:
 - CPU ms per request: this process's CPU time over many requests, so the upstream's work is not counted;
 - Python function calls per request, counted by cProfile: deterministic for the same code and inputs, so a
   change's cost can be read from one run on a noisy machine.
-Cases: a JSON chat completion, the same as a 20-chunk SSE stream, and a realtime turn (a response.create on
-an open WebSocket, answered by the same 20 chunks).
+Cases: a JSON chat completion, the same as a 20-chunk SSE stream, a realtime turn (a response.create on
+an open WebSocket, answered by the same 20 chunks), and a /v1/responses call answered by the same chunks, not
+stored (`responses`) and stored (`stored`).
 
     .venv/bin/python bench/hotpath_bench.py [--requests 2000] [--concurrency 1,32]
 
@@ -36,9 +37,11 @@ from tests.e2e.server import drop_database, free_port, make_environment, wait_fo
 
 BODY = b'{"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7}'
 STREAM_BODY = BODY[:-1] + b', "stream": true}'
+RESPONSES_BODY = b'{"model": "bench", "input": "hi", "max_output_tokens": 16, "store": false}'
+STORED_BODY = b'{"model": "bench", "input": "hi", "max_output_tokens": 16}'
 
 
-async def _call(app: object, raw_key: str, body: bytes) -> int:
+async def _call(app: object, raw_key: str, body: bytes, path: str = "/v1/chat/completions") -> int:
     """One request through the ASGI app, as a server would make it; returns the status."""
     status = 0
     sent = False
@@ -58,7 +61,7 @@ async def _call(app: object, raw_key: str, body: bytes) -> int:
 
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+        "path": path, "raw_path": path.encode(), "query_string": b"",
         "root_path": "", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000),
         "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
                     (b"authorization", f"Bearer {raw_key}".encode())],
@@ -115,9 +118,11 @@ async def _run(app: object, raw_key: str, body: bytes | None, *, requests: int, 
     statuses: list[int] = []
     queue = iter(range(requests))
 
+    path = "/v1/responses" if b'"input"' in body else "/v1/chat/completions"
+
     async def worker() -> None:
         for _ in queue:
-            statuses.append(await _call(app, raw_key, body))
+            statuses.append(await _call(app, raw_key, body, path))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return statuses
@@ -169,7 +174,8 @@ def main() -> None:
             print(f"database: {os.environ.get('DATABASE_URL', 'sqlite')}, cache: "
                   f"{'redis' if os.environ.get('REDIS_URL') else 'in-process'}, {args.requests} requests a case")
             print(f"{'case':<10} {'conc':>5} {'cpu ms/req':>11} {'calls/req':>10}")
-            for name, body in (("json", BODY), ("stream", STREAM_BODY), ("realtime", None)):
+            for name, body in (("json", BODY), ("stream", STREAM_BODY), ("realtime", None),
+                               ("responses", RESPONSES_BODY), ("stored", STORED_BODY)):
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
                     await _run(application, raw_key, body, requests=200, concurrency=concurrency)  # warm up
                     started = time.process_time()

@@ -105,8 +105,26 @@ class ResponseRecord:
     log: list[Any]
 
 
-def _size(record: ResponseRecord) -> int:
-    return len(_dumps(record.input_items)) + len(_dumps(record.body.get("output") or []))
+def _fields(record: ResponseRecord, now: dt.datetime) -> dict[str, Any]:
+    input_json = _dumps(record.input_items)
+    body_json = _dumps(record.body)
+    output = record.body.get("output")
+    return {
+        "status": record.body["status"], "body_json": body_json, "log_json": _dumps(record.log),
+        "input_json": input_json, "size": len(input_json) + (len(_dumps(output)) if output else 2),
+        "updated_at": now,
+    }
+
+
+def _insert(record: ResponseRecord, *, status: str, now: dt.datetime) -> None:
+    fields = _fields(record, now)
+    fields["status"] = status
+    StoredResponse.objects.create(
+        id=record.response_id, organization_id=record.organization_id, project_id=record.project_id,
+        api_key_id=record.api_key_id, previous_response_id=record.previous_response_id,
+        conversation_id=record.conversation_id, background=record.background,
+        created_at=dt.datetime.fromtimestamp(record.body["created_at"], tz=dt.UTC), **fields,
+    )
 
 
 def response_save(record: ResponseRecord, *, conversation_items: list[dict[str, Any]] | None = None) -> bool:
@@ -114,6 +132,10 @@ def response_save(record: ResponseRecord, *, conversation_items: list[dict[str, 
     conversation, in one transaction. A background response cancelled meanwhile stays cancelled (with the
     output it made); one deleted meanwhile, or already failed as lost, is not written: returns False."""
     now = timezone.now()
+    if not record.background and not (record.conversation_id and conversation_items):
+        # The common case, on the hot path: one INSERT, committed by itself (one round trip, no transaction).
+        _insert(record, status=record.body["status"], now=now)
+        return True
     with transaction.atomic():
         if record.background:
             row = StoredResponse.objects.select_for_update().filter(id=record.response_id).first()
@@ -121,19 +143,10 @@ def response_save(record: ResponseRecord, *, conversation_items: list[dict[str, 
                 return False
             if row.status == Status.CANCELLED:
                 record.body["status"] = Status.CANCELLED
-        fields = {
-            "status": record.body["status"], "body_json": _dumps(record.body), "log_json": _dumps(record.log),
-            "input_json": _dumps(record.input_items), "size": _size(record), "updated_at": now,
-        }
         if record.background:
-            StoredResponse.objects.filter(id=record.response_id).update(**fields)
+            StoredResponse.objects.filter(id=record.response_id).update(**_fields(record, now))
         else:
-            StoredResponse.objects.create(
-                id=record.response_id, organization_id=record.organization_id, project_id=record.project_id,
-                api_key_id=record.api_key_id, previous_response_id=record.previous_response_id,
-                conversation_id=record.conversation_id, background=False,
-                created_at=dt.datetime.fromtimestamp(record.body["created_at"], tz=dt.UTC), **fields,
-            )
+            _insert(record, status=record.body["status"], now=now)
         if record.conversation_id and conversation_items:
             _append_items(record.conversation_id, conversation_items, param="input")
     return True
@@ -147,14 +160,7 @@ def conversation_append(*, conversation_id: str, items: list[dict[str, Any]]) ->
 
 def response_start_background(record: ResponseRecord) -> None:
     """The first write of a background response: queued, before its client is told so."""
-    now = timezone.now()
-    StoredResponse.objects.create(
-        id=record.response_id, organization_id=record.organization_id, project_id=record.project_id,
-        api_key_id=record.api_key_id, previous_response_id=record.previous_response_id,
-        conversation_id=record.conversation_id, background=True, status=record.body["status"],
-        body_json=_dumps(record.body), input_json=_dumps(record.input_items), log_json="[]", size=_size(record),
-        created_at=dt.datetime.fromtimestamp(record.body["created_at"], tz=dt.UTC), updated_at=now,
-    )
+    _insert(record, status=record.body["status"], now=timezone.now())
 
 
 def response_progress(*, response_id: str, status: str, log: list[Any] | None) -> bool:

@@ -37,10 +37,12 @@ def snapshot(body: dict[str, Any], status: str) -> dict[str, Any]:
 class Recorder:
     """Turns the engine's chat choices into steps, giving new items their ids."""
 
-    __slots__ = ("message_open", "calls", "finish_reason", "max_calls")
+    __slots__ = ("message_open", "calls", "finish_reason", "max_calls", "logprobs")
 
     def __init__(self, *, max_calls: int | None) -> None:
         self.message_open = False
+        # Logprobs of tokens that brought no text yet (part of a character): they go with the next text.
+        self.logprobs: list[Any] = []
         self.calls: set[int] = set()
         self.finish_reason: str | None = None
         self.max_calls = max_calls
@@ -51,14 +53,18 @@ class Recorder:
             if choice.get("index", 0) != 0:
                 continue  # the Responses API has one answer
             delta = choice.get("delta") or {}
+            logprobs = choice.get("logprobs")
+            if isinstance(logprobs, dict) and logprobs.get("content"):
+                self.logprobs.extend(logprobs["content"])
             for kind, name in (("t", "content"), ("r", "refusal")):
                 text = delta.get(name)
                 if isinstance(text, str) and text:
                     if not self.message_open:
                         self.message_open = True
                         steps.append(["m", new_id("msg")])
-                    if kind == "t" and choice.get("logprobs") and choice["logprobs"].get("content"):
-                        steps.append(["t", text, choice["logprobs"]["content"]])
+                    if kind == "t" and self.logprobs:
+                        steps.append(["t", text, self.logprobs])
+                        self.logprobs = []
                     else:
                         steps.append([kind, text])
             for call in delta.get("tool_calls") or ():

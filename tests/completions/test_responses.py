@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2 as httpx
@@ -38,6 +39,17 @@ async def sdk(sdk: openai.AsyncOpenAI, upstream: tuple[int, Any], default_model:
         models=["ok", "drip", "tools", "stream-break", "slow-stream-3"],
     )
     return sdk
+
+
+@pytest.fixture(autouse=True)
+async def _background_runs_end_with_their_test() -> AsyncIterator[None]:
+    """A background response settles into the ledger when it ends: it must end before the test's rows go."""
+    yield
+    from completions.api import responses
+
+    tasks = [job.task for job in responses._background.values() if job.task is not None]
+    if tasks:
+        await asyncio.wait(tasks, timeout=30)
 
 
 def seen(upstream: tuple[int, Any]) -> dict[str, Any]:
@@ -521,3 +533,77 @@ async def test_truncation_auto_drops_the_oldest_items_to_fit_the_context(sdk: op
                                                               {"role": "user", "content": "Hi"}],
                                           max_output_tokens=16, truncation="auto", temperature=0)
     assert response.usage is not None and response.usage.input_tokens < 100
+
+
+# Parts, limits, storage --------------------------------------------------------------------------------------
+
+
+async def test_a_pdf_input_file_becomes_text_and_an_image_is_refused_by_a_model_without_vision(
+    sdk: openai.AsyncOpenAI, upstream: tuple[int, Any]
+) -> None:
+    import base64
+
+    from tests.completions.test_content_parts import make_pdf
+
+    pdf = base64.b64encode(make_pdf("Quarterly revenue grew")).decode()
+    raw = await sdk.responses.with_raw_response.create(model="ok", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "Summarise"},
+        {"type": "input_file", "filename": "report.pdf", "file_data": f"data:application/pdf;base64,{pdf}"}]}])
+    assert raw.headers["x-keyway-file-conversion"] == "pdf-to-text; files=1"
+    assert "Quarterly revenue grew" in seen(upstream)["messages"][0]["content"][1]["text"]
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 32).decode()
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.responses.create(model="ok", input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "What is this?"},
+            {"type": "input_image", "image_url": f"data:image/png;base64,{png}"}]}])
+    assert caught.value.param == "input[0].content[1]" and caught.value.code == "unsupported_content_part"
+
+
+async def test_responses_count_against_the_keys_rate_limit(
+    sdk: openai.AsyncOpenAI, org: Organization, fresh_rate_window: None
+) -> None:
+    _, raw = await sync_to_async(apikey_create)(organization=org, name="rpm", rpm_limit=2)
+    from platform_site.asgi import application
+
+    limited = openai.AsyncOpenAI(base_url="http://127.0.0.1/v1", api_key=raw, max_retries=0,
+                                 http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=application)))
+    first = await limited.responses.with_raw_response.create(model="ok", input="x")
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    await limited.responses.create(model="ok", input="x", background=True)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await limited.responses.create(model="ok", input="x", background=True)
+    assert caught.value.response.headers.get("retry-after")
+    await limited.close()
+
+
+async def test_logprobs_are_included_when_asked(sdk: openai.AsyncOpenAI) -> None:
+    response = await sdk.responses.create(model=GEMMA, input="Say hello", max_output_tokens=16, temperature=0,
+                                          include=["message.output_text.logprobs"], top_logprobs=2)
+    part = response.output[0].content[0]  # type: ignore[union-attr]
+    assert part.logprobs and len(part.logprobs) == response.usage.output_tokens  # type: ignore[union-attr]
+    assert len(part.logprobs[0].top_logprobs) == 2
+
+
+async def test_an_unstored_response_still_adds_to_its_conversation(
+    sdk: openai.AsyncOpenAI, upstream: tuple[int, Any]
+) -> None:
+    conversation = await sdk.conversations.create()
+    await sdk.responses.create(model="ok", input="remember", conversation=conversation.id, store=False)
+    items = await sdk.conversations.items.list(conversation.id, order="asc")
+    assert [getattr(item, "role", None) for item in items.data] == ["user", "assistant"]
+
+
+async def test_stored_responses_expire_and_are_purged(sdk: openai.AsyncOpenAI, settings: Any) -> None:
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    old = await sdk.responses.create(model="ok", input="x")
+    kept = await sdk.responses.create(model="ok", input="y")
+    await sync_to_async(StoredResponse.objects.filter(id=old.id).update)(
+        created_at=timezone.now() - timezone.timedelta(days=settings.KEYWAY_RESPONSES_RETENTION_DAYS, seconds=1))
+    with pytest.raises(openai.NotFoundError):
+        await sdk.responses.retrieve(old.id)
+    with pytest.raises(openai.BadRequestError):
+        await sdk.responses.create(model="ok", input="z", previous_response_id=old.id)
+    await sync_to_async(call_command)("purge_responses", verbosity=0)
+    assert await sync_to_async(list)(StoredResponse.objects.values_list("id", flat=True)) == [kept.id]

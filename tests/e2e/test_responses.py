@@ -5,6 +5,7 @@ polls, streams and cancels, and the embedded Gemma answers through every mode.""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -107,3 +108,20 @@ def test_the_embedded_model_answers_in_every_mode_through_a_conversation(client:
     items = client.conversations.items.list(conversation.id, order="asc", limit=100)
     assert [item.role for item in items.data] == [  # type: ignore[union-attr]
         "user", "user", "assistant", "user", "assistant"]
+
+
+def test_a_streamed_response_whose_client_leaves_is_stored_as_cancelled(
+    stack: dict[str, Any], client: openai.OpenAI
+) -> None:
+    body = {"model": "drip", "input": "hi", "stream": True}
+    response_id = None
+    with httpx2.stream("POST", f"{stack['url']}/v1/responses", json=body, timeout=30,
+                       headers={"Authorization": f"Bearer {stack['key']}"}) as answer:
+        for line in answer.iter_lines():
+            if line.startswith("data: ") and response_id is None:
+                response_id = json.loads(line[6:])["response"]["id"]
+            if line.startswith("event: response.output_text.delta"):
+                break
+    assert response_id is not None
+    left = _until(client, response_id, ("cancelled",))
+    assert left.output_text and left.output_text != TEXT
