@@ -161,6 +161,8 @@ def _sdk_types() -> dict[str, type[pydantic.BaseModel]]:
     from openai.types.admin.organization.projects.project_spend_limit import ProjectSpendLimit
     from openai.types.admin.organization.projects.project_spend_limit_deleted import ProjectSpendLimitDeleted
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.conversations import Conversation, ConversationDeletedResource, ConversationItemList
+    from openai.types.responses import Response, ResponseItemList, ResponseStreamEvent
     from openai.types.shared import ErrorObject
 
     class _Strict(pydantic.BaseModel):
@@ -180,7 +182,16 @@ def _sdk_types() -> dict[str, type[pydantic.BaseModel]]:
         last_id: str | None
         has_more: bool
 
+    class ResponseStreamEventModel(pydantic.RootModel[ResponseStreamEvent]):  # type: ignore[misc]
+        pass
+
     return {
+        "Response": Response,
+        "ResponseStreamEvent": ResponseStreamEventModel,
+        "ResponseItemList": ResponseItemList,
+        "ConversationItemList": ConversationItemList,
+        "ConversationResource": Conversation,
+        "DeletedConversationResource": ConversationDeletedResource,
         "CreateChatCompletionResponse": ChatCompletion,
         "CreateChatCompletionStreamResponse": ChatCompletionChunk,
         "CreateEmbeddingResponse": CreateEmbeddingResponse,

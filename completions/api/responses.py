@@ -46,6 +46,7 @@ from completions.engine.catalog import CatalogEntry, catalog
 from completions.engine.requests import ChatRequest
 from conversations import selectors as stored
 from conversations import services as store
+from conversations.exceptions import ConversationFull, DuplicateItemId
 from conversations.models import StoredResponse
 from platform_site.kernel.errors import ApiError, server_error, to_api_error
 from platform_site.kernel.orm import orm
@@ -151,6 +152,13 @@ async def _context(create: CreateRequest, key: AuthenticatedKey) -> tuple[list[d
                                  conversation_id=create.conversation_id)
         if conversation is None:
             raise conversation_not_found(create.conversation_id, param="conversation")
+        # Refused before the call, not after it was paid for: a conversation that cannot take this response's
+        # input and at least one output item.
+        room = settings.KEYWAY_CONVERSATION_MAX_ITEMS - conversation.item_count
+        if room < len(create.input or ()) + 1:
+            raise ConversationFull(f"The conversation holds {conversation.item_count} items and may hold "
+                                   f"{settings.KEYWAY_CONVERSATION_MAX_ITEMS}; delete some or start a new one.",
+                                   param="conversation")
         context = await orm(stored.conversation_context, conversation=conversation, max_bytes=budget)
         return context.items, context.complete, "conversation"
     return [], True, None
@@ -202,6 +210,9 @@ async def prepare(request: ApiRequest, body: dict[str, Any]) -> Prepared:
                                code="item_not_found")
             input_items.append(found)
         else:
+            if create.conversation_id and item["id"] in by_id:
+                raise DuplicateItemId(f"An item with id '{item['id']}' already exists in the conversation.",
+                                      param=f"input[{index}].id")
             input_items.append(item)
             new_items.append(item)
     items = context + input_items

@@ -238,8 +238,10 @@ async def test_delete_removes_a_stored_response(sdk: openai.AsyncOpenAI, api_key
 async def test_a_response_in_a_conversation_reads_its_items_and_adds_its_input_and_output(
     sdk: openai.AsyncOpenAI, upstream: tuple[int, Any], validate_schema: Any
 ) -> None:
-    conversation = await sdk.conversations.create(
+    raw = await sdk.conversations.with_raw_response.create(
         metadata={"topic": "demo"}, items=[{"type": "message", "role": "user", "content": "earlier"}])
+    validate_schema("ConversationResource", raw.http_response.json())
+    conversation = raw.parse()
     assert conversation.object == "conversation" and conversation.metadata == {"topic": "demo"}
     response = await sdk.responses.create(model="ok", input="now", conversation=conversation.id)
     assert response.conversation is not None and response.conversation.id == conversation.id
@@ -276,7 +278,9 @@ async def test_a_response_in_a_conversation_reads_its_items_and_adds_its_input_a
     updated = await sdk.conversations.update(conversation.id, metadata={"topic": "changed"})
     assert updated.metadata == {"topic": "changed"}
     assert (await sdk.conversations.retrieve(conversation.id)).metadata == {"topic": "changed"}
-    deleted = await sdk.conversations.delete(conversation.id)
+    deleted_raw = await sdk.conversations.with_raw_response.delete(conversation.id)
+    validate_schema("DeletedConversationResource", deleted_raw.http_response.json())
+    deleted = deleted_raw.parse()
     assert deleted.deleted and deleted.id == conversation.id
     with pytest.raises(openai.NotFoundError):
         await sdk.conversations.retrieve(conversation.id)
@@ -295,7 +299,16 @@ async def test_conversation_items_are_checked_and_bounded(sdk: openai.AsyncOpenA
         await sdk.conversations.items.create(conversation.id, items=[
             {"type": "message", "id": "msg_1", "role": "user", "content": "again"}])
     assert caught.value.code == "duplicate_item_id"
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.responses.create(model="ok", conversation=conversation.id, input=[
+            {"type": "message", "id": "msg_1", "role": "user", "content": "again"}])
+    assert (caught.value.code, caught.value.param) == ("duplicate_item_id", "input[0].id")
     settings.KEYWAY_CONVERSATION_MAX_ITEMS = 2
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.responses.create(model="ok", input="x", conversation=conversation.id)
+    assert (caught.value.code, caught.value.param) == ("conversation_full", "conversation")
+    await metering.flush()
+    assert await sync_to_async(UsageEvent.objects.count)() == 0
     with pytest.raises(openai.BadRequestError) as caught:
         await sdk.conversations.items.create(conversation.id, items=[
             {"type": "message", "role": "user", "content": "b"}, {"type": "message", "role": "user", "content": "c"}])
