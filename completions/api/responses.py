@@ -110,7 +110,8 @@ class Prepared:
             "prompt_cache_key": passive.get("prompt_cache_key"),
             "reasoning": {"effort": create.reasoning_effort, "summary": None},
             "safety_identifier": passive.get("safety_identifier"),
-            "service_tier": passive.get("service_tier") or "default", "store": create.store,
+            # Keyway has one tier: whatever was asked for, the default one served it.
+            "service_tier": "default", "store": create.store,
             "temperature": 1.0 if create.temperature is None else create.temperature, "text": create.text,
             "tool_choice": create.tool_choice, "tools": create.tools, "top_logprobs": create.top_logprobs or 0,
             "top_p": 1.0 if create.top_p is None else create.top_p, "truncation": create.truncation,

@@ -372,6 +372,11 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
     if safety is not None and (not isinstance(safety, str) or len(safety) > 64):
         raise ApiError("'safety_identifier' must be a string of at most 64 characters.", param="safety_identifier",
                        code="invalid_value")
+    _optional_string(body, "prompt_cache_key", limit=1024)
+    for name, choices in (("service_tier", ("auto", "default", "flex", "scale", "priority")),
+                          ("prompt_cache_retention", ("in_memory", "24h"))):
+        if body.get(name) is not None and body[name] not in choices:
+            raise invalid_value(name, body[name], choices)
     request.passthrough = {name: value for name, value in body.items() if name not in _KNOWN}
     # A chat field is not a Responses field: it must not reach the chat body under its chat meaning.
     for name in request.passthrough:

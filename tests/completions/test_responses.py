@@ -437,6 +437,10 @@ async def test_a_background_response_left_by_a_dead_worker_is_failed_when_read(
     ({"model": "ok", "input": 5}, "input", "invalid_type"),
     ({"model": "ok", "input": [{"type": "item_reference", "id": "msg_nope"}]}, "input[0].id", "item_not_found"),
     ({"input": "x"}, "model", "missing_required_parameter"),
+    ({"model": "ok", "input": "x", "service_tier": "turbo"}, "service_tier", "invalid_value"),
+    ({"model": "ok", "input": "x", "conversation": {"id": 5}}, "conversation.id", "invalid_type"),
+    ({"model": "ok", "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file_1"}]}]},
+     "input[0].content[0].file_id", "unsupported_parameter"),
     ({"model": "ok", "input": "x", "reasoning": {"effort": "high"}}, "reasoning.effort", "unknown_parameter"),
 ])
 async def test_bad_requests_get_an_error_naming_the_field_and_nothing_is_stored_or_metered(

@@ -123,5 +123,13 @@ def test_a_streamed_response_whose_client_leaves_is_stored_as_cancelled(
             if line.startswith("event: response.output_text.delta"):
                 break
     assert response_id is not None
-    left = _until(client, response_id, ("cancelled",))
+    # Stored a moment after the server saw the client go (not before: it was never told it completed).
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            left = _until(client, response_id, ("cancelled",))
+            break
+        except openai.NotFoundError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
     assert left.output_text and left.output_text != TEXT
