@@ -63,7 +63,7 @@ def _string(value: Any, param: str, *, limit: int | None = None) -> str:
     return value
 
 
-def _reject_unknown(item: dict[str, Any], known: frozenset[str], param: str) -> None:
+def reject_unknown(item: dict[str, Any], known: frozenset[str], param: str) -> None:
     for name in item:
         if name not in known:
             raise ApiError(f"Unknown parameter: '{param}.{name}'.", param=f"{param}.{name}", code="unknown_parameter")
@@ -99,7 +99,7 @@ def _part(raw: Any, param: str, allowed: tuple[str, ...]) -> dict[str, Any]:
     kind = raw.get("type")
     if kind not in allowed:
         raise invalid_value(f"{param}.type", kind, allowed)
-    _reject_unknown(raw, _PART_FIELDS[kind], param)
+    reject_unknown(raw, _PART_FIELDS[kind], param)
     if kind == "input_text":
         return {"type": "input_text", "text": _string(raw.get("text"), f"{param}.text")}
     if kind == "output_text":
@@ -133,7 +133,7 @@ def _part(raw: Any, param: str, allowed: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _message(raw: dict[str, Any], param: str) -> dict[str, Any]:
-    _reject_unknown(raw, frozenset({"type", "id", "role", "content", "status", "phase"}), param)
+    reject_unknown(raw, frozenset({"type", "id", "role", "content", "status", "phase"}), param)
     role = raw.get("role")
     if role not in MESSAGE_ROLES:
         raise invalid_value(f"{param}.role", role, MESSAGE_ROLES)
@@ -160,7 +160,7 @@ def parse_item(raw: Any, param: str, *, references: bool = True) -> dict[str, An
         raise invalid_type(param, "an object", raw)
     kind = raw.get("type", "message" if "role" in raw else None)
     if kind == "item_reference" and references:
-        _reject_unknown(raw, frozenset({"type", "id"}), param)
+        reject_unknown(raw, frozenset({"type", "id"}), param)
         return {"type": "item_reference", "id": _string(raw.get("id"), f"{param}.id", limit=64)}
     if kind not in ITEM_TYPES or kind == "item_reference":
         supported = ITEM_TYPES if references else ITEM_TYPES[:3]
@@ -171,12 +171,12 @@ def parse_item(raw: Any, param: str, *, references: bool = True) -> dict[str, An
     if kind == "message":
         return _message(raw, param)
     if kind == "function_call":
-        _reject_unknown(raw, frozenset({"type", "id", "call_id", "name", "arguments", "status", "namespace"}), param)
+        reject_unknown(raw, frozenset({"type", "id", "call_id", "name", "arguments", "status", "namespace"}), param)
         return {"type": "function_call", "id": _item_id(raw, kind, param),
                 "call_id": _string(raw.get("call_id"), f"{param}.call_id", limit=64),
                 "name": _string(raw.get("name"), f"{param}.name", limit=128),
                 "arguments": _string(raw.get("arguments"), f"{param}.arguments"), "status": "completed"}
-    _reject_unknown(raw, frozenset({"type", "id", "call_id", "output", "status", "name", "namespace"}), param)
+    reject_unknown(raw, frozenset({"type", "id", "call_id", "output", "status", "name", "namespace"}), param)
     output = raw.get("output")
     if isinstance(output, list):
         output = [_part(part, f"{param}.output[{index}]", _INPUT_PARTS) for index, part in enumerate(output)]

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from completions.api.items import invalid_type, invalid_value, parse_input
+from completions.api.items import invalid_type, invalid_value, parse_input, reject_unknown
 from completions.api.requests import CHAT_FIELDS, check_integer, check_number, validate_metadata, validate_schema
 from platform_site.kernel.errors import ApiError
 
@@ -34,6 +34,9 @@ INCLUDE_VALUES = (
     "reasoning.encrypted_content", "message.output_text.logprobs",
 )
 MAX_TOOLS = 128
+_TOOL_FIELDS = frozenset({"type", "name", "description", "parameters", "strict"})
+_TEXT_FIELDS = frozenset({"format", "verbosity"})
+_FORMAT_FIELDS = frozenset({"type", "name", "schema", "strict", "description"})
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -161,10 +164,7 @@ def _tools(raw: Any) -> list[dict[str, Any]]:
             shown = kind[:64] if isinstance(kind, str) else kind
             raise ApiError(f"Tools of type {shown!r} are not supported here; only 'function' tools are.",
                            param=f"{param}.type", code="unsupported_tool")
-        for name in tool:
-            if name not in ("type", "name", "description", "parameters", "strict"):
-                raise ApiError(f"Unknown parameter: '{param}.{name}'.", param=f"{param}.{name}",
-                               code="unknown_parameter")
+        reject_unknown(tool, _TOOL_FIELDS, param)
         name = tool.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
             raise ApiError(f"Invalid '{param}.name': use 1 to 64 letters, digits, underscores or dashes.",
@@ -231,9 +231,7 @@ def _text(raw: Any) -> dict[str, Any]:
         return {"format": {"type": "text"}, "verbosity": "medium"}
     if not isinstance(raw, dict):
         raise invalid_type("text", "an object", raw)
-    for name in raw:
-        if name not in ("format", "verbosity"):
-            raise ApiError(f"Unknown parameter: 'text.{name}'.", param=f"text.{name}", code="unknown_parameter")
+    reject_unknown(raw, _TEXT_FIELDS, "text")
     verbosity = raw.get("verbosity") or "medium"
     if verbosity not in ("low", "medium", "high"):
         raise invalid_value("text.verbosity", verbosity, ("low", "medium", "high"))
@@ -247,10 +245,7 @@ def _text(raw: Any) -> dict[str, Any]:
         return {"format": {"type": kind}, "verbosity": verbosity}
     if kind != "json_schema":
         raise invalid_value("text.format.type", kind, ("text", "json_object", "json_schema"))
-    for name in fmt:
-        if name not in ("type", "name", "schema", "strict", "description"):
-            raise ApiError(f"Unknown parameter: 'text.format.{name}'.", param=f"text.format.{name}",
-                           code="unknown_parameter")
+    reject_unknown(fmt, _FORMAT_FIELDS, "text.format")
     name = fmt.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ApiError("Invalid 'text.format.name': use 1 to 64 letters, digits, underscores or dashes.",
