@@ -68,6 +68,8 @@ class Command(BaseCommand):
         self.stdout.write("Try it with the official OpenAI SDK (pip install openai):")
         self.stdout.write(SNIPPET.format(base_url=options["base_url"], key=raw_key, model=model_id))
         self.stdout.write(
+            "The Responses and Conversations APIs too (README → Responses and Conversations):\n"
+            f'  client.responses.create(model="{model_id}", input="Say hello", max_output_tokens=24).output_text\n'
             f'The same key opens a realtime session (pip install "openai[realtime]"):\n'
             f'  async with AsyncOpenAI(...).realtime.connect(model="{model_id}") as connection: ...\n'
             "  (README → Realtime)\n"
