@@ -116,15 +116,26 @@ def _fields(record: ResponseRecord, now: dt.datetime) -> dict[str, Any]:
     }
 
 
-def _insert(record: ResponseRecord, *, status: str, now: dt.datetime) -> None:
+def _row(record: ResponseRecord, *, status: str, now: dt.datetime) -> StoredResponse:
     fields = _fields(record, now)
     fields["status"] = status
-    StoredResponse.objects.create(
+    return StoredResponse(
         id=record.response_id, organization_id=record.organization_id, project_id=record.project_id,
         api_key_id=record.api_key_id, previous_response_id=record.previous_response_id,
         conversation_id=record.conversation_id, background=record.background,
         created_at=dt.datetime.fromtimestamp(record.body["created_at"], tz=dt.UTC), **fields,
     )
+
+
+def _insert(record: ResponseRecord, *, status: str, now: dt.datetime) -> None:
+    _row(record, status=status, now=now).save(force_insert=True)
+
+
+def responses_insert(records: list[ResponseRecord]) -> None:
+    """Write finished responses that add nothing to a conversation, in one INSERT (the group commit of the
+    API path: completions.api.responses)."""
+    now = timezone.now()
+    StoredResponse.objects.bulk_create([_row(record, status=record.body["status"], now=now) for record in records])
 
 
 def response_save(record: ResponseRecord, *, conversation_items: list[dict[str, Any]] | None = None) -> bool:

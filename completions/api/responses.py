@@ -49,6 +49,7 @@ from conversations import services as store
 from conversations.exceptions import ConversationFull, DuplicateItemId
 from conversations.models import StoredResponse
 from platform_site.kernel.errors import ApiError, server_error, to_api_error
+from platform_site.kernel.groupcommit import GroupCommit
 from platform_site.kernel.orm import orm
 
 logger = logging.getLogger(__name__)
@@ -303,10 +304,18 @@ class Run:
         prepared = self.prepared
         items = [*prepared.new_items, *self.final["output"]]
         if prepared.create.store:
-            return await orm(store.response_save, prepared.record(self.final, self.log), conversation_items=items)
+            record = prepared.record(self.final, self.log)
+            if not record.background and not prepared.create.conversation_id:
+                await _stored.write(record)  # shared with the responses finishing at the same moment
+                return True
+            return await orm(store.response_save, record, conversation_items=items)
         if prepared.create.conversation_id:
             await orm(store.conversation_append, conversation_id=prepared.create.conversation_id, items=items)
         return True
+
+
+# Finished responses of this worker, stored together when they finish together.
+_stored: GroupCommit[store.ResponseRecord] = GroupCommit("stored responses", store.responses_insert)
 
 
 def _failure(exc: BaseException, request_id: str) -> dict[str, Any]:
