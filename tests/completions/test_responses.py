@@ -410,6 +410,20 @@ async def test_a_background_response_left_by_a_dead_worker_is_failed_when_read(
     assert lost.status == "failed" and lost.error is not None and lost.error.code == "server_error"
 
 
+async def test_a_worker_shutting_down_fails_its_background_responses_and_settles_them(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    from completions.api import responses
+
+    started = await sdk.responses.create(model="drip", input="hi", background=True)
+    await _until(sdk, started.id, ("in_progress",))
+    await responses.cancel_all_background()
+    stopped = await sdk.responses.retrieve(started.id)
+    assert stopped.status == "failed" and stopped.error is not None and stopped.error.code == "server_error"
+    event = await usage_event(started.id)
+    assert event.status == UsageEvent.Status.CLIENT_DISCONNECTED and event.completion_tokens < 20
+
+
 # Bad input ----------------------------------------------------------------------------------------------------
 
 
