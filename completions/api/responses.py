@@ -247,6 +247,8 @@ class Run:
         self.model = prepared.chat.models[0] if prepared.chat.models else (prepared.key.pinned_model or "")
         self.final: dict[str, Any] | None = None
         self.headers: dict[str, str] = {}
+        # What the call was charged for, in chat's terms, once it ended.
+        self.usage: dict[str, int] | None = None
         # Set once the final response is being stored (a second store of it would fail).
         self.saving = False
         self._started: dict[str, Any] | None = None
@@ -263,6 +265,29 @@ class Run:
             raise self.prepared.params.translate(error) from None
         self.model = self.stream.model
         self.headers = self.stream.headers
+
+    async def complete(self, prepare: calls.Prepare | None) -> None:
+        """The engine call answered whole (a plain response): its message becomes the same steps a stream's
+        chunks would, in one piece."""
+        try:
+            result = await calls.chat(self.prepared.chat, caller=self.caller, prepare=prepare,
+                                      call_id=self.prepared.response_id)
+        except ApiError as error:
+            raise self.prepared.params.translate(error) from None
+        self.model, self.headers = result.model, result.headers
+        choice = result.body["choices"][0]
+        message = choice.get("message") or {}
+        delta = {"content": message.get("content"), "refusal": message.get("refusal"),
+                 "tool_calls": [{**call, "index": index} for index, call in enumerate(message.get("tool_calls") or ())]}
+        self.record(["s", "in_progress"])
+        for step in self.recorder.steps([{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason"),
+                                          "logprobs": choice.get("logprobs")}]):
+            self.record(step)
+        usage = result.usage or {}
+        details = usage.get("prompt_tokens_details") or {}
+        self.usage = {"prompt_tokens": usage.get("prompt_tokens") or 0,
+                      "completion_tokens": usage.get("completion_tokens") or 0,
+                      "cached_tokens": details.get("cached_tokens") or 0}
 
     def record(self, step: Step) -> list[dict[str, Any]]:
         self.log.append(step)
@@ -292,7 +317,8 @@ class Run:
         stream = self.stream
         if stream is not None:
             stream.close()  # settles now, if the stream did not end by itself
-        usage = response_usage(stream.billed_usage) if stream is not None else None
+            self.usage = stream.billed_usage
+        usage = response_usage(self.usage)
         self.final = self.body(status, usage=usage, error=error, incomplete=incomplete)
         return events
 
@@ -335,23 +361,13 @@ async def responses_create(request: ApiRequest) -> HttpResponseBase:
     run = Run(prepared, caller)
     if prepared.create.background:
         return await _start_background(run)
-    await run.open(content_step(prepared.report))
     if prepared.create.stream:
+        await run.open(content_step(prepared.report))
         return StreamingHttpResponse(_Streamed(run), content_type=sse.CONTENT_TYPE,
                                      headers={**sse.HEADERS, **run.headers})
-    try:
-        async for _ in run.produce():
-            pass
-    except asyncio.CancelledError:
-        run.end("cancelled")
-        if prepared.create.store:
-            _keep(run.save())
-        raise
-    except Exception as exc:
-        # The answer broke half-way: stored as failed, and the client gets the error.
-        run.end("failed", _failure(exc, request.request_id))
-        await _save_quietly(run)
-        raise
+    # Answered whole. A call that fails is an HTTP error, stored and metered as nothing (the engine settles
+    # a failed call at what the upstream charged for it, and nothing was produced for the client).
+    await run.complete(content_step(prepared.report))
     run.end("completed")
     await run.save()
     assert run.final is not None

@@ -72,10 +72,17 @@ class CreateRequest:
     # For the chat body: the gateway's fields and the unknown ones.
     passthrough: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the chat call streams: for a streamed or a background response (whose progress is read
+        while it runs); a plain one is answered whole, which costs less."""
+        return self.stream or self.background
+
     def chat_body(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        """The one chat call this response makes (always streamed: every Responses mode is built from chunks)."""
-        body: dict[str, Any] = {"messages": messages, "stream": True, "stream_options": {"include_usage": True},
-                                **self.passthrough}
+        """The one chat call this response makes."""
+        body: dict[str, Any] = {"messages": messages, **self.passthrough}
+        if self.streamed:
+            body.update(stream=True, stream_options={"include_usage": True})
         if self.model is not None:
             body["model"] = self.model
         tools, choice = _chat_tools(self.tools, self.tool_choice)

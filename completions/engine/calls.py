@@ -227,11 +227,13 @@ def _chat_call(request: ChatRequest, caller: Caller, deployment: DeploymentEntry
     )
 
 
-async def chat(request: ChatRequest, *, caller: Caller, prepare: Prepare | None = None) -> CallResult:
-    """One chat completion, answered whole."""
+async def chat(
+    request: ChatRequest, *, caller: Caller, prepare: Prepare | None = None, call_id: str | None = None
+) -> CallResult:
+    """One chat completion, answered whole. `call_id` as for chat_stream."""
     entries = await _chat_models(request, caller.key)
     attempts = _attempts(entries, request.preferences, request.extra_fields)
-    call_id = new_call_id()
+    call_id = call_id or new_call_id()
     meter = await _admit_chat(request, caller, entries, call_id)
     # Where the call stands when it ends, whichever way it ends: settled from exactly this, once.
     answered: Attempt | None = None

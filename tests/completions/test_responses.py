@@ -25,7 +25,8 @@ from tests.conftest import bearer
 pytestmark = pytest.mark.django_db(transaction=True)
 
 GEMMA = "gemma-3-270m"
-TEXT = "".join(f"t{i} " for i in range(20))
+TEXT = "".join(f"t{i} " for i in range(20))  # the fake upstream's streamed answer
+PLAIN = "Hello from the fake upstream."  # and its whole one
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 TIME = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}}
@@ -79,10 +80,10 @@ async def test_a_response_is_one_metered_call_named_by_its_id_and_matches_the_sc
     body = raw.http_response.json()
     validate_schema("Response", body)
     response = raw.parse()
-    assert response.status == "completed" and response.output_text == TEXT
+    assert response.status == "completed" and response.output_text == PLAIN
     assert response.id.startswith("resp_") and response.output[0].type == "message"
     assert response.instructions == "Be brief." and response.metadata == {"case": "one"}
-    assert response.usage is not None and (response.usage.input_tokens, response.usage.output_tokens) == (9, 20)
+    assert response.usage is not None and (response.usage.input_tokens, response.usage.output_tokens) == (9, 7)
     assert raw.headers["x-keyway-model"] == "ok"
     # The instructions go first, as a system message; the string input is one user message.
     assert seen(upstream)["messages"] == [{"role": "system", "content": "Be brief."},
@@ -90,7 +91,7 @@ async def test_a_response_is_one_metered_call_named_by_its_id_and_matches_the_sc
 
     event = await usage_event(response.id)
     assert event.endpoint == UsageEvent.Endpoint.RESPONSES and event.status == UsageEvent.Status.OK
-    assert (event.prompt_tokens, event.completion_tokens) == (9, 20)
+    assert (event.prompt_tokens, event.completion_tokens) == (9, 7)
 
     again = await sdk.responses.retrieve(response.id)
     assert again.model_dump() == response.model_dump()
@@ -169,7 +170,7 @@ async def test_a_chain_reads_every_predecessor_but_not_their_instructions(
     messages = seen(upstream)["messages"]
     assert [(m["role"], m["content"] if m["role"] == "assistant" else m["content"][0]["text"]
              if isinstance(m["content"], list) else m["content"]) for m in messages] == [
-        ("system", "new rules"), ("user", "one"), ("assistant", TEXT), ("user", "two"), ("assistant", TEXT),
+        ("system", "new rules"), ("user", "one"), ("assistant", PLAIN), ("user", "two"), ("assistant", PLAIN),
         ("user", "three")]
 
 
@@ -214,7 +215,7 @@ async def test_another_organizations_responses_and_conversations_are_not_found(
     with pytest.raises(openai.NotFoundError):
         await other.responses.create(model="ok", input="x", conversation=conversation.id)
     await other.close()
-    assert (await sdk.responses.retrieve(response.id)).output_text == TEXT
+    assert (await sdk.responses.retrieve(response.id)).output_text == PLAIN
 
 
 async def test_delete_removes_a_stored_response(sdk: openai.AsyncOpenAI, api_key: tuple[ApiKey, str]) -> None:
