@@ -4,9 +4,12 @@ The requested model name picks the behaviour:
   ok (or anything else)  answer at once; streams send CHUNKS content chunks, a finish chunk and usage
   slow                   sleep 30 s before answering (timeouts)
   http500 / http429 / http400 / http401
-                         answer with that status and an OpenAI error body
+                         answer with that status and an OpenAI error body (429 with Retry-After: 7)
   badjson                answer 200 with a body that is not JSON
   stream-break           send two chunks, then drop the connection (no [DONE])
+  stream-garbage         send two chunks, then a data line that is not JSON
+  stream-stall           send two chunks, then nothing for 30 s (a silent upstream mid-stream)
+  trickle                answer like ok, a few bytes at a time (a slow network): TRICKLE_SECONDS in all
   drip                   stream like ok, one chunk every DRIP_SECONDS (clients that leave mid-stream)
   slow-stream-<S>        stream like ok, the chunks spread over S seconds (many long streams at once)
   chars                  answer like ok, but count one prompt token per character of the messages' text (as
@@ -32,6 +35,8 @@ from aiohttp import web
 
 CHUNKS = 20
 DRIP_SECONDS = 0.1
+TRICKLE_SECONDS = 0.5
+RETRY_AFTER = "7"
 SEEN = web.AppKey("seen", list)
 REALTIME_SEEN = web.AppKey("realtime_seen", list)
 
@@ -90,7 +95,16 @@ def _tool_deltas(model: str) -> list[dict[str, object]]:
 def _error(status: int) -> web.Response:
     body = {"error": {"message": f"fake upstream error {status}", "type": "invalid_request_error",
                       "param": "messages", "code": f"fake_{status}"}}
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+    headers = {"Retry-After": RETRY_AFTER} if status == 429 else None
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+async def _trickle(response: web.StreamResponse, data: bytes, seconds: float) -> None:
+    """Write `data` a few bytes at a time over `seconds`."""
+    step = max(1, len(data) // 50)
+    for start in range(0, len(data), step):
+        await response.write(data[start : start + step])
+        await asyncio.sleep(seconds / 50)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -103,6 +117,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return _error(int(model[4:]))
     if model == "badjson":
         return web.Response(status=200, body=b"<html>not json</html>", content_type="text/html")
+    if model == "trickle" and not body.get("stream"):
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await _trickle(response, orjson.dumps(_completion(model)), TRICKLE_SECONDS)
+        return response
     if not body.get("stream"):
         completion = _completion(model)
         if model == "chars":
@@ -123,16 +142,27 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await response.write(b"data: [DONE]\n\n")
         return response
     await response.write(_chunk(model, {"role": "assistant", "content": ""}))
-    count = 2 if model == "stream-break" else CHUNKS
+    cut = model in ("stream-break", "stream-garbage", "stream-stall")
+    count = 2 if cut else CHUNKS
     pause = DRIP_SECONDS if model == "drip" else 0.0
     if model.startswith("slow-stream-"):
         pause = float(model.removeprefix("slow-stream-")) / count
     for index in range(count):
         if pause:
             await asyncio.sleep(pause)
-        await response.write(_chunk(model, {"content": f"t{index} "}))
+        chunk = _chunk(model, {"content": f"t{index} "})
+        if model == "trickle":
+            await _trickle(response, chunk, TRICKLE_SECONDS / count)
+        else:
+            await response.write(chunk)
     if model == "stream-break":
         request.transport.close()  # type: ignore[union-attr]
+        return response
+    if model == "stream-garbage":
+        await response.write(b"data: <html>502 Bad Gateway</html>\n\n")
+        return response
+    if model == "stream-stall":
+        await asyncio.sleep(30)
         return response
     await response.write(_chunk(model, {}, "stop"))
     if (body.get("stream_options") or {}).get("include_usage"):

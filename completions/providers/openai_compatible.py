@@ -108,8 +108,18 @@ async def _no_close(gate: _Gate) -> None:
 upstream_gates: PerLoop[_Gate] = PerLoop("upstream gate", _Gate, _no_close)
 
 
-def _rejection(status: int, raw: bytes) -> ProviderError:
-    """Turn an upstream error answer into the error our client should see."""
+def _retry_after(value: str | None) -> dict[str, str]:
+    """An upstream's Retry-After (seconds, at most an hour) for the client, when it is a plain number."""
+    try:
+        seconds = float(value) if value else -1.0
+    except ValueError:
+        return {}
+    return {"Retry-After": str(max(1, round(seconds)))} if 0 <= seconds <= 3600 else {}
+
+
+def _rejection(status: int, raw: bytes, retry_after: str | None = None) -> ProviderError:
+    """Turn an upstream error answer into the error our client should see. A 429's Retry-After goes with it:
+    the client waits as long as the upstream asked (should no other deployment answer)."""
     message, error_type, code, param = f"The upstream provider answered HTTP {status}.", None, None, None
     try:
         parsed = orjson.loads(raw)
@@ -130,13 +140,16 @@ def _rejection(status: int, raw: bytes) -> ProviderError:
         # Its own failure, not the client's: its text (which may name its internals, or another tenant's
         # request) stays here.
         return UpstreamUnavailable(f"The upstream provider failed with HTTP {status}.")
-    return UpstreamRejected(
+    rejected = UpstreamRejected(
         message,
         status=status,
         error_type=str(error_type) if isinstance(error_type, str) else "invalid_request_error",
         code=str(code) if code is not None else None,
         param=str(param) if param is not None else None,
     )
+    if status == 429:
+        rejected.headers.update(_retry_after(retry_after))
+    return rejected
 
 
 class OpenAICompatibleProvider:
@@ -180,7 +193,7 @@ class OpenAICompatibleProvider:
             ) as response:
                 raw = await response.read()
                 if response.status >= 400:
-                    raise _rejection(response.status, raw)
+                    raise _rejection(response.status, raw, response.headers.get("Retry-After"))
         except TimeoutError:
             raise UpstreamTimeout("The upstream provider did not answer in time.") from None
         except aiohttp.ClientError as exc:
@@ -232,7 +245,7 @@ class OpenAICompatibleProvider:
         finished = False
         try:
             if response.status >= 400:
-                raise _rejection(response.status, await response.read())
+                raise _rejection(response.status, await response.read(), response.headers.get("Retry-After"))
             data_lines: list[bytes] = []
             async for raw_line in response.content:
                 line = raw_line.rstrip(b"\r\n")

@@ -1,0 +1,118 @@
+"""What a client sees, and what it is charged, when an upstream fails, each fault made by a real HTTP server on
+loopback (bench/fake_upstream.py) or by a port nobody listens on. The table in the README (Upstream faults)
+is this file's: every row a status or SSE error event, a ledger status, what was charged, and no hold left
+behind (the shared spend counter equals what the ledger charged, to the micro-USD)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+import pytest
+from asgiref.sync import sync_to_async
+from django.db.models import Sum
+
+from billing import counters, metering
+from billing.models import Plan, Price, UsageEvent
+from billing.services import billing_plan_set, credit_add
+from completions.models import Provider
+from completions.services import provider_upsert_openai_compatible
+from platform_site.models import Organization
+from tests.conftest import bearer
+from tests.e2e.server import free_port
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+FAULTS = ["slow", "badjson", "http429", "http500", "stream-break", "stream-garbage", "stream-stall", "trickle"]
+OUTPUT_PRICE = 1_000_000_000  # 1,000 micro-USD an output token
+INPUT_PRICE = 1_000_000  # 1 micro-USD an input token: a charged prompt shows in the cost
+
+
+@pytest.fixture
+async def faulty(org: Organization, upstream: tuple[int, Any]) -> Organization:
+    port, _ = upstream
+
+    def setup() -> None:
+        provider_upsert_openai_compatible(name="fake", base_url=f"http://127.0.0.1:{port}/v1", models=FAULTS)
+        # Nothing listens on this port: connections are refused.
+        provider_upsert_openai_compatible(name="closed", base_url=f"http://127.0.0.1:{free_port()}/v1",
+                                          models=["refused"])
+        Provider.objects.update(timeout_seconds=1.0)
+        for model in [*FAULTS, "refused"]:
+            Price.objects.create(model=model, input_per_million_micros=INPUT_PRICE,
+                                 output_per_million_micros=OUTPUT_PRICE)
+        billing_plan_set(organization=org, plan=Plan.objects.create(name="prepaid", billing_mode="prepaid"),
+                         actor_label="test")
+        credit_add(organization=org, amount_micros=10**9, reason="test", actor_label="test")
+
+    await sync_to_async(setup)()
+    return org
+
+
+async def _charged(org: Organization) -> tuple[UsageEvent, int]:
+    """(the one usage event, the shared spend counter)."""
+    await metering.flush()
+    event = await sync_to_async(UsageEvent.objects.get)(organization=org)
+    total = await sync_to_async(lambda: UsageEvent.objects.aggregate(total=Sum("cost_micros"))["total"])()
+    spent = await counters.store().read(
+        counters.names(organization_id=org.pk, key_public_id="-", key_id=0, project_id=None, model="-", now=0)[2]
+    )
+    assert event.cost_micros == total
+    return event, spent or 0
+
+
+def _events(text: str) -> list[Any]:
+    return [orjson.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
+            for line in text.splitlines() if line.startswith("data: ")]
+
+
+# model, stream: status, error code (None: the answer is whole), ledger status, whether output is charged
+CASES = [
+    ("refused", False, 502, "upstream_error", UsageEvent.Status.ERROR, False),
+    ("refused", True, 502, "upstream_error", UsageEvent.Status.ERROR, False),
+    ("slow", False, 504, "upstream_timeout", UsageEvent.Status.ERROR, False),
+    ("slow", True, 504, "upstream_timeout", UsageEvent.Status.ERROR, False),
+    ("badjson", False, 502, "upstream_error", UsageEvent.Status.ERROR, False),
+    ("http429", False, 429, "fake_429", UsageEvent.Status.ERROR, False),
+    ("http429", True, 429, "fake_429", UsageEvent.Status.ERROR, False),
+    ("http500", False, 502, "upstream_error", UsageEvent.Status.ERROR, False),
+    ("http500", True, 502, "upstream_error", UsageEvent.Status.ERROR, False),
+    ("stream-break", True, 200, "upstream_error", UsageEvent.Status.INCOMPLETE, True),
+    ("stream-garbage", True, 200, "upstream_error", UsageEvent.Status.INCOMPLETE, True),
+    ("stream-stall", True, 200, "upstream_timeout", UsageEvent.Status.INCOMPLETE, True),
+    ("trickle", False, 200, None, UsageEvent.Status.OK, True),
+    ("trickle", True, 200, None, UsageEvent.Status.OK, True),
+]
+
+
+@pytest.mark.parametrize(("model", "stream", "status", "code", "ledger_status", "output_charged"), CASES)
+async def test_each_upstream_fault_gets_its_documented_answer_charges_what_was_made_and_holds_nothing(
+    asgi_client: Any, faulty: Organization, api_key: tuple[Any, str], model: str, stream: bool, status: int,
+    code: str | None, ledger_status: int, output_charged: bool,
+) -> None:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "stream": stream}
+    started = time.monotonic()
+    answer = await asgi_client.post("/v1/chat/completions", json=body, headers=bearer(api_key[1]))
+    # Nothing hangs past the deployment's timeout (1 s) by much.
+    assert time.monotonic() - started < 5
+    assert answer.status_code == status, answer.text
+    if status != 200:
+        assert answer.json()["error"]["code"] == code
+    elif stream:
+        events = _events(answer.text)
+        assert events[-1] == "[DONE]"
+        errors = [event for event in events[:-1] if "error" in event]
+        assert [error["error"]["code"] for error in errors] == ([code] if code else [])
+    else:
+        assert answer.json()["choices"][0]["message"]["content"] == "Hello from the fake upstream."
+    if model == "http429":
+        assert answer.headers["retry-after"] == "7"  # the upstream's, passed on
+
+    event, spent = await _charged(faulty)
+    assert event.status == ledger_status
+    assert (event.completion_tokens > 0) == output_charged
+    # A prompt the upstream was reading (it timed out, or produced something) is charged; a refusal is not.
+    assert (event.prompt_tokens > 0) == (output_charged or model == "slow")
+    # No hold is left open: the shared counter moved by exactly what the ledger charged.
+    assert spent == event.cost_micros
