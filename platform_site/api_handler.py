@@ -15,6 +15,7 @@ chores this path does on its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import logging
@@ -45,6 +46,14 @@ def close_response(response: HttpResponseBase) -> None:
         except Exception:
             logger.exception("Closing a response failed")
     response.closed = True
+
+
+# What an event stream the server stops mid-way ends with: an error event (any `data:` object with an `error`
+# makes the OpenAI SDKs raise) and the end of the stream.
+_SHUTDOWN_FRAMES = (
+    b'data: {"error": {"message": "The server shut down before this answer finished.", "type": "server_error", '
+    b'"param": null, "code": "server_shutting_down"}}\n\ndata: [DONE]\n\n'
+)
 
 
 class _BodyTooLarge(Exception):
@@ -128,12 +137,27 @@ class ApiHandler(ASGIHandler):
         except asyncio.CancelledError:
             # The client went away: the view (and any stream it was producing) has been cancelled.
             if not disconnected.is_set():
-                raise
+                # Not the client: the server is stopping this request (a graceful shutdown's deadline). The
+                # client is told so rather than cut off, and the request ends normally.
+                task.uncancel()
+                await self._stopped(response, send, cors=cors)
         finally:
             listener.cancel()
             # Finished or abandoned: a stream that never started (or stopped half-way) settles here.
             if response is not None:
                 close_response(response)
+
+    async def _stopped(self, response: HttpResponseBase | None, send: Any, *, cors: bool) -> None:
+        """The end of a request the server stopped: a 503 the SDKs retry (elsewhere) if nothing was sent yet,
+        or, in the middle of an event stream, an error event and the stream's end, which the SDKs raise as
+        an error rather than take for a whole answer."""
+        with contextlib.suppress(Exception):
+            if response is None:
+                error = ApiError("The server is shutting down; retry the request.", status=503,
+                                 error_type="server_error", code="server_shutting_down", headers={"Retry-After": "1"})
+                await self._send(error_response(error, request_id=new_request_id()), send, cors=cors)
+            elif response.streaming and response.get("Content-Type", "").startswith("text/event-stream"):
+                await send({"type": "http.response.body", "body": _SHUTDOWN_FRAMES, "more_body": False})
 
     @staticmethod
     def _refusal(scope: dict[str, Any]) -> HttpResponseBase | None:

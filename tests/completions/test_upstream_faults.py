@@ -116,3 +116,50 @@ async def test_each_upstream_fault_gets_its_documented_answer_charges_what_was_m
     assert (event.prompt_tokens > 0) == (output_charged or model == "slow")
     # No hold is left open: the shared counter moved by exactly what the ledger charged.
     assert spent == event.cost_micros
+
+
+async def test_a_request_the_server_stops_before_answering_gets_a_503_to_retry_and_is_settled(
+    faulty: Organization, api_key: tuple[Any, str]
+) -> None:
+    """A graceful shutdown's deadline cancels the requests still running (tests/e2e/test_drain.py shows the
+    streams); one that had not answered yet is told to retry, not cut off."""
+    import asyncio
+
+    from platform_site.asgi import application
+
+    sent: list[dict[str, Any]] = []
+    body = orjson.dumps({"model": "slow", "messages": [{"role": "user", "content": "hi"}]})
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+        "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000),
+        "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {api_key[1]}".encode())],
+    }
+    task = asyncio.get_running_loop().create_task(application(scope, receive, send))
+    await asyncio.sleep(0.3)
+    task.cancel()  # as uvicorn does when its graceful-shutdown deadline passes
+    await task
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 503
+    assert (b"retry-after", b"1") in [(name.lower(), value) for name, value in sent[0]["headers"]]
+    assert orjson.loads(sent[1]["body"])["error"]["code"] == "server_shutting_down"
+    # The cancelled call settles as its task unwinds, a moment after the answer went out.
+    for _ in range(50):
+        await metering.flush()
+        if await sync_to_async(UsageEvent.objects.exists)():
+            break
+        await asyncio.sleep(0.02)
+    event, spent = await _charged(faulty)
+    assert event.status == UsageEvent.Status.CLIENT_DISCONNECTED and spent == event.cost_micros

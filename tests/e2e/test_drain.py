@@ -1,0 +1,110 @@
+"""Graceful drain, against a real uvicorn worker: on SIGTERM it stops accepting connections, lets the open
+streams finish up to its deadline (UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN), cuts the rest, settles every call
+(cut ones as `client_disconnected`, charged what they produced), writes the ledger and exits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from tests.e2e import server
+
+pytestmark = pytest.mark.e2e
+
+DEADLINE = 3
+LONG, SHORT = 50, 10
+OK, CUT = 1, 3  # UsageEvent.Status: ok, client_disconnected
+
+COUNT_BY_STATUS = """
+from django.db.models import Count, Min
+from billing.models import UsageEvent
+rows = UsageEvent.objects.values("model", "status").annotate(n=Count("id"), least=Min("completion_tokens"))
+print(json.dumps(sorted([row["model"], row["status"], row["n"], row["least"]] for row in rows)))
+"""
+
+
+async def _open_streams(url: str, key: str, opened: asyncio.Event, target: int) -> tuple[list[bytes], list[bytes]]:
+    started = 0
+    limits = httpx2.Limits(max_connections=LONG + SHORT + 5)
+    async with httpx2.AsyncClient(limits=limits, timeout=60) as client:
+
+        async def one(model: str) -> bytes:
+            nonlocal started
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            received = b""
+            try:
+                async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
+                                         headers={"Authorization": f"Bearer {key}"}) as answer:
+                    assert answer.status_code == 200
+                    async for piece in answer.aiter_raw():
+                        if not received:
+                            started += 1
+                            if started == target:
+                                opened.set()
+                        received += piece
+            except httpx2.HTTPError:
+                pass  # cut by the server at its deadline
+            return received
+
+        tasks = [one("slow-stream-30") for _ in range(LONG)] + [one("slow-stream-2") for _ in range(SHORT)]
+        results = await asyncio.gather(*tasks)
+    return list(results[:LONG]), list(results[LONG:])
+
+
+def test_sigterm_finishes_short_streams_cuts_long_ones_at_the_deadline_and_settles_every_call(
+    tmp_path: Path,
+) -> None:
+    env, database = server.make_environment(tmp_path)
+    env.update(UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=str(DEADLINE), KEYWAY_UPSTREAM_NAME="fake",
+               KEYWAY_UPSTREAM_MODELS="slow-stream-30,slow-stream-2")
+    process = upstream = None
+    try:
+        upstream, upstream_url = server.start_fake_upstream(tmp_path / "upstream.log")
+        env["KEYWAY_UPSTREAM_BASE_URL"] = f"{upstream_url}/v1"
+        server.manage(env, "migrate", "--no-input", "-v", "0")
+        server.manage(env, "bootstrap")
+        key = server.manage(env, "createapikey", "demo", "--name", "drain").strip()
+        process, url = server.start_keyway(env, tmp_path / "server.log", uvicorn=True, workers=1)
+
+        async def scenario() -> tuple[list[bytes], list[bytes], float]:
+            opened = asyncio.Event()
+            streams = asyncio.ensure_future(_open_streams(url, key, opened, LONG + SHORT))
+            await asyncio.wait_for(opened.wait(), 30)
+            assert process is not None
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            await asyncio.sleep(0.5)
+            # No longer accepting: a new connection is refused.
+            with pytest.raises(httpx2.ConnectError):
+                async with httpx2.AsyncClient() as fresh:
+                    await fresh.get(f"{url}/health")
+            long, short = await streams
+            return long, short, time.monotonic() - signalled
+
+        long, short, waited = asyncio.run(scenario())
+        # uvicorn re-raises the SIGTERM it handled once it has shut down.
+        assert process.wait(timeout=20) in (0, -signal.SIGTERM)
+        # Short streams ran to their end; long ones were stopped at the deadline, after some chunks, with an
+        # error event that says why (the SDKs raise it) and the end of the stream.
+        assert all(text.endswith(b"data: [DONE]\n\n") and b'"error"' not in text for text in short)
+        assert all(text.count(b"data: ") > 2 and b'"code": "server_shutting_down"' in text
+                   and text.endswith(b"data: [DONE]\n\n") for text in long)
+        assert DEADLINE - 0.5 < waited < DEADLINE + 5
+        # Every call is in the ledger once, settled: the finished ones ok, the cut ones as the client's
+        # disconnection, charged what they produced.
+        found = json.loads(server.django_shell(env, "import json\n" + COUNT_BY_STATUS).strip().splitlines()[-1])
+        rows = {(model, status): (count, least) for model, status, count, least in found}
+        assert set(rows) == {("slow-stream-2", OK), ("slow-stream-30", CUT)}
+        assert rows["slow-stream-2", OK] == (SHORT, 20)
+        assert rows["slow-stream-30", CUT][0] == LONG and rows["slow-stream-30", CUT][1] >= 1
+    finally:
+        for running in (process, upstream):
+            if running is not None:
+                server.stop(running)
+        server.drop_database(database)
