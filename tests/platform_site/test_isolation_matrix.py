@@ -1,0 +1,139 @@
+"""The isolation matrix of the REST APIs: every route with an id in its path (the model API, the management API,
+the billing API), found by walking the URLconf, called with every method by a second organization's key with
+the first organization's ids: always 404 (or 403/405), and nothing of the first organization in the answer.
+
+A new route with an id this file does not know fails the test until its id is added to OWNED_IDS: no route
+escapes the matrix by being new.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
+from django.urls import URLPattern, URLResolver, get_resolver
+
+from apikeys.services import apikey_create
+from completions.services import provider_upsert_openai_compatible
+from platform_site.models import Organization, Role
+from platform_site.services import membership_set
+from tests.conftest import bearer
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+# Path parameters that are not another tenant's ids: a catalog model (shared by every organization), a
+# calendar month, a catch-all of unknown paths, and an invitation's secret token (its own test).
+NOT_TENANT_IDS = {"model_id", "month", "rest", "token"}
+# Prefixes served by the session-only dashboard and the admin site, which this REST matrix does not call.
+NOT_REST = ("admin/", "accounts/", "settings/", "organizations/", "invite/", "metrics", "health", "status")
+
+
+def _routes(patterns: list[Any], prefix: str = "") -> Iterator[str]:
+    for entry in patterns:
+        if isinstance(entry, URLResolver):
+            yield from _routes(entry.url_patterns, prefix + str(entry.pattern))
+        elif isinstance(entry, URLPattern):
+            yield prefix + str(entry.pattern)
+
+
+def _id_routes() -> list[str]:
+    routes = []
+    for route in dict.fromkeys(_routes(get_resolver().url_patterns)):
+        names = re.findall(r"<(?:\w+:)?(\w+)>|\(\?P<(\w+)>", route)
+        params = {a or b for a, b in names}
+        if not params - NOT_TENANT_IDS or route.startswith(NOT_REST):
+            continue
+        routes.append(route)
+    return routes
+
+
+def _fill(route: str, ids: dict[str, str]) -> str:
+    unknown = {name for name in re.findall(r"<(?:\w+:)?(\w+)>", route) if name not in ids}
+    assert not unknown, f"{route}: add an id of the first organization for {unknown} to the isolation matrix"
+    return "/" + re.sub(r"<(?:\w+:)?(\w+)>", lambda match: ids[match[1]], route)
+
+
+@pytest.fixture
+async def owned(org: Organization, upstream: tuple[int, Any], asgi_client: Any) -> dict[str, str]:
+    """The first organization's objects of every kind a route names, made through its own APIs."""
+    port, _ = upstream
+
+    def setup() -> tuple[str, str]:
+        provider_upsert_openai_compatible(name="fake", base_url=f"http://127.0.0.1:{port}/v1", models=["ok"])
+        admin = apikey_create(organization=org, name="admin", scopes=["admin"], actor_label="test")[1]
+        user = get_user_model().objects.create_user(username="ada", email="ada@acme.test", password="x" * 16)
+        membership_set(organization=org, user=user, role=Role.MEMBER, actor_label="test")
+        return admin, user.keyway_profile.public_id
+
+    admin, user_id = await sync_to_async(setup)()
+    raw_key = await sync_to_async(lambda: apikey_create(organization=org, name="k", actor_label="test")[1])()
+    key = bearer(raw_key)
+    project = (await asgi_client.post("/v1/organization/projects", json={"name": "Secret project"},
+                                      headers=bearer(admin))).json()
+    invite = (await asgi_client.post("/v1/organization/invites", json={"email": "bob@acme.test", "role": "reader"},
+                                     headers=bearer(admin))).json()
+    admin_keys = (await asgi_client.get("/v1/organization/admin_api_keys", headers=bearer(admin))).json()["data"]
+    project_keys = (await asgi_client.get(f"/v1/organization/projects/{project['id']}/api_keys",
+                                          headers=bearer(admin))).json()["data"]
+    if not project_keys:
+        in_project = await sync_to_async(lambda: org.projects.get(public_id=project["id"]))()
+        await sync_to_async(apikey_create)(organization=org, name="in project", actor_label="test", project=in_project)
+        project_keys = (await asgi_client.get(f"/v1/organization/projects/{project['id']}/api_keys",
+                                              headers=bearer(admin))).json()["data"]
+    await asgi_client.post(f"/v1/organization/projects/{project['id']}/spend_limit", headers=bearer(admin),
+                           json={"currency": "USD", "interval": "month", "threshold_amount": 2500})
+    limits = (await asgi_client.get(f"/v1/organization/projects/{project['id']}/rate_limits",
+                                    headers=bearer(admin))).json()["data"]
+    conversation = (await asgi_client.post("/v1/conversations", headers=key, json={
+        "items": [{"type": "message", "role": "user", "content": "the first organization's secret"}]})).json()
+    items = (await asgi_client.get(f"/v1/conversations/{conversation['id']}/items", headers=key)).json()["data"]
+    response = (await asgi_client.post("/v1/responses", json={"model": "ok", "input": "secret"}, headers=key)).json()
+    return {
+        "project_id": project["id"], "key_id": project_keys[0]["id"], "admin_key_id": admin_keys[0]["id"],
+        "user_id": user_id, "invite_id": invite["id"], "rate_limit_id": limits[0]["id"] if limits else "rl-ok",
+        "conversation_id": conversation["id"], "item_id": items[0]["id"], "response_id": response["id"],
+        "_key": raw_key, "_admin": admin,
+    }
+
+
+async def test_every_route_with_an_id_is_walled_off_from_another_organization(
+    asgi_client: Any, owned: dict[str, str], other_org: Organization
+) -> None:
+    other_key = await sync_to_async(lambda: apikey_create(
+        organization=other_org, name="other", actor_label="test",
+        scopes=["models:read", "chat", "embeddings", "responses", "realtime", "usage:read"])[1])()
+    other_admin = await sync_to_async(lambda: apikey_create(
+        organization=other_org, name="other admin", scopes=["admin"], actor_label="test")[1])()
+    routes = _id_routes()
+    assert len(routes) >= 20, routes  # the walk found the APIs' routes
+    credentials = {"_key", "_admin"}
+    secrets = {value for name, value in owned.items() if name not in credentials} - {"rl-ok"}
+    # A control: the ids are right, so the first organization's own keys read every route that reads.
+    for route in routes:
+        if route.endswith(("/cancel", "/archive", "/rotate", "/rate_limits/<path:rate_limit_id>")):
+            continue  # routes that only write
+        ids = {**owned, "key_id": owned["admin_key_id"]} if route.startswith("v1/organization/admin_api_keys") \
+            else owned
+        own = owned["_admin"] if route.startswith("v1/organization/") else owned["_key"]
+        answer = await asgi_client.get(_fill(route, ids), headers=bearer(own))
+        assert answer.status_code == 200, (route, answer.status_code, answer.text[:300])
+    for route in routes:
+        ids = dict(owned)
+        # The admin key routes name admin keys; the project key routes name project keys.
+        if route.startswith("v1/organization/admin_api_keys"):
+            ids["key_id"] = owned["admin_key_id"]
+        path = _fill(route, ids)
+        credential = other_admin if route.startswith("v1/organization/") else other_key
+        for method in ("GET", "POST", "DELETE"):
+            answer = await asgi_client.request(method, path, headers=bearer(credential), json={})
+            assert answer.status_code in (403, 404, 405), (method, path, answer.status_code, answer.text[:300])
+            leaked = [secret for secret in secrets if secret in answer.text and secret not in path]
+            assert not leaked, (method, path, leaked)
+            assert "secret" not in answer.text.replace(path, ""), (method, path, answer.text[:300])
+    # The first organization still has all of it.
+    assert (await asgi_client.get(f"/v1/responses/{owned['response_id']}",
+                                  headers=bearer(other_key))).status_code == 404
