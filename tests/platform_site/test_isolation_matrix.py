@@ -137,3 +137,58 @@ async def test_every_route_with_an_id_is_walled_off_from_another_organization(
     # The first organization still has all of it.
     assert (await asgi_client.get(f"/v1/responses/{owned['response_id']}",
                                   headers=bearer(other_key))).status_code == 404
+
+
+def test_every_dashboard_page_with_an_id_is_walled_off_from_another_organizations_members() -> None:
+    """The same for the dashboard's pages: an owner of another organization, signed in, gets 404 for every page
+    and form that names one of the first organization's keys, projects, members or invitations."""
+    from allauth.account.models import EmailAddress
+    from django.test import Client
+
+    from platform_site.access import system_actor
+    from platform_site.services import invitation_create, organization_create, project_create
+
+    def user(email: str) -> Any:
+        made = get_user_model().objects.create_user(username=email.split("@")[0], email=email, password="x" * 16)
+        EmailAddress.objects.create(user=made, email=email, verified=True, primary=True)
+        return made
+
+    alice, bob, mallory = user("alice@acme.test"), user("bob@acme.test"), user("mallory@globex.test")
+    acme = organization_create(name="Acme secret org", owner=alice)
+    membership_set(organization=acme, user=bob, role=Role.MEMBER, actor_label="test")
+    organization_create(name="Globex", owner=mallory)
+    project = project_create(by=system_actor(acme), name="Secret project")
+    key, _ = apikey_create(organization=acme, name="Secret key", actor_label="test")
+    invitation = invitation_create(by=system_actor(acme), email="carol@acme.test", role=Role.MEMBER,
+                                   accept_url="http://testserver/invite/{token}")
+    by_kind = {"api-keys": key.public_id, "projects": project.public_id, "invitations": invitation.public_id,
+               "members": bob.keyway_profile.public_id}
+    routes = [route for route in dict.fromkeys(_routes(get_resolver().url_patterns))
+              if route.startswith("settings/") and "<" in route]
+    assert len(routes) >= 5, routes
+
+    def fill(route: str) -> str:
+        kind = route.split("/")[1]
+        assert kind in by_kind, f"{route}: add an id of the first organization for it to the isolation matrix"
+        return "/" + re.sub(r"<(?:\w+:)?(\w+)>", by_kind[kind], route)
+
+    intruder, owner = Client(), Client()
+    intruder.force_login(mallory)
+    owner.force_login(alice)
+    for route in routes:
+        path = fill(route)
+        for method in ("get", "post"):
+            answer = getattr(intruder, method)(path)
+            assert answer.status_code in (403, 404, 405), (method, path, answer.status_code)
+            assert b"Secret" not in answer.content and b"acme" not in answer.content.lower(), (method, path)
+        # The control: the ids are the right ones (the owner reads the project and changes the member's role).
+        if route.startswith("settings/projects/"):
+            assert owner.get(path).status_code == 200, path
+        if route.startswith("settings/members/"):
+            assert owner.post(path, {"role": Role.READER}).status_code == 302, path
+    bob.refresh_from_db()
+    assert bob.memberships.get().role == Role.READER
+    # Nothing the intruder posted changed anything: the key is not revoked or rotated, the invitation stands.
+    key.refresh_from_db()
+    assert key.revoked_at is None and key.previous_secret_hash == ""
+    invitation.refresh_from_db()
