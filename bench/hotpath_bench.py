@@ -41,8 +41,12 @@ RESPONSES_BODY = b'{"model": "bench", "input": "hi", "max_output_tokens": 16, "s
 STORED_BODY = b'{"model": "bench", "input": "hi", "max_output_tokens": 16}'
 
 
-async def _call(app: object, raw_key: str, body: bytes, path: str = "/v1/chat/completions") -> int:
-    """One request through the ASGI app, as a server would make it; returns the status."""
+async def asgi_call(
+    app: object, raw_key: str, body: bytes, path: str = "/v1/chat/completions",
+    messages: list[dict[str, object]] | None = None,
+) -> int:
+    """One request through the ASGI app, as a server would make it; returns the status (and appends what the
+    app sent to `messages`, when given: tests read it)."""
     status = 0
     sent = False
 
@@ -56,6 +60,8 @@ async def _call(app: object, raw_key: str, body: bytes, path: str = "/v1/chat/co
 
     async def send(message: dict[str, object]) -> None:
         nonlocal status
+        if messages is not None:
+            messages.append(message)
         if message["type"] == "http.response.start":
             status = int(message["status"])  # type: ignore[call-overload]
 
@@ -122,7 +128,7 @@ async def _run(app: object, raw_key: str, body: bytes | None, *, requests: int, 
 
     async def worker() -> None:
         for _ in queue:
-            statuses.append(await _call(app, raw_key, body, path))
+            statuses.append(await asgi_call(app, raw_key, body, path))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return statuses

@@ -79,7 +79,7 @@ class StoredResponse(models.Model):
     body_json = models.TextField()
     input_json = models.TextField(default="[]")
     log_json = models.TextField(default="[]")
-    # Bytes of its input and output items: what continuing from it adds to a context.
+    # Bytes of its input items and its body (which holds its output): what continuing from it reads.
     size = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField()
     # Moved by a background response's runner at least every few seconds while it runs: one left behind by

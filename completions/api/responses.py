@@ -365,8 +365,8 @@ async def responses_create(request: ApiRequest) -> HttpResponseBase:
         await run.open(content_step(prepared.report))
         return StreamingHttpResponse(_Streamed(run), content_type=sse.CONTENT_TYPE,
                                      headers={**sse.HEADERS, **run.headers})
-    # Answered whole. A call that fails is an HTTP error, stored and metered as nothing (the engine settles
-    # a failed call at what the upstream charged for it, and nothing was produced for the client).
+    # Answered whole. A call that fails is an HTTP error and is not stored (nothing reached the client); the
+    # engine settled it as it settles a failed chat call.
     await run.complete(content_step(prepared.report))
     run.end("completed")
     await run.save()

@@ -639,3 +639,30 @@ async def test_stored_responses_expire_and_are_purged(sdk: openai.AsyncOpenAI, s
         await sdk.responses.create(model="ok", input="z", previous_response_id=old.id)
     await sync_to_async(call_command)("purge_responses", verbosity=0)
     assert await sync_to_async(list)(StoredResponse.objects.values_list("id", flat=True)) == [kept.id]
+
+
+async def test_bad_query_parameters_of_the_read_routes_get_a_400_naming_them(
+    sdk: openai.AsyncOpenAI, api_key: tuple[ApiKey, str]
+) -> None:
+    from platform_site.asgi import application
+
+    response = await sdk.responses.create(model="ok", input="x")
+    conversation = await sdk.conversations.create()
+    cases = [
+        (f"/v1/responses/{response.id}/input_items?limit=0", 400, "limit"),
+        (f"/v1/responses/{response.id}/input_items?limit=abc", 400, "limit"),
+        (f"/v1/responses/{response.id}/input_items?limit=99999999999999999999", 400, "limit"),
+        (f"/v1/responses/{response.id}/input_items?order=sideways", 400, "order"),
+        (f"/v1/responses/{response.id}/input_items?after=msg_nope", 404, "after"),
+        (f"/v1/responses/{response.id}?stream=true&starting_after=abc", 400, "starting_after"),
+        (f"/v1/conversations/{conversation.id}/items?limit=101", 400, "limit"),
+        (f"/v1/conversations/{conversation.id}/items?after=msg_nope", 404, "after"),
+        ("/v1/responses/" + "r" * 5000, 404, "response_id"),
+    ]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://127.0.0.1") as c:
+        for path, status, param in cases:
+            answer = await c.get(path, headers=bearer(api_key[1]))
+            assert (answer.status_code, answer.json()["error"]["param"]) == (status, param), (path, answer.text)
+        for body in ({"metadata": "x"}, {"metadata": {"k": "v" * 600}}, {"items": "x"}, {"frobnicate": 1}):
+            answer = await c.post("/v1/conversations", json=body, headers=bearer(api_key[1]))
+            assert answer.status_code == 400 and answer.json()["error"]["param"], (body, answer.text)

@@ -125,30 +125,12 @@ async def test_a_request_the_server_stops_before_answering_gets_a_503_to_retry_a
     streams); one that had not answered yet is told to retry, not cut off."""
     import asyncio
 
+    from bench.hotpath_bench import asgi_call
     from platform_site.asgi import application
 
     sent: list[dict[str, Any]] = []
     body = orjson.dumps({"model": "slow", "messages": [{"role": "user", "content": "hi"}]})
-    delivered = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.sleep(3600)
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
-        "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000),
-        "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {api_key[1]}".encode())],
-    }
-    task = asyncio.get_running_loop().create_task(application(scope, receive, send))
+    task = asyncio.get_running_loop().create_task(asgi_call(application, api_key[1], body, messages=sent))
     await asyncio.sleep(0.3)
     task.cancel()  # as uvicorn does when its graceful-shutdown deadline passes
     await task

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2
 
@@ -165,3 +168,29 @@ print(session.session_key)
 def staff_cookies(env: dict[str, str]) -> dict[str, str]:
     """A signed-in staff user's session cookie (for /status's figures), made in the stack's database."""
     return {"sessionid": django_shell(env, STAFF_SESSION).strip().splitlines()[-1]}
+
+
+@contextlib.contextmanager
+def keyway_stack(
+    var_dir: Path, *, upstream_models: str, workers: int = 1, env_extra: dict[str, str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """The usual end-to-end stack: the fake upstream (serving `upstream_models`), a migrated and bootstrapped
+    Keyway on uvicorn with `workers` processes, and a demo key. Yields its url, key, env and process; stops
+    it all and drops its database afterwards."""
+    env, database = make_environment(var_dir)
+    env.update(env_extra or {})
+    process = upstream = None
+    try:
+        upstream, upstream_url = start_fake_upstream(var_dir / "upstream.log")
+        env.update(KEYWAY_UPSTREAM_BASE_URL=f"{upstream_url}/v1", KEYWAY_UPSTREAM_MODELS=upstream_models,
+                   KEYWAY_UPSTREAM_NAME="fake")
+        manage(env, "migrate", "--no-input", "-v", "0")
+        manage(env, "bootstrap")
+        key = manage(env, "createapikey", "demo", "--name", "e2e").strip()
+        process, url = start_keyway(env, var_dir / "server.log", uvicorn=True, workers=workers)
+        yield {"url": url, "key": key, "env": env, "process": process}
+    finally:
+        for running in (process, upstream):
+            if running is not None:
+                stop(running)
+        drop_database(database)

@@ -60,23 +60,14 @@ async def _open_streams(url: str, key: str, opened: asyncio.Event, target: int) 
 def test_sigterm_finishes_short_streams_cuts_long_ones_at_the_deadline_and_settles_every_call(
     tmp_path: Path,
 ) -> None:
-    env, database = server.make_environment(tmp_path)
-    env.update(UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=str(DEADLINE), KEYWAY_UPSTREAM_NAME="fake",
-               KEYWAY_UPSTREAM_MODELS="slow-stream-30,slow-stream-2")
-    process = upstream = None
-    try:
-        upstream, upstream_url = server.start_fake_upstream(tmp_path / "upstream.log")
-        env["KEYWAY_UPSTREAM_BASE_URL"] = f"{upstream_url}/v1"
-        server.manage(env, "migrate", "--no-input", "-v", "0")
-        server.manage(env, "bootstrap")
-        key = server.manage(env, "createapikey", "demo", "--name", "drain").strip()
-        process, url = server.start_keyway(env, tmp_path / "server.log", uvicorn=True, workers=1)
+    with server.keyway_stack(tmp_path, upstream_models="slow-stream-30,slow-stream-2",
+                             env_extra={"UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN": str(DEADLINE)}) as stack:
+        process, url, key, env = stack["process"], stack["url"], stack["key"], stack["env"]
 
         async def scenario() -> tuple[list[bytes], list[bytes], float]:
             opened = asyncio.Event()
             streams = asyncio.ensure_future(_open_streams(url, key, opened, LONG + SHORT))
             await asyncio.wait_for(opened.wait(), 30)
-            assert process is not None
             process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             await asyncio.sleep(0.5)
@@ -103,8 +94,3 @@ def test_sigterm_finishes_short_streams_cuts_long_ones_at_the_deadline_and_settl
         assert set(rows) == {("slow-stream-2", OK), ("slow-stream-30", CUT)}
         assert rows["slow-stream-2", OK] == (SHORT, 20)
         assert rows["slow-stream-30", CUT][0] == LONG and rows["slow-stream-30", CUT][1] >= 1
-    finally:
-        for running in (process, upstream):
-            if running is not None:
-                server.stop(running)
-        server.drop_database(database)

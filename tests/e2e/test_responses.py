@@ -23,23 +23,9 @@ TEXT = "".join(f"t{i} " for i in range(20))
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    var_dir = tmp_path_factory.mktemp("keyway-responses")
-    env, database = server.make_environment(var_dir)
-    process = upstream = None
-    try:
-        upstream, upstream_url = server.start_fake_upstream(var_dir / "upstream.log")
-        env.update(KEYWAY_UPSTREAM_BASE_URL=f"{upstream_url}/v1", KEYWAY_UPSTREAM_MODELS="ok,drip",
-                   KEYWAY_UPSTREAM_NAME="fake")
-        server.manage(env, "migrate", "--no-input", "-v", "0")
-        server.manage(env, "bootstrap")
-        key = server.manage(env, "createapikey", "demo", "--name", "responses").strip()
-        process, url = server.start_keyway(env, var_dir / "server.log", uvicorn=True, workers=2)
-        yield {"url": url, "key": key, "env": env}
-    finally:
-        for running in (process, upstream):
-            if running is not None:
-                server.stop(running)
-        server.drop_database(database)
+    with server.keyway_stack(tmp_path_factory.mktemp("keyway-responses"), upstream_models="ok,drip",
+                             workers=2) as running:
+        yield running
 
 
 @pytest.fixture
