@@ -24,6 +24,7 @@ from django.utils import timezone
 
 from apikeys import keyformat, throttle
 from apikeys.exceptions import InvalidApiKey, MissingScope, ModelNotAllowed, TooManyFailedAuthentications
+from platform_site.kernel import breaker
 from platform_site.kernel.orm import orm
 from platform_site.kernel.singleflight import SingleFlight
 
@@ -154,6 +155,10 @@ def _fetch_record(
     trusted (it would otherwise have served a revoked key for KEYWAY_KEY_CACHE_TTL)."""
     if _shared_cache_is_process_local():
         return load(public_id)
+    if _uninvalidated and breaker.redis.allows():
+        _invalidate_again()  # for the other processes, which may not have noticed the outage
+    if _shared_cache_suspect():
+        return load(public_id)
     record_key, generation_key = _cache_key(public_id), _generation_key(public_id)
     found = cache.get_many([record_key, generation_key])
     generation = found.get(generation_key)
@@ -167,6 +172,30 @@ def _fetch_record(
     else:
         cache.set(record_key, (generation, record), timeout=settings.KEYWAY_KEY_CACHE_TTL)
     return record
+
+
+def _shared_cache_suspect() -> bool:
+    """Whether this process saw Redis fail within a key-cache lifetime: a revocation made meanwhile may not
+    have reached the shared copy, which Redis could still hold when it returns, so the database answers."""
+    return breaker.redis.failed_within(settings.KEYWAY_KEY_CACHE_TTL)
+
+
+# Keys whose shared copies this process could not forget (Redis was down): forgotten on its return.
+_uninvalidated: set[str] = set()
+
+
+def _forget_shared_copy(public_id: str) -> bool:
+    failures = breaker.redis.last_failure
+    cache.set(_generation_key(public_id), secrets.token_hex(8), timeout=settings.KEYWAY_KEY_CACHE_TTL + 600)
+    cache.delete(_cache_key(public_id))
+    return breaker.redis.last_failure == failures and breaker.redis.down_since is None
+
+
+def _invalidate_again() -> None:
+    for public_id in list(_uninvalidated):
+        if not _forget_shared_copy(public_id):
+            return
+        _uninvalidated.discard(public_id)
 
 
 def _local_ttl() -> float:
@@ -183,8 +212,11 @@ def invalidate_cached_key(public_id: str) -> None:
     now untrusted (a new generation, outliving every copy stamped with the old one). Called on commit of a
     key change."""
     _records.invalidate(public_id)
-    cache.set(_generation_key(public_id), secrets.token_hex(8), timeout=settings.KEYWAY_KEY_CACHE_TTL + 600)
-    cache.delete(_cache_key(public_id))
+    if not _shared_cache_is_process_local() and not _forget_shared_copy(public_id):
+        # Redis is down: this process reads keys from the database until KEYWAY_KEY_CACHE_TTL after it
+        # returns, and forgets the shared copy on its next lookup once it is back.
+        _uninvalidated.add(public_id)
+        logger.warning("Could not forget the shared cached copy of key %s: Redis is unreachable", public_id)
 
 
 def _mark_used(key_id: int, public_id: str) -> None:
@@ -206,8 +238,9 @@ _last_touch: dict[str, float] = {}
 
 
 def forget_last_touches() -> None:
-    """Forget when keys were last marked used (tests)."""
+    """Forget when keys were last marked used, and the keys whose shared copies are still to forget (tests)."""
     _last_touch.clear()
+    _uninvalidated.clear()
 
 
 def parse_bearer(header: str | None) -> str:

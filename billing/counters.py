@@ -31,6 +31,14 @@ releasing their holds in one atomic script, so a crashed worker cannot lock an o
 A request whose worker's lease was reaped while it ran (a worker stalled past the heartbeat) settles at its
 full cost, because its hold was already released: nothing is released twice.
 
+Redis going away (README, "When a backing service fails"): every call goes through the Redis circuit breaker
+(platform_site.kernel.breaker) and raises breaker.Unavailable at once while Redis is down; metering decides
+what that means for the request (fail closed, or serve unlimited). Settlements that cannot be sent are kept
+and sent again, under the same batch id, once Redis answers. A Redis that comes back empty is noticed by the
+first admission (this worker is no longer in the set of workers): the worker registers under a new name, so
+holds released later against the old lease are added back to the counters, which are seeded from the ledger
+anew; what drifts meanwhile is corrected by reconciliation (billing.reconcile).
+
 Measured with bench/: django-ratelimit through Django's cache API cost ~2.4 ms of CPU per request on Redis,
 which alone broke the 1.5 ms budget; this is one asynchronous round trip (~0.1 ms of CPU).
 """
@@ -38,19 +46,25 @@ which alone broke the 1.5 ms budget; this is one asynchronous round trip (~0.1 m
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import os
 import secrets
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
 
 from billing.ratelimits import WINDOW
+from platform_site.kernel import breaker
 from platform_site.kernel.loops import PerLoop
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +81,7 @@ REFUSED_PROJECT_BUDGET = 9
 NEEDS_ORG_MONTH = -1
 NEEDS_KEY_MONTH = -2
 NEEDS_PROJECT_MONTH = -3
+NEEDS_REGISTRATION = -4
 
 DAY = 24 * 3600
 _MONTH_TTL = 40 * 24 * 3600
@@ -74,13 +89,16 @@ _HEARTBEAT_EVERY = 10.0
 _HEARTBEAT_TTL = 30
 
 # KEYS: 1 requests window, 2 tokens window, 3 spend, 4 credit, 5 org month, 6 key month, 7 project month,
-#       8 project requests window, 9 project tokens window, 10 project requests day, 11 the worker's lease
+#       8 project requests window, 9 project tokens window, 10 project requests day, 11 the worker's lease,
+#       12 the set of workers
 # ARGV: 1 window ttl, 2 rpm (0: no rate limits), 3 tpm, 4 estimated tokens, 5 hold, 6 prepaid (1/0),
 #       7 spend seed (-1: not metered), 8 credit total, 9 credit version, 10 org cap (-1: none), 11 key cap
 #       (-1: none), 12 project cap (-1: none), 13 project rpm (0: no project limits), 14 project tpm,
-#       15 project requests per day (0: none), 16 day ttl
+#       15 project requests per day (0: none), 16 day ttl, 17 the worker
 # Returns the status, then the key's requests and tokens this minute, the project's, and the project's day.
+# A worker missing from the set (Redis restarted empty, or the worker was reaped) must register again first.
 _ADMIT = """
+if redis.call('SISMEMBER', KEYS[12], ARGV[17]) == 0 then return {-4, 0, 0, 0, 0, 0} end
 local org_cap = tonumber(ARGV[10])
 local key_cap = tonumber(ARGV[11])
 local project_cap = tonumber(ARGV[12])
@@ -307,10 +325,20 @@ Releases = dict[str, dict[str, int]]  # lease -> counter -> settled holds
 class _RedisCounters:
     def __init__(self) -> None:
         import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
-        # A blocking pool: a burst larger than the pool waits for a connection instead of failing.
+        timeout = settings.KEYWAY_REDIS_TIMEOUT
+        # A blocking pool: a burst larger than the pool waits for a connection instead of failing (briefly: a
+        # pool that stays exhausted is a Redis that stopped answering). No retries: a call that timed out may
+        # still run on Redis, and a retry would then reserve twice while the caller learns of one (a hold
+        # nobody settles); a failure is the breaker's to count and the worker's to resolve (a new lease,
+        # below). A connection idle for a while is checked with a PING before use, so one that Redis dropped
+        # is replaced instead of failing a call.
         pool = redis.asyncio.BlockingConnectionPool.from_url(
-            settings.REDIS_URL, max_connections=settings.KEYWAY_REDIS_POOL_SIZE, timeout=5
+            settings.REDIS_URL, max_connections=settings.KEYWAY_REDIS_POOL_SIZE, timeout=max(2.0, 4 * timeout),
+            socket_connect_timeout=timeout, socket_timeout=timeout, retry=Retry(NoBackoff(), 0),
+            health_check_interval=30,
         )
         self.client = redis.asyncio.Redis(connection_pool=pool)
         self.admit_script = self.client.register_script(_ADMIT)
@@ -323,6 +351,10 @@ class _RedisCounters:
         self.registered = False
         self.registering: asyncio.Task[None] | None = None
         self.heartbeats: asyncio.Task[None] | None = None
+        self.reconciler: asyncio.Task[None] | None = None
+        # Names this worker gave up, whose leases are still to reap (a timeout left them uncertain).
+        self.retiring: list[str] = []
+        self.renaming: asyncio.Task[None] | None = None
 
     @property
     def lease(self) -> str:
@@ -347,13 +379,42 @@ class _RedisCounters:
         while True:
             await asyncio.sleep(_HEARTBEAT_EVERY)
             try:
-                await self.heartbeat()
+                await self._guard(self.heartbeat())
+                if self.retiring:
+                    await self._guard(self._renamed())
+                if _resend or _unsent or _releases:
+                    await flush()  # settlements kept through an outage, now that Redis answers
+            except breaker.Unavailable:
+                pass  # the breaker logged it, once
             except Exception:
                 logger.exception("Billing heartbeat failed; will retry")
 
+    async def _guard(self, call: Awaitable[T]) -> T:
+        """A call to Redis through the breaker: breaker.Unavailable at once while Redis is down, or when the
+        call fails to reach it."""
+        if not breaker.redis.allows():
+            if inspect.iscoroutine(call):
+                call.close()
+            raise breaker.Unavailable
+        try:
+            result = await call
+        except breaker.connection_errors() as error:
+            breaker.redis.failed(error)
+            # The idle connections are as dead as this one if Redis restarted: dropped now, so that after
+            # the breaker's pause each call opens a fresh one instead of failing on a stale one.
+            with contextlib.suppress(Exception):
+                await self.client.connection_pool.disconnect(inuse_connections=False)
+            raise breaker.Unavailable from error
+        breaker.redis.succeeded()
+        return result
+
     async def _register(self) -> None:
+        from billing.reconcile import reconcile_periodically
+
         await self.heartbeat()
-        self.heartbeats = asyncio.get_running_loop().create_task(self._beat())
+        loop = asyncio.get_running_loop()
+        self.heartbeats = loop.create_task(self._beat())
+        self.reconciler = loop.create_task(reconcile_periodically(self.client, self.worker))
 
     async def admit(self, ask: Ask) -> Counted:
         """The lease in the result is the one holding the hold (the one a settlement must give it back to)."""
@@ -362,12 +423,58 @@ class _RedisCounters:
             # once, however many first requests arrive together.
             if self.registering is None or self.registering.done() and self.registering.exception() is not None:
                 self.registering = asyncio.get_running_loop().create_task(self._register())
-            await asyncio.shield(self.registering)
-        lease = self.lease
-        status, requests, tokens, project_requests, project_tokens, project_day = (
-            int(value) for value in await self.admit_script(keys=[*ask.keys, lease], args=ask.argv())
-        )
+            await self._guard(asyncio.shield(self.registering))
+        if self.retiring:
+            await self._guard(self._renamed())
+        for _ in range(2):
+            lease = self.lease
+            try:
+                status, requests, tokens, project_requests, project_tokens, project_day = (
+                    int(value) for value in await self._guard(self.admit_script(
+                        keys=[*ask.keys, lease, f"{self.prefix}:bill:workers"], args=[*ask.argv(), self.worker]
+                    ))
+                )
+            except breaker.Unavailable as error:
+                if error.__cause__ is not None and self.lease == lease:
+                    # The call failed after it may have been sent (a timeout): Redis may still run it and
+                    # reserve a hold nobody will settle. This name is retired before the next admission: its
+                    # lease reaped (that hold with it; calls in flight settle as reaped ones do, exactly), and
+                    # a late run of that admission refused, its worker no longer registered.
+                    self.retiring.append(self.worker)
+                    self.worker = _worker_name()
+                    self.registered = False
+                raise
+            if status != NEEDS_REGISTRATION:
+                break
+            # Redis lost this worker (restarted empty, or reaped it): a new name and lease, then admit again.
+            # Once, however many admissions found it out together.
+            if self.lease == lease:
+                logger.warning("Worker %s is not registered in Redis (restarted, or reaped); registering again",
+                               self.worker)
+                self.retiring.append(self.worker)
+                self.worker = _worker_name()
+                self.registered = False
+            await self._guard(self._renamed())
+        if status == NEEDS_REGISTRATION:
+            raise breaker.Unavailable
+        if _resend:
+            settle_later({})  # Redis answers again: send what was kept through the outage now
         return Counted(status, requests, tokens, project_requests, project_tokens, project_day, lease)
+
+    async def _renamed(self) -> None:
+        """Retire the names this worker gave up (reap their leases, forget them) and register the new one;
+        once, however many admissions wait for it."""
+        if self.renaming is None or self.renaming.done():
+            self.renaming = asyncio.get_running_loop().create_task(self._rename())
+        await asyncio.shield(self.renaming)
+
+    async def _rename(self) -> None:
+        for old in list(self.retiring):
+            await self.retire_script(keys=[f"{self.prefix}:bill:workers", f"{self.prefix}:bill:alive:{old}"],
+                                     args=[old, self.prefix])
+            self.retiring.remove(old)
+        if not self.registered:
+            await self.heartbeat()
 
     async def settle(self, amounts: dict[str, int], releases: Releases, batch: str) -> None:
         keys: list[str] = [*amounts, *releases, f"{self.prefix}:bill:settled:{batch}"]
@@ -376,18 +483,19 @@ class _RedisCounters:
             args.append(len(held))
             for counter, hold in held.items():
                 args += [counter, hold]
-        await self.settle_script(keys=keys, args=args)
+        await self._guard(self.settle_script(keys=keys, args=args))
 
     async def seed(self, values: dict[str, int]) -> None:
-        await self.seed_script(keys=list(values), args=[*values.values(), _MONTH_TTL])
+        await self._guard(self.seed_script(keys=list(values), args=[*values.values(), _MONTH_TTL]))
 
     async def read(self, name: str) -> int | None:
-        value = await self.client.get(name)
+        value = await self._guard(self.client.get(name))
         return None if value is None else int(value)
 
     async def close(self) -> None:
-        if self.heartbeats is not None:
-            self.heartbeats.cancel()
+        for task in (self.heartbeats, self.reconciler):
+            if task is not None:
+                task.cancel()
         if self.registered:
             await self.retire_script(
                 keys=[f"{self.prefix}:bill:workers", f"{self.prefix}:bill:alive:{self.worker}"],
@@ -541,9 +649,17 @@ def unsent(name: str) -> int:
 
 
 async def _send_soon() -> None:
-    # One turn of the loop: every request settling in this turn rides along in the same round trip.
+    # One turn of the loop: every request settling in this turn rides along in the same round trip. Then
+    # again for what settled while that round trip was under way (`settle_later` did not start another
+    # sender meanwhile), until nothing is queued: the last settlements of a burst are never left waiting.
     await asyncio.sleep(0)
-    await flush()
+    while True:
+        try:
+            await flush()
+        except breaker.Unavailable:
+            return  # kept, and sent again by the next admission or heartbeat once Redis answers
+        if not _unsent and not _releases:
+            return
 
 
 async def flush() -> None:
@@ -567,7 +683,12 @@ async def flush() -> None:
 async def flush_at_shutdown() -> None:
     """On shutdown, before this loop's Redis client is closed (platform_site.kernel.loops): send what is
     queued."""
-    await flush()
+    try:
+        await flush()
+    except breaker.Unavailable:
+        # The holds stay in this worker's lease, which a live worker reaps once the heartbeat expires; the
+        # costs never sent are a drift that reconciliation corrects from the ledger.
+        logger.error("Could not send %d settlement batches at shutdown: Redis is unreachable", len(_resend))
 
 
 def reset() -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+from django.conf import settings
+
 from platform_site.kernel.errors import ApiError
 
 
@@ -61,6 +65,31 @@ class QuotaExceeded(ApiError):
 
     def __init__(self, code: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(self.MESSAGES[code], code=code, headers=headers)
+
+
+class CountersUnavailable(ApiError):
+    """503: the shared counters (Redis) cannot be reached, and the request needs them: `billing_unavailable`
+    where it reserves against prepaid credit or a spend cap (always refused: nobody may overspend during an
+    outage), `rate_limits_unavailable` where only rate limits count it and KEYWAY_RATE_LIMITS_WITHOUT_REDIS is
+    "closed". Retry-After says when this worker tries Redis again."""
+
+    status = 503
+    error_type = "server_error"
+
+    MESSAGES = {
+        "billing_unavailable": (
+            "Keyway cannot check your organization's credit and spend caps right now (a backing service is "
+            "unavailable), so it does not start this request. Please retry shortly."
+        ),
+        "rate_limits_unavailable": (
+            "Keyway cannot count this request against its rate limits right now (a backing service is "
+            "unavailable), so it does not start it. Please retry shortly."
+        ),
+    }
+
+    def __init__(self, code: str) -> None:
+        retry_after = max(math.ceil(settings.KEYWAY_REDIS_RETRY_AFTER), 1)
+        super().__init__(self.MESSAGES[code], code=code, headers={"Retry-After": str(retry_after)})
 
 
 class TooManySessions(ApiError):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import orjson
 from django.conf import settings
-from django.db import DataError, IntegrityError
+from django.db import DataError, IntegrityError, InterfaceError, OperationalError
 
 from billing.services import SettledUsage, usage_events_write
 from platform_site.kernel.orm import orm, returns_connection
@@ -100,8 +100,15 @@ class _Ledger:
             self._flusher = loop.create_task(self._flush_soon())
 
     async def _flush_soon(self) -> None:
-        await asyncio.sleep(settings.KEYWAY_USAGE_FLUSH_INTERVAL)
-        await self.flush()
+        # Until nothing is left: events journaled while a write was under way (this task was not done, so
+        # `record` did not schedule another), and batches whose write failed (the database is down), are
+        # written on the next interval, not only when some later request happens to settle.
+        while True:
+            await asyncio.sleep(settings.KEYWAY_USAGE_FLUSH_INTERVAL)
+            await self.flush()
+            if not self.pending():
+                return
+            await asyncio.sleep(settings.KEYWAY_USAGE_RETRY_INTERVAL if self._sealed else 0)
 
     def _seal(self) -> list[_JournalFile]:
         with self._lock:
@@ -126,9 +133,14 @@ class _Ledger:
             for journal in self._seal():
                 try:
                     _write(journal.events, self._directory())
+                except (OperationalError, InterfaceError) as error:
+                    # The database is unreachable (its breaker said so, once): keep the sealed journal and
+                    # retry. Nothing is lost while the file exists.
+                    logger.warning("Writing %d usage events failed (%s); they wait in the journal",
+                                   len(journal.events), type(error).__name__)
+                    return
                 except Exception:
-                    # The database is unreachable or refused the batch: keep the sealed journal and retry on
-                    # the next flush. Nothing is lost while the file exists.
+                    # The database refused the batch: keep the sealed journal and retry on the next flush.
                     logger.exception("Writing %d usage events failed; will retry", len(journal.events))
                     return
                 with self._lock:
@@ -176,14 +188,27 @@ def _set_aside(event: SettledUsage, error: Exception, directory: Path | None) ->
                  type(error).__name__, _REJECTED)
 
 
-def _read_journal(path: Path) -> list[SettledUsage]:
+def _read_journal(path: Path, *, quiet: bool = False) -> list[SettledUsage]:
     events = []
     for line in path.read_bytes().splitlines():
         try:
             events.append(SettledUsage.from_row(orjson.loads(line)))
         except (orjson.JSONDecodeError, TypeError):
             # Only the last line of a process killed mid-write can be torn; its request never got an answer.
-            logger.warning("Skipping a torn line in %s", path.name)
+            if not quiet:
+                logger.warning("Skipping a torn line in %s", path.name)
+    return events
+
+
+def read_journals(directory: Path) -> list[SettledUsage]:
+    """Every event in the journals of this host, live ones included (billing.reconcile): what was settled and
+    is written, or waiting to be. A line being appended right now may be torn, and is skipped."""
+    events = []
+    for path in sorted(directory.glob(f"*{_SUFFIX}")) if directory.is_dir() else []:
+        try:
+            events.extend(_read_journal(path, quiet=True))
+        except FileNotFoundError:
+            continue  # written and deleted meanwhile
     return events
 
 

@@ -76,7 +76,7 @@ def _ttl() -> float:
     return float(settings.KEYWAY_BILLING_LOCAL_TTL)
 
 
-_limits: SingleFlight[int, ProjectLimits] = SingleFlight(_load, ttl=_ttl)
+_limits: SingleFlight[int, ProjectLimits] = SingleFlight(_load, ttl=_ttl, stale_if_error=True)
 
 
 async def project_limits(project_id: int) -> ProjectLimits:

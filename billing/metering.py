@@ -25,14 +25,14 @@ from django.db.models import Sum
 
 from apikeys.auth import AuthenticatedKey
 from billing import counters
-from billing.exceptions import QuotaExceeded, RateLimitExceeded
+from billing.exceptions import CountersUnavailable, QuotaExceeded, RateLimitExceeded
 from billing.ledger import ledger
 from billing.limits import project_limits
 from billing.models import UsageEvent
 from billing.pricing import AccountTerms, ModelPrice, account_terms, cost_micros, price_table
 from billing.ratelimits import WINDOW, RateState, tighter
 from billing.services import SettledUsage
-from platform_site.kernel import metrics
+from platform_site.kernel import breaker, metrics
 from platform_site.kernel.orm import orm
 
 Endpoint = UsageEvent.Endpoint
@@ -240,7 +240,11 @@ async def admit(
             project_tpm=project_limit.tokens_per_minute if project_limit is not None else 0,
             project_rpd=project_limit.requests_per_day if project_limit is not None else 0,
         )
-        lease, rate_state = await _count_and_reserve(ask, key=key, model=models[0], now=now)
+        try:
+            lease, rate_state = await _count_and_reserve(ask, key=key, model=models[0], now=now)
+        except breaker.Unavailable:
+            _without_counters(ask)
+            hold = 0  # nothing was reserved: settlement adds the whole cost, where the counters still exist
     return Meter(
         key=key,
         call_id=call_id,
@@ -259,6 +263,15 @@ async def admit(
         rate_state=rate_state,
         reserved_tokens=prompt_tokens + max_output_tokens if rate_state is not None else 0,
     )
+
+
+def _without_counters(ask: counters.Ask) -> None:
+    """Redis is unreachable: refuse what must not run uncounted (prepaid credit and spend caps always; rate
+    limits unless KEYWAY_RATE_LIMITS_WITHOUT_REDIS is "open"), or let the call run without a reservation."""
+    if ask.prepaid or max(ask.org_cap, ask.key_cap, ask.project_cap) >= 0:
+        raise CountersUnavailable("billing_unavailable")
+    if ask.rpm and settings.KEYWAY_RATE_LIMITS_WITHOUT_REDIS == "closed":
+        raise CountersUnavailable("rate_limits_unavailable")
 
 
 _SEEDS = {

@@ -100,8 +100,8 @@ def _ttl() -> float:
     return float(settings.KEYWAY_BILLING_LOCAL_TTL)
 
 
-_terms: SingleFlight[int, AccountTerms] = SingleFlight(_load_terms, ttl=_ttl)
-_prices: SingleFlight[None, dict[str, ModelPrice]] = SingleFlight(_load_prices, ttl=_ttl)
+_terms: SingleFlight[int, AccountTerms] = SingleFlight(_load_terms, ttl=_ttl, stale_if_error=True)
+_prices: SingleFlight[None, dict[str, ModelPrice]] = SingleFlight(_load_prices, ttl=_ttl, stale_if_error=True)
 
 
 async def account_terms(organization_id: int) -> AccountTerms:

@@ -16,8 +16,8 @@ import time
 from django.conf import settings
 
 from apikeys.auth import AuthenticatedKey
-from billing.exceptions import TooManySessions
-from platform_site.kernel import process
+from billing.exceptions import CountersUnavailable, TooManySessions
+from platform_site.kernel import breaker, process
 from platform_site.kernel.loops import PerLoop
 
 logger = logging.getLogger(__name__)
@@ -46,9 +46,15 @@ def _all_set() -> str:
 class _RedisSessions:
     def __init__(self) -> None:
         import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
+        timeout = settings.KEYWAY_REDIS_TIMEOUT
         # A blocking pool: a burst of sockets opening at once waits for a connection instead of failing.
-        pool = redis.asyncio.BlockingConnectionPool.from_url(settings.REDIS_URL, max_connections=16, timeout=5)
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            settings.REDIS_URL, max_connections=16, timeout=max(2.0, 4 * timeout), socket_connect_timeout=timeout,
+            socket_timeout=timeout, retry=Retry(NoBackoff(), 1),
+        )
         self.client = redis.asyncio.Redis(connection_pool=pool)
         self.open_script = self.client.register_script(_OPEN)
 
@@ -104,6 +110,8 @@ async def _renew_forever() -> None:
         await asyncio.sleep(_RENEW_EVERY)
         try:
             await _stores.get().renew(dict(_mine))
+        except breaker.connection_errors() as error:
+            breaker.redis.failed(error)  # logged once by the breaker; renewed again when Redis answers
         except Exception:
             logger.exception("Could not renew the leases of open realtime sessions; will retry")
 
@@ -118,12 +126,25 @@ def _start_renewing() -> None:
 async def session_open(*, key: AuthenticatedKey, session_id: str) -> None:
     """Take one of the key's places for an open session, or raise TooManySessions."""
     limit = settings.KEYWAY_REALTIME_SESSIONS_PER_KEY
-    if settings.REDIS_URL:
-        if not await _stores.get().open(key.id, session_id, limit):
+    if settings.REDIS_URL and breaker.redis.allows():
+        try:
+            opened = await _stores.get().open(key.id, session_id, limit)
+        except breaker.connection_errors() as error:
+            breaker.redis.failed(error)
+            opened = None
+        else:
+            breaker.redis.succeeded()
+    else:
+        opened = None
+    if opened is not None:
+        if not opened:
             raise TooManySessions(limit)
         _mine[session_id] = key.id
         _start_renewing()
+    elif settings.REDIS_URL and settings.KEYWAY_RATE_LIMITS_WITHOUT_REDIS == "closed":
+        raise CountersUnavailable("rate_limits_unavailable")
     else:
+        # No Redis (one process), or Redis down with limits "open": this process's own sessions are counted.
         if _per_key_here(key.id) >= limit:
             raise TooManySessions(limit)
         _mine[session_id] = key.id
@@ -136,9 +157,11 @@ async def session_close(*, session_id: str) -> None:
     if key_id is None:
         return
     process.counter_add("open_websockets", -1)
-    if settings.REDIS_URL:
+    if settings.REDIS_URL and breaker.redis.allows():
         try:
             await _stores.get().close(key_id, session_id)
+        except breaker.connection_errors() as error:
+            breaker.redis.failed(error)  # the lease runs out by itself within _LEASE seconds
         except Exception:
             # The lease runs out by itself within _LEASE seconds.
             logger.exception("Could not release a realtime session's lease")

@@ -98,12 +98,19 @@ DATABASES = {
         env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'keyway.sqlite3'}"), conn_max_age=0, conn_health_checks=False
     )
 }
+# While PostgreSQL is unreachable, connecting fails at once for DATABASE_RETRY_AFTER seconds after each failure
+# (platform_site.database); DATABASE_POOL_TIMEOUT bounds what the first failing request waits.
+DATABASE_RETRY_AFTER = env_float("DATABASE_RETRY_AFTER", 1.0, minimum=0.0)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"]["ENGINE"] = "platform_site.database"
+    # With a pool, this is psycopg_pool's check: a connection that died with the server (a restart) is replaced
+    # when taken from the pool, not used and failed.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
     DATABASES["default"]["OPTIONS"] = {
         "pool": {
             "min_size": env_int("DATABASE_POOL_MIN", 2, minimum=0),
             "max_size": env_int("DATABASE_POOL_MAX", 20, minimum=1),
-            "timeout": env_float("DATABASE_POOL_TIMEOUT", 10.0, minimum=0.1),
+            "timeout": env_float("DATABASE_POOL_TIMEOUT", 3.0, minimum=0.1),
         }
     }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -120,12 +127,32 @@ REDIS_URL = env_str("REDIS_URL", "")
 KEYWAY_CACHE_PREFIX = env_str("KEYWAY_CACHE_PREFIX", "kw")
 # Connections per worker process for the rate limiter's asynchronous Redis client.
 KEYWAY_REDIS_POOL_SIZE = env_int("KEYWAY_REDIS_POOL_SIZE", 64, minimum=1)
+# How long a call to Redis may take (connecting, or waiting for an answer) before it counts as failed, and how
+# long this process then fails fast without trying (platform_site.kernel.breaker). No request waits on a
+# Redis that is down for longer than the first of these. Not much shorter: an asynchronous call's timeout
+# also counts the time its worker's event loop was busy elsewhere (a burst), which is not Redis's fault.
+KEYWAY_REDIS_TIMEOUT = env_float("KEYWAY_REDIS_TIMEOUT", 2.0, minimum=0.01)
+KEYWAY_REDIS_RETRY_AFTER = env_float("KEYWAY_REDIS_RETRY_AFTER", 1.0, minimum=0.0)
+# Rate limits while Redis is unreachable: "closed" refuses requests that need them (503
+# rate_limits_unavailable), "open" serves them unlimited. Prepaid credit and spend caps always fail closed.
+KEYWAY_RATE_LIMITS_WITHOUT_REDIS = env_str("KEYWAY_RATE_LIMITS_WITHOUT_REDIS", "closed")
+if KEYWAY_RATE_LIMITS_WITHOUT_REDIS not in ("closed", "open"):
+    raise ImproperlyConfigured("KEYWAY_RATE_LIMITS_WITHOUT_REDIS must be 'closed' or 'open'.")
 if REDIS_URL:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     CACHES = {
         "default": {
             "BACKEND": "platform_site.cache.SharedClientRedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": KEYWAY_CACHE_PREFIX,
+            "OPTIONS": {
+                "socket_connect_timeout": KEYWAY_REDIS_TIMEOUT,
+                "socket_timeout": KEYWAY_REDIS_TIMEOUT,
+                # One immediate retry replaces a connection Redis dropped; then the breaker counts the failure.
+                "retry": Retry(NoBackoff(), 1),
+            },
         }
     }
     # channels_redis waits for messages in 5 s blocking pops; redis-py 8's default 5 s socket timeout cut
@@ -134,7 +161,8 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None, "socket_keepalive": True}]},
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None, "socket_keepalive": True,
+                                  "socket_connect_timeout": KEYWAY_REDIS_TIMEOUT}]},
         }
     }
 else:
@@ -412,3 +440,9 @@ KEYWAY_BILLING_LOCAL_TTL = env_float("KEYWAY_BILLING_LOCAL_TTL", 1.0, minimum=0.
 KEYWAY_USAGE_JOURNAL_DIR = Path(env_str("KEYWAY_USAGE_JOURNAL_DIR", str(VAR_DIR / "usage-journal")))
 KEYWAY_USAGE_FLUSH_INTERVAL = env_float("KEYWAY_USAGE_FLUSH_INTERVAL", 0.25, minimum=0.001)
 KEYWAY_USAGE_FLUSH_BATCH = env_int("KEYWAY_USAGE_FLUSH_BATCH", 1000, minimum=1)
+# How long to wait before writing again after the database refused a batch (it is down): the batch waits in
+# the journal meanwhile.
+KEYWAY_USAGE_RETRY_INTERVAL = env_float("KEYWAY_USAGE_RETRY_INTERVAL", 1.0, minimum=0.01)
+# How often the shared billing counters are checked against the ledger and corrected (billing.reconcile), by
+# one worker at a time; 0 turns the periodic pass off (`manage.py reconcile_counters` still runs it).
+KEYWAY_RECONCILE_INTERVAL = env_float("KEYWAY_RECONCILE_INTERVAL", 300.0, minimum=0.0)

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from django.conf import settings
 from django.core.cache import cache
+from django.db import connection
 from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
@@ -27,7 +28,7 @@ from platform_site.models import Organization
 from platform_site.services import organization_create
 
 OPENAPI_PATH = Path(settings.BASE_DIR).parent / "shared" / "openai-openapi.yaml"
-USES_POSTGRES = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+USES_POSTGRES = connection.vendor == "postgresql"
 USES_REDIS = bool(settings.REDIS_URL)
 
 

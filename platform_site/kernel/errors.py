@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
-from django.db import DataError
+from django.db import DataError, InterfaceError, OperationalError
 from django.http import Http404, HttpResponse
 from rest_framework import exceptions as drf
 
@@ -115,6 +115,13 @@ def to_api_error(exc: BaseException, *, request_id: str) -> ApiError:
         # fault, whichever check missed it. Logged, so the missing check gets written.
         logger.warning("A request value did not fit the database (request %s): %s", request_id, type(exc).__name__)
         return ApiError("A value in the request is out of range or not allowed.", code="invalid_value")
+    if isinstance(exc, OperationalError | InterfaceError):
+        # The database is unreachable (down, restarting, or its pool exhausted): the request may succeed if
+        # retried, and the client is told so. The error's class only: a message may quote the server.
+        logger.warning("The database is unavailable (request %s): %s", request_id, type(exc).__name__)
+        return ApiError("The service is temporarily unavailable (its database cannot be reached). Please retry "
+                        "shortly.", status=503, error_type="server_error", code="service_unavailable",
+                        headers={"Retry-After": "1"})
     if isinstance(exc, RequestDataTooBig):
         return ApiError("The request body is too large.", status=413, code="request_too_large")
     if isinstance(exc, PermissionDenied):

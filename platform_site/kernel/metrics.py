@@ -83,6 +83,14 @@ class _Metrics:
         self.upstream_errors = Counter("keyway_upstream_errors",
                                        "Failed or refused upstream attempts, by provider and kind.",
                                        ["provider", "kind"])
+        self.backing = Gauge("keyway_backing_service_up",
+                             "1 while every worker reaches the backing service (redis), 0 while any does not.",
+                             ["service"], multiprocess_mode="livemin")
+        self.drift = Counter("keyway_counter_drift_micros",
+                             "Drift between the shared billing counters and the ledger, corrected by reconciliation "
+                             "(absolute micro-USD, by counter kind).", ["counter"])
+        self.reconciled = Counter("keyway_counter_corrections",
+                                  "Shared counters corrected by reconciliation, by counter kind.", ["counter"])
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -130,6 +138,17 @@ def queue_depth(model: str, running: int, waiting: int) -> None:
 def upstream_error(provider: str, kind: str) -> None:
     recorded = metrics()
     recorded.child(recorded.upstream_errors, provider, kind).inc()
+
+
+def backing_service(service: str, *, up: bool) -> None:
+    recorded = metrics()
+    recorded.child(recorded.backing, service).set(1 if up else 0)
+
+
+def counter_corrected(kind: str, drift_micros: int) -> None:
+    recorded = metrics()
+    recorded.child(recorded.reconciled, kind).inc()
+    recorded.child(recorded.drift, kind).inc(abs(drift_micros))
 
 
 def exposition() -> tuple[bytes, str]:

@@ -9,6 +9,8 @@ load instead of queueing identical queries (measured for keys: p99 408 ms → 68
   kept: it may hold exactly what the invalidation meant to replace.
 - With `stale_while_revalidate`, an expired copy keeps being served while its replacement loads in the
   background, so no request waits on the database except the very first of a process.
+- With `stale_if_error`, a load that fails because the database is unreachable (PostgreSQL restarting) is
+  answered with the expired copy, if there is one: the requests that need nothing else go on being served.
 - Loads are synchronous ORM functions, run through `orm()`.
 """
 
@@ -20,6 +22,8 @@ import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
+
+from django.db import InterfaceError, OperationalError
 
 from platform_site.kernel.orm import orm
 
@@ -39,11 +43,13 @@ class SingleFlight(Generic[K, V]):
         *,
         ttl: Callable[[], float],
         stale_while_revalidate: bool = False,
+        stale_if_error: bool = False,
         max_entries: int = 100_000,
     ) -> None:
         self._load = load
         self._ttl = ttl
         self._stale_while_revalidate = stale_while_revalidate
+        self._stale_if_error = stale_if_error
         self._max_entries = max_entries
         self._copies: dict[K, tuple[float, V]] = {}
         self._inflight: dict[K, asyncio.Task[V]] = {}
@@ -63,7 +69,12 @@ class SingleFlight(Generic[K, V]):
             pending = self._start(key, now)
             if hit is not None and self._stale_while_revalidate:
                 return hit[1]
-            value = await asyncio.shield(pending)
+            try:
+                value = await asyncio.shield(pending)
+            except (OperationalError, InterfaceError):
+                if hit is None or not self._stale_if_error:
+                    raise
+                return hit[1]
             if generation == self._generation or attempt == 2:
                 return value
             # Invalidated while loading: what was loaded may be what the invalidation replaced; load again
@@ -87,6 +98,8 @@ class SingleFlight(Generic[K, V]):
             return
         error = done.exception()
         if error is not None:
+            if isinstance(error, OperationalError | InterfaceError):
+                return  # the database is down: the breaker said so, once (platform_site.kernel.breaker)
             if self._stale_while_revalidate:
                 # A background refresh nobody awaits: say it failed (the stale copy goes on serving).
                 logger.error("Reloading a cached copy failed", exc_info=error)

@@ -23,6 +23,7 @@ from billing.models import BillingAccount, Plan, Price, UsageEvent
 from billing.pricing import forget_cached_terms
 from billing.services import billing_plan_set, credit_add
 from completions.services import provider_upsert_openai_compatible
+from platform_site.kernel import breaker
 from platform_site.models import Organization
 from tests.conftest import USES_REDIS, bearer
 
@@ -318,8 +319,9 @@ async def test_a_settlement_sent_again_after_an_ambiguous_redis_error_is_applied
 
     with patch.object(store, "settle_script", ran_then_timed_out):
         meter.settle(model="ok", status=1, usage_source=1, prompt_tokens=9, completion_tokens=2)
-        with pytest.raises(redis.exceptions.TimeoutError):
+        with pytest.raises(breaker.Unavailable):
             await counters.flush()
+    breaker.redis.reset()  # the breaker's pause is over
     await counters.flush()  # the same batch again
     assert await _spend_counter(fake) == 2 * 1000
     await counters.flush()
@@ -351,3 +353,71 @@ async def test_a_prepaid_balance_does_not_go_below_zero_when_the_prompt_costs_mo
     ledger = await _ledger_of(org)
     assert ledger["cost"] == statuses.count(200) * 207 * 1000
     assert ledger["balance"] >= 0, ledger
+
+
+class _Unreachable:
+    """A shared-counters store whose Redis does not answer (what the breaker raises)."""
+
+    lease = ""
+
+    async def admit(self, ask: counters.Ask) -> counters.Counted:
+        raise breaker.Unavailable
+
+    async def settle(self, *args: Any) -> None:
+        raise breaker.Unavailable
+
+
+@pytest.mark.parametrize("policy", ["closed", "open"])
+async def test_without_redis_prepaid_credit_fails_closed_and_rate_limits_follow_the_setting(
+    asgi_client, fake: Organization, other_org: Organization, api_key: tuple[Any, str], settings: Any, policy: str
+) -> None:
+    settings.KEYWAY_RATE_LIMITS_WITHOUT_REDIS = policy
+    settings.KEYWAY_REDIS_RETRY_AFTER = 2.5
+    await sync_to_async(_prepaid)(fake, credit=10 * JSON_COST)
+    _, postpaid_key = await sync_to_async(apikey_create)(organization=other_org, name="postpaid", actor_label="t")
+    with patch.object(counters, "store", return_value=_Unreachable()):
+        prepaid = (await _burst(asgi_client, api_key[1], 1))[0]
+        postpaid = (await _burst(asgi_client, postpaid_key, 1))[0]
+    # Nobody overspends during an outage: prepaid credit (and any spend cap) is never admitted uncounted.
+    assert prepaid.status_code == 503 and prepaid.headers["retry-after"] == "3"
+    assert prepaid.json()["error"]["code"] == "billing_unavailable"
+    assert prepaid.json()["error"]["type"] == "server_error"
+    if policy == "closed":
+        assert postpaid.status_code == 503
+        assert postpaid.json()["error"]["code"] == "rate_limits_unavailable"
+        assert await sync_to_async(UsageEvent.objects.filter(organization=other_org).count)() == 0
+    else:
+        # Served unlimited, and still metered: the ledger has it, whatever the counters missed.
+        assert postpaid.status_code == 200, postpaid.text
+        assert "x-ratelimit-limit-requests" not in postpaid.headers
+        assert (await _ledger_of(other_org))["cost"] == JSON_COST
+    assert (await _ledger_of(fake))["events"] == 0
+
+
+@pytest.mark.skipif(not USES_REDIS, reason="an ambiguous answer exists only with the counters in Redis")
+async def test_an_admission_that_ran_but_whose_answer_was_lost_leaves_no_hold(
+    asgi_client, fake: Organization, api_key: tuple[Any, str]
+) -> None:
+    """Redis reserved the hold, then the answer was lost (a timeout): the request is refused, and the worker
+    gives up that lease before its next admission, so the hold nobody will settle is given back."""
+    import redis.exceptions
+
+    await sync_to_async(_prepaid)(fake, credit=10 * JSON_COST)
+    first = (await _burst(asgi_client, api_key[1], 1, max_tokens=7))[0]
+    assert first.status_code == 200, first.text
+    store = counters.store()
+    real, lease = store.admit_script, store.lease
+
+    async def ran_then_timed_out(**kwargs: Any) -> Any:
+        await real(**kwargs)
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    with patch.object(store, "admit_script", ran_then_timed_out):
+        refused = (await _burst(asgi_client, api_key[1], 1, max_tokens=7))[0]
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "billing_unavailable"
+    breaker.redis.reset()  # the breaker's pause is over
+    assert await _spend_counter(fake) > JSON_COST  # the lost admission's hold, for now
+    again = (await _burst(asgi_client, api_key[1], 1, max_tokens=7))[0]
+    assert again.status_code == 200, (again.text, await _spend_counter(fake), store.retiring, lease, store.lease)
+    assert store.lease != lease and not await store.client.exists(lease)
+    assert await _spend_counter(fake) == 2 * JSON_COST == (await _ledger_of(fake))["cost"]
