@@ -322,6 +322,11 @@ def _worker_name() -> str:
 Releases = dict[str, dict[str, int]]  # lease -> counter -> settled holds
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class _RedisCounters:
     def __init__(self) -> None:
         import redis.asyncio
@@ -395,6 +400,8 @@ class _RedisCounters:
         if not breaker.redis.allows():
             if inspect.iscoroutine(call):
                 call.close()
+            elif isinstance(call, asyncio.Future):
+                call.add_done_callback(_retrieve)  # nobody awaits it now: its failure is not news
             raise breaker.Unavailable
         try:
             result = await call

@@ -10,6 +10,7 @@ counts the live leases. Without Redis (the embedded default, one process) the sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -132,6 +133,9 @@ async def session_open(*, key: AuthenticatedKey, session_id: str) -> None:
         except breaker.connection_errors() as error:
             breaker.redis.failed(error)
             opened = None
+            # Idle connections are as dead as this one if Redis restarted: the next try opens fresh ones.
+            with contextlib.suppress(Exception):
+                await _stores.get().client.connection_pool.disconnect(inuse_connections=False)
         else:
             breaker.redis.succeeded()
     else:

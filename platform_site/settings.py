@@ -160,7 +160,7 @@ if REDIS_URL:
     # for the timeout. No socket timeout, as before redis-py 8; keepalive notices a dead connection.
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "platform_site.channel_layer.ResilientRedisChannelLayer",
             "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None, "socket_keepalive": True,
                                   "socket_connect_timeout": KEYWAY_REDIS_TIMEOUT}]},
         }

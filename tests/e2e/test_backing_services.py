@@ -245,6 +245,56 @@ def test_redis_killed_frozen_and_restarted_under_load(tmp_path: Path) -> None:
               f"slowest {slowest:.3f} s; {report.strip()}")
 
 
+TURN = {"type": "response.create", "response": {"conversation": "none", "input": [
+    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}}
+
+
+async def _turn(socket: Any) -> dict[str, Any]:
+    """One realtime turn: its response.done, or the error event that refused it."""
+    await socket.send(json.dumps(TURN))
+    while True:
+        event: dict[str, Any] = json.loads(await asyncio.wait_for(socket.recv(), 10))
+        if event["type"] in ("response.done", "error"):
+            return event
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_an_open_realtime_session_lives_through_a_redis_restart(tmp_path: Path) -> None:
+    import websockets
+
+    port = server.free_port()
+    with _redis(port, tmp_path / "redis.log") as redis_state, server.keyway_stack(
+        tmp_path, upstream_models="bench", env_extra={"REDIS_URL": f"redis://127.0.0.1:{port}/0"},
+    ) as stack:
+        url = stack["url"].replace("http", "ws", 1) + "/v1/realtime?model=bench"
+        headers = {"Authorization": f"Bearer {stack['key']}"}
+
+        async def scenario() -> None:
+            async with websockets.connect(url, additional_headers=headers) as socket:
+                assert json.loads(await socket.recv())["type"] == "session.created"
+                assert (await _turn(socket))["type"] == "response.done"
+                redis_state["process"].kill()
+                redis_state["process"].wait()
+                await asyncio.sleep(0.5)
+                # The session stays open; a turn it cannot count is refused with the documented code.
+                refused = await _turn(socket)
+                assert refused["type"] == "error" and refused["error"]["code"] == "rate_limits_unavailable"
+                # A new session is refused the same way, and closed.
+                async with websockets.connect(url, additional_headers=headers) as other:
+                    event = json.loads(await asyncio.wait_for(other.recv(), 10))
+                    assert event["error"]["code"] == "rate_limits_unavailable"
+                await asyncio.to_thread(redis_state["start"])
+                await asyncio.sleep(1.5)  # the breaker's pause
+                # Redis is back (empty): the same socket answers again, and a new one opens.
+                back = await _turn(socket)
+                assert back["type"] == "response.done", back
+                async with websockets.connect(url, additional_headers=headers) as other:
+                    assert json.loads(await other.recv())["type"] == "session.created"
+                    assert (await _turn(other))["type"] == "response.done"
+
+        asyncio.run(scenario())
+
+
 # --- PostgreSQL ------------------------------------------------------------------------------------------
 
 
