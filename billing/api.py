@@ -141,7 +141,9 @@ def _key_param(request: Request, organization: Organization) -> ApiKey | None:
     try:
         return apikey_get(organization=organization, public_id=public_id)
     except ApiKey.DoesNotExist:
-        raise invalid_param("api_key", f"No API key with public id {public_id!r} in this organization.") from None
+        # Not found, as an id of another organization is anywhere else (the isolation matrix).
+        raise ApiError(f"No API key with public id {public_id[:64]!r} in this organization.", status=404,
+                       param="api_key", code="not_found") from None
 
 
 def _group_by_param(request: Request) -> GroupBy:

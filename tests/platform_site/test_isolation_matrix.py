@@ -1,6 +1,8 @@
 """The isolation matrix of the REST APIs: every route with an id in its path (the model API, the management API,
 the billing API), found by walking the URLconf, called with every method by a second organization's key with
 the first organization's ids: always 404 (or 403/405), and nothing of the first organization in the answer.
+The same for the ids a request names elsewhere (the billing API's and export's query parameters), for the
+dashboard's pages, and for the realtime WebSocket (a session naming another session's items).
 
 A new route with an id this file does not know fails the test until its id is added to OWNED_IDS: no route
 escapes the matrix by being new.
@@ -192,3 +194,70 @@ def test_every_dashboard_page_with_an_id_is_walled_off_from_another_organization
     key.refresh_from_db()
     assert key.revoked_at is None and key.previous_secret_hash == ""
     invitation.refresh_from_db()
+
+
+async def test_ids_in_query_parameters_of_the_billing_api_and_its_export_are_walled_off(
+    asgi_client: Any, org: Organization, other_org: Organization
+) -> None:
+    """The usage API and CSV export filter by `api_key` and name an organization by `organization`: another
+    organization's key, naming the first organization's key or slug, gets 404 and none of its rows."""
+    first_key, first_raw = await sync_to_async(apikey_create)(
+        organization=org, name="Secret first key", actor_label="test", scopes=["usage:read"])
+    other_raw = (await sync_to_async(apikey_create)(
+        organization=other_org, name="other", actor_label="test", scopes=["usage:read"]))[1]
+    for path in ("/api/billing/usage", "/api/billing/usage.csv"):
+        mine = await asgi_client.get(path, params={"api_key": first_key.public_id}, headers=bearer(first_raw))
+        assert mine.status_code == 200, (path, mine.text[:300])  # the control: the id is the right one
+        for params, param in (({"api_key": first_key.public_id}, "api_key"), ({"organization": org.slug}, None)):
+            answer = await asgi_client.get(path, params=params, headers=bearer(other_raw))
+            assert answer.status_code == 404, (path, params, answer.status_code, answer.text[:300])
+            assert answer.json()["error"]["param"] == param
+            assert "Secret" not in answer.text and org.name not in answer.text
+    for path in ("/api/billing/balance", "/api/billing/credits", "/api/billing/statements/2026-01"):
+        answer = await asgi_client.get(path, params={"organization": org.slug}, headers=bearer(other_raw))
+        assert answer.status_code == 404, (path, answer.status_code)
+
+
+async def test_a_realtime_session_cannot_reach_another_organizations_session(
+    org: Organization, other_org: Organization, upstream: tuple[int, Any]
+) -> None:
+    """A realtime session knows only its own conversation: another organization's session, naming the first
+    one's item ids in every event that takes an id, gets `item_not_found` and nothing of the item."""
+    from tests.completions.test_realtime import Client, communicator
+
+    port, _ = upstream
+    await sync_to_async(provider_upsert_openai_compatible)(
+        name="fake", base_url=f"http://127.0.0.1:{port}/v1", models=["ok"])
+    first_raw = (await sync_to_async(apikey_create)(organization=org, name="first", actor_label="test"))[1]
+    other_raw = (await sync_to_async(apikey_create)(organization=other_org, name="other", actor_label="test"))[1]
+    first, other = (communicator("/v1/realtime?model=ok", key=raw) for raw in (first_raw, other_raw))
+    try:
+        for socket in (first, other):
+            assert (await socket.connect())[0]
+        owner, intruder = Client(first), Client(other)
+        await owner.until("session.created")
+        await intruder.until("session.created")
+        await owner.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "the first secret"}]}})
+        item_id = (await owner.until("conversation.item.done"))["item"]["id"]
+        attempts = [
+            {"type": "conversation.item.retrieve", "item_id": item_id},
+            {"type": "conversation.item.delete", "item_id": item_id},
+            {"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 0},
+            {"type": "conversation.item.create", "previous_item_id": item_id, "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]}},
+            {"type": "response.create", "response": {"conversation": "none", "input": [
+                {"type": "item_reference", "id": item_id}]}},
+        ]
+        for attempt in attempts:
+            await intruder.send(attempt)
+            answer = await intruder.until("error")
+            assert answer["error"]["code"] == "item_not_found", (attempt["type"], answer)
+            assert "first secret" not in str(answer)
+        # The control: the id is right, and the first session still has its item.
+        await owner.send({"type": "conversation.item.retrieve", "item_id": item_id})
+        retrieved = await owner.until("conversation.item.retrieved")
+        assert retrieved["item"]["content"][0]["text"] == "the first secret"
+    finally:
+        await first.disconnect()
+        await other.disconnect()
