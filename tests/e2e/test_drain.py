@@ -9,6 +9,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -94,3 +95,53 @@ def test_sigterm_finishes_short_streams_cuts_long_ones_at_the_deadline_and_settl
         assert set(rows) == {("slow-stream-2", OK), ("slow-stream-30", CUT)}
         assert rows["slow-stream-2", OK] == (SHORT, 20)
         assert rows["slow-stream-30", CUT][0] == LONG and rows["slow-stream-30", CUT][1] >= 1
+
+
+TURN = {"type": "response.create", "response": {"conversation": "none", "input": [
+    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}}
+
+
+def test_sigterm_closes_realtime_sockets_with_1012_and_settles_their_turns(tmp_path: Path) -> None:
+    """uvicorn closes WebSockets at once on SIGTERM, with 1012 (Service Restart: reconnect elsewhere), without
+    waiting for the deadline; a turn in flight is settled as the client's disconnection, charged what it
+    produced, and an idle session costs nothing."""
+    import websockets
+
+    with server.keyway_stack(tmp_path, upstream_models="slow-stream-30,slow-stream-2",
+                             env_extra={"UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN": str(DEADLINE)}) as stack:
+        process, env = stack["process"], stack["env"]
+        base = stack["url"].replace("http", "ws", 1) + "/v1/realtime?model="
+        headers = {"Authorization": f"Bearer {stack['key']}"}
+
+        async def scenario() -> list[tuple[int | None, float, list[str]]]:
+            sockets = [await websockets.connect(base + model, additional_headers=headers)
+                       for model in ("slow-stream-30", "slow-stream-2", "slow-stream-2")]
+            for socket in sockets:
+                assert json.loads(await socket.recv())["type"] == "session.created"
+            for socket in sockets[:2]:  # two turns in flight; the third session is idle
+                await socket.send(json.dumps(TURN))
+            for socket in sockets[:2]:
+                while json.loads(await socket.recv())["type"] != "response.output_text.delta":
+                    pass
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+
+            async def until_closed(socket: Any) -> tuple[int | None, float, list[str]]:
+                kinds = []
+                try:
+                    while True:
+                        kinds.append(json.loads(await socket.recv())["type"])
+                except websockets.ConnectionClosed as closed:
+                    return (closed.rcvd.code if closed.rcvd else None, time.monotonic() - signalled, kinds)
+
+            return list(await asyncio.gather(*(until_closed(socket) for socket in sockets)))
+
+        closes = asyncio.run(scenario())
+        assert process.wait(timeout=20) in (0, -signal.SIGTERM)
+        assert all(code == 1012 and seconds < 2 for code, seconds, _ in closes), closes
+        found = json.loads(server.django_shell(env, "import json\n" + COUNT_BY_STATUS).strip().splitlines()[-1])
+        rows = {(model, status): (count, least) for model, status, count, least in found}
+        # One settled call per turn, as the client's disconnection, charged the tokens it had produced.
+        assert set(rows) == {("slow-stream-30", CUT), ("slow-stream-2", CUT)}, rows
+        assert rows["slow-stream-30", CUT][0] == 1 and rows["slow-stream-2", CUT][0] == 1
+        assert rows["slow-stream-30", CUT][1] >= 1 and rows["slow-stream-2", CUT][1] >= 1
