@@ -175,9 +175,10 @@ return {0, requests, tokens, prequests, ptokens, pday}
 # counter its settled holds were: taken off the lease, or — where the lease was reaped meanwhile, which
 # already gave the holds back — added back to the counter, so that counter ends at +cost. The last KEY marks
 # the batch as applied: a batch sent again after an answer that never came (a timeout after Redis ran it) is
-# not applied twice.
+# not applied twice. The mark lasts 15 minutes: a batch is sent again at the first answer from Redis after
+# the failure, which comes after the first sending ran (one key a batch; a day's marks were millions of keys).
 _SETTLE = """
-if not redis.call('SET', KEYS[#KEYS], 1, 'NX', 'EX', 86400) then
+if not redis.call('SET', KEYS[#KEYS], 1, 'NX', 'EX', 900) then
   return 1
 end
 local n = tonumber(ARGV[1])

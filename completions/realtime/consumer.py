@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,7 @@ from completions.engine.catalog import CatalogEntry
 from completions.realtime import session as rt
 from completions.realtime.protocol import (
     CLOSE_NORMAL,
+    ClientGone,
     Dialect,
     EventIds,
     Handshake,
@@ -97,6 +99,18 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             logger.exception("Could not open a realtime session")
             await self._end(server_error(request_id=new_request_id()))
             return
+        try:
+            self._opened()
+            if self.relay is not None:
+                self.relay.start()  # the upstream sends its own session.created
+            else:
+                await self._emit({"type": "session.created", "session": self.config.render(self.dialect)})
+        except ClientGone:
+            # The client hung up while the session opened: its place is given back now (the disconnect that
+            # follows may never reach this consumer).
+            await self._release()
+
+    def _opened(self) -> None:
         now = time.monotonic()
         self.last_activity = now
         self.ends_at = now + settings.KEYWAY_REALTIME_MAX_LIFETIME
@@ -107,10 +121,6 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.conversation = rt.Conversation(max_items=settings.KEYWAY_REALTIME_MAX_ITEMS,
                                             max_bytes=settings.KEYWAY_REALTIME_MAX_CONVERSATION_BYTES)
         self.watchdog = asyncio.get_running_loop().create_task(self._watch())
-        if self.relay is not None:
-            self.relay.start()  # the upstream sends its own session.created
-        else:
-            await self._emit({"type": "session.created", "session": self.config.render(self.dialect)})
 
     async def _admit(self, handshake: Handshake) -> tuple[AuthenticatedKey, CatalogEntry]:
         if handshake.has_call_id:
@@ -131,25 +141,38 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         return key, await calls.realtime_model(key, model)
 
     # Closing --------------------------------------------------------------------------------------------------
+    async def _frame(self, text: str) -> None:
+        """Send one frame; ClientGone if the socket is gone (the server raises on a send to a closed socket:
+        uvicorn's ClientDisconnected is an OSError, an ASGI send after the close a RuntimeError)."""
+        try:
+            await self.send(text_data=text)
+        except (OSError, RuntimeError) as error:
+            self.closed = True
+            raise ClientGone from error
+
     async def _emit(self, event: dict[str, Any]) -> None:
         event["event_id"] = self.ids.next()
-        await self.send(text_data=orjson.dumps(event).decode())
+        await self._frame(orjson.dumps(event).decode())
 
     def _touch(self) -> None:
         self.last_activity = time.monotonic()
 
     async def _send_text(self, text: str) -> None:
         if not self.closed:
-            await self.send(text_data=text)
+            await self._frame(text)
 
     async def _end(self, error: ApiError, code: int | None = None) -> None:
         """Say why, then close (once): with `code`, else 4000 + the error's status."""
         if self.closed:
             return
-        await self._emit_error(error, None)
-        self.closed = True
-        await self.close(code=code if code is not None else close_code(error.status))
-        await self._release()
+        try:
+            await self._emit_error(error, None)
+            self.closed = True
+            await self.close(code=code if code is not None else close_code(error.status))
+        except (ClientGone, OSError, RuntimeError):
+            self.closed = True  # the client left first: nobody to tell
+        finally:
+            await self._release()
 
     async def disconnect(self, code: int) -> None:
         self.closed = True
@@ -227,16 +250,20 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 return
             kind = rt.one_of(event.get("type"), "type", self._EVENT_TYPES)
             await self._HANDLERS[kind](self, event, client_event_id)
+        except ClientGone:
+            return  # the disconnect that follows releases the session
         except ApiError as error:
-            await self._emit_error(error, client_event_id)
+            with contextlib.suppress(ClientGone):
+                await self._emit_error(error, client_event_id)
         except Exception:
             request_id = new_request_id()
             logger.exception("Realtime event failed (request %s)", request_id)
-            await self._emit_error(server_error(request_id=request_id), client_event_id)
+            with contextlib.suppress(ClientGone):
+                await self._emit_error(server_error(request_id=request_id), client_event_id)
 
     async def _emit_error(self, error: ApiError, client_event_id: str | None) -> None:
-        await self.send(text_data=orjson.dumps(error_event(error, event_id=self.ids.next(),
-                                                           client_event_id=client_event_id)).decode())
+        await self._frame(orjson.dumps(error_event(error, event_id=self.ids.next(),
+                                                   client_event_id=client_event_id)).decode())
 
     @staticmethod
     def _parse(text_data: str | None, bytes_data: bytes | None) -> dict[str, Any]:
@@ -352,6 +379,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await response.run()
         except asyncio.CancelledError:
             raise
+        except ClientGone:
+            pass  # settled as the client's disconnection; nobody to tell
         except Exception:
             request_id = new_request_id()
             logger.exception("Realtime response failed (request %s)", request_id)
@@ -362,8 +391,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self.last_activity = time.monotonic()
 
     async def _send_event(self, event: dict[str, Any]) -> None:
-        if not self.closed:
-            await self.send(text_data=orjson.dumps(event).decode())
+        if self.closed:
+            raise ClientGone  # a response still running stops here, and settles what it produced
+        await self._frame(orjson.dumps(event).decode())
 
     async def _response_cancel(self, event: dict[str, Any], _: str | None) -> None:
         response_id = event.get("response_id")

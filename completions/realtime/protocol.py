@@ -96,6 +96,11 @@ class Dialect:
         return canonical
 
 
+class ClientGone(Exception):
+    """The client's socket is gone: a send to it failed (it hung up mid-answer, or straight after the
+    handshake). Nobody is left to tell; what ran is settled as the client's disconnection."""
+
+
 class RealtimeError(ApiError):
     """An error answered with an `error` event; the socket stays open."""
 

@@ -19,7 +19,15 @@ from billing.metering import Endpoint
 from completions.api.requests import parse_chat
 from completions.engine import calls
 from completions.realtime import session as rt
-from completions.realtime.protocol import Dialect, EventIds, error_event, invalid, rate_limits_event, refusal_events
+from completions.realtime.protocol import (
+    ClientGone,
+    Dialect,
+    EventIds,
+    error_event,
+    invalid,
+    rate_limits_event,
+    refusal_events,
+)
 from platform_site.kernel.errors import ApiError, to_api_error
 from platform_site.middleware import new_request_id
 
@@ -307,6 +315,8 @@ class RealtimeResponse:
             await self.send({"type": "response.created", "response": self._response_object("in_progress", None, None)})
             await self._end("cancelled", {"type": "cancelled", "reason": "client_cancelled"}, None)
             return
+        except ClientGone:
+            raise
         except Exception as exc:  # noqa: BLE001 - every refusal is the client's to read, as an error event
             await self._refused(to_api_error(exc, request_id=self.caller.request_id))
             return
@@ -339,6 +349,8 @@ class RealtimeResponse:
                 raise
             _uncancel()
             status, details = "cancelled", {"type": "cancelled", "reason": "client_cancelled"}
+        except ClientGone:
+            raise  # the client hung up mid-answer: closed below, settled as its disconnection, charged what it made
         except Exception as exc:  # noqa: BLE001 - the stream settled itself as incomplete; the client learns why
             error = to_api_error(exc, request_id=self.caller.request_id)
             status = "failed"

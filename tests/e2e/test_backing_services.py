@@ -395,3 +395,54 @@ def test_postgresql_crashes_and_restarts_under_load(tmp_path: Path) -> None:
         assert "0 corrected" in report and "0 busy" in report, report
         print(f"PostgreSQL outage: {len(answers)} requests, {len(served)}/{len(outage)} served while it was down; "
               f"{report.strip()}")
+
+
+def test_clients_that_hang_up_straight_after_the_handshake_leave_no_session_counted(tmp_path: Path) -> None:
+    """Found by the soak (bench/soak_bench.py): a client gone before session.created left its session counted
+    as open for good, until its key hit the per-key limit and was refused realtime. Now the failed send gives
+    the place back: after 60 abandoned handshakes, a key limited to 4 sessions opens 4. And a client gone
+    mid-answer is settled as a disconnection, not logged as three server errors."""
+    import websockets
+
+    with server.keyway_stack(tmp_path, upstream_models="bench,slow-stream-5", workers=2, env_extra={
+        "KEYWAY_REALTIME_SESSIONS_PER_KEY": "4", "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "KEYWAY_CACHE_PREFIX": f"e2e-{uuid.uuid4().hex[:8]}",
+    }) as stack:
+        url = stack["url"].replace("http", "ws", 1) + "/v1/realtime?model=bench"
+        headers = {"Authorization": f"Bearer {stack['key']}"}
+
+        async def scenario() -> None:
+            async def abandon() -> None:
+                socket = await websockets.connect(url, additional_headers=headers)
+                socket.transport.abort()  # gone, without a close frame, before the server's first event
+
+            async def cut_mid_answer() -> None:
+                socket = await websockets.connect(url.replace("=bench", "=slow-stream-5"), additional_headers=headers)
+                assert json.loads(await socket.recv())["type"] == "session.created"
+                await socket.send(json.dumps(TURN))
+                while json.loads(await socket.recv())["type"] != "response.output_text.delta":
+                    pass
+                socket.transport.abort()  # gone mid-answer
+
+            for _ in range(6):
+                await asyncio.gather(*(abandon() for _ in range(10)))
+            for _ in range(10):
+                await asyncio.gather(*(cut_mid_answer() for _ in range(2)))
+                await asyncio.sleep(0.3)  # the server learns of the hang-up and gives the places back
+            await asyncio.sleep(1)
+            sockets = [await websockets.connect(url, additional_headers=headers) for _ in range(4)]
+            for socket in sockets:
+                event = json.loads(await asyncio.wait_for(socket.recv(), 10))
+                assert event["type"] == "session.created", event
+            for socket in sockets:
+                await socket.close()
+
+        asyncio.run(scenario())
+        # Neither kind of hang-up is an error of the server's; the cut turns are settled as disconnections.
+        log = (tmp_path / "server.log").read_text()
+        assert "Unhandled error" not in log and "Task exception was never retrieved" not in log
+        assert "Realtime response failed" not in log
+        found = server.django_shell(stack["env"], (
+            "from billing.models import UsageEvent\n"
+            "print(UsageEvent.objects.filter(status=UsageEvent.Status.CLIENT_DISCONNECTED).count())"))
+        assert int(found.strip().splitlines()[-1]) == 20
