@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
@@ -39,6 +40,7 @@ def openai_exception_handler(exc: Exception, context: dict[str, Any]) -> Respons
     return response
 
 
+@csrf_exempt  # it changes nothing; a POST with a key (no cookie) got Django's HTML 403 page, not this 404
 def unknown_route(request: HttpRequest, rest: str = "") -> HttpResponse:
     """Any path under a DRF API (billing, management) that names no endpoint: a JSON 404, not an HTML page."""
     error = ApiError(f"Unknown API route: {request.method} {request.path}.", status=404, code="unknown_url")

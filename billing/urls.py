@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from django.urls import path, re_path
+from drf_spectacular.views import SpectacularJSONAPIView
 
-from billing import api
+from billing import api, schema
 from billing.errors import unknown_route
 
 app_name = "billing"
@@ -15,5 +16,10 @@ urlpatterns = [
     path("balance", api.BalanceRetrieveApi.as_view(), name="balance-retrieve"),
     path("credits", api.CreditListApi.as_view(), name="credit-list"),
     path("statements/<str:month>", api.StatementRetrieveApi.as_view(), name="statement-retrieve"),
-    re_path(r"^(?P<rest>.*)$", unknown_route, name="unknown"),
+    # The OpenAPI document of this API (drf-spectacular's, described in billing/schema.py).
+    path("openapi.json", SpectacularJSONAPIView.as_view(
+        urlconf="billing.schema_urls", custom_settings=schema.SETTINGS, authentication_classes=[],
+        permission_classes=[]), name="openapi"),
+    # [\s\S], not `.`: a path may hold a newline (%0A), which `.` does not match (then Django's HTML 404).
+    re_path(r"^(?P<rest>[\s\S]*)$", unknown_route, name="unknown"),
 ]

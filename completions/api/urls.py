@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from django.urls import path, re_path
 
-from completions.api import chat, conversations, embeddings, http, models, responses
+from completions.api import chat, conversations, embeddings, http, models, openapi, responses
 
 app_name = "completions"
 
 urlpatterns = [
+    path("openapi.json", openapi.openapi_json, name="openapi"),
     path("models", models.models_list, name="models-list"),
     path("models/<path:model_id>", models.model_retrieve, name="models-retrieve"),
     path("chat/models", models.models_list, name="chat-models-list"),
@@ -23,5 +24,7 @@ urlpatterns = [
     path("conversations/<str:conversation_id>/items", conversations.conversation_items, name="conversations-items"),
     path("conversations/<str:conversation_id>/items/<str:item_id>", conversations.conversation_item,
          name="conversations-item"),
-    re_path(r"^(?P<rest>.*)$", http.unknown_route, name="unknown"),
+    # [\s\S], not `.`: a path may hold a newline (%0A), which `.` does not match; then no route matched, and
+    # the lean handler answered a 500 instead of this JSON 404. (An inline (?s) flag would break reverse().)
+    re_path(r"^(?P<rest>[\s\S]*)$", http.unknown_route, name="unknown"),
 ]

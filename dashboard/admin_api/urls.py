@@ -44,5 +44,7 @@ urlpatterns = [
         ),
         name="openapi",
     ),
-    re_path(r"^(?P<rest>.*)$", unknown_route, name="unknown"),
+    # [\s\S], not `.`: a path may hold a newline (%0A), which `.` does not match; then no route matched, and
+    # the client got Django's HTML 404 page instead of this JSON one. (An inline (?s) flag would break reverse().)
+    re_path(r"^(?P<rest>[\s\S]*)$", unknown_route, name="unknown"),
 ]

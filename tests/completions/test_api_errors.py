@@ -100,6 +100,16 @@ async def test_unknown_route_and_wrong_method_are_json_errors(
                  validate_schema)
 
 
+async def test_a_newline_in_the_path_is_a_json_404_not_a_500(
+    asgi_client, api_key: tuple[ApiKey, str], validate_schema
+) -> None:
+    # Found by schemathesis (tests/e2e/test_fuzz.py): `.` in the catch-all route did not match a newline, so no
+    # route matched and the lean handler answered 500.
+    _, raw = api_key
+    for path in ("/v1/models/a%0Ab", "/v1/no%0Awhere", "/api/v1/responses/x/y%0A/z"):
+        assert_error(await asgi_client.get(path, headers=bearer(raw)), 404, "unknown_url", validate_schema)
+
+
 async def test_malformed_json_gets_400(asgi_client, api_key: tuple[ApiKey, str], validate_schema) -> None:
     _, raw = api_key
     for content in (b"{not json", b"[1, 2]", b""):

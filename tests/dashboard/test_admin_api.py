@@ -47,6 +47,19 @@ async def admin(admin_key: str) -> AsyncIterator[openai.AsyncOpenAI]:
     await client.close()
 
 
+async def test_unknown_paths_are_json_404s_whatever_the_method_and_the_path(
+    http: httpx.AsyncClient, admin_key: str
+) -> None:
+    # Found by schemathesis (tests/e2e/test_fuzz.py): `.` in the catch-all route did not match a newline, so no
+    # route matched and Django answered its HTML 404 page; and a POST to the catch-all got Django's HTML 403
+    # (CSRF) page.
+    for path in ("/v1/organization/projects/p/rate_limits/rl-a%0Ab", "/v1/organization/nothing/here"):
+        for method in ("GET", "POST", "DELETE"):
+            response = await http.request(method, path, headers=bearer(admin_key))
+            assert response.status_code == 404, (method, path, response.text[:200])
+            assert response.json()["error"]["code"] == "unknown_url"
+
+
 async def test_admin_keys_are_created_once_listed_retrieved_and_deleted(
     admin: openai.AsyncOpenAI, http: httpx.AsyncClient, admin_key: str, validate_schema: Validate
 ) -> None:
