@@ -23,6 +23,7 @@ from referencing.jsonschema import DRAFT202012
 from apikeys.models import ApiKey
 from apikeys.services import apikey_create
 from billing.ledger import ledger
+from completions.api.openapi import as_json_schema_2020
 from platform_site.kernel import loops, process
 from platform_site.models import Organization
 from platform_site.services import organization_create
@@ -118,27 +119,9 @@ def _openapi() -> dict[str, Any]:
         return yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
 
 
-def _nullable_to_json_schema(node: Any) -> Any:
-    """The document is OpenAPI 3.1 but still marks some fields with 3.0's `nullable: true`; JSON Schema
-    ignores that keyword, so spell it the 3.1 way (null in `type` and `enum`) before validating."""
-    if isinstance(node, list):
-        return [_nullable_to_json_schema(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    node = {key: _nullable_to_json_schema(value) for key, value in node.items()}
-    if node.pop("nullable", False) is True:
-        if "enum" in node and None not in node["enum"]:
-            node["enum"] = [*node["enum"], None]
-        if isinstance(node.get("type"), str):
-            node["type"] = [node["type"], "null"]
-        elif "type" not in node:
-            node = {"anyOf": [node, {"type": "null"}]}
-    return node
-
-
 def openapi_validator(openapi: dict[str, Any]) -> Callable[[str, Any], None]:
     """validate(name, instance) against components/schemas/<name> of the official OpenAPI document."""
-    openapi = _nullable_to_json_schema(openapi)
+    openapi = as_json_schema_2020(openapi)
     registry = Registry().with_resource("urn:openai", DRAFT202012.create_resource(openapi))
 
     def validate(name: str, instance: Any) -> None:

@@ -269,16 +269,16 @@ def _keyway_version() -> str:
         return "0.1.0"
 
 
-def _as_json_schema_2020(node: Any) -> Any:
+def as_json_schema_2020(node: Any) -> Any:
     """OpenAI's document is OpenAPI 3.1, whose schemas are JSON Schema 2020-12, but a few of them still use
     older spellings that 2020-12 ignores or refuses; here they are spelled its way, meaning the same:
     3.0's `nullable: true` becomes null in `type` (or `enum`), and a `default: null` (meaning "absent") goes
     unless the field's type names null."""
     if isinstance(node, list):
-        return [_as_json_schema_2020(item) for item in node]
+        return [as_json_schema_2020(item) for item in node]
     if not isinstance(node, dict):
         return node
-    node = {key: _as_json_schema_2020(value) for key, value in node.items()}
+    node = {key: as_json_schema_2020(value) for key, value in node.items()}
     if node.pop("nullable", False) is True:
         if "enum" in node and None not in node["enum"]:
             node["enum"] = [*node["enum"], None]
@@ -445,7 +445,7 @@ def _extension_operations(paths: dict[str, Any]) -> dict[str, Any]:
 
 def build_document(subset: dict[str, Any]) -> dict[str, Any]:
     """The served document: the vendored subset of OpenAI's document with Keyway's extensions."""
-    source = _as_json_schema_2020(copy.deepcopy(subset))
+    source = as_json_schema_2020(copy.deepcopy(subset))
     components = source["components"]
     schemas = components["schemas"]
     _recursion_as_ref(schemas)
