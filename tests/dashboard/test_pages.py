@@ -337,3 +337,32 @@ def test_another_tenants_project_page_is_not_found(alice: User, acme: Organizati
     assert refused.status_code == 404
     theirs.refresh_from_db()
     assert theirs.monthly_budget_micros is None
+
+
+def test_with_redis_unreachable_signed_in_users_manage_keys_new_sign_ins_wait_and_health_says_503(
+    alice: User, acme: Organization, settings: Any
+) -> None:
+    """The cache (Redis) down, as README's "When a backing service fails" says: a signed-in user goes on
+    working (sessions are in the database), a new sign-in is refused with 429 (allauth's throttle cannot
+    count, and fails closed), and /health names the cache."""
+    from platform_site.kernel import breaker
+    from tests.e2e.server import free_port
+
+    settings.CACHES = {"default": {"BACKEND": "platform_site.cache.SharedClientRedisCache",
+                                   "LOCATION": f"redis://127.0.0.1:{free_port()}/0",
+                                   "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}}}
+    settings.REDIS_URL = settings.CACHES["default"]["LOCATION"]
+    try:
+        assert Client().post("/accounts/login/", {"login": alice.email, "password": "pw-" + "x" * 12}).status_code == 429
+        client = _client(alice)
+        assert client.get("/settings/api-keys").status_code == 200
+        created = client.post("/settings/api-keys/new", {
+            "name": "made during the outage", "project": default_project(organization=acme).public_id,
+            "permissions": "read_only"})
+        assert created.status_code == 200 and b"sk-kw-" in created.content
+        assert ApiKey.objects.filter(name="made during the outage").exists()
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["checks"]["cache"].startswith("error")
+        assert breaker.redis.down_since is not None
+    finally:
+        breaker.redis.reset()
