@@ -8,10 +8,12 @@ HTML of Django's error pages.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
+from drf_spectacular.views import SpectacularJSONAPIView
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
@@ -45,3 +47,10 @@ def unknown_route(request: HttpRequest, rest: str = "") -> HttpResponse:
     """Any path under a DRF API (billing, management) that names no endpoint: a JSON 404, not an HTML page."""
     error = ApiError(f"Unknown API route: {request.method} {request.path}.", status=404, code="unknown_url")
     return error_response(error, request_id=_request_id(request))
+
+
+class OpenApiDocumentView(SpectacularJSONAPIView):  # type: ignore[misc]
+    """drf-spectacular's document view with the APIs' error object (a POST to it was DRF's own 405 body)."""
+
+    def get_exception_handler(self) -> Callable[[Exception, dict[str, Any]], Response]:
+        return openai_exception_handler

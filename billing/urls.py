@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from django.urls import path, re_path
-from drf_spectacular.views import SpectacularJSONAPIView
 
 from billing import api, schema
-from billing.errors import unknown_route
+from billing.errors import OpenApiDocumentView, unknown_route
 
 app_name = "billing"
 
@@ -17,7 +16,7 @@ urlpatterns = [
     path("credits", api.CreditListApi.as_view(), name="credit-list"),
     path("statements/<str:month>", api.StatementRetrieveApi.as_view(), name="statement-retrieve"),
     # The OpenAPI document of this API (drf-spectacular's, described in billing/schema.py).
-    path("openapi.json", SpectacularJSONAPIView.as_view(
+    path("openapi.json", OpenApiDocumentView.as_view(
         urlconf="billing.schema_urls", custom_settings=schema.SETTINGS, authentication_classes=[],
         permission_classes=[]), name="openapi"),
     # [\s\S], not `.`: a path may hold a newline (%0A), which `.` does not match (then Django's HTML 404).

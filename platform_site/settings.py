@@ -198,6 +198,9 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PARSER_CLASSES": ["platform_site.kernel.jsonbody.BoundedJSONParser"],
+    # No `?format=` override: the APIs answer JSON only, and an unknown format was DRF's own 404 body (not an
+    # error object) on the OpenAPI documents.
+    "URL_FORMAT_OVERRIDE": None,
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Keyway management API",

@@ -4,9 +4,8 @@ CSRF for dashboard users; admin keys need neither). Paths follow OpenAI's Admin 
 from __future__ import annotations
 
 from django.urls import path, re_path
-from drf_spectacular.views import SpectacularJSONAPIView
 
-from billing.errors import unknown_route
+from billing.errors import OpenApiDocumentView, unknown_route
 from dashboard.admin_api import views
 
 app_name = "admin-api"
@@ -39,7 +38,7 @@ urlpatterns = [
     path("audit_logs", views.AuditLogListApi.as_view(), name="audit-log-list"),
     path(
         "openapi.json",
-        SpectacularJSONAPIView.as_view(
+        OpenApiDocumentView.as_view(
             urlconf="dashboard.admin_api.schema_urls", authentication_classes=[], permission_classes=[]
         ),
         name="openapi",

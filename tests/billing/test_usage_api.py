@@ -538,3 +538,17 @@ async def test_csv_export_streams_through_the_real_asgi_app(
     rows = list(csv.DictReader(io.StringIO(response.text)))
     assert sorted(row["request_id"] for row in rows) == [event.request_id for event in events]
     assert sum(int(row["cost_micros"]) for row in rows) == sum(range(10))
+
+
+def test_the_openapi_document_is_served_without_a_key_and_other_methods_get_an_error_object(client: Client) -> None:
+    from openapi_spec_validator import validate
+
+    document = client.get("/api/billing/openapi.json", {"format": "yaml", "x": "y" * 5000})
+    assert document.status_code == 200
+    validate(document.json())
+    assert {"/api/billing/usage", "/api/billing/balance"} <= set(document.json()["paths"])
+    for path in ("/api/billing/openapi.json", "/v1/organization/openapi.json"):
+        for method in ("post", "put", "delete"):
+            answer = getattr(client, method)(path, data="{not json", content_type="application/json")
+            assert answer.status_code == 405, (path, method, answer.status_code)
+            assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
