@@ -28,7 +28,7 @@ from billing import counters
 from billing.exceptions import CountersUnavailable, QuotaExceeded, RateLimitExceeded
 from billing.ledger import ledger
 from billing.limits import project_limits
-from billing.models import UsageEvent
+from billing.models import UsageDaily, UsageEvent
 from billing.pricing import AccountTerms, ModelPrice, account_terms, cost_micros, price_table
 from billing.ratelimits import WINDOW, RateState, tighter
 from billing.services import SettledUsage
@@ -163,8 +163,9 @@ def _month_spend(*, organization_id: int, started_at: float, **scope: int) -> in
     """This calendar month's charges from the ledger, of the organization or of one of its keys or projects
     (`api_key_id=` / `project_id=`): seeds a cap counter the first time it is needed."""
     month = time.gmtime(started_at)
-    rows = UsageEvent.objects.filter(
-        organization_id=organization_id, created_at__year=month.tm_year, created_at__month=month.tm_mon, **scope
+    # The daily roll-ups, written in the ledger's transactions, hold the same sums in a few rows a month.
+    rows = UsageDaily.objects.filter(
+        organization_id=organization_id, day__year=month.tm_year, day__month=month.tm_mon, **scope
     )
     return int(rows.aggregate(total=Sum("cost_micros"))["total"] or 0)
 

@@ -216,3 +216,91 @@ class UsageEvent(models.Model):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+class UsageRollup(models.Model):
+    """What the usage pages and APIs read: the ledger summed per period and per (project, key, model,
+    endpoint), written in the same transaction as the ledger rows it sums (billing.rollups), so the two
+    always agree and no report ever scans the ledger.
+
+    `project_id` and `api_key_id` are plain numbers, 0 for none, not foreign keys: a unique constraint does
+    not match NULLs (so an upsert could not find the row), and a roll-up keeps the id of a key deleted since.
+    """
+
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
+    project_id = models.BigIntegerField(default=0)
+    api_key_id = models.BigIntegerField(default=0)
+    model = models.CharField(max_length=128)
+    endpoint = models.PositiveSmallIntegerField(choices=UsageEvent.Endpoint.choices)
+    requests = models.BigIntegerField(default=0)
+    errors = models.BigIntegerField(default=0, help_text="Calls that ended in an error (status error).")
+    prompt_tokens = models.BigIntegerField(default=0)
+    cached_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    cost_micros = models.BigIntegerField(default=0)
+    latency_ms = models.BigIntegerField(default=0, help_text="The sum of the calls' latencies.")
+
+    class Meta:
+        abstract = True
+
+
+class UsageDaily(UsageRollup):
+    """The ledger per UTC day: dashboards, the billing API, statements and monthly spend."""
+
+    day = models.DateField()
+
+    class Meta:
+        verbose_name_plural = "usage per day"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "day", "project_id", "api_key_id", "model", "endpoint"],
+                name="one_usage_daily_per_group",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.model}"
+
+
+class UsageHourly(UsageRollup):
+    """The ledger per UTC hour: the Admin API's bucket_width=1h."""
+
+    hour = models.DateTimeField()
+
+    class Meta:
+        verbose_name_plural = "usage per hour"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "hour", "project_id", "api_key_id", "model", "endpoint"],
+                name="one_usage_hourly_per_group",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H}h {self.model}"
+
+
+class UsageLatencyDaily(models.Model):
+    """How many calls of a day and group took a latency in one histogram bucket (billing.rollups.LATENCY_BOUNDS_MS):
+    the latency percentiles of any range and filter, from a few rows."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
+    day = models.DateField()
+    project_id = models.BigIntegerField(default=0)
+    api_key_id = models.BigIntegerField(default=0)
+    model = models.CharField(max_length=128)
+    endpoint = models.PositiveSmallIntegerField(choices=UsageEvent.Endpoint.choices)
+    bucket = models.PositiveSmallIntegerField()
+    requests = models.BigIntegerField(default=0)
+
+    class Meta:
+        verbose_name_plural = "usage latency per day"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "day", "project_id", "api_key_id", "model", "endpoint", "bucket"],
+                name="one_usage_latency_per_group",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.model} bucket {self.bucket}"

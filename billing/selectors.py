@@ -1,30 +1,46 @@
 """Reads of billing data: usage reports, balances, the credit ledger, monthly statements and exports.
 
-Every function takes the organization whose data it reads, and every report is computed from the two
-append-only ledgers in the database (SUM and COUNT over the (organization, created_at) index), so a report
-always agrees with the rows the CSV export lists. Dates are calendar days in UTC and ranges include both
-ends: the range 2025-03-01 … 2025-03-31 covers [2025-03-01T00:00Z, 2025-04-01T00:00Z).
+Every function takes the organization whose data it reads. Usage reports read the roll-ups (billing.rollups:
+the ledger summed per UTC day and hour, written in the ledger's own transactions), so a report costs the
+same with ten million ledger rows as with ten, and always agrees with the rows the CSV export lists. Only the
+export and per-minute buckets read the ledger itself, a bounded range at a time. Dates are calendar days in
+UTC and ranges include both ends: the range 2025-03-01 … 2025-03-31 covers [2025-03-01T00:00Z, 2025-04-01T00:00Z).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
 from django.db.models import Count, Q, QuerySet, Sum
-from django.db.models.functions import TruncDate
+from django.db.models.functions import TruncMinute
 from django.utils import timezone
 
 from apikeys.models import ApiKey
 from billing.limits import effective_limit
-from billing.models import BillingAccount, CreditEntry, ProjectRateLimit, UsageEvent
+from billing.models import (
+    BillingAccount,
+    CreditEntry,
+    ProjectRateLimit,
+    UsageDaily,
+    UsageEvent,
+    UsageHourly,
+    UsageLatencyDaily,
+)
+from billing.rollups import LATENCY_BUCKETS, latency_percentile
 from billing.services import RATE_LIMIT_FIELDS, rate_limit_id
 from platform_site.models import Organization, Project
 
 GroupBy = Literal["day", "model", "key"]
 GROUP_BY_CHOICES: tuple[GroupBy, ...] = ("day", "model", "key")
+# What a usage series may be grouped by (the roll-ups' dimensions).
+Dimension = Literal["project_id", "api_key_id", "model", "endpoint"]
+DIMENSIONS: tuple[Dimension, ...] = ("project_id", "api_key_id", "model", "endpoint")
+Width = Literal["1m", "1h", "1d"]
+WIDTHS: dict[str, timedelta] = {"1m": timedelta(minutes=1), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +50,16 @@ class UsageTotals:
     cached_tokens: int = 0
     completion_tokens: int = 0
     cost_micros: int = 0
+    errors: int = 0
+    latency_ms: int = 0  # summed over the calls
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
 
     @classmethod
     def from_aggregate(cls, row: Mapping[str, Any]) -> UsageTotals:
@@ -48,6 +70,8 @@ class UsageTotals:
             cached_tokens=int(row["sum_cached_tokens"] or 0),
             completion_tokens=int(row["sum_completion_tokens"] or 0),
             cost_micros=int(row["sum_cost_micros"] or 0),
+            errors=int(row.get("sum_errors") or 0),
+            latency_ms=int(row.get("sum_latency_ms") or 0),
         )
 
 
@@ -107,12 +131,25 @@ class MonthlyStatement:
 
 
 # Aliases differ from the column names because Django refuses an annotation named like a field of the model.
-_SUMS = {
+# Over the roll-ups, whose rows are already sums:
+_ROLLUP_SUMS = {
+    "n_requests": Sum("requests"),
+    "sum_prompt_tokens": Sum("prompt_tokens"),
+    "sum_cached_tokens": Sum("cached_tokens"),
+    "sum_completion_tokens": Sum("completion_tokens"),
+    "sum_cost_micros": Sum("cost_micros"),
+    "sum_errors": Sum("errors"),
+    "sum_latency_ms": Sum("latency_ms"),
+}
+# Over ledger rows (per-minute buckets only):
+_LEDGER_SUMS = {
     "n_requests": Count("id"),
     "sum_prompt_tokens": Sum("prompt_tokens"),
     "sum_cached_tokens": Sum("cached_tokens"),
     "sum_completion_tokens": Sum("completion_tokens"),
     "sum_cost_micros": Sum("cost_micros"),
+    "sum_errors": Count("id", filter=Q(status=UsageEvent.Status.ERROR)),
+    "sum_latency_ms": Sum("latency_ms"),
 }
 
 
@@ -122,16 +159,163 @@ def _day_bounds(*, start: date, end: date) -> tuple[datetime, datetime]:
     return since, datetime.combine(end + timedelta(days=1), time.min, tzinfo=UTC)
 
 
-def _grouped(events: QuerySet[UsageEvent], *fields: str, order_by: Sequence[str]) -> list[dict[str, Any]]:
-    """The _SUMS of `events` per distinct value of `fields` (one GROUP BY query)."""
-    rows: Any = events.values(*fields).annotate(**_SUMS).order_by(*order_by)
-    return list(rows)
-
-
 def _month_bounds(*, year: int, month: int) -> tuple[datetime, datetime]:
     first = datetime(year, month, 1, tzinfo=UTC)
     following = datetime(year + 1, 1, 1, tzinfo=UTC) if month == 12 else datetime(year, month + 1, 1, tzinfo=UTC)
     return first, following
+
+
+@dataclass(frozen=True, slots=True)
+class UsageFilter:
+    """Which of an organization's usage a report covers: every field left empty means all. Ids are the
+    database ids of the organization's projects and keys, resolved (and scoped) by the caller."""
+
+    project_ids: Sequence[int] = ()
+    api_key_ids: Sequence[int] = ()
+    models: Sequence[str] = ()
+    endpoints: Sequence[int] = ()
+
+    def apply(self, rows: QuerySet[Any]) -> QuerySet[Any]:
+        if self.project_ids:
+            rows = rows.filter(project_id__in=list(self.project_ids))
+        if self.api_key_ids:
+            rows = rows.filter(api_key_id__in=list(self.api_key_ids))
+        if self.models:
+            rows = rows.filter(model__in=list(self.models))
+        if self.endpoints:
+            rows = rows.filter(endpoint__in=list(self.endpoints))
+        return rows
+
+
+NO_FILTER = UsageFilter()
+
+
+def daily_rollups(
+    *, organization: Organization, start: date, end: date, where: UsageFilter = NO_FILTER
+) -> QuerySet[UsageDaily]:
+    """The organization's daily roll-up rows from `start` to `end` (UTC days, both included)."""
+    return where.apply(UsageDaily.objects.filter(organization=organization, day__gte=start, day__lte=end))
+
+
+@dataclass(frozen=True, slots=True)
+class UsagePoint:
+    """One bucket of a usage series: its start, the values of the grouped dimensions (project_id and
+    api_key_id as database ids, None for none), and the sums."""
+
+    start: datetime
+    group: dict[str, Any]
+    totals: UsageTotals
+
+
+def _floor(moment: datetime, width: Width) -> datetime:
+    moment = moment.astimezone(UTC)
+    if width == "1d":
+        return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    if width == "1h":
+        return moment.replace(minute=0, second=0, microsecond=0)
+    return moment.replace(second=0, microsecond=0)
+
+
+def usage_series(
+    *,
+    organization: Organization,
+    since: datetime,
+    until: datetime,
+    width: Width,
+    group_by: Sequence[Dimension] = (),
+    where: UsageFilter = NO_FILTER,
+) -> list[UsagePoint]:
+    """Usage summed per bucket of `width` from `since` to `until` (exclusive), and per value of each
+    dimension in `group_by`; buckets with no usage are left out. `since` is floored to a bucket boundary
+    (UTC midnight, hour or minute), so every bucket is whole. Days and hours read the roll-ups; minutes read
+    the ledger, which the caller bounds (the Admin API allows at most 1,440 of them per page)."""
+    since, until = _floor(since, width), until.astimezone(UTC)
+    dims = [dimension for dimension in DIMENSIONS if dimension in group_by]
+    rows: QuerySet[Any]
+    if width == "1d":
+        # Every day that starts before `until`: a day is the smallest part the daily roll-up can give.
+        last_day = (until - timedelta(microseconds=1)).date()
+        rows = where.apply(
+            UsageDaily.objects.filter(organization=organization, day__gte=since.date(), day__lte=last_day)
+        )
+        period = "day"
+    elif width == "1h":
+        rows = where.apply(UsageHourly.objects.filter(organization=organization, hour__gte=since, hour__lt=until))
+        period = "hour"
+    else:
+        rows = where.apply(UsageEvent.objects.filter(organization=organization, created_at__gte=since,
+                                                     created_at__lt=until))
+        rows = rows.annotate(minute=TruncMinute("created_at", tzinfo=UTC))
+        period = "minute"
+    sums = _LEDGER_SUMS if width == "1m" else _ROLLUP_SUMS
+    points = []
+    for row in rows.values(period, *dims).annotate(**sums).order_by(period, *dims):
+        start = row[period]
+        if isinstance(start, date) and not isinstance(start, datetime):
+            start = datetime.combine(start, time.min, tzinfo=UTC)
+        group: dict[str, Any] = {}
+        for dimension in dims:
+            value = row[dimension]
+            # The roll-ups say 0 for "no project" or "no key"; the ledger says NULL.
+            group[dimension] = None if dimension in ("project_id", "api_key_id") and not value else value
+        points.append(UsagePoint(start=start.astimezone(UTC), group=group, totals=UsageTotals.from_aggregate(row)))
+    return points
+
+
+def usage_totals(
+    *, organization: Organization, start: date, end: date, where: UsageFilter = NO_FILTER
+) -> UsageTotals:
+    rows = daily_rollups(organization=organization, start=start, end=end, where=where)
+    return UsageTotals.from_aggregate(rows.aggregate(**_ROLLUP_SUMS))
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySummary:
+    """Latency percentiles in milliseconds (None where no call was made), for the whole range and per day."""
+
+    p50_ms: float | None
+    p95_ms: float | None
+    per_day: list[tuple[date, float | None, float | None]] = field(default_factory=list)
+
+
+def usage_latency(
+    *, organization: Organization, start: date, end: date, where: UsageFilter = NO_FILTER
+) -> LatencySummary:
+    """p50 and p95 latency of the range and of each day in it, from the daily latency histograms."""
+    rows = where.apply(
+        UsageLatencyDaily.objects.filter(organization=organization, day__gte=start, day__lte=end)
+    ).values("day", "bucket").annotate(n=Sum("requests")).order_by("day", "bucket")
+    whole = [0] * LATENCY_BUCKETS
+    days: defaultdict[date, list[int]] = defaultdict(lambda: [0] * LATENCY_BUCKETS)
+    for row in rows:
+        whole[row["bucket"]] += int(row["n"])
+        days[row["day"]][row["bucket"]] += int(row["n"])
+    return LatencySummary(
+        p50_ms=latency_percentile(whole, 0.5),
+        p95_ms=latency_percentile(whole, 0.95),
+        per_day=[(day, latency_percentile(c, 0.5), latency_percentile(c, 0.95)) for day, c in sorted(days.items())],
+    )
+
+
+def api_key_names(*, organization: Organization, ids: Sequence[int]) -> dict[int, tuple[str, str]]:
+    """Public id and name of each of `ids` that is a key of the organization (a deleted key is absent)."""
+    wanted = [pk for pk in set(ids) if pk]
+    return {
+        pk: (public_id, name)
+        for pk, public_id, name in ApiKey.objects.filter(organization=organization, pk__in=wanted).values_list(
+            "pk", "public_id", "name"
+        )
+    }
+
+
+def project_names(*, organization: Organization, ids: Sequence[int]) -> dict[int, tuple[str, str]]:
+    wanted = [pk for pk in set(ids) if pk]
+    return {
+        pk: (public_id, name)
+        for pk, public_id, name in Project.objects.filter(organization=organization, pk__in=wanted).values_list(
+            "pk", "public_id", "name"
+        )
+    }
 
 
 def usage_events_in_range(
@@ -142,7 +326,7 @@ def usage_events_in_range(
     model: str | None = None,
     api_key: ApiKey | None = None,
 ) -> QuerySet[UsageEvent]:
-    """The organization's ledger rows settled from `start` to `end` (both UTC days included)."""
+    """The organization's ledger rows settled from `start` to `end` (both UTC days included): the export."""
     since, until = _day_bounds(start=start, end=end)
     events = UsageEvent.objects.filter(organization=organization, created_at__gte=since, created_at__lt=until)
     if model:
@@ -150,6 +334,12 @@ def usage_events_in_range(
     if api_key is not None:
         events = events.filter(api_key=api_key)
     return events
+
+
+def _rollup_grouped(rows: QuerySet[Any], *fields: str, order_by: Sequence[str]) -> list[dict[str, Any]]:
+    """The sums of roll-up `rows` per distinct value of `fields` (one GROUP BY query)."""
+    grouped: Any = rows.values(*fields).annotate(**_ROLLUP_SUMS).order_by(*order_by)
+    return list(grouped)
 
 
 def usage_report(
@@ -162,28 +352,23 @@ def usage_report(
     api_key: ApiKey | None = None,
 ) -> UsageReport:
     """Usage summed per UTC day, per model or per key, with the totals of the whole range."""
-    events = usage_events_in_range(organization=organization, start=start, end=end, model=model, api_key=api_key)
-    totals = UsageTotals.from_aggregate(events.aggregate(**_SUMS))
+    where = UsageFilter(models=[model] if model else [], api_key_ids=[api_key.pk] if api_key is not None else [])
+    rows = daily_rollups(organization=organization, start=start, end=end, where=where)
+    totals = UsageTotals.from_aggregate(rows.aggregate(**_ROLLUP_SUMS))
     buckets: list[UsageBucket]
     if group_by == "day":
-        days = events.annotate(day=TruncDate("created_at", tzinfo=UTC))
-        rows = _grouped(days, "day", order_by=["day"])
-        buckets = [UsageBucket({"date": row["day"]}, UsageTotals.from_aggregate(row)) for row in rows]
+        grouped = _rollup_grouped(rows, "day", order_by=["day"])
+        buckets = [UsageBucket({"date": row["day"]}, UsageTotals.from_aggregate(row)) for row in grouped]
     elif group_by == "model":
-        rows = _grouped(events, "model", order_by=["-sum_cost_micros", "model"])
-        buckets = [UsageBucket({"model": row["model"]}, UsageTotals.from_aggregate(row)) for row in rows]
+        grouped = _rollup_grouped(rows, "model", order_by=["-sum_cost_micros", "model"])
+        buckets = [UsageBucket({"model": row["model"]}, UsageTotals.from_aggregate(row)) for row in grouped]
     elif group_by == "key":
-        rows = _grouped(events, "api_key_id", order_by=["-sum_cost_micros", "api_key_id"])
-        # Names are looked up apart from the aggregate, which then reads the ledger table alone; the lookup is
-        # scoped to the organization too. A deleted key's usage stays in the ledger, under a null key.
-        names: dict[int, tuple[str | None, str | None]] = {
-            pk: (public_id, name)
-            for pk, public_id, name in ApiKey.objects.filter(
-                organization=organization, pk__in=[row["api_key_id"] for row in rows if row["api_key_id"]]
-            ).values_list("pk", "public_id", "name")
-        }
+        grouped = _rollup_grouped(rows, "api_key_id", order_by=["-sum_cost_micros", "api_key_id"])
+        # Names are looked up apart from the aggregate, scoped to the organization too. A deleted key's usage
+        # stays, under no name.
+        names = api_key_names(organization=organization, ids=[row["api_key_id"] for row in grouped])
         buckets = []
-        for row in rows:
+        for row in grouped:
             public_id, name = names.get(row["api_key_id"], (None, None))
             buckets.append(UsageBucket({"api_key": public_id, "api_key_name": name}, UsageTotals.from_aggregate(row)))
     else:
@@ -234,7 +419,7 @@ def balance_summary(*, organization: Organization, now: datetime | None = None) 
     account = _account(organization=organization) or BillingAccount(organization=organization)
     plan = account.plan
     month_start, _ = _month_bounds(year=now.year, month=now.month)
-    spend = UsageEvent.objects.filter(organization=organization, created_at__gte=month_start).aggregate(
+    spend = UsageDaily.objects.filter(organization=organization, day__gte=month_start.date()).aggregate(
         total=Sum("cost_micros")
     )["total"]
     return BalanceSummary(
@@ -261,7 +446,7 @@ def monthly_statement(
     credits_before = CreditEntry.objects.filter(organization=organization, created_at__lt=period_start).aggregate(
         total=Sum("amount_micros")
     )["total"]
-    usage_before = UsageEvent.objects.filter(organization=organization, created_at__lt=period_start).aggregate(
+    usage_before = UsageDaily.objects.filter(organization=organization, day__lt=period_start.date()).aggregate(
         total=Sum("cost_micros")
     )["total"]
     entries = list(
@@ -269,10 +454,10 @@ def monthly_statement(
         .select_related("actor")
         .order_by("id")
     )
-    events = UsageEvent.objects.filter(
-        organization=organization, created_at__gte=period_start, created_at__lt=period_end
+    rows_of_month = UsageDaily.objects.filter(
+        organization=organization, day__gte=period_start.date(), day__lt=period_end.date()
     )
-    rows = _grouped(events, "model", order_by=["model"])
+    rows = _rollup_grouped(rows_of_month, "model", order_by=["model"])
     return MonthlyStatement(
         year=year,
         month=month,
@@ -282,7 +467,7 @@ def monthly_statement(
         opening_balance_micros=int(credits_before or 0) - int(usage_before or 0),
         credit_entries=entries,
         usage_by_model=[UsageBucket({"model": row["model"]}, UsageTotals.from_aggregate(row)) for row in rows],
-        usage_totals=UsageTotals.from_aggregate(events.aggregate(**_SUMS)),
+        usage_totals=UsageTotals.from_aggregate(rows_of_month.aggregate(**_ROLLUP_SUMS)),
     )
 
 
@@ -333,7 +518,7 @@ def project_month_spend(*, organization: Organization, project: Project, now: da
     """What the project's keys were charged this calendar month (UTC), in micro-USD, from the ledger."""
     now = now or timezone.now()
     month_start, _ = _month_bounds(year=now.year, month=now.month)
-    spend = UsageEvent.objects.filter(
-        organization=organization, project=project, created_at__gte=month_start
+    spend = UsageDaily.objects.filter(
+        organization=organization, project_id=project.pk, day__gte=month_start.date()
     ).aggregate(total=Sum("cost_micros"))["total"]
     return int(spend or 0)

@@ -16,6 +16,7 @@ from apikeys.services import MAX_RPM, MAX_TPM
 from billing.exceptions import BillingError
 from billing.limits import forget_project_limits
 from billing.models import MICROS_PER_USD, BillingAccount, CreditEntry, Plan, ProjectRateLimit, UsageEvent
+from billing.rollups import rollups_add
 from platform_site.access import Actor
 from platform_site.models import Organization, Project
 from platform_site.services import audit_log_record, project_lock_for_change
@@ -241,7 +242,8 @@ def usage_events_write(events: Iterable[SettledUsage]) -> int:
     plus an existence query cost several times more CPU per event, on the thread that shares the GIL with
     the event loop.
     """
-    unique = list({event.call_id: event for event in events}.values())
+    by_call = {event.call_id: event for event in events}
+    unique = list(by_call.values())
     if not unique:
         return 0
     for organization_id in sorted({event.organization_id for event in unique}):
@@ -250,7 +252,7 @@ def usage_events_write(events: Iterable[SettledUsage]) -> int:
     quote = connection.ops.quote_name
     row = "(" + ", ".join(["%s"] * len(_USAGE_COLUMNS)) + ")"
     charges: defaultdict[int, int] = defaultdict(int)
-    inserted = 0
+    new: list[SettledUsage] = []
     with connection.cursor() as cursor:
         for start in range(0, len(unique), _ROWS_PER_STATEMENT):
             batch = unique[start : start + _ROWS_PER_STATEMENT]
@@ -264,17 +266,18 @@ def usage_events_write(events: Iterable[SettledUsage]) -> int:
             cursor.execute(
                 f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in _USAGE_COLUMNS)}) "  # noqa: S608
                 f"VALUES {', '.join([row] * len(batch))} "
-                f"ON CONFLICT ({quote('call_id')}) DO NOTHING RETURNING {quote('organization_id')}, "
-                f"{quote('cost_micros')}",
+                f"ON CONFLICT ({quote('call_id')}) DO NOTHING RETURNING {quote('call_id')}",
                 params,
             )
-            for organization_id, cost in cursor.fetchall():
-                charges[organization_id] += cost
-                inserted += 1
+            new.extend(by_call[call_id] for (call_id,) in cursor.fetchall())
+    for event in new:
+        charges[event.organization_id] += event.cost_micros
+    # The roll-ups the usage pages read, in this transaction: they hold exactly what the ledger holds.
+    rollups_add(new)
     # In a fixed order, so two writers charging overlapping organizations cannot deadlock.
     for organization_id in sorted(charges):
         if charges[organization_id]:
             BillingAccount.objects.filter(pk=organization_id).update(
                 usage_total_micros=F("usage_total_micros") + charges[organization_id]
             )
-    return inserted
+    return len(new)
