@@ -6,7 +6,7 @@ from __future__ import annotations
 from django.urls import path, re_path
 
 from billing.errors import OpenApiDocumentView, unknown_route
-from dashboard.admin_api import views
+from dashboard.admin_api import usage, views
 
 app_name = "admin-api"
 
@@ -36,6 +36,9 @@ urlpatterns = [
     path("invites", views.InviteListApi.as_view(), name="invite-list"),
     path("invites/<str:invite_id>", views.InviteApi.as_view(), name="invite"),
     path("audit_logs", views.AuditLogListApi.as_view(), name="audit-log-list"),
+    path("usage/completions", usage.UsageCompletionsApi.as_view(), name="usage-completions"),
+    path("usage/embeddings", usage.UsageEmbeddingsApi.as_view(), name="usage-embeddings"),
+    path("costs", usage.CostsApi.as_view(), name="costs"),
     path(
         "openapi.json",
         OpenApiDocumentView.as_view(
