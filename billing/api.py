@@ -90,18 +90,23 @@ class BillingApi(APIView):
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)
-        # After authentication, so the limit is counted per key or user rather than per address.
-        usage = get_usage(request, group="billing-api", key=_ratelimit_key, rate=self.rate, increment=True)
-        if usage is not None and usage["should_limit"]:
-            retry_after = max(int(usage["time_left"]), 1)
-            raise ApiError(
-                f"Rate limit reached on the billing API: Limit {usage['limit']} requests per minute. Please try "
-                f"again in {retry_after}s.",
-                status=429,
-                error_type="requests",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(retry_after)},
-            )
+        caller_rate_limit(request, group="billing-api", rate=self.rate, what="the billing API")
+
+
+def caller_rate_limit(request: Request, *, group: str, rate: str, what: str) -> None:
+    """Count a request of an authenticated caller (key or user) against `rate`; 429 in OpenAI's shape past it.
+    Called after authentication, so the limit is per key or user rather than per address."""
+    usage = get_usage(request, group=group, key=_ratelimit_key, rate=rate, increment=True)
+    if usage is not None and usage["should_limit"]:
+        retry_after = max(int(usage["time_left"]), 1)
+        raise ApiError(
+            f"Rate limit reached on {what}: Limit {usage['limit']} requests per minute. Please try again in "
+            f"{retry_after}s.",
+            status=429,
+            error_type="requests",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(retry_after)},
+        )
 
 
 def _date_param(request: Request, name: str) -> date | None:

@@ -19,7 +19,7 @@ from rest_framework.views import APIView
 from apikeys.auth import AuthenticatedKey
 from apikeys.exceptions import MissingScope
 from apikeys.scopes import ADMIN
-from billing.api import JsonOnlyNegotiation
+from billing.api import JsonOnlyNegotiation, caller_rate_limit
 from billing.authentication import ApiKeyAuthentication
 from billing.errors import openai_exception_handler
 from dashboard.context import current_membership
@@ -54,9 +54,14 @@ class ManagementApi(APIView):
     def get_exception_handler(self) -> Callable[..., Any]:
         return openai_exception_handler
 
+    # Per caller (admin key or user) across the management API; the usage reports read up to a day of
+    # ledger rows per request (bucket_width=1m).
+    rate = "300/m"
+
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)
         self.actor = self._actor(request)
+        caller_rate_limit(request, group="management-api", rate=self.rate, what="the management API")
 
     def _actor(self, request: Request) -> Actor:
         key = request.auth

@@ -389,3 +389,18 @@ def test_a_signed_in_owner_uses_it_with_csrf_and_a_reader_may_not(org: Organizat
     client.force_login(reader)
     denied = client.get("/v1/organization/projects")
     assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
+
+
+async def test_the_management_api_is_rate_limited_per_caller_with_an_openai_429(
+    org: Organization, admin_key: str, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dashboard.admin_api.base import ManagementApi
+
+    monkeypatch.setattr(ManagementApi, "rate", "2/m")
+    for _ in range(2):
+        assert (await http.get("/v1/organization/projects", headers=bearer(admin_key))).status_code == 200
+    refused = await http.get("/v1/organization/usage/completions?start_time=0", headers=bearer(admin_key))
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    other = await sync_to_async(apikey_create)(organization=org, name="ops 2", scopes=["admin"], actor_label="test")
+    assert (await http.get("/v1/organization/projects", headers=bearer(other[1]))).status_code == 200
