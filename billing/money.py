@@ -6,7 +6,7 @@ is refused rather than rounded, so what staff type is what the ledger records.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 from billing.models import MICROS_PER_USD
 
@@ -36,3 +36,12 @@ def usd_display(micros: int) -> str:
     text = micros_to_usd(micros)
     whole, _, fraction = text.partition(".")
     return f"{whole}.{fraction.rstrip('0').ljust(2, '0')}"
+
+
+def usd_summary(micros: int) -> str:
+    """A total for a glance: whole cents with thousands separators from one USD up ("12,345.68"), and
+    usd_display's exact digits below it, where cents would hide what was spent ("0.001234")."""
+    if abs(micros) < MICROS_PER_USD:
+        return usd_display(micros)
+    cents = (Decimal(micros) / 10_000).quantize(Decimal(1), rounding=ROUND_HALF_UP)
+    return f"{cents / 100:,.2f}"

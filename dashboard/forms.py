@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -222,3 +222,54 @@ class ApiKeyFilterForm(forms.Form):
     def __init__(self, *args: Any, projects: list[tuple[str, str]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fields["project"].choices = [("", "All projects"), *projects]  # type: ignore[attr-defined]
+
+
+class UsageFilterForm(forms.Form):
+    """The usage page's range and filters. Projects and keys are chosen by public id among the organization's
+    own; anything else is not a choice, so the form is invalid and the page shows the defaults."""
+
+    MAX_DAYS = 366
+
+    start = forms.DateField(label="From", required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    end = forms.DateField(label="To", required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    project = forms.ChoiceField(label="Project", required=False)
+    api_key = forms.ChoiceField(label="API key", required=False)
+    model = forms.ChoiceField(label="Model", required=False)
+    breakdown = forms.ChoiceField(
+        label="Break down by",
+        required=False,
+        choices=[("model", "Model"), ("key", "API key"), ("project", "Project"), ("endpoint", "Endpoint")],
+    )
+
+    def __init__(
+        self,
+        *args: Any,
+        projects: list[tuple[int, str, str]],
+        keys: list[tuple[int, str, str]],
+        models: list[str],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.project_ids = {public_id: pk for pk, public_id, _ in projects}
+        self.key_ids = {public_id: pk for pk, public_id, _ in keys}
+        self.fields["project"].choices = [("", "All projects"), *[(p, n) for _, p, n in projects]]  # type: ignore[attr-defined]
+        self.fields["api_key"].choices = [("", "All keys"), *[(p, f"{n} ({p})") for _, p, n in keys]]  # type: ignore[attr-defined]
+        self.fields["model"].choices = [("", "All models"), *[(m, m) for m in models]]  # type: ignore[attr-defined]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if "start" not in data or "end" not in data:
+            return data  # a date that did not parse already has its error
+        for name in ("start", "end"):
+            value = data[name]
+            if value is not None and not date(2000, 1, 1) <= value <= date(9000, 12, 31):
+                self.add_error(name, "Choose a date from 2000 to 9000.")
+                return data
+        # Left empty: up to today, from the first of the last day's month.
+        end = data["end"] = data["end"] or timezone.now().date()
+        start = data["start"] = data["start"] or end.replace(day=1)
+        if start > end:
+            self.add_error("start", "The range starts after it ends.")
+        elif (end - start).days + 1 > self.MAX_DAYS:
+            self.add_error("end", f"A range is at most {self.MAX_DAYS} days.")
+        return data

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from dashboard.views import front, keys, settings
+from dashboard.views import front, keys, settings, usage
 
 app_name = "dashboard"
 
@@ -13,6 +13,8 @@ urlpatterns = [
     path("organizations/new", front.organization_new, name="organization-new"),
     path("organizations/switch", front.organization_switch, name="organization-switch"),
     path("invite/<str:token>", front.invite_accept, name="invite-accept"),
+    path("usage", usage.usage_view, name="usage"),
+    path("usage/export.csv", usage.usage_export_view, name="usage-export"),
     path("settings/api-keys", keys.apikey_list_view, name="apikey-list"),
     path("settings/api-keys/new", keys.apikey_create_view, name="apikey-create"),
     path("settings/api-keys/<str:public_id>/rotate", keys.apikey_rotate_view, name="apikey-rotate"),

@@ -12,7 +12,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from apikeys.selectors import apikey_list
-from billing.money import usd_display
+from billing.money import usd_summary
 from billing.selectors import usage_report
 from completions.selectors import chat_model_id_default
 from dashboard.context import SESSION_KEY, current_membership
@@ -38,7 +38,9 @@ def home(request: HttpRequest) -> HttpResponse:
 def overview(request: HttpRequest) -> HttpResponse:
     organization = request.membership.organization  # type: ignore[attr-defined]
     today = timezone.now().date()
-    month = usage_report(organization=organization, start=date(today.year, today.month, 1), end=today, group_by="model")
+    first = date(today.year, today.month, 1)
+    month = usage_report(organization=organization, start=first, end=today, group_by="model")
+    by_key = usage_report(organization=organization, start=first, end=today, group_by="key")
     keys = apikey_list(organization=organization).filter(revoked_at__isnull=True, project__isnull=False)
     context = {
         "projects": project_list(organization=organization)[:10],
@@ -46,7 +48,13 @@ def overview(request: HttpRequest) -> HttpResponse:
         "active_keys": keys.count(),
         "recent_keys": keys.select_related("project")[:5],
         "month": month,
-        "month_spend_usd": usd_display(month.totals.cost_micros),
+        "month_spend_usd": usd_summary(month.totals.cost_micros),
+        "month_by_model": [(b.fields["model"], b.totals, usd_summary(b.totals.cost_micros)) for b in month.buckets[:8]],
+        "month_by_key": [
+            (b.fields["api_key_name"] or ("Deleted key" if b.fields["api_key"] is None else b.fields["api_key"]),
+             b.totals, usd_summary(b.totals.cost_micros))
+            for b in by_key.buckets[:8]
+        ],
         "snippets": first_call(base_url=api_base_url(request), key="$KEYWAY_API_KEY", model=chat_model_id_default()),
     }
     return render(request, "dashboard/overview.html", context)
