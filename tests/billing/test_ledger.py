@@ -11,10 +11,12 @@ from typing import Any
 import orjson
 import pytest
 from asgiref.sync import sync_to_async
+from django.db.models import Sum
 
 from billing.ledger import recover_orphans
-from billing.models import BillingAccount, UsageEvent
+from billing.models import BillingAccount, UsageDaily, UsageEvent
 from billing.pricing import ModelPrice, cost_micros
+from billing.rollups import rollups_check
 from billing.services import SettledUsage, usage_events_write
 from platform_site.models import Organization
 
@@ -94,6 +96,9 @@ def test_an_orphaned_journal_is_replayed_once_and_a_torn_last_line_is_skipped(
     _journal(tmp_path, "host-1-1-1.usage", events)
     recover_orphans(tmp_path)
     assert BillingAccount.objects.get(pk=org.pk).usage_total_micros == 3 * 1234
+    # And the roll-ups the reports read hold the three calls once, as the ledger does.
+    assert rollups_check(organization_id=org.pk) == []
+    assert UsageDaily.objects.filter(organization=org).aggregate(n=Sum("requests"))["n"] == 3
 
 
 @pytest.mark.django_db(transaction=True)
