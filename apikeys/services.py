@@ -17,9 +17,9 @@ from apikeys import keyformat
 from apikeys.auth import invalidate_cached_key
 from apikeys.exceptions import InvalidKeySettings
 from apikeys.models import ApiKey
-from apikeys.scopes import ADMIN, ALL_SCOPES, KNOWN_SCOPES
+from apikeys.scopes import ADMIN, ALL_SCOPES, CHAT, KNOWN_SCOPES
 from apikeys.sessions import announce_key_ended
-from platform_site.access import Actor
+from platform_site.access import KEY_MAKERS, Actor
 from platform_site.exceptions import NotPermitted
 from platform_site.models import Organization, Project
 from platform_site.selectors import default_project
@@ -111,12 +111,14 @@ def apikey_create(
     created_by: User | None = None,
     actor_label: str = "",
     by: Actor | None = None,
+    reason: str = "",
 ) -> tuple[ApiKey, str]:
     """Create a key and return it with its raw secret. The raw secret is returned exactly once: only its
     HMAC is stored, so no later call can show it again.
 
     A key with the admin scope is an admin key of the organization; any other key belongs to `project` (the
-    organization's default project when none is given)."""
+    organization's default project when none is given). `reason` says in the audit row why a key was made
+    by something other than a person's own request (the playground)."""
     cleaned = apikey_settings_clean(name=name, scopes=scopes, allowed_models=allowed_models, rpm_limit=rpm_limit,
                                     tpm_limit=tpm_limit, monthly_budget_micros=monthly_budget_micros)
     cleaned_scopes = cleaned["scopes"]
@@ -153,6 +155,9 @@ def apikey_create(
         **cleaned,
         created_by=created_by if created_by is not None and created_by.is_authenticated else None,
     )
+    details: dict[str, Any] = {"data": {"scopes": key.scopes}, "name": key.name, "allowed_models": key.allowed_models}
+    if reason:
+        details["reason"] = reason
     audit_log_record(
         organization=organization,
         action="api_key.created",
@@ -161,10 +166,29 @@ def apikey_create(
         actor_label=actor_label,
         project=project,
         by=by,
-        details={"data": {"scopes": key.scopes}, "name": key.name, "allowed_models": key.allowed_models},
+        details=details,
     )
     transaction.on_commit(lambda: invalidate_cached_key(public_id))
     return key, keyformat.format_key(public_id, secret)
+
+
+def playground_key_create(*, by: Actor, project: Project) -> tuple[ApiKey, str]:
+    """The dashboard playground's key for the signed-in member `by`, in `project`, and its raw secret, returned
+    exactly once: the page keeps it in memory only. It is a real key, metered and billed like any other, so
+    it can do no more than the playground needs (chat), ends by itself after KEYWAY_PLAYGROUND_KEY_TTL
+    seconds, and is listed among the member's keys under a recognisable name, where they can revoke it.
+
+    Readers may not have one: a playground call spends the organization's money, and readers only look."""
+    if by.user is None:
+        raise NotPermitted("A playground key is made for a signed-in member only.")
+    if by.role not in KEY_MAKERS:
+        raise NotPermitted(f"Readers cannot use the playground, whose calls are billed; your role is {by.role}.")
+    name = f"Playground · {by.label}"[:MAX_NAME]
+    expires_at = timezone.now() + timedelta(seconds=settings.KEYWAY_PLAYGROUND_KEY_TTL)
+    return apikey_create(
+        organization=by.organization, project=project, name=name, scopes=[CHAT], expires_at=expires_at, by=by,
+        reason="playground",
+    )
 
 
 @transaction.atomic

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from dashboard.views import front, keys, settings, usage
+from dashboard.views import front, keys, models, playground, settings, usage
 
 app_name = "dashboard"
 
@@ -15,6 +15,9 @@ urlpatterns = [
     path("invite/<str:token>", front.invite_accept, name="invite-accept"),
     path("usage", usage.usage_view, name="usage"),
     path("usage/export.csv", usage.usage_export_view, name="usage-export"),
+    path("models", models.models_view, name="models"),
+    path("playground", playground.playground_view, name="playground"),
+    path("playground/key", playground.playground_key_view, name="playground-key"),
     path("settings/api-keys", keys.apikey_list_view, name="apikey-list"),
     path("settings/api-keys/new", keys.apikey_create_view, name="apikey-create"),
     path("settings/api-keys/<str:public_id>/rotate", keys.apikey_rotate_view, name="apikey-rotate"),

@@ -337,6 +337,12 @@ KEYWAY_KEY_LOCAL_TTL = env_float("KEYWAY_KEY_LOCAL_TTL", 0.5, minimum=0.0)
 KEYWAY_AUTH_FAILURES_PER_MINUTE = env_int("KEYWAY_AUTH_FAILURES_PER_MINUTE", 60, minimum=1)
 KEYWAY_KEY_CACHE_TTL = env_int("KEYWAY_KEY_CACHE_TTL", 300, minimum=1)
 KEYWAY_ROTATION_GRACE_SECONDS = env_int("KEYWAY_ROTATION_GRACE_SECONDS", 24 * 3600, minimum=0)
+# The dashboard playground's keys (apikeys.services.playground_key_create): seconds each lives, at most a day so
+# a forgotten tab's key cannot outlive the working day, and how many one user may have made in an hour.
+KEYWAY_PLAYGROUND_KEY_TTL = env_int("KEYWAY_PLAYGROUND_KEY_TTL", 30 * 60, minimum=60)
+if KEYWAY_PLAYGROUND_KEY_TTL > 24 * 3600:
+    raise ImproperlyConfigured("KEYWAY_PLAYGROUND_KEY_TTL must be at most 86400 seconds (a day).")
+KEYWAY_PLAYGROUND_KEYS_PER_HOUR = env_int("KEYWAY_PLAYGROUND_KEYS_PER_HOUR", 30, minimum=1)
 KEYWAY_CATALOG_LOCAL_TTL = env_float("KEYWAY_CATALOG_LOCAL_TTL", 1.0, minimum=0.0)
 
 # Upstream HTTP providers.

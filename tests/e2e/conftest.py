@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,3 +38,18 @@ def _no_secret_or_prompt_in_any_server_log() -> Iterator[None]:
     yield
     leaks = [leak for log, var_dir in server.SERVER_LOGS if log.exists() for leak in leaks_in(log, var_dir)]
     assert not leaks, "secrets or prompt text in server logs:\n" + "\n".join(leaks[:20])
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium driven by Playwright (a test tool's own browser download cannot work here)."""
+    from tests.e2e.test_dashboard_browser import CHROMIUM, CHROMIUM_FLAGS
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing; `make test` installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        yield instance
+        instance.close()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.e2e import server
-from tests.e2e.test_dashboard_browser import ARTIFACTS, OVERFLOWING, Shots, browser  # noqa: F401 (a fixture)
+from tests.e2e.test_dashboard_browser import ARTIFACTS, OVERFLOWING, Shots
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +32,8 @@ from platform_site.services import organization_create
 user = get_user_model().objects.create_user(username="owner", email="owner@example.com", password="x" * 20)
 EmailAddress.objects.create(user=user, email=user.email, verified=True, primary=True)
 org = organization_create(name="Acme Robotics", owner=user)
-keys = [apikey_create(organization=org, name=name, actor_label="seed")[0] for name in ("web app", "batch jobs", "eval")]
+keys = [apikey_create(organization=org, name=name, actor_label="seed")[0]
+        for name in ("web app", "batch jobs", "eval")]
 chance = random.Random(7)
 now = datetime.now(UTC)
 events = []
@@ -40,11 +41,13 @@ for n in range(3000):
     key = chance.choice(keys)
     model = chance.choice(["gemma-3-270m", "gpt-4o-mini", "gpt-4o-mini", "all-minilm-l6-v2"])
     endpoint = UsageEvent.Endpoint.EMBEDDINGS if model == "all-minilm-l6-v2" else UsageEvent.Endpoint.CHAT
-    prompt, completion = chance.randrange(50, 3000), 0 if endpoint == UsageEvent.Endpoint.EMBEDDINGS else chance.randrange(5, 600)
+    prompt = chance.randrange(50, 3000)
+    completion = 0 if endpoint == UsageEvent.Endpoint.EMBEDDINGS else chance.randrange(5, 600)
     events.append(SettledUsage(
         call_id=f"seed-{n}", request_id=f"seed-{n}", session_id="", organization_id=org.pk, api_key_id=key.pk,
         endpoint=endpoint, model=model, deployment_id=None, provider="seed", prompt_tokens=prompt, cached_tokens=0,
-        completion_tokens=completion, cost_micros=prompt * 3 + completion * 12, status=2 if chance.random() < .02 else 1,
+        completion_tokens=completion, cost_micros=prompt * 3 + completion * 12,
+        status=2 if chance.random() < .02 else 1,
         usage_source=1, latency_ms=int(chance.lognormvariate(5.5, .8)), ttft_ms=None,
         created_at=(now - timedelta(days=chance.randrange(0, 28), seconds=chance.randrange(0, 86400))).timestamp(),
         project_id=key.project_id))
@@ -74,6 +77,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         server.drop_database(database)
 
 
+SPEND_LEGEND = "() => Chart.getChart(document.getElementById('chart-spend')).data.datasets.map(d => d.label)"
+DRAWN = "() => typeof Chart !== 'undefined' && Chart.getChart(document.getElementById('%s'))"
+
+
 def _charts_drawn(page: Any) -> int:
     return int(page.evaluate("() => [...document.querySelectorAll('canvas')].filter(c => Chart.getChart(c)).length"))
 
@@ -87,26 +94,28 @@ def test_a_month_of_usage_is_drawn_filtered_broken_down_and_exported(site: dict[
     page.on("pageerror", lambda error: problems.append(str(error)))
     shot = Shots(page, ARTIFACTS / "usage")
 
-    start = page.evaluate("() => { const d = new Date(); d.setUTCDate(d.getUTCDate() - 29); return d.toISOString().slice(0, 10); }")
+    start = page.evaluate(
+        "() => { const d = new Date(); d.setUTCDate(d.getUTCDate() - 29); return d.toISOString().slice(0, 10); }"
+    )
     page.goto(f"{site['url']}/usage?start={start}")
     page.wait_for_function("() => typeof Chart !== 'undefined'")
     assert _charts_drawn(page) == 5
     assert page.get_by_role("link", name="Usage").get_attribute("aria-current") == "page"
     assert page.locator(".stat dd").first.inner_text().startswith("$")
-    legend = page.evaluate("() => Chart.getChart(document.getElementById('chart-spend')).data.datasets.map(d => d.label)")
+    legend = page.evaluate(SPEND_LEGEND)
     assert set(legend) == {"gemma-3-270m", "gpt-4o-mini", "all-minilm-l6-v2"}
     shot("by-model")
 
     page.select_option("#id_breakdown", "key")
     page.get_by_role("button", name="Apply").click()
-    page.wait_for_function("() => typeof Chart !== 'undefined' && Chart.getChart(document.getElementById('chart-spend'))")
-    legend = page.evaluate("() => Chart.getChart(document.getElementById('chart-spend')).data.datasets.map(d => d.label)")
+    page.wait_for_function(DRAWN % "chart-spend")
+    legend = page.evaluate(SPEND_LEGEND)
     assert set(legend) == {"web app", "batch jobs", "eval"}
     shot("by-key")
 
     page.select_option("#id_model", "all-minilm-l6-v2")
     page.get_by_role("button", name="Apply").click()
-    page.wait_for_function("() => typeof Chart !== 'undefined' && Chart.getChart(document.getElementById('chart-tokens'))")
+    page.wait_for_function(DRAWN % "chart-tokens")
     outputs = page.evaluate("() => Chart.getChart(document.getElementById('chart-tokens')).data.datasets[1].data")
     assert sum(outputs) == 0  # embeddings produce no output tokens
     shot("embeddings-only")
