@@ -6,6 +6,7 @@ from datetime import date
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.db.models import Q
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
@@ -17,7 +18,7 @@ from billing.selectors import usage_report
 from completions.selectors import chat_model_id_default
 from dashboard.context import SESSION_KEY, current_membership
 from dashboard.forms import OrganizationForm
-from dashboard.snippets import first_call
+from dashboard.snippets import model_examples
 from dashboard.views.common import api_base_url, member_required
 from platform_site.exceptions import NotFound
 from platform_site.kernel.errors import ApiError
@@ -41,7 +42,9 @@ def overview(request: HttpRequest) -> HttpResponse:
     first = date(today.year, today.month, 1)
     month = usage_report(organization=organization, start=first, end=today, group_by="model")
     by_key = usage_report(organization=organization, start=first, end=today, group_by="key")
-    keys = apikey_list(organization=organization).filter(revoked_at__isnull=True, project__isnull=False)
+    keys = apikey_list(organization=organization).filter(
+        Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()), revoked_at__isnull=True, project__isnull=False
+    )
     context = {
         "projects": project_list(organization=organization)[:10],
         "project_count": project_list(organization=organization).count(),
@@ -55,7 +58,11 @@ def overview(request: HttpRequest) -> HttpResponse:
              b.totals, usd_summary(b.totals.cost_micros))
             for b in by_key.buckets[:8]
         ],
-        "snippets": first_call(base_url=api_base_url(request), key="$KEYWAY_API_KEY", model=chat_model_id_default()),
+        # The key is read from the environment: an example that names it in a Python or JavaScript string
+        # would send the text "$KEYWAY_API_KEY".
+        "snippets": model_examples(
+            base_url=api_base_url(request), model=chat_model_id_default() or "your-model", endpoint="chat"
+        ),
     }
     return render(request, "dashboard/overview.html", context)
 

@@ -27,7 +27,7 @@ from billing.selectors import (
 )
 from completions.selectors import chat_model_id_default
 from dashboard.forms import UsageFilterForm
-from dashboard.snippets import first_call
+from dashboard.snippets import model_examples
 from dashboard.views.common import api_base_url, member_required
 from platform_site.selectors import project_list
 
@@ -184,8 +184,8 @@ def usage_view(request: HttpRequest) -> HttpResponse:
             },
         )
     else:
-        context["snippets"] = first_call(
-            base_url=api_base_url(request), key="$KEYWAY_API_KEY", model=chat_model_id_default()
+        context["snippets"] = model_examples(
+            base_url=api_base_url(request), model=chat_model_id_default() or "your-model", endpoint="chat"
         )
     return render(request, "dashboard/usage.html", context)
 
