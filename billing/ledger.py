@@ -34,6 +34,7 @@ import orjson
 from django.conf import settings
 from django.db import DataError, IntegrityError, InterfaceError, OperationalError
 
+from billing.alerts import spend_alerts_after_usage
 from billing.services import SettledUsage, usage_events_write
 from platform_site.kernel.orm import orm, returns_connection
 
@@ -174,6 +175,8 @@ def _write(events: list[SettledUsage], directory: Path | None = None) -> None:
                 usage_events_write([event])
             except _BAD_ROW as error:
                 _set_aside(event, error, directory)
+    # Committed: alert on caps the batch crossed (cheap for organizations without alerts; never raises).
+    spend_alerts_after_usage(events=events)
 
 
 def _set_aside(event: SettledUsage, error: Exception, directory: Path | None) -> None:

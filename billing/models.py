@@ -304,3 +304,59 @@ class UsageLatencyDaily(models.Model):
 
     def __str__(self) -> str:
         return f"{self.day} {self.model} bucket {self.bucket}"
+
+
+class SpendAlertSettings(models.Model):
+    """At which percentages of a monthly cap an organization is e-mailed, and which of its roles are (billing.alerts).
+    No row, or no percentages: no alerts."""
+
+    organization = models.OneToOneField(
+        Organization, on_delete=models.CASCADE, primary_key=True, related_name="spend_alert_settings"
+    )
+    # Whole percentages, ascending and distinct, each from 1 to 1000 (billing.alerts validates them): [50, 80, 100].
+    thresholds = models.JSONField(default=list, blank=True)
+    notify_owners = models.BooleanField(default=True)
+    notify_admins = models.BooleanField(default=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "spend alert settings"
+
+    def __str__(self) -> str:
+        return f"{self.organization} spend alerts"
+
+
+class SpendAlert(models.Model):
+    """The first time a calendar month's (UTC) spend reached `percent` % of a cap: the organization's (no project)
+    or a project's. Written in the transaction that decides to e-mail, so the unique constraints make an alert go
+    out at most once, whichever worker or journal replay gets there first. A changed cap is a new cap."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    project = models.ForeignKey(Project, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    month = models.DateField(help_text="The first day of the calendar month (UTC).")
+    percent = models.PositiveSmallIntegerField()
+    cap_micros = models.PositiveBigIntegerField()
+    spend_micros = models.BigIntegerField(help_text="The month's spend when the alert was decided.")
+    recipients = models.PositiveSmallIntegerField(default=0, help_text="How many addresses it was sent to.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["organization", "month"])]
+        # Two partial constraints rather than one: a unique constraint never matches NULLs, so one over `project`
+        # would let the organization's own cap be alerted any number of times.
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "month", "cap_micros", "percent"],
+                condition=models.Q(project__isnull=True),
+                name="one_spend_alert_per_organization_cap",
+            ),
+            models.UniqueConstraint(
+                fields=["project", "month", "cap_micros", "percent"],
+                condition=models.Q(project__isnull=False),
+                name="one_spend_alert_per_project_cap",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.percent}% of {self.cap_micros / MICROS_PER_USD:.2f} USD in {self.month:%Y-%m}"

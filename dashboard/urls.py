@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from dashboard.views import front, keys, models, playground, settings, usage
+from dashboard.views import billing, front, keys, models, playground, settings, usage
 
 app_name = "dashboard"
 
@@ -31,4 +31,8 @@ urlpatterns = [
     path("settings/members/<str:user_public_id>", settings.member_update, name="member-update"),
     path("settings/invitations/<str:public_id>/delete", settings.invitation_delete_view, name="invitation-delete"),
     path("settings/audit-log", settings.audit_log_view, name="audit-log"),
+    path("billing", billing.billing_overview, name="billing"),
+    # The PDF first: the page's pattern would take "2025-03.pdf" as a month, and answer that it is not one.
+    path("billing/statements/<str:period>.pdf", billing.statement_pdf_view, name="billing-statement-pdf"),
+    path("billing/statements/<str:period>", billing.statement_view, name="billing-statement"),
 ]

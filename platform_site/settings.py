@@ -266,6 +266,11 @@ if env_str("KEYWAY_OIDC_CLIENT_ID", ""):
 # under KEYWAY_EMAIL_FILE_PATH when that is set (the browser tests read their verification links there).
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "Keyway <no-reply@keyway.localhost>")
 SERVER_EMAIL = DEFAULT_FROM_EMAIL
+# The dashboard's address as people reach it, for links in e-mails sent outside a request (spend alerts);
+# empty: such e-mails name the page instead of linking to it.
+KEYWAY_DASHBOARD_URL = env_str("KEYWAY_DASHBOARD_URL", "http://127.0.0.1:8000" if DEBUG else "").rstrip("/")
+if KEYWAY_DASHBOARD_URL and not KEYWAY_DASHBOARD_URL.startswith(("http://", "https://")):
+    raise ImproperlyConfigured("KEYWAY_DASHBOARD_URL must start with http:// or https://.")
 EMAIL_HOST = env_str("EMAIL_HOST", "")
 if EMAIL_HOST:
     EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
@@ -322,7 +327,11 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler",
                              "formatter": "json" if LOG_FORMAT == "json" else "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"django.request": {"level": "ERROR"}},
+    "loggers": {
+        "django.request": {"level": "ERROR"},
+        # WeasyPrint logs every step of every statement PDF at INFO.
+        "weasyprint": {"level": "WARNING"},
+    },
 }
 
 # --- Keyway -------------------------------------------------------------------------------------------------

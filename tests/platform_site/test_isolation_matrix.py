@@ -28,10 +28,12 @@ from tests.conftest import bearer
 pytestmark = pytest.mark.django_db(transaction=True)
 
 # Path parameters that are not another tenant's ids: a catalog model (shared by every organization), a
-# calendar month, a catch-all of unknown paths, and an invitation's secret token (its own test).
-NOT_TENANT_IDS = {"model_id", "month", "rest", "token"}
+# calendar month (`month` in the billing API, `period` on the dashboard's statements), a catch-all of unknown
+# paths, and an invitation's secret token (its own test).
+NOT_TENANT_IDS = {"model_id", "month", "period", "rest", "token"}
 # Prefixes served by the session-only dashboard and the admin site, which this REST matrix does not call.
-NOT_REST = ("admin/", "accounts/", "settings/", "organizations/", "invite/", "metrics", "health", "status")
+NOT_REST = ("admin/", "accounts/", "settings/", "organizations/", "invite/", "billing/", "usage", "playground",
+            "models", "metrics", "health", "status")
 
 
 def _routes(patterns: list[Any], prefix: str = "") -> Iterator[str]:
