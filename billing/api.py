@@ -50,7 +50,8 @@ MAX_RANGE_DAYS = 366
 _DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", re.ASCII)
 # Dates a usage range may name: a year off either end made the range's arithmetic overflow (a 500).
 _FIRST_DATE, _LAST_DATE = date(2000, 1, 1), date(9000, 12, 31)
-_MONTH_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+# ASCII digits only (\d also takes other scripts' digits), and from the year 2000, as dates are.
+_MONTH_RE = re.compile(r"^(20[0-9]{2}|[3-9][0-9]{3})-(0[1-9]|1[0-2])$")
 _EXPORT_PAGE = 2000
 
 

@@ -487,7 +487,8 @@ def test_monthly_statement_adds_up(
     assert april["opening_balance_micros"] == body["closing_balance_micros"]
 
 
-@pytest.mark.parametrize("month", ["2025-3", "2025-13", "march", "2999-01"])
+@pytest.mark.parametrize("month", ["2025-3", "2025-13", "march", "2999-01", "0000-01", "0001-01", "1999-12",
+                                   "\u0662\u0660\u0662\u0665-03"])
 def test_bad_or_future_statement_months_get_400(client: Client, api_key: tuple[ApiKey, str], month: str) -> None:
     response = client.get(f"/api/billing/statements/{month}", headers=bearer(api_key[1]))
     assert response.status_code == 400 and response.json()["error"]["param"] == "month"
