@@ -10,8 +10,9 @@ at the end of a month:
   organization take turns), reads what was already alerted, and records the new alerts; the unique constraints on
   those rows are the backstop should two deciders ever race past the lock;
 - the e-mail goes out only once that transaction has committed (transaction.on_commit), so a decision that rolls
-  back sends nothing. That makes alerts at most once, not at least once: a mail server that refuses a message
-  after the commit loses that alert (it is logged) rather than risk sending it twice.
+  back sends nothing, and over SMTP from a thread of its own, so a slow mail server holds up no usage write.
+  That makes alerts at most once, not at least once: a mail server that refuses a message after the commit
+  loses that alert (it is logged) rather than risk sending it twice.
 
 Cheap for everyone else: one query per batch finds which of the charged organizations have alerts on; the rest
 cost nothing more, one with alerts but no cap three small reads, and one whose spend crossed nothing new five,
@@ -26,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -314,8 +316,24 @@ def _messages(
     return messages
 
 
+_mailer: ThreadPoolExecutor | None = None  # made on the first alert sent over the network, not at import
+
+
 def _deliver(messages: list[EmailMessage]) -> None:
-    # On the ledger writer's thread, after the commit. The alert is recorded as sent whatever happens here.
+    """After the commit. Over SMTP, on a thread of its own: the ledger writer runs this, and on SQLite the
+    writer is the thread every ORM call of the process shares, so a mail server that hangs must not hold it
+    for EMAIL_TIMEOUT. The console, file and test back-ends send at once."""
+    global _mailer
+    if settings.EMAIL_BACKEND != "django.core.mail.backends.smtp.EmailBackend":
+        _send(messages)
+        return
+    if _mailer is None:
+        _mailer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spend-alert-mail")
+    _mailer.submit(_send, messages)
+
+
+def _send(messages: list[EmailMessage]) -> None:
+    # The alert is recorded as sent whatever happens here.
     try:
         get_connection().send_messages(messages)
     except Exception:

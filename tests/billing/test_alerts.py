@@ -326,3 +326,27 @@ def test_workers_deciding_at_once_send_each_alert_once(acme: Organization, caplo
     # And once more from a worker that replays the batch later: nothing.
     spend_alerts_after_usage(events=events)
     assert len(mail.outbox) == 2
+
+
+def test_alert_mail_over_smtp_leaves_the_ledger_writer_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mail server that hangs holds its own thread, not the ledger writer's (on SQLite, every ORM call's)."""
+    import threading
+    import time
+
+    from billing import alerts
+
+    release, sent = threading.Event(), threading.Event()
+
+    class HangingConnection:
+        def send_messages(self, messages: list[Any]) -> int:
+            release.wait(10)
+            sent.set()
+            return len(messages)
+
+    monkeypatch.setattr(alerts.settings, "EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
+    monkeypatch.setattr(alerts, "get_connection", lambda: HangingConnection())
+    began = time.monotonic()
+    alerts._deliver([])
+    assert time.monotonic() - began < 1 and not sent.is_set()
+    release.set()
+    assert sent.wait(5)
