@@ -33,7 +33,7 @@ def main() -> int:
     options = parser.parse_args()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="keyway-fuzz-") as var_dir:
-        with fuzzing.fuzz_stack(Path(var_dir), usage_keys=fuzzing.usage_keys_for(options.cases)) as stack:
+        with fuzzing.fuzz_stack(Path(var_dir), cases=options.cases) as stack:
             targets = fuzzing.targets(stack["url"], stack["keys"], stack["env"])
             pool = fuzzing.seed_pool(stack["url"], stack["keys"])
             print(

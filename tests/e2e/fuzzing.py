@@ -57,6 +57,9 @@ EMBEDDINGS_MODEL = "fake-embed"
 KEY_PREFIX = "fuzz-"
 # The billing API allows 120 requests a minute per key: enough keys for a run to stay under it.
 BILLING_REQUESTS_PER_KEY = 100
+# The management API allows 300 a minute per caller (dashboard.admin_api.base); it has about 40 operations.
+MANAGEMENT_REQUESTS_PER_KEY = 250
+MANAGEMENT_OPERATIONS = 45
 REQUEST_TIMEOUT = 30.0
 
 
@@ -166,7 +169,7 @@ class Target:
     calls: int = 0
 
     def headers(self) -> dict[str, str]:
-        # Round robin: the billing API's per-key rate limit is not what is being fuzzed.
+        # Round robin: the billing and management APIs' per-key rate limits are not what is being fuzzed.
         self.calls += 1
         return {"Authorization": f"Bearer {self.keys[self.calls % len(self.keys)]}"}
 
@@ -393,18 +396,19 @@ def key(name, **options):
     return apikey_create(organization=demo, name="{prefix}" + name, actor_label="fuzz", **options)[1]
 print(json.dumps({{
     "model": key("model", rpm_limit=10**7, tpm_limit=10**12, allowed_models=["{chat}", "{embeddings}"]),
-    "admin": key("admin", scopes=["admin"]),
+    "admin": [key(f"admin-{{index}}", scopes=["admin"]) for index in range({admin_keys})],
     "usage": [key(f"usage-{{index}}", scopes=["usage:read"]) for index in range({usage_keys})],
 }}))
 """
 
 
 @contextlib.contextmanager
-def fuzz_stack(var_dir: Path, *, usage_keys: int) -> Iterator[dict[str, Any]]:
+def fuzz_stack(var_dir: Path, *, cases: int) -> Iterator[dict[str, Any]]:
     """The fake upstream (chat model `ok`, embeddings model `fake-embed`), Keyway on uvicorn, and the keys
     of the run: one for the model endpoints (every model scope, limits out of reach, and only those two
     models: a request for the embedded ones, which the documents' examples name, is refused rather than
-    run on this machine's CPU), an admin key, and `usage_keys` keys for the billing API. Yields the url, the
+    run on this machine's CPU), admin keys for the management API and keys for the billing API, enough for
+    `cases` per operation to stay under those APIs' per-key rate limits. Yields the url, the
     keys and the environment."""
     env, database = server.make_environment(var_dir)
     process = upstream = None
@@ -420,7 +424,9 @@ def fuzz_stack(var_dir: Path, *, usage_keys: int) -> Iterator[dict[str, Any]]:
         )
         server.manage(env, "migrate", "--no-input", "-v", "0")
         server.manage(env, "bootstrap")
-        code = _SETUP.format(chat=CHAT_MODEL, embeddings=EMBEDDINGS_MODEL, prefix=KEY_PREFIX, usage_keys=usage_keys)
+        code = _SETUP.format(chat=CHAT_MODEL, embeddings=EMBEDDINGS_MODEL, prefix=KEY_PREFIX,
+                             usage_keys=usage_keys_for(cases),
+                             admin_keys=keys_for(cases, MANAGEMENT_OPERATIONS, MANAGEMENT_REQUESTS_PER_KEY))
         keys = json.loads(server.django_shell(env, code).strip().splitlines()[-1])
         process, url = server.start_keyway(env, var_dir / "server.log", uvicorn=True)
         yield {"url": url, "keys": keys, "env": env, "log": var_dir / "server.log"}
@@ -433,7 +439,13 @@ def fuzz_stack(var_dir: Path, *, usage_keys: int) -> Iterator[dict[str, Any]]:
 
 def usage_keys_for(cases: int, operations: int = 5) -> int:
     """Keys enough for the billing API's cases to stay under its rate limit, even all in one minute."""
-    return max(2, -(-cases * operations // BILLING_REQUESTS_PER_KEY))
+    return keys_for(cases, operations, BILLING_REQUESTS_PER_KEY)
+
+
+def keys_for(cases: int, operations: int, per_key: int) -> int:
+    """Keys enough for `cases` requests to each of `operations` to stay under `per_key` a minute, even all in
+    one minute (the rate limits are per key, and not what is fuzzed)."""
+    return max(2, -(-cases * operations // per_key))
 
 
 def billing_document(env: dict[str, str]) -> dict[str, Any]:
@@ -465,7 +477,7 @@ def targets(url: str, keys: dict[str, Any], env: dict[str, str]) -> list[Target]
     return [
         Target("v1", v1.json(), f"{url}/v1", [keys["model"]]),
         Target("billing", billing_document(env), url, keys["usage"]),
-        Target("management", management.json(), url, [keys["admin"]]),
+        Target("management", management.json(), url, keys["admin"]),
     ]
 
 
@@ -475,7 +487,7 @@ def seed_pool(url: str, keys: dict[str, Any]) -> Pool:
     management API lists. They are protected from the DELETE operations."""
     pool = Pool()
     model = {"Authorization": f"Bearer {keys['model']}"}
-    admin = {"Authorization": f"Bearer {keys['admin']}"}
+    admin = {"Authorization": f"Bearer {keys['admin'][0]}"}
     with requests.Session() as session:
 
         def call(method: str, path: str, headers: dict[str, str], body: Any = None) -> Any:

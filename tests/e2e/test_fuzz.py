@@ -31,7 +31,7 @@ ANSWERED = (
 
 
 def test_schemathesis_finds_no_5xx_no_schema_breach_and_no_error_that_is_not_an_openai_error(tmp_path: Path) -> None:
-    with fuzzing.fuzz_stack(tmp_path, usage_keys=fuzzing.usage_keys_for(CASES)) as stack:
+    with fuzzing.fuzz_stack(tmp_path, cases=CASES) as stack:
         targets = fuzzing.targets(stack["url"], stack["keys"], stack["env"])
         pool = fuzzing.seed_pool(stack["url"], stack["keys"])
         outcomes = fuzzing.fuzz(targets, cases=CASES, pool=pool)
