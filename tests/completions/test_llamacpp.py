@@ -15,6 +15,9 @@ from completions.providers import llamacpp
 from completions.providers.base import ChatCall, ProviderConfig
 from completions.services import GEMMA_PACKAGE
 
+# The embedded model's own behaviour: it touches no database or Redis, so CI runs it on one leg only.
+pytestmark = pytest.mark.embedded_model
+
 PROVIDER = llamacpp.LlamaCppProvider(ProviderConfig(name="local", kind="llamacpp"))
 
 

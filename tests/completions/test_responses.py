@@ -517,6 +517,7 @@ async def test_gemma_answers_streams_and_stops_at_max_output_tokens(
     assert events[-1].response.output_text == response.output_text  # type: ignore[union-attr]
 
 
+@pytest.mark.embedded_model
 async def test_gemma_structured_output_follows_the_schema(sdk: openai.AsyncOpenAI) -> None:
     import jsonschema
     from pydantic import BaseModel
@@ -537,6 +538,7 @@ async def test_gemma_structured_output_follows_the_schema(sdk: openai.AsyncOpenA
     assert isinstance(parsed.output_parsed, Person)
 
 
+@pytest.mark.embedded_model
 async def test_gemma_calls_a_required_function_with_valid_arguments(sdk: openai.AsyncOpenAI) -> None:
     import jsonschema
 

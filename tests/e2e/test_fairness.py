@@ -18,7 +18,8 @@ import pytest
 
 from tests.e2e import server
 
-pytestmark = pytest.mark.e2e
+# How the embedded model's slots are shared: no database or Redis in it, so CI runs it on one leg only.
+pytestmark = [pytest.mark.e2e, pytest.mark.embedded_model]
 
 LONG = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
 SHORT = [{"role": "user", "content": "Say hello."}]
