@@ -386,7 +386,8 @@ async def test_a_generation_stopped_at_the_deployment_timeout_is_charged_what_it
 
     await sdk.chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": "Hi"}],
                                       max_tokens=1)  # loaded, so the limit below is spent generating
-    await provider_timeout(0.5)
+    # Long enough that even a machine under load has produced a token, far short of 400 tokens' time.
+    await provider_timeout(1.5)
     long = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Tell a very long story."}],
             "max_tokens": 400, "seed": 3}
     try:
