@@ -654,7 +654,6 @@ def csv_download(client: Any, path: str, headers: dict[str, str], seconds: float
 def time_pages(base_url: str, chosen: list[Subject], args: argparse.Namespace) -> tuple[list[Row], list[str]]:
     import httpx2
 
-    logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per request would bury the progress
     rows: list[Row] = []
     notes: list[str] = []
     today = datetime.now(UTC).date()
@@ -811,6 +810,7 @@ def explain_page(path: str, headers: dict[str, str]) -> None:
         if response.streaming:
             b"".join(response.streaming_content)
 
+    render()  # this process's first render of the page compiles its templates
     explain(render)
 
 
@@ -894,6 +894,7 @@ def main() -> None:
     print("\n".join(figures), flush=True)
 
     print("timing pages", flush=True)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per request would bury the progress
     server, url = start_keyway(env, Path(env["KEYWAY_VAR_DIR"]) / "server.log", uvicorn=True)
     try:
         pages, notes = time_pages(url, chosen, args)
