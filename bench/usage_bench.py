@@ -16,25 +16,33 @@ Generation. --events calls over the last --days days across --organizations orga
 skewed as a Zipf law (the biggest holds ~15 % of all calls at 500 organizations, the median ~0.06 %), each
 with a default project and a few more, keys in them (2 to 120, by size; a key's share skewed again), eight
 models on all four endpoints, 1-3 % errors per organization, latencies log-normal with a Pareto tail, a
-day-night rhythm. Chunks of 100,000 calls, in time order, deterministic in --seed. Two ways to write them,
-which leave the same rows in every table:
+day-night rhythm. Chunks of 100,000 calls, in time order, deterministic in --seed and the plan's end time.
+Two ways to write them, which leave the same rows in every table:
   --method bulk (default): the ledger by the database's fast path (COPY on PostgreSQL, executemany in one
       transaction per chunk on SQLite), the accounts' usage totals in the same transaction, then the roll-ups
       of each organization with billing.rollups.rollups_rebuild;
   --method write: billing.services.usage_events_write in batches of --batch calls (1,000 is what the
       server's writer flushes at most), the production path: ledger, roll-ups and accounts in one transaction.
-A last check compares the roll-ups of the big and the median organization with their ledger
-(billing.rollups.rollups_check). On PostgreSQL the tables are then vacuumed and analysed, as autovacuum would
-soon do; SQLite is left without ANALYZE, as Keyway never runs it.
+Bulk is the default because it is several times faster at 500 organizations: each 1,000-call batch of the
+writer also reads and updates the account of each of the ~300 organizations in it, and on PostgreSQL
+psycopg parses every many-parameter statement again in Python. A last check compares the roll-ups of the big
+and the median organization with their ledger (billing.rollups.rollups_check). On PostgreSQL the ledger is
+analysed before the rebuild and every table vacuumed and analysed after it, as autovacuum would do; SQLite
+is left without ANALYZE, as Keyway never runs it.
 
 Timing. A uvicorn process (tests/e2e/server.py's start_keyway) on the same database and environment. For
 each of the two organizations, each page or API is requested --warmup times, then --requests times in a
 row, each as a new owner of the organization signed in through a Django session (or with a new admin key
 for the Admin API): the billing API allows 120 requests a minute per caller, so one caller per row keeps its
-limit out of the figures. Pages that answer 404 are reported as not built yet. The CSV export is timed to
-its first byte and to its first data row; its full 30-day download once, with the rate of its first and
-last quarter. Then the selectors in this process, without HTTP, to tell query time from rendering;
---explain prints the plan of every query of a selector whose p95 is over --explain-over ms.
+limit out of the figures. Pages that answer 404 are reported as not built yet. The CSV exports are timed to
+their first byte and to their first data row, and downloaded whole once (the ledger's export with the rate
+of its first and last quarter: a keyset that slows down shows there). Then the selectors in this process,
+without HTTP, to tell query time from rendering. --explain renders each page and runs each selector whose
+p95 is over --explain-over ms once more, in this process, and prints its slowest queries with their plans.
+
+The server runs with this process's environment, DEBUG included. For production settings, give the secrets
+that DEBUG generated into --var-dir: DEBUG=0 SECRET_KEY=$(cat VAR/secret_key.secret) KEYWAY_KEY_PEPPER=...
+KEYWAY_ENCRYPTION_KEY=... (on this bench DEBUG made no difference beyond the run-to-run noise).
 
 Prints the ledger's and each roll-up table's rows, the generation rate, the database's size, and one table
 per kind with p50/p95/max, each row marked against the target of 300 ms p95.
@@ -59,7 +67,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from platform_site.models import Organization
 
 BASE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BASE_DIR))
@@ -113,7 +124,6 @@ class Plan:
 @dataclass(slots=True)
 class Tenant:
     organization_id: int
-    slug: str
     # (project id, key id, model, endpoint) and the running total of their weights, for bisect.
     lanes: list[tuple[int, int, str, int]]
     cumulative: list[float]
@@ -144,12 +154,11 @@ def configure(args: argparse.Namespace) -> dict[str, str]:
                 admin.execute(f'CREATE DATABASE "{name}"')
     os.environ.update(KEYWAY_VAR_DIR=str(var_dir), KEYWAY_DEFAULT_MODEL="", KEYWAY_DEFAULT_EMBEDDING_MODEL="")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "platform_site.settings")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("ALLOWED_HOSTS", "127.0.0.1,localhost")
-    if env.get("REDIS_URL"):
-        # A prefix of its own: no cached key, session or rate-limit counter of another run or another user.
-        env["KEYWAY_CACHE_PREFIX"] = f"usage-bench-{uuid.uuid4().hex[:8]}"
-    return env
+    os.environ.setdefault("ALLOWED_HOSTS", "127.0.0.1,localhost")
+    if os.environ.get("REDIS_URL"):
+        # A prefix of its own (shared with the server): no cached key or rate-limit counter of another run.
+        os.environ["KEYWAY_CACHE_PREFIX"] = f"usage-bench-{uuid.uuid4().hex[:8]}"
+    return dict(os.environ, PYTHONUNBUFFERED="1")
 
 
 def state_get(name: str) -> str | None:
@@ -201,7 +210,7 @@ def tenants_ensure(plan: Plan) -> list[Tenant]:
     usage structure (which key calls which model on which endpoint, how much) follows from the seed."""
     from apikeys.models import ApiKey
     from apikeys.services import apikey_create
-    from billing.models import BillingAccount, Price
+    from billing.models import Price
     from billing.services import credit_add
     from platform_site.models import Organization, Project
     from platform_site.services import organization_create
@@ -222,7 +231,6 @@ def tenants_ensure(plan: Plan) -> list[Tenant]:
         organization = Organization.objects.filter(slug=slug).first()
         if organization is None:
             organization = organization_create(name=f"Usage bench {rank + 1}", slug=slug, actor_label="usage-bench")
-            BillingAccount.objects.get_or_create(organization=organization)
             credit_add(organization=organization, amount_micros=10**12, reason="usage bench",
                        actor_label="usage-bench")
         projects = list(Project.objects.filter(organization=organization).order_by("-is_default", "name"))
@@ -250,8 +258,7 @@ def tenants_ensure(plan: Plan) -> list[Tenant]:
             for name, endpoint, weight in uses:
                 lanes.append((key.project_id, key.pk, name, endpoint))
                 weights.append(weight * scale)
-        tenants.append(Tenant(organization.pk, slug, lanes, list(itertools.accumulate(weights)),
-                              rng.uniform(0.01, 0.03)))
+        tenants.append(Tenant(organization.pk, lanes, list(itertools.accumulate(weights)), rng.uniform(0.01, 0.03)))
     return tenants
 
 
@@ -330,7 +337,7 @@ def bulk_load(events: list[Any]) -> None:
     from django.db.models import F
 
     from billing.models import BillingAccount, UsageEvent
-    from billing.services import _USAGE_COLUMNS
+    from billing.services import _USAGE_COLUMNS  # the writer's own columns, in SettledUsage.as_row()'s order
 
     created_at = _USAGE_COLUMNS.index("created_at")
     table, quote = UsageEvent._meta.db_table, connection.ops.quote_name
@@ -483,7 +490,7 @@ class Subject:
     (the filters of the /usage variants)."""
 
     label: str
-    organization: Any
+    organization: Organization
     calls: int
     share: float
     project: str
@@ -662,6 +669,7 @@ def time_pages(base_url: str, chosen: list[Subject], args: argparse.Namespace) -
         for subject in chosen:
             for case in page_cases(subject, today):
                 headers = credentials(subject, case, next(number))
+                text = ""
                 if case.csv:
                     status, _, _ = csv_first_ms(client, case.path, headers)
                 else:
@@ -883,8 +891,8 @@ def main() -> None:
     figures = database_figures()
     generated = json.loads(state_get("generated") or "{}")
     if generated:
-        rollups = f", then roll-ups rebuilt in {generated['rollups_seconds']:,.0f} s" if "rollups_seconds" in \
-            generated else ""
+        rebuilt = generated.get("rollups_seconds")
+        rollups = f", then roll-ups rebuilt in {rebuilt:,.0f} s" if rebuilt is not None else ""
         figures.append(f"generation (method {generated['method']}): {generated['events']:,} calls in "
                        f"{generated['seconds']:,.0f} s, {generated['events'] / generated['seconds']:,.0f} calls/s"
                        f"{rollups}")
