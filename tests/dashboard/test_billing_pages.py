@@ -10,7 +10,6 @@ import time
 from datetime import UTC, date, datetime
 
 import pytest
-from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.test import Client
 from django.utils import timezone
@@ -24,24 +23,13 @@ from billing.services import SettledUsage, billing_plan_set, credit_add, usage_e
 from platform_site.models import AuditLog, Organization, Project, Role
 from platform_site.selectors import default_project
 from platform_site.services import membership_set, organization_create
+from tests.dashboard.test_pages import _client, _user
 
 pytestmark = pytest.mark.django_db
 
 MARCH = date(2025, 3, 1)
 
 
-def _user(email: str) -> User:
-    from allauth.account.models import EmailAddress
-
-    user = get_user_model().objects.create_user(username=email.split("@")[0], email=email, password="pw-" + "x" * 12)
-    EmailAddress.objects.create(user=user, email=email, verified=True, primary=True)
-    return user
-
-
-def _client(user: User) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def _usd(micros: int) -> str:

@@ -11,8 +11,6 @@ import shlex
 from decimal import Decimal
 
 import pytest
-from allauth.account.models import EmailAddress
-from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.test import Client
 
@@ -25,20 +23,11 @@ from dashboard.snippets import model_examples
 from dashboard.views.models import price_per_million
 from platform_site.models import Organization, Role
 from platform_site.services import membership_set, organization_create
+from tests.dashboard.test_pages import _client, _user
 
 pytestmark = pytest.mark.django_db
 
 
-def _user(email: str) -> User:
-    user = get_user_model().objects.create_user(username=email.split("@")[0], email=email, password="pw-" + "x" * 12)
-    EmailAddress.objects.create(user=user, email=email, verified=True, primary=True)
-    return user
-
-
-def _client(user: User) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def _cards(page: str) -> dict[str, str]:
