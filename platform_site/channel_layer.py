@@ -30,6 +30,11 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
             try:
                 return await super().receive(channel)
             except breaker.connection_errors():
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # The wait was cancelled (the consumer is ending) and the client turned that into a
+                    # connection error on its way out: end, never wait again.
+                    raise asyncio.CancelledError from None
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, max(settings.KEYWAY_REDIS_RETRY_AFTER, 0.05))
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -247,7 +249,28 @@ async def _close_upstream_pool(django_db_setup: None, django_db_blocker: Any) ->
         # As a server ends: upstream pools closed, settlements sent, buffered usage written, heartbeats
         # stopped.
         await process.run_shutdown_hooks()
+        await _end_leftover_tasks()
         await loops.close_all()
         # Tests call services through sync_to_async; that worker thread's connections must go before the
         # test database is dropped.
         await sync_to_async(connections.close_all, thread_sensitive=True)()
+
+
+async def _end_leftover_tasks() -> None:
+    """Cancel what tests left running on the session's loop (a WebSocket consumer whose client never said it
+    left, a periodic chore), as a server's shutdown does, and wait for it a bounded time. A task that does not
+    end would hold pytest-asyncio's loop open for ever, and CI would end on its time-out instead of a failure
+    that names the task: print them and end the run."""
+    current = asyncio.current_task()
+    leftovers = [task for task in asyncio.all_tasks() if task is not current]
+    for task in leftovers:
+        task.cancel()
+    if not leftovers:
+        return
+    _, stuck = await asyncio.wait(leftovers, timeout=15)
+    if stuck:
+        print(f"\n{len(stuck)} task(s) did not end when cancelled at the end of the run:", file=sys.stderr)
+        for task in stuck:
+            task.print_stack(file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(3)

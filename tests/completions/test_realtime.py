@@ -506,6 +506,7 @@ async def test_an_unreachable_realtime_upstream_is_an_error_event_then_a_close(
     error = await client.next()
     assert error["type"] == "error" and error["error"]["type"] == "upstream_error"
     assert await client.closed() == 4502
+    await ws.disconnect()  # as a server says the client is gone: the consumer ends
 
 
 async def test_items_are_retrieved_deleted_and_inserted_where_asked(fake: Any, connect: Any) -> None:
