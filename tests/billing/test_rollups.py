@@ -127,7 +127,8 @@ def test_roll_ups_equal_the_ledger_after_concurrent_writers_with_overlapping_bat
 
 @pytest.mark.django_db
 def test_rebuild_and_the_migration_fill_give_the_roll_ups_the_writer_keeps(org: Organization) -> None:
-    usage_events_write(_events(org, _keys(org), 300, seed=5, prefix="m"))
+    keys = _keys(org)
+    usage_events_write(_events(org, keys, 300, seed=5, prefix="m"))
     kept = {
         table: sorted(table.objects.filter(organization=org).values_list(*_columns(table)))
         for table in (UsageDaily, UsageHourly, UsageLatencyDaily)
@@ -141,6 +142,12 @@ def test_rebuild_and_the_migration_fill_give_the_roll_ups_the_writer_keeps(org: 
     migration.fill_from_ledger(apps, None)
     for table, rows in kept.items():
         assert sorted(table.objects.filter(organization=org).values_list(*_columns(table))) == rows
+    # The writer adds to the rows the database rebuilt (the same stored day, hour and group), never beside them.
+    rollups_rebuild(organization_id=org.pk)
+    usage_events_write(_events(org, keys, 300, seed=5, prefix="again"))
+    for table, rows in kept.items():
+        assert table.objects.filter(organization=org).count() == len(rows)
+    assert rollups_check(organization_id=org.pk) == []
 
 
 def _columns(table: type) -> list[str]:
