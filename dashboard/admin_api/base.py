@@ -8,11 +8,12 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
+import orjson
 from django.contrib.auth.models import AnonymousUser
 from django.db.models import Model, Q, QuerySet
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.exceptions import NotAuthenticated
-from rest_framework.renderers import JSONRenderer
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
@@ -31,6 +32,19 @@ from platform_site.models import Organization, Role
 
 M = TypeVar("M", bound=Model)
 MAX_LIMIT = 100
+
+
+class BulkJSONRenderer(BaseRenderer):
+    """JSON by orjson, for bodies of plain numbers, strings, booleans and nulls that run to megabytes (a usage
+    report's page of 168 hourly buckets by key): several times faster than the standard library's encoder.
+    Compact UTF-8, as DRF's JSONRenderer writes it."""
+
+    media_type = "application/json"
+    format = "json"
+    charset = None
+
+    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
+        return b"" if data is None else orjson.dumps(data)
 
 
 class AdminKeyAuthentication(ApiKeyAuthentication):

@@ -39,7 +39,7 @@ import struct
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from django.http import QueryDict
 from django.utils import timezone
@@ -60,7 +60,7 @@ from billing.selectors import (
 )
 from dashboard.admin_api import objects
 from dashboard.admin_api import schema as doc
-from dashboard.admin_api.base import ManagementApi
+from dashboard.admin_api.base import BulkJSONRenderer, ManagementApi
 from platform_site.exceptions import TenancyError
 from platform_site.kernel.params import whole_number
 from platform_site.models import Organization
@@ -177,9 +177,9 @@ def _listed(params: QueryDict, name: str) -> list[str]:
     return values
 
 
-@dataclass(frozen=True, slots=True)
-class Group:
-    """What a result is grouped by, as the API names it (None where it is not grouped by that)."""
+class Group(NamedTuple):
+    """What a result is grouped by, as the API names it (None where it is not grouped by that). A tuple: a
+    page may make some 16,000 of them."""
 
     project_id: str | None = None
     api_key_id: str | None = None
@@ -217,15 +217,21 @@ def buckets_read(
         if "api_key_id" in dimensions
         else {}
     )
+    # Each project's and key's public id, made once.
+    project_ids = {pk: public_id for pk, (public_id, _) in projects.items()}
+    key_ids = {pk: objects.KEY_ID_PREFIX + public_id for pk, (public_id, _) in keys.items()}
     found: dict[int, dict[Group, UsageTotals]] = {}
+    seconds: dict[datetime, int] = {}
     for point in points:
-        project, key = projects.get(point.group.get("project_id") or 0), keys.get(point.group.get("api_key_id") or 0)
         group = Group(
-            project_id=project[0] if project else None,
-            api_key_id=objects.KEY_ID_PREFIX + key[0] if key else None,
-            model=point.group.get("model"),
+            project_ids.get(point.group.get("project_id") or 0),
+            key_ids.get(point.group.get("api_key_id") or 0),
+            point.group.get("model"),
         )
-        bucket = found.setdefault(int(point.start.timestamp()), {})
+        start = seconds.get(point.start)
+        if start is None:
+            start = seconds[point.start] = int(point.start.timestamp())
+        bucket = found.setdefault(start, {})
         bucket[group] = _sum(bucket[group], point.totals) if group in bucket else point.totals
     return found
 
@@ -323,6 +329,8 @@ _GROUP_FIELDS = {"project_id": doc.NULL_STR, "api_key_id": doc.NULL_STR, "model"
 
 class _UsageReportApi(ManagementApi):
     """A report: parse the page and its filters, read the usage series once, render OpenAI's page of buckets."""
+
+    renderer_classes = [BulkJSONRenderer]
 
     limits: Mapping[Width, tuple[int, int]] = USAGE_LIMITS
     # The group_by values the report takes, each with the dimension of the usage series it groups by (None: it
