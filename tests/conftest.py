@@ -146,6 +146,15 @@ def _sdk_types() -> dict[str, type[pydantic.BaseModel]]:
     from openai.types.admin.organization.projects.project_rate_limit import ProjectRateLimit
     from openai.types.admin.organization.projects.project_spend_limit import ProjectSpendLimit
     from openai.types.admin.organization.projects.project_spend_limit_deleted import ProjectSpendLimitDeleted
+    from openai.types.admin.organization.usage_completions_response import (
+        Data as UsageTimeBucket,
+    )
+    from openai.types.admin.organization.usage_completions_response import (
+        DataResultOrganizationCostsResult,
+        DataResultOrganizationUsageCompletionsResult,
+        DataResultOrganizationUsageEmbeddingsResult,
+        UsageCompletionsResponse,
+    )
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
     from openai.types.conversations import Conversation, ConversationDeletedResource, ConversationItemList
     from openai.types.responses import Response, ResponseItemList, ResponseStreamEvent
@@ -195,6 +204,11 @@ def _sdk_types() -> dict[str, type[pydantic.BaseModel]]:
         "ProjectRateLimitListResponse": ProjectRateLimitListResponse,
         "ProjectSpendLimitResource": ProjectSpendLimit,
         "ProjectSpendLimitDeletedResource": ProjectSpendLimitDeleted,
+        "UsageResponse": UsageCompletionsResponse,
+        "UsageTimeBucket": UsageTimeBucket,
+        "UsageCompletionsResult": DataResultOrganizationUsageCompletionsResult,
+        "UsageEmbeddingsResult": DataResultOrganizationUsageEmbeddingsResult,
+        "CostsResult": DataResultOrganizationCostsResult,
     }
 
 
