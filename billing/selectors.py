@@ -131,16 +131,14 @@ class MonthlyStatement:
         return self.opening_balance_micros + self.credits_micros - self.usage_totals.cost_micros
 
 
-# Aliases differ from the column names because Django refuses an annotation named like a field of the model.
-# Each sum is cast back to a bigint: PostgreSQL sums bigints as numeric, which reaches Python as a Decimal, and
-# converting those took half the time of an hourly page by key (16,000 rows). No sum of micro-USD or tokens
-# comes near 2^63.
-
-
 def _sum(column: str) -> Cast:
+    """SUM cast back to a bigint: PostgreSQL sums bigints as numeric, which reaches Python as a Decimal, and
+    converting those took half the time of an hourly page by key (16,000 rows). No sum of micro-USD or tokens
+    comes near 2^63."""
     return Cast(Sum(column), BigIntegerField())
 
 
+# Aliases differ from the column names because Django refuses an annotation named like a field of the model.
 # Over the roll-ups, whose rows are already sums:
 _ROLLUP_SUMS = {
     "n_requests": _sum("requests"),
