@@ -41,7 +41,7 @@ chromium:
 test: $(VENV)/.test-deps chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/mypy platform_site apikeys conversations completions billing dashboard
+	$(VENV)/bin/mypy platform_site apikeys conversations agents completions billing dashboard
 	$(PY) manage.py makemigrations --check --dry-run -v 0
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 

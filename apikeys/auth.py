@@ -322,3 +322,12 @@ def authenticate_key_sync(raw_key: str) -> AuthenticatedKey:
     if now - (record.last_used_at or 0.0) >= _LAST_USED_EVERY:
         _mark_used(record.key.id, public_id)
     return record.key
+
+
+def key_for_service(public_id: str) -> AuthenticatedKey:
+    """A key as the platform itself uses it, without its secret (a webhook's turns run under the key made for
+    the hook): refused like any other if it was revoked, has expired, or its project was archived."""
+    record = _query_record(public_id)
+    if record is None or record.revoked or (record.expires_at is not None and record.expires_at <= time.time()):
+        raise InvalidApiKey(_INVALID_MESSAGE)
+    return record.key

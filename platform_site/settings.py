@@ -44,6 +44,7 @@ INSTALLED_APPS = [
     "apikeys",
     "billing",
     "conversations",
+    "agents",
     "completions",
     "dashboard",
 ]
@@ -331,6 +332,11 @@ LOGGING = {
         "django.request": {"level": "ERROR"},
         # WeasyPrint logs every step of every statement PDF at INFO.
         "weasyprint": {"level": "WARNING"},
+        # The MCP client and its HTTP library log every URL they call (a tenant's MCP URL may carry a token)
+        # and session ids at INFO: nothing secret in the logs.
+        "httpx2": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
+        "mcp": {"level": "WARNING"},
     },
 }
 
@@ -376,6 +382,16 @@ KEYWAY_RESPONSES_BACKGROUND_PER_ORG = env_int("KEYWAY_RESPONSES_BACKGROUND_PER_O
 # is failed when next read.
 KEYWAY_RESPONSES_STALE_SECONDS = env_float("KEYWAY_RESPONSES_STALE_SECONDS", 60.0, minimum=5.0)
 
+# Agents (agents/, completions/agent/). Chat sessions are kept this many days after their last turn (then
+# invisible, and removed by `manage.py purge_sessions`) and hold at most this many bytes; an agent run makes
+# at most 50 model steps whatever is asked, and runs this many of one organization's agent turns at once per
+# worker. Webhook callbacks are attempted this many times, backing off from 2 s.
+KEYWAY_SESSIONS_RETENTION_DAYS = env_int("KEYWAY_SESSIONS_RETENTION_DAYS", 30, minimum=1)
+KEYWAY_SESSION_MAX_BYTES = env_int("KEYWAY_SESSION_MAX_BYTES", 4 * 1024 * 1024, minimum=1024)
+KEYWAY_AGENT_RUNS_PER_ORG = env_int("KEYWAY_AGENT_RUNS_PER_ORG", 32, minimum=1)
+KEYWAY_HOOK_CALLBACK_ATTEMPTS = env_int("KEYWAY_HOOK_CALLBACK_ATTEMPTS", 6, minimum=1)
+KEYWAY_HOOK_CALLBACK_BACKOFF = env_float("KEYWAY_HOOK_CALLBACK_BACKOFF", 2.0, minimum=0.01)
+
 # The realtime WebSocket (/v1/realtime). Every socket is bounded: open sessions per key (counted across
 # workers where there is Redis), the size of one client message, the conversation it may hold, how long it
 # may sit idle and how long it may last (OpenAI ends its sessions after 60 minutes).
@@ -409,6 +425,9 @@ KEYWAY_FETCH_MAX_IMAGES = env_int("KEYWAY_FETCH_MAX_IMAGES", 8, minimum=0)
 KEYWAY_FETCH_MAX_TOTAL_BYTES = env_int("KEYWAY_FETCH_MAX_TOTAL_BYTES", 50 * 1024 * 1024, minimum=1024)
 # Off by default: fetching URLs that resolve to private addresses would let callers probe the network.
 KEYWAY_FETCH_ALLOW_PRIVATE = env_bool("KEYWAY_FETCH_ALLOW_PRIVATE", False)
+# Seconds an MCP connector's list of tools is kept in each worker: an agent run asks for it at every step,
+# and connectors follow the outbound-address rule above (agents/connectors.py).
+KEYWAY_MCP_TOOLS_TTL = env_int("KEYWAY_MCP_TOOLS_TTL", 60, minimum=0)
 
 # Rate limits per key when the key sets none (requests and tokens per minute). KEYWAY_RATE_LIMITS=0 turns
 # limiting off altogether (for benchmarks that compare the hot path with and without it).

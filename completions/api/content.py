@@ -10,20 +10,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
 import json
-import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import aiohttp.abc
 from django.conf import settings
 
 from completions.engine.calls import Prepare
 from completions.engine.catalog import CatalogEntry
+from platform_site.kernel import outbound
 from platform_site.kernel.errors import ApiError
 from platform_site.kernel.loops import PerLoop
 
@@ -180,55 +178,13 @@ async def convert_pdfs_to_text(messages: list[dict[str, Any]], report: ContentRe
         report.pdfs_converted += 1
 
 
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
-
-
-def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """A globally routable unicast address, looking through the IPv6 forms that carry an IPv4 address
-    (IPv4-mapped, NAT64, 6to4), which `is_global` alone judges by their IPv6 prefix: 64:ff9b::7f00:1 is
-    127.0.0.1 behind a NAT64 gateway, and `is_global` says True."""
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour
-        if embedded is None and any(address in network for network in _NAT64):
-            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if embedded is not None and not is_public_address(embedded):
-            return False
-    return address.is_global and not address.is_multicast
-
-
-class _PrivateAddress(OSError):
-    pass
-
-
 def _vet(host: str, addresses: list[str], param: str) -> None:
-    if settings.KEYWAY_FETCH_ALLOW_PRIVATE:
+    if outbound.private_addresses_allowed():
         return
     for text in addresses:
-        if not is_public_address(ipaddress.ip_address(text.split("%", 1)[0])):
+        if not outbound.is_public_text(text):
             raise _bad(f"'{param}' points to a private address; only public URLs are fetched.", param,
                        "image_fetch_refused")
-
-
-class _PublicOnlyResolver(aiohttp.abc.AbstractResolver):
-    """The fetch session's resolver: the connection goes only to addresses vetted here, in the same lookup,
-    so a name cannot resolve to a public address for the check and a private one for the connect (DNS
-    rebinding)."""
-
-    def __init__(self) -> None:
-        self._inner = aiohttp.ThreadedResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[Any]:
-        found = await self._inner.resolve(host, port, family)
-        if not settings.KEYWAY_FETCH_ALLOW_PRIVATE:
-            for entry in found:
-                if not is_public_address(ipaddress.ip_address(entry["host"])):
-                    raise _PrivateAddress(f"{host} resolves to a private address")
-        return found
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 def _new_fetch_session() -> aiohttp.ClientSession:
@@ -237,7 +193,7 @@ def _new_fetch_session() -> aiohttp.ClientSession:
     # cache: every fetch is vetted afresh.
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=settings.KEYWAY_FETCH_POOL_SIZE, use_dns_cache=False,
-                                       resolver=_PublicOnlyResolver()),
+                                       resolver=outbound.PublicOnlyResolver()),
         cookie_jar=aiohttp.DummyCookieJar(),
         headers={"User-Agent": "Keyway image fetcher"},
     )
@@ -256,13 +212,13 @@ async def _refuse_private_address(host: str, param: str) -> None:
     """Server-side fetching must not become a way into the private network (SSRF): every address the host
     names (IP literals in any spelling, decimal and hex included, or a name) must be public. The session's
     resolver vets the addresses it connects to once more."""
-    if settings.KEYWAY_FETCH_ALLOW_PRIVATE:
+    if outbound.private_addresses_allowed():
         return
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        addresses = await outbound.resolve(host)
     except OSError:
         raise _bad(f"The host of '{param}' cannot be resolved.", param, "image_fetch_failed") from None
-    _vet(host, [str(info[4][0]) for info in infos], param)
+    _vet(host, addresses, param)
 
 
 class _Budget:
@@ -302,7 +258,7 @@ async def _fetch_image(url: str, param: str, budget: _Budget) -> str:
     except TimeoutError:
         raise _bad(f"Fetching '{param}' took too long.", param, "image_fetch_failed") from None
     except aiohttp.ClientConnectorError as exc:
-        if isinstance(exc.os_error, _PrivateAddress) or isinstance(exc.__cause__, _PrivateAddress):
+        if isinstance(exc.os_error, outbound.PrivateAddress) or isinstance(exc.__cause__, outbound.PrivateAddress):
             raise _bad(f"'{param}' points to a private address; only public URLs are fetched.", param,
                        "image_fetch_refused") from None
         raise _bad(f"Fetching '{param}' failed ({type(exc).__name__}).", param, "image_fetch_failed") from None
