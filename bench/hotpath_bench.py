@@ -8,8 +8,9 @@ prepaid organization, a priced model). Two numbers per case:
 - Python function calls per request, counted by cProfile: deterministic for the same code and inputs, so a
   change's cost can be read from one run on a noisy machine.
 Cases: a JSON chat completion, the same as a 20-chunk SSE stream, a realtime turn (a response.create on
-an open WebSocket, answered by the same 20 chunks), and a /v1/responses call answered by the same chunks, not
-stored (`responses`) and stored (`stored`).
+an open WebSocket, answered by the same 20 chunks), a /v1/responses call answered by the same chunks, not
+stored (`responses`) and stored (`stored`), and an agent's turn (`agent`: an agent without connectors on the
+same model, answered in JSON; its session is opened and kept).
 
     .venv/bin/python bench/hotpath_bench.py [--requests 2000] [--concurrency 1,32]
 
@@ -39,6 +40,8 @@ BODY = b'{"model": "bench", "messages": [{"role": "user", "content": "hi"}], "ma
 STREAM_BODY = BODY[:-1] + b', "stream": true}'
 RESPONSES_BODY = b'{"model": "bench", "input": "hi", "max_output_tokens": 16, "store": false}'
 STORED_BODY = b'{"model": "bench", "input": "hi", "max_output_tokens": 16}'
+# An agent's turn (an agent without connectors on the same model): a new session each time, kept when it ends.
+AGENT_BODY = BODY.replace(b'"model": "bench"', b'"model": "agent:bench"')
 
 
 async def asgi_call(
@@ -175,13 +178,17 @@ def main() -> None:
         Price.objects.create(model="bench", input_per_million_micros=2_500_000, output_per_million_micros=10_000_000)
         provider_upsert_openai_compatible(name="fake", base_url=f"http://127.0.0.1:{port}/v1", models=["bench"])
         _, raw_key = apikey_create(organization=organization, name="bench")
+        from agents.models import Agent
+
+        Agent.objects.create(organization=organization, project=organization.projects.first(), slug="bench",
+                             name="Bench", model="bench")
 
         async def measure() -> None:
             print(f"database: {os.environ.get('DATABASE_URL', 'sqlite')}, cache: "
                   f"{'redis' if os.environ.get('REDIS_URL') else 'in-process'}, {args.requests} requests a case")
             print(f"{'case':<10} {'conc':>5} {'cpu ms/req':>11} {'calls/req':>10}")
             for name, body in (("json", BODY), ("stream", STREAM_BODY), ("realtime", None),
-                               ("responses", RESPONSES_BODY), ("stored", STORED_BODY)):
+                               ("responses", RESPONSES_BODY), ("stored", STORED_BODY), ("agent", AGENT_BODY)):
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
                     await _run(application, raw_key, body, requests=200, concurrency=concurrency)  # warm up
                     started = time.process_time()

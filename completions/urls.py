@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from django.urls import path, re_path
 
+from completions.api.hooks import hook_ingress
 from completions.api.http import unknown_route
 from completions.api.status import status
 
 urlpatterns = [
     re_path(r"^(?:api/)?v1$", unknown_route),
     path("status", status, name="status"),
+    # Webhook ingress: signed by the hook's secret, not by an API key; served by the lean API handler.
+    path("hooks/<str:name>", hook_ingress, name="hook-ingress"),
 ]

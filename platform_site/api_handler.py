@@ -61,6 +61,8 @@ class _BodyTooLarge(Exception):
 
 
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
+# Webhook ingress carries no API key: its body is signed, so the body must be read before it is judged.
+_SIGNED_PREFIX = "/hooks/"
 
 
 @functools.cache
@@ -76,7 +78,7 @@ _CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 _CORS_EXPOSED = (
     "x-request-id, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
     "x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, retry-after, "
-    "x-keyway-model, x-keyway-provider"
+    "x-keyway-model, x-keyway-provider, x-session-id"
 )
 
 
@@ -103,7 +105,7 @@ class ApiHandler(ASGIHandler):
         if early is not None:
             await self._send(early, send, cors=cors)
             return
-        if scope["method"] in _BODY_METHODS:
+        if scope["method"] in _BODY_METHODS and not scope["path"].startswith(_SIGNED_PREFIX):
             # Identity before body: a request without a valid key is answered before any of its body is read.
             refused = await _authenticator()(scope)
             if refused is not None:

@@ -24,7 +24,8 @@ from platform_site.api_handler import ApiHandler  # noqa: E402
 from platform_site.kernel import loops, process  # noqa: E402
 
 api_app = ApiHandler()
-_API_PREFIXES = ("/v1/", "/api/v1/")
+# Webhook ingress (/hooks/<name>) is the API's too: no cookies, no CSRF, its own signature.
+_API_PREFIXES = ("/v1/", "/api/v1/", "/hooks/")
 # The management API lives under /v1 but needs sessions and CSRF (dashboard users call it), so it takes the
 # full stack; it is not a hot path.
 _MANAGEMENT_PREFIX = "/v1/organization/"

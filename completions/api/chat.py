@@ -14,13 +14,17 @@ from completions.api import sse
 from completions.api.content import content_step
 from completions.api.http import ApiRequest, api_endpoint, json_body, json_response
 from completions.api.requests import parse_chat
+from completions.api.turns import chat_turn, is_turn
 from completions.engine import calls
 from platform_site.kernel.errors import to_api_error
 
 
 @api_endpoint(methods=("POST",), scope=CHAT)
 async def chat_completions(request: ApiRequest) -> HttpResponseBase:
-    chat, report = parse_chat(json_body(request), model_pinned=bool(request.api_key.pinned_model))
+    body = json_body(request)
+    if is_turn(body, request.api_key.pinned_model):
+        return await chat_turn(request, body)
+    chat, report = parse_chat(body, model_pinned=bool(request.api_key.pinned_model))
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
     if chat.stream:
         stream = await calls.chat_stream(chat, caller=request.caller, prepare=content_step(report))

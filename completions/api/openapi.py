@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from django.http import HttpResponse, HttpResponseBase
 
-from apikeys.scopes import CHAT, EMBEDDINGS, MODELS_READ, RESPONSES
+from apikeys.scopes import CHAT, EMBEDDINGS, MODELS_READ, RESPONSES, SESSIONS
 from completions.api.http import ApiRequest, api_endpoint
 
 SUBSET_PATH = Path(__file__).with_name("openai_openapi_subset.json")
@@ -63,6 +63,10 @@ The request and response schemas are OpenAI's, from OpenAI's OpenAPI document (M
 on chat completions and responses, and `provider` on embeddings: they steer Keyway's routing and never reach \
 an upstream;
 - `GET /chat/models` (an alias of `GET /models`) and this document, `GET /openapi.json`;
+- sessions and agents: `session_id` and `max_iterations` on chat completions, models named `agent:<slug>` \
+(listed by `GET /models`), `session_id` at the top of an agent's answer and of each of its chunks, \
+`stream_options.include_tool_progress` (named `tool.progress` events between the chunks), and the sessions \
+API, `/sessions`;
 - error responses: every error, whatever its status, is OpenAI's error object \
 `{"error": {"message", "type", "param", "code"}}`; a field outside an endpoint's allow-list, a hosted tool or \
 a stored prompt is a 400 naming the field;
@@ -144,6 +148,45 @@ _GATEWAY_SCHEMAS: dict[str, dict[str, Any]] = {
         "minItems": 1,
         "maxItems": 10,
     },
+    "KeywayChatSession": {
+        "type": "object",
+        "description": "Keyway: a server-side chat session of the key's project.",
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string", "enum": ["chat.session"]},
+            "created_at": {"type": "integer"},
+            "updated_at": {"type": "integer", "description": "The last turn; retention counts from here."},
+            "model": {"type": ["string", "null"], "description": "`agent:<slug>` for an agent's session."},
+            "message_count": {"type": "integer"},
+            "bytes": {"type": "integer"},
+            "messages": {
+                "type": "array",
+                "items": {"type": "object"},
+                "description": "The messages, oldest first (on retrieval only).",
+            },
+        },
+        "required": ["id", "object", "created_at", "updated_at", "model", "message_count", "bytes"],
+    },
+    "KeywayChatSessionList": {
+        "type": "object",
+        "properties": {
+            "object": {"type": "string", "enum": ["list"]},
+            "data": {"type": "array", "items": {"$ref": f"{_SCHEMAS}KeywayChatSession"}},
+            "first_id": {"type": ["string", "null"]},
+            "last_id": {"type": ["string", "null"]},
+            "has_more": {"type": "boolean"},
+        },
+        "required": ["object", "data", "first_id", "last_id", "has_more"],
+    },
+    "KeywayChatSessionDeleted": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string", "enum": ["chat.session.deleted"]},
+            "deleted": {"type": "boolean", "enum": [True]},
+        },
+        "required": ["id", "object", "deleted"],
+    },
     "KeywayResponseDeleted": {
         "type": "object",
         "description": "A deleted response.",
@@ -158,10 +201,25 @@ _GATEWAY_SCHEMAS: dict[str, dict[str, Any]] = {
 _GATEWAY_FIELDS = {
     "models": {"$ref": f"{_SCHEMAS}KeywayModelFallbacks"},
     "provider": {"$ref": f"{_SCHEMAS}KeywayProviderPreferences"},
+    "session_id": {
+        "type": "string",
+        "maxLength": 40,
+        "description": "Keyway: continue this server-side session (its messages are prepended, this turn is "
+        "appended). An agent's turn without one opens a new session; its id comes back as `session_id` in the "
+        "body, in every chunk and in `x-session-id`.",
+    },
+    "max_iterations": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 50,
+        "description": "Keyway: the most model steps an agent's turn makes (`agent:<slug>` models only); the "
+        "agent's own setting by default (25).",
+    },
 }
 # Request bodies with the gateway's fields: (official schema, Keyway's schema, the fields it adds).
 _EXTENDED_BODIES = (
-    ("CreateChatCompletionRequest", "KeywayCreateChatCompletionRequest", ("models", "provider")),
+    ("CreateChatCompletionRequest", "KeywayCreateChatCompletionRequest",
+     ("models", "provider", "session_id", "max_iterations")),
     ("CreateResponse", "KeywayCreateResponse", ("models", "provider")),
     ("CreateEmbeddingRequest", "KeywayCreateEmbeddingRequest", ("provider",)),
 )
@@ -192,6 +250,12 @@ _EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
             "messages": [{"role": "user", "content": "Weather in Paris?"}],
             "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": _CITY}}],
             "tool_choice": "auto",
+        },
+        "session": {
+            "model": "gemma-3-270m",
+            "messages": [_USER],
+            "max_tokens": 16,
+            "session_id": "sess_0123456789abcdefghijklmn",
         },
         "json_schema": {
             "model": "gemma-3-270m",
@@ -440,7 +504,57 @@ def _extension_operations(paths: dict[str, Any]) -> dict[str, Any]:
         },
         "x-keyway-extension": True,
     }
-    return {"/chat/models": {"get": chat_models}, "/openapi.json": {"get": document}}
+    return {
+        "/chat/models": {"get": chat_models},
+        "/openapi.json": {"get": document},
+        **_session_operations(),
+    }
+
+
+def _keyway_operation(operation_id: str, summary: str, schema: str, *, parameters: list[Any] | None = None,
+                      body: bool = False) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "operationId": operation_id,
+        "summary": summary,
+        "tags": ["Keyway"],
+        "x-keyway-scope": SESSIONS,
+        "x-keyway-extension": True,
+        "responses": {
+            "200": {"description": "OK", "headers": _REQUEST_ID,
+                    "content": {"application/json": {"schema": {"$ref": f"{_SCHEMAS}{schema}"}}}},
+            "4XX": {"$ref": "#/components/responses/KeywayClientError"},
+            "5XX": {"$ref": "#/components/responses/KeywayServerError"},
+        },
+    }
+    if parameters:
+        operation["parameters"] = parameters
+    if body:
+        operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": {
+            "type": "object", "additionalProperties": False}}}}
+    return operation
+
+
+def _session_operations() -> dict[str, Any]:
+    """The sessions API: a project's server-side chat sessions (continued on /chat/completions)."""
+    session_id = [{"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    listing = [
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+        {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"], "default": "desc"}},
+        {"name": "after", "in": "query", "schema": {"type": "string"}},
+    ]
+    return {
+        "/sessions": {
+            "get": _keyway_operation("listSessions", "Lists the project's sessions.", "KeywayChatSessionList",
+                                     parameters=listing),
+            "post": _keyway_operation("createSession", "Opens an empty session.", "KeywayChatSession", body=True),
+        },
+        "/sessions/{session_id}": {
+            "get": _keyway_operation("getSession", "A session with its messages.", "KeywayChatSession",
+                                     parameters=session_id),
+            "delete": _keyway_operation("deleteSession", "Deletes a session.", "KeywayChatSessionDeleted",
+                                        parameters=session_id),
+        },
+    }
 
 
 def build_document(subset: dict[str, Any]) -> dict[str, Any]:

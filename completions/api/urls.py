@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path, re_path
 
-from completions.api import chat, conversations, embeddings, http, models, openapi, responses
+from completions.api import chat, conversations, embeddings, http, models, openapi, responses, sessions
 
 app_name = "completions"
 
@@ -24,6 +24,8 @@ urlpatterns = [
     path("conversations/<str:conversation_id>/items", conversations.conversation_items, name="conversations-items"),
     path("conversations/<str:conversation_id>/items/<str:item_id>", conversations.conversation_item,
          name="conversations-item"),
+    path("sessions", sessions.sessions_list, name="sessions-list"),
+    path("sessions/<str:session_id>", sessions.session_detail, name="sessions-detail"),
     # [\s\S], not `.`: a path may hold a newline (%0A), which `.` does not match; then no route matched, and
     # the lean handler answered a 500 instead of this JSON 404. (An inline (?s) flag would break reverse().)
     re_path(r"^(?P<rest>[\s\S]*)$", http.unknown_route, name="unknown"),

@@ -202,8 +202,10 @@ async def test_health_and_status(asgi_client, api_key: tuple[ApiKey, str], valid
     assert_error(await asgi_client.get("/status"), 401, "invalid_api_key", validate_schema)
     _, raw = api_key
     status = (await asgi_client.get("/status", headers=bearer(raw))).json()
-    # A key learns the service is up, not the deployment's figures (those are for staff).
-    assert set(status) == {"status", "version", "uptime_seconds"}
+    # A key learns the service is up and its own organization's activity, not the deployment's figures (those
+    # are for staff).
+    assert set(status) == {"status", "version", "uptime_seconds", "active_sessions", "agent_tool_runs_last_hour"}
+    assert status["active_sessions"] == 0 and status["agent_tool_runs_last_hour"] == {"total": 0}
 
 
 async def test_status_is_open_to_logged_in_staff(asgi_client, db: None) -> None:

@@ -107,7 +107,7 @@ def test_the_gateway_fields_are_in_the_request_schemas_and_every_example_is_vali
     chat = document["paths"]["/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert chat == {"$ref": "#/components/schemas/KeywayCreateChatCompletionRequest"}
     added = document["components"]["schemas"]["KeywayCreateChatCompletionRequest"]["allOf"][1]["properties"]
-    assert set(added) == {"models", "provider"}
+    assert set(added) == {"models", "provider", "session_id", "max_iterations"}
 
 
 @pytest.mark.skipif(not OPENAPI_PATH.exists(), reason="OpenAI's OpenAPI document (../shared) is not here")

@@ -14,7 +14,7 @@ from tests.e2e import server
 
 _API_KEY = re.compile(r"sk-kw-[a-z0-9]{12}-[A-Za-z0-9]{44}")
 # Provider keys and prompt texts the end-to-end tests send.
-NEVER_LOGGED = ("sk-upstream", "Say hello", "Weather in Paris", "Tell a long story", "what is this?")
+NEVER_LOGGED = ("sk-upstream", "Say hello", "Weather in Paris", "Tell a long story", "what is this?", "call shop__")
 
 
 def leaks_in(log: Path, var_dir: Path) -> list[str]:
