@@ -9,7 +9,7 @@ from typing import Any
 from django import forms
 from django.utils import timezone
 
-from apikeys.scopes import ALL_SCOPES, KEY_SCOPES, READ_ONLY_SCOPES, SCOPE_LABELS
+from apikeys.scopes import ALL_SCOPES, CONNECTORS, KEY_SCOPES, READ_ONLY_SCOPES, SCOPE_LABELS
 from apikeys.services import MAX_RPM, MAX_TPM
 from billing.money import usd_to_micros
 from billing.services import RATE_LIMIT_FIELDS
@@ -125,11 +125,27 @@ class ApiKeyCreateForm(forms.Form):
         widget=forms.DateInput(attrs={"type": "date"}),
         help_text="The key stops working at the end of this day (UTC). Empty: never expires.",
     )
+    connectors = forms.MultipleChoiceField(
+        label="Connectors this key may run",
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="With the Connectors endpoint only; each must be of the key's project.",
+    )
 
-    def __init__(self, *args: Any, projects: list[tuple[str, str]], models: list[str], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        projects: list[tuple[str, str]],
+        models: list[str],
+        connectors: list[tuple[str, list[tuple[str, str]]]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """`connectors` are the choices of connectors, grouped by project name; none for those who may not
+        give a key connectors (owners and admins may)."""
         super().__init__(*args, **kwargs)
         self.fields["project"].choices = projects  # type: ignore[attr-defined]
         self.fields["models"].choices = [(model, model) for model in models]  # type: ignore[attr-defined]
+        self.fields["connectors"].choices = connectors or []  # type: ignore[attr-defined]
 
     def clean_expires_on(self) -> datetime | None:
         day = self.cleaned_data.get("expires_on")
@@ -152,6 +168,8 @@ class ApiKeyCreateForm(forms.Form):
         cleaned = super().clean() or {}
         if cleaned.get("permissions") == "restricted" and not cleaned.get("scopes"):
             self.add_error("scopes", "Choose at least one endpoint for a restricted key.")
+        if cleaned.get("connectors") and "permissions" in cleaned and CONNECTORS not in self.chosen_scopes():
+            self.add_error("connectors", "Choose the Connectors endpoint too, or no connectors.")
         return cleaned
 
     def budget_micros(self) -> int | None:

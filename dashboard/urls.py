@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from dashboard.views import billing, front, keys, models, playground, settings, usage
+from dashboard.views import agents, billing, front, keys, models, playground, settings, usage
 
 app_name = "dashboard"
 
@@ -18,6 +18,15 @@ urlpatterns = [
     path("models", models.models_view, name="models"),
     path("playground", playground.playground_view, name="playground"),
     path("playground/key", playground.playground_key_view, name="playground-key"),
+    # Connectors and hooks before the agents' own ids, which the pattern after them would take them for.
+    path("agents", agents.agent_list_view, name="agent-list"),
+    path("agents/connectors", agents.connector_list_view, name="connector-list"),
+    path("agents/connectors/<str:public_id>/delete", agents.connector_delete_view, name="connector-delete"),
+    path("agents/hooks", agents.hook_list_view, name="hook-list"),
+    path("agents/hooks/<str:public_id>", agents.hook_detail_view, name="hook-detail"),
+    path("agents/hooks/<str:public_id>/delete", agents.hook_delete_view, name="hook-delete"),
+    path("agents/<str:public_id>", agents.agent_detail_view, name="agent-detail"),
+    path("agents/<str:public_id>/delete", agents.agent_delete_view, name="agent-delete"),
     path("settings/api-keys", keys.apikey_list_view, name="apikey-list"),
     path("settings/api-keys/new", keys.apikey_create_view, name="apikey-create"),
     path("settings/api-keys/<str:public_id>/rotate", keys.apikey_rotate_view, name="apikey-rotate"),

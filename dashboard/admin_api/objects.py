@@ -9,9 +9,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import orjson
 from django.contrib.auth.models import User
 from django.utils import timezone
 
+from agents.models import Agent, Connector, Hook, HookDelivery
 from apikeys.models import ApiKey
 from billing.money import micros_to_usd
 from billing.selectors import ProjectModelLimit
@@ -69,7 +71,9 @@ def admin_key(key: ApiKey, roles: dict[int, str]) -> dict[str, Any]:
     }
 
 
-def project_key(key: ApiKey, roles: dict[int, str]) -> dict[str, Any]:
+def project_key(key: ApiKey, roles: dict[int, str], connectors: list[str] | None = None) -> dict[str, Any]:
+    """A project key; `connectors`, the public ids of the connectors it was given, is listed where the caller
+    read them (agents.selectors.key_connector_ids), and left out where it did not."""
     if key.created_by is not None and hasattr(key.created_by, "keyway_profile"):
         owner: dict[str, Any] = {"type": "user", "user": _owner_user(key.created_by, roles)}
         access = "active" if key.created_by_id in roles else "inactive"
@@ -80,7 +84,7 @@ def project_key(key: ApiKey, roles: dict[int, str]) -> dict[str, Any]:
         }
         access = "active"
     now = timezone.now()
-    return {
+    body: dict[str, Any] = {
         "object": "organization.project.api_key",
         "id": key_id(key),
         "name": key.name,
@@ -104,6 +108,9 @@ def project_key(key: ApiKey, roles: dict[int, str]) -> dict[str, Any]:
             else None
         ),
     }
+    if connectors is not None:
+        body["connectors"] = connectors
+    return body
 
 
 def project(item: Project) -> dict[str, Any]:
@@ -241,3 +248,70 @@ def _profile_id(account: User) -> str:
 
 def roles_of(memberships: Any) -> dict[int, str]:
     return {m.user_id: m.role for m in memberships}
+
+
+def connector(item: Connector) -> dict[str, Any]:
+    """A connector, without its secret: an HTTP connector's signing secret is in its creation response only,
+    and an MCP connector's authorization is never shown."""
+    body: dict[str, Any] = {
+        "id": item.public_id,
+        "object": "organization.project.connector",
+        "project_id": item.project.public_id,
+        "type": item.type,
+        "name": item.name,
+        "description": item.description,
+        "url": item.url,
+        "timeout_ms": item.timeout_ms,
+        "max_response_bytes": item.max_response_bytes,
+        "created_at": ts(item.created_at),
+    }
+    if item.type == Connector.Type.HTTP:
+        body["parameters"] = orjson.loads(item.parameters_json or "{}")
+    return body
+
+
+def agent(item: Agent) -> dict[str, Any]:
+    """An agent; its connectors are read from the prefetched relation (agents.selectors.agent_list)."""
+    return {
+        "id": item.public_id,
+        "object": "organization.project.agent",
+        "project_id": item.project.public_id,
+        "slug": item.slug,
+        "model_id": f"agent:{item.slug}",
+        "name": item.name,
+        "model": item.model,
+        "instructions": item.instructions,
+        "connectors": [c.public_id for c in sorted(item.connectors.all(), key=lambda c: c.name)],
+        "max_iterations": item.max_iterations,
+        "created_at": ts(item.created_at),
+    }
+
+
+def hook(item: Hook) -> dict[str, Any]:
+    return {
+        "id": item.public_id,
+        "object": "organization.project.hook",
+        "project_id": item.project.public_id,
+        "name": item.name,
+        "agent": item.agent.slug,
+        "mode": item.mode,
+        "callback_url": item.callback_url or None,
+        "url": f"/hooks/{item.name}",
+        "created_at": ts(item.created_at),
+    }
+
+
+def hook_delivery(item: HookDelivery) -> dict[str, Any]:
+    """One delivery, without the reply: that is the agent's answer, prompt text the log has no need of."""
+    return {
+        "id": item.public_id,
+        "object": "organization.project.hook.delivery",
+        "status": item.status,
+        "attempts": item.attempts,
+        "sender": item.sender,
+        "session_id": item.session_id or None,
+        "last_status_code": item.last_status_code,
+        "last_error": item.last_error or None,
+        "created_at": ts(item.created_at),
+        "finished_at": ts(item.finished_at),
+    }

@@ -53,6 +53,7 @@ PROJECT_KEY = _object(
         "expires_at": NULL_INT,
         "status": STR,
         "previous_secret_expires_at": NULL_INT,
+        "connectors": STRS,
     },
     ["object", "id", "name", "redacted_value", "created_at", "last_used_at", "owner_project_access", "owner"],
 )
@@ -122,6 +123,70 @@ AUDIT_LOG = _object(
     {"id": STR, "type": STR, "effective_at": INT, "actor": {"type": "object"}, "project": {"type": "object"}},
     ["id", "type", "effective_at"],
 )
+CONNECTOR = _object(
+    {
+        "id": STR,
+        "object": {"type": "string", "enum": ["organization.project.connector"]},
+        "project_id": STR,
+        "type": {"type": "string", "enum": ["http", "mcp"]},
+        "name": STR,
+        "description": STR,
+        "url": STR,
+        "parameters": {"type": "object"},
+        "timeout_ms": INT,
+        "max_response_bytes": INT,
+        "created_at": INT,
+    },
+    ["id", "object", "project_id", "type", "name", "description", "url", "timeout_ms", "max_response_bytes",
+     "created_at"],
+)
+AGENT = _object(
+    {
+        "id": STR,
+        "object": {"type": "string", "enum": ["organization.project.agent"]},
+        "project_id": STR,
+        "slug": STR,
+        "model_id": STR,
+        "name": STR,
+        "model": STR,
+        "instructions": STR,
+        "connectors": STRS,
+        "max_iterations": INT,
+        "created_at": INT,
+    },
+    ["id", "object", "project_id", "slug", "model_id", "name", "model", "instructions", "connectors",
+     "max_iterations", "created_at"],
+)
+HOOK = _object(
+    {
+        "id": STR,
+        "object": {"type": "string", "enum": ["organization.project.hook"]},
+        "project_id": STR,
+        "name": STR,
+        "agent": STR,
+        "mode": {"type": "string", "enum": ["sync", "callback"]},
+        "callback_url": NULL_STR,
+        "url": STR,
+        "created_at": INT,
+    },
+    ["id", "object", "project_id", "name", "agent", "mode", "callback_url", "url", "created_at"],
+)
+HOOK_DELIVERY = _object(
+    {
+        "id": STR,
+        "object": {"type": "string", "enum": ["organization.project.hook.delivery"]},
+        "status": {"type": "string", "enum": ["running", "answered", "pending", "delivered", "failed"]},
+        "attempts": INT,
+        "sender": STR,
+        "session_id": NULL_STR,
+        "last_status_code": NULL_INT,
+        "last_error": NULL_STR,
+        "created_at": INT,
+        "finished_at": NULL_INT,
+    },
+    ["id", "object", "status", "attempts", "sender", "session_id", "last_status_code", "last_error", "created_at",
+     "finished_at"],
+)
 ERROR = _object(
     {
         "error": _object(
@@ -135,6 +200,13 @@ ERROR = _object(
 def with_value(schema: dict[str, Any]) -> dict[str, Any]:
     """A created or rotated key: the object plus its secret in `value`, returned this once."""
     return {**schema, "properties": {**schema["properties"], "value": STR}, "required": [*schema["required"], "value"]}
+
+
+def with_secret(schema: dict[str, Any], *, always: bool = True) -> dict[str, Any]:
+    """A created connector or hook: the object plus its signing secret in `secret`, returned this once (an
+    MCP connector has none, hence `always`)."""
+    required = [*schema["required"], "secret"] if always else schema["required"]
+    return {**schema, "properties": {**schema["properties"], "secret": STR}, "required": required}
 
 
 def listing(item: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from django.urls import path, re_path
 
 from billing.errors import OpenApiDocumentView, unknown_route
-from dashboard.admin_api import usage, views
+from dashboard.admin_api import agents, usage, views
 
 app_name = "admin-api"
 
@@ -31,6 +31,17 @@ urlpatterns = [
         name="rate-limit",
     ),
     path("projects/<str:project_id>/spend_limit", views.ProjectSpendLimitApi.as_view(), name="spend-limit"),
+    path("projects/<str:project_id>/connectors", agents.ConnectorListApi.as_view(), name="connector-list"),
+    path("projects/<str:project_id>/connectors/<str:connector_id>", agents.ConnectorApi.as_view(), name="connector"),
+    path("projects/<str:project_id>/agents", agents.AgentListApi.as_view(), name="agent-list"),
+    path("projects/<str:project_id>/agents/<str:agent_id>", agents.AgentApi.as_view(), name="agent"),
+    path("projects/<str:project_id>/hooks", agents.HookListApi.as_view(), name="hook-list"),
+    path("projects/<str:project_id>/hooks/<str:hook_id>", agents.HookApi.as_view(), name="hook"),
+    path(
+        "projects/<str:project_id>/hooks/<str:hook_id>/deliveries",
+        agents.HookDeliveryListApi.as_view(),
+        name="hook-delivery-list",
+    ),
     path("users", views.UserListApi.as_view(), name="user-list"),
     path("users/<str:user_id>", views.UserApi.as_view(), name="user"),
     path("invites", views.InviteListApi.as_view(), name="invite-list"),

@@ -7,12 +7,15 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from django.db import transaction
 from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from agents.selectors import connectors_named, key_connector_ids, project_key_connector_ids
+from agents.services import connector_grants_set
 from apikeys.models import ApiKey
 from apikeys.scopes import ADMIN, ALL_SCOPES
 from apikeys.services import MAX_KEY_BUDGET_MICROS, apikey_create, apikey_revoke, apikey_rotate, project_archive
@@ -63,6 +66,11 @@ class _Keys(ManagementApi):
         if key is None:
             raise NotFound(f"No API key '{key_id}' here.", param="key_id")
         return key
+
+    def project_key(self, key: ApiKey) -> dict[str, Any]:
+        """One project key as rendered, with the connectors it was given."""
+        connectors = key_connector_ids(organization=self.actor.organization, keys=[key])[key.pk]
+        return objects.project_key(key, self.roles(), connectors)
 
 
 class AdminApiKeyListApi(_Keys):
@@ -271,12 +279,14 @@ class ProjectApiKeyListApi(_Keys):
     def get(self, request: Request, project_id: str) -> Response:
         project = self.project(project_id)
         roles = self.roles()
+        # Every connector given to a key of the project, in one query rather than one per key.
+        granted = project_key_connector_ids(organization=self.actor.organization, project=project)
         return Response(
             page(
                 request,
                 self.keys().filter(project=project),
                 public_id=_public_id(objects.KEY_ID_PREFIX),
-                render=lambda key: objects.project_key(key, roles),
+                render=lambda key: objects.project_key(key, roles, granted.get(key.pk, [])),
             )
         )
 
@@ -291,10 +301,11 @@ class ProjectApiKeyListApi(_Keys):
                 "tpm": doc.INT,
                 "monthly_budget_usd": {"type": ["number", "string"]},
                 "expires_at": doc.INT,
+                "connectors": doc.STRS,
             },
             ["name"],
         ),
-        summary="Create a project key (Keyway; its secret in `value`, once)",
+        summary="Create a project key (Keyway; its secret in `value`, once; `connectors` needs the scope)",
     )
     def post(self, request: Request, project_id: str) -> Response:
         project = self.project(project_id)
@@ -307,26 +318,50 @@ class ProjectApiKeyListApi(_Keys):
         unknown = sorted(set(models) - set(model_ids_enabled()))
         if unknown:
             raise TenancyError(f"Unknown model(s): {', '.join(unknown)}.", param="models", code="model_not_found")
-        key, raw = apikey_create(
-            organization=self.actor.organization,
-            project=project,
-            name=field(body, "name", str, required=True),
-            scopes=scopes,
-            allowed_models=models,
-            rpm_limit=field(body, "rpm", int),
-            tpm_limit=field(body, "tpm", int),
-            monthly_budget_micros=_budget_micros(body.get("monthly_budget_usd") if isinstance(body, dict) else None),
-            expires_at=parse_unix(field(body, "expires_at", int), "expires_at"),
-            by=self.actor,
-        )
-        return Response({**objects.project_key(key, self.roles()), "value": raw})
+        name = field(body, "name", str, required=True)
+        rpm, tpm = field(body, "rpm", int), field(body, "tpm", int)
+        budget = _budget_micros(body.get("monthly_budget_usd") if isinstance(body, dict) else None)
+        expires_at = parse_unix(field(body, "expires_at", int), "expires_at")
+        connector_ids = field(body, "connectors", list, default=[])
+        if not all(isinstance(value, str) for value in connector_ids):
+            raise TenancyError("'connectors' must be a list of strings.", param="connectors", code="invalid_type")
+        connectors = connectors_named(organization=self.actor.organization, project=project, public_ids=connector_ids)
+        # One transaction: a key whose connectors are refused is not created either.
+        with transaction.atomic():
+            key, raw = apikey_create(
+                organization=self.actor.organization,
+                project=project,
+                name=name,
+                scopes=scopes,
+                allowed_models=models,
+                rpm_limit=rpm,
+                tpm_limit=tpm,
+                monthly_budget_micros=budget,
+                expires_at=expires_at,
+                by=self.actor,
+            )
+            if connectors:
+                connector_grants_set(by=self.actor, key=key, connectors=connectors)
+        return Response({**self.project_key(key), "value": raw})
 
 
 class ProjectApiKeyApi(_Keys):
     @doc.operation(doc.PROJECT_KEY)
     def get(self, request: Request, project_id: str, key_id: str) -> Response:
         project = project_get(organization=self.actor.organization, public_id=project_id)
-        return Response(objects.project_key(self.key(key_id, project=project), self.roles()))
+        return Response(self.project_key(self.key(key_id, project=project)))
+
+    @doc.operation(doc.PROJECT_KEY, request=doc.body({"connectors": doc.STRS}, ["connectors"]),
+                   summary="Change the connectors a project key was given (Keyway)")
+    def post(self, request: Request, project_id: str, key_id: str) -> Response:
+        project = project_get(organization=self.actor.organization, public_id=project_id)
+        key = self.key(key_id, project=project)
+        connector_ids = field(request.data, "connectors", list, required=True)
+        if not all(isinstance(value, str) for value in connector_ids):
+            raise TenancyError("'connectors' must be a list of strings.", param="connectors", code="invalid_type")
+        connectors = connectors_named(organization=self.actor.organization, project=project, public_ids=connector_ids)
+        connector_grants_set(by=self.actor, key=key, connectors=connectors)
+        return Response(self.project_key(key))
 
     @doc.operation(doc.deleted("organization.project.api_key.deleted"))
     def delete(self, request: Request, project_id: str, key_id: str) -> Response:
@@ -349,7 +384,7 @@ class ProjectApiKeyRotateApi(_Keys):
             grace=None if seconds is None else timedelta(seconds=max(seconds, -1)),
             by=self.actor,
         )
-        return Response({**objects.project_key(key, self.roles()), "value": raw})
+        return Response({**self.project_key(key), "value": raw})
 
 
 class UserListApi(ManagementApi):

@@ -8,11 +8,14 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.contrib import messages
+from django.db import transaction
 from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 
+from agents.selectors import connector_list, connectors_named
+from agents.services import connector_grants_set
 from apikeys.models import ApiKey
 from apikeys.scopes import permissions_label
 from apikeys.selectors import apikey_get, apikey_list
@@ -55,6 +58,19 @@ def _row(key: ApiKey, actor: Actor, now: datetime) -> KeyRow:
 
 def _project_choices(actor: Actor) -> list[tuple[str, str]]:
     return [(p.public_id, p.name) for p in project_list(organization=actor.organization)]
+
+
+def _connector_choices(actor: Actor) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The connectors a new key may be given, grouped by project: only owners and admins give them."""
+    if not actor.is_manager:
+        return []
+    groups = []
+    for project in project_list(organization=actor.organization):
+        connectors = connector_list(organization=actor.organization, project=project)
+        choices = [(c.public_id, f"{c.name} ({c.type.upper()})") for c in connectors]
+        if choices:
+            groups.append((project.name, choices))
+    return groups
 
 
 @member_required
@@ -102,23 +118,32 @@ def apikey_create_view(request: HttpRequest) -> HttpResponse:
         request.POST or None,
         projects=_project_choices(actor),
         models=models,
+        connectors=_connector_choices(actor),
         initial={"project": initial_project},
     )
     if request.method == "POST" and form.is_valid():
         try:
             project = project_get(organization=actor.organization, public_id=form.cleaned_data["project"])
-            key, raw_key = apikey_create(
-                organization=actor.organization,
-                project=project,
-                name=form.cleaned_data["name"],
-                scopes=form.chosen_scopes(),
-                allowed_models=form.cleaned_data["models"],
-                rpm_limit=form.cleaned_data["rpm"],
-                tpm_limit=form.cleaned_data["tpm"],
-                monthly_budget_micros=form.budget_micros(),
-                expires_at=form.cleaned_data["expires_on"],
-                by=actor,
+            granted = connectors_named(
+                organization=actor.organization, project=project, public_ids=form.cleaned_data["connectors"]
             )
+            # One transaction: a key whose connectors could not be given is not made, so no secret is shown
+            # for a key that is not what was asked for.
+            with transaction.atomic():
+                key, raw_key = apikey_create(
+                    organization=actor.organization,
+                    project=project,
+                    name=form.cleaned_data["name"],
+                    scopes=form.chosen_scopes(),
+                    allowed_models=form.cleaned_data["models"],
+                    rpm_limit=form.cleaned_data["rpm"],
+                    tpm_limit=form.cleaned_data["tpm"],
+                    monthly_budget_micros=form.budget_micros(),
+                    expires_at=form.cleaned_data["expires_on"],
+                    by=actor,
+                )
+                if granted:
+                    connector_grants_set(by=actor, key=key, connectors=granted)
         except ApiError as error:
             add_service_error(form, error)
         else:

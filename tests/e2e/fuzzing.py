@@ -57,9 +57,9 @@ EMBEDDINGS_MODEL = "fake-embed"
 KEY_PREFIX = "fuzz-"
 # The billing API allows 120 requests a minute per key: enough keys for a run to stay under it.
 BILLING_REQUESTS_PER_KEY = 100
-# The management API allows 300 a minute per caller (dashboard.admin_api.base); it has about 40 operations.
+# The management API allows 300 a minute per caller (dashboard.admin_api.base); it has about 55 operations.
 MANAGEMENT_REQUESTS_PER_KEY = 250
-MANAGEMENT_OPERATIONS = 45
+MANAGEMENT_OPERATIONS = 60
 REQUEST_TIMEOUT = 30.0
 
 
@@ -114,6 +114,10 @@ _PARAMETER_OF = {
     "organization.user": "user_id",
     "organization.invite": "invite_id",
     "project.rate_limit": "rate_limit_id",
+    "organization.project.connector": "connector_id",
+    "organization.project.agent": "agent_id",
+    "organization.project.hook": "hook_id",
+    "chat.session": "session_id",
 }
 
 

@@ -32,8 +32,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 # paths, and an invitation's secret token (its own test).
 NOT_TENANT_IDS = {"model_id", "month", "period", "rest", "token"}
 # Prefixes served by the session-only dashboard and the admin site, which this REST matrix does not call.
+# Webhook ingress (hooks/<name>) is reached by a signature, not a key: its own tests pair tenants' hooks.
 NOT_REST = ("admin/", "accounts/", "settings/", "organizations/", "invite/", "billing/", "usage", "playground",
-            "models", "metrics", "health", "status")
+            "models", "metrics", "health", "status", "agents", "hooks/")
 
 
 def _routes(patterns: list[Any], prefix: str = "") -> Iterator[str]:
@@ -96,10 +97,19 @@ async def owned(org: Organization, upstream: tuple[int, Any], asgi_client: Any) 
         "items": [{"type": "message", "role": "user", "content": "the first organization's secret"}]})).json()
     items = (await asgi_client.get(f"/v1/conversations/{conversation['id']}/items", headers=key)).json()["data"]
     response = (await asgi_client.post("/v1/responses", json={"model": "ok", "input": "secret"}, headers=key)).json()
+    in_project = f"/v1/organization/projects/{project['id']}"
+    connector = (await asgi_client.post(f"{in_project}/connectors", headers=bearer(admin), json={
+        "type": "http", "name": "secret_tool", "url": "https://tools.example.com/x"})).json()
+    agent = (await asgi_client.post(f"{in_project}/agents", headers=bearer(admin), json={
+        "slug": "secret-agent", "name": "Secret agent", "model": "ok", "connectors": [connector["id"]]})).json()
+    hook = (await asgi_client.post(f"{in_project}/hooks", headers=bearer(admin), json={
+        "name": "secret-hook", "agent": "secret-agent", "mode": "sync"})).json()
+    session = (await asgi_client.post("/v1/sessions", headers=key, json={})).json()
     return {
         "project_id": project["id"], "key_id": project_keys[0]["id"], "admin_key_id": admin_keys[0]["id"],
         "user_id": user_id, "invite_id": invite["id"], "rate_limit_id": limits[0]["id"] if limits else "rl-ok",
         "conversation_id": conversation["id"], "item_id": items[0]["id"], "response_id": response["id"],
+        "connector_id": connector["id"], "agent_id": agent["id"], "hook_id": hook["id"], "session_id": session["id"],
         "_key": raw_key, "_admin": admin,
     }
 
@@ -109,7 +119,7 @@ async def test_every_route_with_an_id_is_walled_off_from_another_organization(
 ) -> None:
     other_key = await sync_to_async(lambda: apikey_create(
         organization=other_org, name="other", actor_label="test",
-        scopes=["models:read", "chat", "embeddings", "responses", "realtime", "usage:read"])[1])()
+        scopes=["models:read", "chat", "embeddings", "responses", "realtime", "sessions", "usage:read"])[1])()
     other_admin = await sync_to_async(lambda: apikey_create(
         organization=other_org, name="other admin", scopes=["admin"], actor_label="test")[1])()
     routes = _id_routes()
