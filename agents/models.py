@@ -23,7 +23,13 @@ _ALPHABET = string.ascii_lowercase + string.digits
 
 
 def _random_id(prefix: str, length: int = 24) -> str:
-    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
+    # One read of the system's randomness (a session id is made per agent turn), 24 base-36 digits of it.
+    number = int.from_bytes(secrets.token_bytes(16))
+    digits = []
+    for _ in range(length):
+        number, digit = divmod(number, 36)
+        digits.append(_ALPHABET[digit])
+    return prefix + "".join(digits)
 
 
 def new_session_id() -> str:

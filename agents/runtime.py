@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from django.conf import settings
 from django.db.models import Count
 from django.utils import timezone
 
@@ -19,6 +20,7 @@ from agents.models import Agent, Connector, ConnectorGrant, ToolRun
 from apikeys.auth import AuthenticatedKey
 from apikeys.scopes import CONNECTORS
 from platform_site.crypto import decrypt_secret
+from platform_site.kernel.singleflight import SingleFlight
 
 AGENT_PREFIX = "agent:"
 
@@ -101,6 +103,22 @@ def agent_for_key(*, key: AuthenticatedKey, model: str) -> AgentSpec:
                 param="model",
             )
     return agent_spec(agent)
+
+
+def _agent_load(wanted: tuple[AuthenticatedKey, str]) -> AgentSpec:
+    return agent_for_key(key=wanted[0], model=wanted[1])
+
+
+# Agents as each key calls them, kept for a second per process (as keys, prices and the catalog are): a turn
+# finds its agent, connectors and grants without a query. A change reaches every worker within that second.
+_agents: SingleFlight[tuple[AuthenticatedKey, str], AgentSpec] = SingleFlight(
+    _agent_load, ttl=lambda: settings.KEYWAY_CATALOG_LOCAL_TTL, max_entries=10_000
+)
+
+
+async def agent_for(key: AuthenticatedKey, model: str) -> AgentSpec:
+    """agent_for_key, from the per-process copy when it is fresh."""
+    return await _agents.get((key, model))
 
 
 def agent_spec(agent: Agent) -> AgentSpec:

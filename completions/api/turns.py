@@ -26,7 +26,7 @@ from django.http import HttpResponseBase, StreamingHttpResponse
 
 from agents.exceptions import TooManyAgentRuns
 from agents.models import new_session_id
-from agents.runtime import AGENT_PREFIX, agent_for_key
+from agents.runtime import AGENT_PREFIX, agent_for
 from agents.sessions import session_check_room, session_get, session_messages, session_save_turn
 from completions.agent.loop import Event, Turn
 from completions.agent.tools import check_client_tools, server_tools
@@ -131,7 +131,7 @@ async def chat_turn(request: ApiRequest, body: dict[str, Any]) -> HttpResponseBa
     step_key = key
     if isinstance(model, str) and model.startswith(AGENT_PREFIX):
         key.require_model(model)
-        agent = await orm(agent_for_key, key=key, model=model)
+        agent = await agent_for(key, model)
         body["model"] = agent.model
         body.pop("models", None)
         # The agent's model is its owner's choice: the key's own model list and the organization's pin
