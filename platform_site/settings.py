@@ -391,6 +391,8 @@ KEYWAY_SESSION_MAX_BYTES = env_int("KEYWAY_SESSION_MAX_BYTES", 4 * 1024 * 1024, 
 KEYWAY_AGENT_RUNS_PER_ORG = env_int("KEYWAY_AGENT_RUNS_PER_ORG", 32, minimum=1)
 KEYWAY_HOOK_CALLBACK_ATTEMPTS = env_int("KEYWAY_HOOK_CALLBACK_ATTEMPTS", 6, minimum=1)
 KEYWAY_HOOK_CALLBACK_BACKOFF = env_float("KEYWAY_HOOK_CALLBACK_BACKOFF", 2.0, minimum=0.01)
+# The output limit of each model step of a webhook's turn (its sender cannot set one).
+KEYWAY_HOOK_MAX_TOKENS = env_int("KEYWAY_HOOK_MAX_TOKENS", 1024, minimum=1)
 
 # The realtime WebSocket (/v1/realtime). Every socket is bounded: open sessions per key (counted across
 # workers where there is Redis), the size of one client message, the conversation it may hold, how long it

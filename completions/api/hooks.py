@@ -135,6 +135,10 @@ async def _ingress(request: HttpRequest, name: str, request_id: str) -> HttpResp
                               "status": "running"}, status=202)
     try:
         await _run(turn, saver)
+    except asyncio.CancelledError:
+        # The sender hung up before the reply: the turn stopped (and settled what it used); the delivery says so.
+        await asyncio.shield(orm(delivery_failed, delivery_id=delivery_id, error="the sender went away"))
+        raise
     except Exception as exc:
         await orm(delivery_failed, delivery_id=delivery_id, error=to_api_error(exc, request_id=request_id).message)
         raise
@@ -147,7 +151,10 @@ async def _ingress(request: HttpRequest, name: str, request_id: str) -> HttpResp
 async def _turn(hook: HookTarget, *, text: str, sender: str, request_id: str, delivery_id: str
                 ) -> tuple[Turn, Saver]:
     agent = hook.agent
-    chat, _ = parse_chat({"model": agent.model, "messages": [{"role": "user", "content": text}]}, model_pinned=False)
+    # A webhook's sender sets no output limit: each step is bounded here, so that one message cannot keep a
+    # model generating up to its whole context.
+    chat, _ = parse_chat({"model": agent.model, "messages": [{"role": "user", "content": text}],
+                          "max_tokens": settings.KEYWAY_HOOK_MAX_TOKENS}, model_pinned=False)
     session = await orm(session_for_sender, organization_id=hook.organization_id, project_id=hook.project_id,
                         api_key_id=hook.key.id, agent_slug=agent.slug, hook_id=hook.id, sender=sender)
     history = await orm(session_messages, session=session)

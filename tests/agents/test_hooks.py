@@ -66,6 +66,8 @@ async def test_a_signed_message_is_answered_in_a_session_kept_per_sender(model: 
             assert answer.status_code == 200, answer.text
             replies.append(answer.json())
     assert [reply["reply"] for reply in replies] == ["echo 1: hello", "echo 3: again", "echo 1: hi"]
+    # Each step has an output limit, which a webhook's sender cannot set.
+    assert {seen["max_tokens"] for seen in model[scripted_model.SEEN]} == {1024}
     assert replies[0]["session_id"] == replies[1]["session_id"] != replies[2]["session_id"]
     sessions = await sync_to_async(lambda: sorted(ChatSession.objects.values_list("external_id", "message_count")))()
     assert sessions == [("alice", 4), ("bob", 2)]
