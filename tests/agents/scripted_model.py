@@ -4,7 +4,8 @@ embedded model is a base model that never calls tools on cue). What it does is r
 - the last message is a tool result → it answers `result: <that result>`;
 - the last user message is `call <function> <json arguments>` → it calls that function (the arguments
   arriving in pieces, as OpenAI streams them); `always <function> <json>` calls it at every step;
-- otherwise → `echo <n>: <last user text>`, n being how many messages (other than system ones) it was sent.
+- otherwise → `echo <n>: <last user text>`, n being how many messages (other than system ones) it was sent;
+  a last user message starting with `slow` makes it wait two seconds before it starts.
 
 Every request it receives is kept, for tests to look at what each step was sent.
 """
@@ -50,6 +51,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     request.app[SEEN].append(body)
     messages = body.get("messages") or []
     text, call = _plan(messages)
+    if text.split(" ", 2)[-1].startswith("slow"):
+        await asyncio.sleep(2)
     usage = {"prompt_tokens": 7 * len(messages), "completion_tokens": 3, "total_tokens": 7 * len(messages) + 3}
     if not body.get("stream"):
         message: dict[str, Any] = {"role": "assistant", "content": text or None}

@@ -187,3 +187,32 @@ def test_sessions_idle_past_their_retention_are_purged(org: Organization, settin
     call_command("purge_sessions", stdout=io.StringIO())
     assert list(ChatSession.objects.values_list("id", flat=True)) == [kept.id]
     assert not ChatSession.objects.filter(id=old.id).exists()
+
+
+async def test_a_sender_that_hangs_up_before_the_reply_fails_its_delivery(model: Any, org: Organization) -> None:
+    from platform_site.asgi import application
+
+    _, secret = await sync_to_async(_hook)(org)
+    body, headers = _signed(secret, {"text": "slow down", "from": "erin", "action": "chat"})
+    messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+    async def receive() -> dict[str, Any]:
+        message = next(messages, None)
+        if message is not None:
+            return message
+        await asyncio.sleep(0.3)  # the sender gives up while the model is still thinking
+        return {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/hooks/orders", "raw_path": b"/hooks/orders", "query_string": b"", "root_path": "",
+             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5000),
+             "headers": [(b"host", b"127.0.0.1"), *((k.lower().encode(), v.encode()) for k, v in headers.items())]}
+    await application(scope, receive, send)
+    assert sent == []  # nothing was answered to a sender who left
+    delivery = await sync_to_async(HookDelivery.objects.get)()
+    assert (delivery.status, delivery.last_error) == ("failed", "the sender went away")
