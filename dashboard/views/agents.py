@@ -198,21 +198,27 @@ def agent_detail_view(request: HttpRequest, public_id: str) -> HttpResponse:
 def agent_delete_view(request: HttpRequest, public_id: str) -> HttpResponse:
     actor = _actor(request)
     agent: Agent = _found(agent_get, actor, public_id)
-    back = _in_project("dashboard:agent-list", agent.project)
+    return _delete_page(
+        request, what="agent", label=str(agent), back=_in_project("dashboard:agent-list", agent.project),
+        delete=lambda: agent_delete(by=actor, agent=agent),
+        done=f"Agent {agent} deleted, with its hooks. Calls to it now fail.",
+        consequence="Calls to this model name will fail, and the hooks that run this agent are deleted too.",
+    )
+
+
+def _delete_page(request: HttpRequest, *, what: str, label: str, back: str, delete: Callable[[], None], done: str,
+                 consequence: str) -> HttpResponse:
+    """A delete's confirmation page (GET) and the delete itself (POST), which the service may refuse."""
     if request.method == "POST":
         try:
-            agent_delete(by=actor, agent=agent)
+            delete()
         except ApiError as error:
             flash_service_error(request, error)
         else:
-            messages.success(request, f"Agent {agent} deleted, with its hooks. Calls to it now fail.")
+            messages.success(request, done)
         return redirect(back)
-    return render(
-        request,
-        "dashboard/agents/delete.html",
-        {"what": "agent", "label": str(agent), "back": back,
-         "consequence": "Calls to this model name will fail, and the hooks that run this agent are deleted too."},
-    )
+    return render(request, "dashboard/agents/delete.html",
+                  {"what": what, "label": label, "back": back, "consequence": consequence})
 
 
 @member_required
@@ -266,20 +272,12 @@ def _connector_secret_page(request: HttpRequest, connector: Connector, secret: s
 def connector_delete_view(request: HttpRequest, public_id: str) -> HttpResponse:
     actor = _actor(request)
     connector: Connector = _found(connector_get, actor, public_id)
-    back = _in_project("dashboard:connector-list", connector.project)
-    if request.method == "POST":
-        try:
-            connector_delete(by=actor, connector=connector)
-        except ApiError as error:
-            flash_service_error(request, error)
-        else:
-            messages.success(request, f"Connector {connector.name} deleted. No agent calls it any more.")
-        return redirect(back)
-    return render(
-        request,
-        "dashboard/agents/delete.html",
-        {"what": "connector", "label": connector.name, "back": back,
-         "consequence": "Agents that use it lose this tool, and keys lose their grant to it."},
+    return _delete_page(
+        request, what="connector", label=connector.name,
+        back=_in_project("dashboard:connector-list", connector.project),
+        delete=lambda: connector_delete(by=actor, connector=connector),
+        done=f"Connector {connector.name} deleted. No agent calls it any more.",
+        consequence="Agents that use it lose this tool, and keys lose their grant to it.",
     )
 
 
@@ -338,18 +336,9 @@ def hook_detail_view(request: HttpRequest, public_id: str) -> HttpResponse:
 def hook_delete_view(request: HttpRequest, public_id: str) -> HttpResponse:
     actor = _actor(request)
     hook: Hook = _found(hook_get, actor, public_id)
-    back = _in_project("dashboard:hook-list", hook.project)
-    if request.method == "POST":
-        try:
-            hook_delete(by=actor, hook=hook)
-        except ApiError as error:
-            flash_service_error(request, error)
-        else:
-            messages.success(request, f"Hook {hook.name} deleted. Requests to its URL are refused.")
-        return redirect(back)
-    return render(
-        request,
-        "dashboard/agents/delete.html",
-        {"what": "hook", "label": hook.name, "back": back,
-         "consequence": "Requests to its URL will be refused, and its delivery records are deleted."},
+    return _delete_page(
+        request, what="hook", label=hook.name, back=_in_project("dashboard:hook-list", hook.project),
+        delete=lambda: hook_delete(by=actor, hook=hook),
+        done=f"Hook {hook.name} deleted. Requests to its URL are refused.",
+        consequence="Requests to its URL will be refused, and its delivery records are deleted.",
     )
