@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import cProfile
+import gc
 import os
 import pstats
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -137,18 +140,52 @@ async def _run(app: object, raw_key: str, body: bytes | None, *, requests: int, 
     return statuses
 
 
+class Pauses:
+    """The garbage collector's pauses while it is on: how many per generation, their total, the longest by
+    generation (wall time: what a request waiting on this loop sees), and the longest in CPU time (wall time
+    includes the process being descheduled, which this machine's two shared cores do often)."""
+
+    def __init__(self) -> None:
+        self.started = self.started_cpu = 0.0
+        self.counts = [0, 0, 0]
+        self.total = 0.0
+        self.longest = [0.0, 0.0, 0.0]
+        self.longest_cpu = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started, self.started_cpu = time.perf_counter(), time.thread_time()
+            return
+        pause = time.perf_counter() - self.started
+        generation = info["generation"]
+        self.counts[generation] += 1
+        self.total += pause
+        self.longest[generation] = max(self.longest[generation], pause)
+        self.longest_cpu = max(self.longest_cpu, time.thread_time() - self.started_cpu)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", default="1,32")
+    parser.add_argument("--warm-up", type=int, default=600,
+                        help="requests before measuring (past the heap's second freeze, at the 500th request)")
+    parser.add_argument("--heap", action="store_true",
+                        help="at the end, list what the oldest generation holds besides the frozen heap")
+    parser.add_argument("--cases", default="json,stream,realtime,responses,stored,agent")
     parser.add_argument("--top", type=int, default=0, help="also list the N functions called most per request")
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="keyway-hotpath-"))
     env, database = make_environment(scratch)
     os.environ.update(env)
-    os.environ.update(DEBUG="1", KEYWAY_VAR_DIR=str(scratch), KEYWAY_DEFAULT_MODEL="",
-                      KEYWAY_DEFAULT_EMBEDDING_MODEL="", KEYWAY_DEFAULT_RPM=str(10**9), KEYWAY_DEFAULT_TPM=str(10**12),
+    # DEBUG off, as in production: with it on, Django keeps the text of every SQL statement, which grows the
+    # heap the garbage collector walks.
+    os.environ.update(DEBUG="0", ALLOWED_HOSTS="127.0.0.1", KEYWAY_VAR_DIR=str(scratch),
+                      **{name: secrets.token_urlsafe(48)
+                         for name in ("SECRET_KEY", "KEYWAY_KEY_PEPPER", "KEYWAY_ENCRYPTION_KEY")},
+                      KEYWAY_DEFAULT_MODEL="", KEYWAY_DEFAULT_EMBEDDING_MODEL="", KEYWAY_DEFAULT_RPM=str(10**9),
+                      KEYWAY_DEFAULT_TPM=str(10**12),
                       KEYWAY_PROJECT_RPM=str(10**9), KEYWAY_PROJECT_TPM=str(10**12),
                       KEYWAY_REALTIME_SESSIONS_PER_KEY="1000")
     port = free_port()
@@ -186,14 +223,20 @@ def main() -> None:
         async def measure() -> None:
             print(f"database: {os.environ.get('DATABASE_URL', 'sqlite')}, cache: "
                   f"{'redis' if os.environ.get('REDIS_URL') else 'in-process'}, {args.requests} requests a case")
-            print(f"{'case':<10} {'conc':>5} {'cpu ms/req':>11} {'calls/req':>10}")
+            print(f"{'case':<10} {'conc':>5} {'cpu ms/req':>11} {'calls/req':>10} {'gc ms/req':>10} "
+                  f"{'gc 0/1/2 per 1k req':>20} {'longest gc ms 0/1/2':>20} {'cpu':>6}")
             for name, body in (("json", BODY), ("stream", STREAM_BODY), ("realtime", None),
                                ("responses", RESPONSES_BODY), ("stored", STORED_BODY), ("agent", AGENT_BODY)):
+                if name not in args.cases.split(","):
+                    continue
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
-                    await _run(application, raw_key, body, requests=200, concurrency=concurrency)  # warm up
+                    await _run(application, raw_key, body, requests=args.warm_up, concurrency=concurrency)  # warm up
+                    pauses = Pauses()
+                    gc.callbacks.append(pauses)
                     started = time.process_time()
                     statuses = await _run(application, raw_key, body, requests=args.requests, concurrency=concurrency)
                     cpu = (time.process_time() - started) / args.requests * 1000
+                    gc.callbacks.remove(pauses)
                     assert set(statuses) == {200}, set(statuses)
                     profile = cProfile.Profile()
                     profile.enable()
@@ -201,11 +244,23 @@ def main() -> None:
                     profile.disable()
                     stats = pstats.Stats(profile)
                     calls = stats.total_calls / 200  # type: ignore[attr-defined]
-                    print(f"{name:<10} {concurrency:>5} {cpu:>11.3f} {calls:>10.0f}")
+                    per_1k = "/".join(f"{count * 1000 / args.requests:.0f}" for count in pauses.counts)
+                    longest = "/".join(f"{pause * 1000:.1f}" for pause in pauses.longest)
+                    print(f"{name:<10} {concurrency:>5} {cpu:>11.3f} {calls:>10.0f} "
+                          f"{pauses.total * 1000 / args.requests:>10.3f} {per_1k:>20} {longest:>20} "
+                          f"{pauses.longest_cpu * 1000:>6.2f}")
                     if args.top:
                         rows = sorted(stats.stats.items(), key=lambda item: -item[1][1])  # type: ignore[attr-defined]
                         for (file, line, function), (_, ncalls, *_rest) in rows[: args.top]:
                             print(f"{ncalls / 200:>10.1f}  {Path(file).name}:{line} {function}")
+            if args.heap:
+                survivors = gc.get_objects(generation=2)
+                kinds = collections.Counter(type(item).__qualname__ for item in survivors)
+                print(f"objects in the oldest generation, not frozen: {len(survivors)}; frozen: "
+                      f"{gc.get_freeze_count()}; most common: "
+                      + ", ".join(f"{kind} {count}" for kind, count in kinds.most_common(12)))
+                del survivors
+                print(f"a full collection now frees {gc.collect()} objects")
             from platform_site.kernel import process
 
             await process.run_shutdown_hooks()

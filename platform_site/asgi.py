@@ -21,7 +21,7 @@ from django.utils.module_loading import import_string  # noqa: E402
 dashboard_app = get_asgi_application()
 
 from platform_site.api_handler import ApiHandler  # noqa: E402
-from platform_site.kernel import loops, process  # noqa: E402
+from platform_site.kernel import heap, loops, process  # noqa: E402
 
 api_app = ApiHandler()
 # Webhook ingress (/hooks/<name>) is the API's too: no cookies, no CSRF, its own signature.
@@ -41,6 +41,11 @@ async def http_app(scope, receive, send):  # type: ignore[no-untyped-def]
 
 # Named in settings, as the URL conf is: wiring may name the apps above it, never import them.
 _router = ProtocolTypeRouter({"http": http_app, "websocket": import_string(settings.WEBSOCKET_APPLICATION)})
+
+
+# Everything built so far lives as long as the process: out of the garbage collector's sight from now on.
+heap.watch_pauses()
+heap.freeze()
 
 
 async def _lifespan(receive, send):  # type: ignore[no-untyped-def]

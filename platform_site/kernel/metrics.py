@@ -23,6 +23,8 @@ from typing import Any
 
 from django.conf import settings
 
+# Garbage collections: a young one takes tens of microseconds; over 5 ms is a stall (bench/targets.py).
+_PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -91,6 +93,9 @@ class _Metrics:
                              "(absolute micro-USD, by counter kind).", ["counter"])
         self.reconciled = Counter("keyway_counter_corrections",
                                   "Shared counters corrected by reconciliation, by counter kind.", ["counter"])
+        self.gc_pause = Histogram("keyway_gc_pause_seconds",
+                                  "Pauses of the garbage collector, by generation (2: a full collection).",
+                                  ["generation"], buckets=_PAUSE_BUCKETS)
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -149,6 +154,14 @@ def counter_corrected(kind: str, drift_micros: int) -> None:
     recorded = metrics()
     recorded.child(recorded.reconciled, kind).inc()
     recorded.child(recorded.drift, kind).inc(abs(drift_micros))
+
+
+def gc_paused(generation: int, seconds: float) -> None:
+    recorded = metrics()
+    recorded.child(recorded.gc_pause, _GENERATIONS[generation]).observe(seconds)
+
+
+_GENERATIONS = ("0", "1", "2")
 
 
 def exposition() -> tuple[bytes, str]:
