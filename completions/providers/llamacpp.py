@@ -431,12 +431,18 @@ def _logprobs_content(llama: Any, entries: list[tuple[int, float, list[tuple[int
 def _complete(llama: Any, **options: Any) -> Any:
     """create_chat_completion from a clean state.
 
-    llama-cpp-python reuses the evaluated prefix of the previous prompt; logits computed over a different
+    llama-cpp-python reuses whatever prefix of the previous prompt matches; logits computed over a different
     batch differ in the last bits, which flips near-ties and breaks "same seed, same output" between
-    requests. Re-evaluating the prompt costs little next to generation and makes answers reproducible.
+    requests. This path is taken for short side questions (whether to call a tool), so it evaluates its
+    prompt afresh, and the instance forgets which prompt it holds (_prefilled).
     """
-    llama.reset()
+    _forget_prompt(llama)
     return llama.create_chat_completion(**options)
+
+
+def _forget_prompt(llama: Any) -> None:
+    llama.reset()
+    llama.evaluated = ()
 
 
 # Prompt tokens evaluated per step: about 0.25 s of this machine's two cores.
@@ -467,19 +473,53 @@ def _refuse_if_too_long(llama: Any, messages: list[dict[str, str]]) -> None:
         )
 
 
+def _reusable(evaluated: tuple[int, ...], head: tuple[int, ...]) -> int:
+    """How many leading tokens of `head` an instance holding `evaluated` (both cut the canonical way) can keep:
+    all of them for the same prompt, else the whole chunks the two share."""
+    if evaluated == head:
+        return len(head)
+    shared = 0
+    for held, wanted in zip(evaluated, head, strict=False):
+        if held != wanted:
+            break
+        shared += 1
+    return shared // _PREFILL_CHUNK * _PREFILL_CHUNK
+
+
 def _prefilled(llama: Any, messages: list[dict[str, str]], **options: Any) -> Iterator[Any]:
-    """_complete(stream=True) whose prompt is evaluated a chunk per step first, so that a long prompt holds
-    the other generations for one chunk at a time rather than for the whole of its evaluation (1,500 tokens
-    take some 6 s here). create_chat_completion then finds the prompt evaluated (llama-cpp-python reuses an
-    evaluated prefix) and evaluates only its last token. The same prompt is always cut the same way, so a
-    fixed seed still gives the same answer. Yields None per chunk, then the completion's chunks."""
-    llama.reset()
+    """_complete(stream=True), with the prompt evaluated the canonical way first, a chunk per step.
+
+    Canonical: every token but the last in chunks of _PREFILL_CHUNK aligned at its multiples, then the last
+    token alone (create_chat_completion finds the rest evaluated and evaluates only that one). Two things
+    follow:
+    - A long prompt holds the other generations for one chunk at a time rather than for the whole of its
+      evaluation (1,500 tokens take some 6 s here).
+    - The same tokens cut the same way give bit-identical state, so what this instance still holds of its
+      previous prompt is kept instead of evaluated again: all but the last token of the same prompt, or the
+      whole chunks a conversation's next turn shares with its last one. A fixed seed gives the same answer
+      either way (tested). Evaluated afresh in one batch, a prompt gives different last bits of its logits
+      than cut in two; that is why the cut is fixed rather than taken from whatever the cache holds, and
+      why a cold prompt costs one step more (about 16 ms here) than in one batch, for a repeated one costing
+      one token instead of all (64 → 20 ms for a 16-token prompt; bench/targets.py, `embedded`).
+    Yields None per chunk evaluated, then the completion's chunks."""
     tokens = _prompt_tokens(llama, messages)
-    if tokens is not None:
-        if len(tokens) > 2 * _PREFILL_CHUNK:
-            for start in range(0, len(tokens) - 1, _PREFILL_CHUNK):
-                llama.eval(tokens[start : min(start + _PREFILL_CHUNK, len(tokens) - 1)])
-                yield None
+    if tokens is None:
+        _forget_prompt(llama)
+    else:
+        head = tuple(tokens[:-1])
+        kept = _reusable(getattr(llama, "evaluated", ()), head)
+        # Everything past the kept tokens is dropped from the cache by the next evaluation.
+        llama.n_tokens = kept
+        llama.evaluated = head[:kept]
+        for start in range(kept, len(head), _PREFILL_CHUNK):
+            end = min(start + _PREFILL_CHUNK, len(head))
+            try:
+                llama.eval(head[start:end])
+            except BaseException:
+                _forget_prompt(llama)  # what a failed evaluation left in the cache is unknown
+                raise
+            llama.evaluated = head[:end]
+            yield None
     yield from llama.create_chat_completion(messages=messages, stream=True, **options)
 
 

@@ -425,3 +425,55 @@ async def test_a_long_prompt_is_evaluated_in_turns_and_does_not_hold_up_a_short_
     await PROVIDER.chat(call(max_tokens=1))  # loaded
     await asyncio.gather(run("long", long_prompt, "a", 0), run("short", "Say hello.", "b", 0.3))
     assert finished == ["short", "long"]
+
+
+def conversation(turns: int) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": "You are a terse assistant for a shipping company."}]
+    for turn in range(turns):
+        messages += [{"role": "user", "content": f"Where is parcel {turn}? " + "It left the depot on Monday. " * 6},
+                     {"role": "assistant", "content": f"Parcel {turn} is in transit."}]
+    return messages
+
+
+async def test_a_prompt_reuses_what_the_last_one_left_and_answers_as_a_fresh_instance_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The next turn of a conversation evaluates only what its last turn did not, and the same prompt again only
+    its last token; a fixed seed gives the same answer as on an instance that holds nothing."""
+    await PROVIDER.chat(call(max_tokens=1))  # loaded
+    loaded = llamacpp.models.items()[GEMMA_PACKAGE]
+    evaluated: list[int] = []
+    from llama_cpp import Llama
+
+    real_eval = Llama.eval
+    monkeypatch.setattr(Llama, "eval", lambda self, tokens: (evaluated.append(len(tokens)), real_eval(self, tokens))[1])
+
+    def turn(turns: int) -> ChatCall:
+        request = call(max_tokens=5, seed=11, temperature=0.9)
+        request.body["messages"] = [*conversation(turns), {"role": "user", "content": "And the next one?"}]
+        return request
+
+    def forget_everything() -> None:
+        for instance in loaded.instances:
+            llamacpp._forget_prompt(instance)
+
+    async def answer(request: ChatCall) -> tuple[str, int, int]:
+        """(the answer, its prompt tokens, the prompt tokens evaluated: each generated token but the last is
+        evaluated too)."""
+        evaluated.clear()
+        result = await PROVIDER.chat(request)
+        usage = result["usage"]
+        return (result["choices"][0]["message"]["content"], usage["prompt_tokens"],
+                sum(evaluated) - (usage["completion_tokens"] - 1))
+
+    forget_everything()
+    await answer(turn(3))
+    warm, prompt_tokens, warm_cost = await answer(turn(4))
+    again, _, again_cost = await answer(turn(4))
+    forget_everything()
+    cold, _, cold_cost = await answer(turn(4))
+
+    assert cold_cost == prompt_tokens > 250
+    assert warm_cost < prompt_tokens // 2  # the first three turns came from the cache
+    assert again_cost == 1  # the same prompt: only its last token
+    assert warm == again == cold
