@@ -45,5 +45,11 @@ test: $(VENV)/.test-deps chromium
 	$(PY) manage.py makemigrations --check --dry-run -v 0
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# Every speed target in one run (bench/targets.py), measured as production runs: on this machine's PostgreSQL and
+# Redis (a scratch database and key prefix) unless DATABASE_URL and REDIS_URL say otherwise, with wrk (Debian's
+# package) as the load generator.
 bench: $(VENV)/.test-deps
-	$(PY) bench/proxy_bench.py
+	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
+	DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/keyway} \
+	REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:6379/5} \
+	$(PY) bench/targets.py $(BENCH_ARGS)
