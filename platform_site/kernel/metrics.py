@@ -94,7 +94,7 @@ class _Metrics:
         self.reconciled = Counter("keyway_counter_corrections",
                                   "Shared counters corrected by reconciliation, by counter kind.", ["counter"])
         self.gc_pause = Histogram("keyway_gc_pause_seconds",
-                                  "Pauses of the garbage collector, by generation (2: a full collection).",
+                                  "CPU seconds of each garbage collection, by generation (2: a full collection).",
                                   ["generation"], buckets=_PAUSE_BUCKETS)
         self._children: dict[tuple[Any, ...], Any] = {}
 
