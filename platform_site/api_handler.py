@@ -29,7 +29,6 @@ from django.http.request import split_domain_port, validate_host
 from django.urls import get_resolver
 from django.utils.module_loading import import_string
 
-from platform_site.kernel import heap
 from platform_site.kernel.errors import ApiError, error_response, server_error
 from platform_site.kernel.params import nul_byte_error, nul_byte_param
 from platform_site.middleware import new_request_id
@@ -101,7 +100,6 @@ class ApiHandler(ASGIHandler):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             raise ValueError(f"The API handler serves HTTP only, not {scope['type']}.")
-        heap.request_served()
         cors = _header(scope, b"origin") is not None
         early = self._refusal(scope)
         if early is not None:

@@ -32,6 +32,7 @@ _MANAGEMENT_PREFIX = "/v1/organization/"
 
 
 async def http_app(scope, receive, send):  # type: ignore[no-untyped-def]
+    heap.request_served()
     path = scope["path"]
     if (path.startswith(_API_PREFIXES) or path in ("/v1", "/api/v1")) and not path.startswith(_MANAGEMENT_PREFIX):
         await api_app(scope, receive, send)
