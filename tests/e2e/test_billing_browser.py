@@ -17,7 +17,7 @@ from pypdf import PdfReader
 from tests.e2e import server
 from tests.e2e.test_dashboard_browser import ARTIFACTS, OVERFLOWING, Shots
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 EMAIL = "ada@example.com"
 NEWCOMER = "grace@example.com"

@@ -18,7 +18,7 @@ import pytest
 from tests.e2e import server
 from tests.e2e.test_dashboard_browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, OVERFLOWING, Shots
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 # Clicks Stop as soon as the first token of the next answer is in the page.
 STOP_AT_FIRST_TOKEN = """() => {

@@ -16,7 +16,7 @@ import pytest
 from tests.e2e import server
 from tests.e2e.test_dashboard_browser import ARTIFACTS, OVERFLOWING, Shots
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 SEED = """
 import random
