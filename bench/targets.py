@@ -336,7 +336,8 @@ def fmt(value: float, unit: str, digits: int = 2) -> str:
     return f"{value:,.{digits}f} {unit}"
 
 
-def row_json1(report: Report, stack: Stack, seconds: float) -> None:
+def row_json1(report: Report, stack: Stack, args: argparse.Namespace) -> None:
+    seconds = args.seconds
     wrk(stack.keyway_url + "/v1/chat/completions", stack.key, JSON_BODY, connections=1, seconds=1,
         scratch=stack.scratch)
     direct = wrk(stack.upstream_url + "/v1/chat/completions", None, JSON_BODY, connections=1, seconds=seconds,
@@ -358,7 +359,8 @@ def row_json1(report: Report, stack: Stack, seconds: float) -> None:
         report.add("c=1 JSON errors", str(direct.errors), str(keyway.errors), "0", False)
 
 
-def row_json32(report: Report, stack: Stack, seconds: float) -> None:
+def row_json32(report: Report, stack: Stack, args: argparse.Namespace) -> None:
+    seconds = args.seconds
     wrk(stack.keyway_url + "/v1/chat/completions", stack.key, JSON_BODY, connections=32, seconds=1,
         scratch=stack.scratch)
     direct = wrk(stack.upstream_url + "/v1/chat/completions", None, JSON_BODY, connections=32, seconds=seconds,
@@ -388,7 +390,8 @@ def row_json32(report: Report, stack: Stack, seconds: float) -> None:
         report.add("c=32 JSON errors", str(direct.errors), str(keyway.errors), "0", False)
 
 
-def row_stream16(report: Report, stack: Stack, seconds: float) -> None:
+def row_stream16(report: Report, stack: Stack, args: argparse.Namespace) -> None:
+    seconds = args.seconds
     url = "/v1/chat/completions"
     asyncio.run(streams_at(stack.keyway_url + url, stack.headers, STREAM_BODY, concurrency=16, seconds=1))
     direct, direct_failed, direct_took = asyncio.run(
@@ -411,7 +414,8 @@ def row_stream16(report: Report, stack: Stack, seconds: float) -> None:
         report.add("c=16 streams failed", str(direct_failed), str(failed), "0", False)
 
 
-def row_burst(report: Report, stack: Stack, count: int) -> None:
+def row_burst(report: Report, stack: Stack, args: argparse.Namespace) -> None:
+    count = args.burst
     url = "/v1/chat/completions"
     direct, direct_failed = asyncio.run(burst(stack.upstream_url + url, {"Content-Type": "application/json"},
                                               STREAM_BODY, count))
@@ -425,7 +429,8 @@ def row_burst(report: Report, stack: Stack, count: int) -> None:
     report.add(f"burst of {count:,}: failed streams", str(direct_failed), str(failed), "0", failed == 0)
 
 
-def row_open(report: Report, stack: Stack, count: int) -> None:
+def row_open(report: Report, stack: Stack, args: argparse.Namespace) -> None:
+    count = args.open_streams
     body = orjson.dumps({"model": f"slow-stream-{OPEN_STREAM_SECONDS}", "max_tokens": 32, "stream": True,
                          "messages": [{"role": "user", "content": "hi"}]})
     failed, before, during = asyncio.run(
@@ -438,7 +443,8 @@ def row_open(report: Report, stack: Stack, count: int) -> None:
                fmt(during / 2**20, "MB", 0))
 
 
-def row_daphne(report: Report, stack: Stack, seconds: float) -> None:
+def row_daphne(report: Report, stack: Stack, args: argparse.Namespace) -> None:
+    seconds = args.seconds
     log = stack.scratch / "single.log"
     results = {}
     for server in ("uvicorn", "daphne"):
@@ -459,7 +465,8 @@ def row_daphne(report: Report, stack: Stack, seconds: float) -> None:
                ratio >= 0.7 or on_uvicorn)
 
 
-def row_embedded(report: Report, stack: Stack, requests: int) -> None:
+def row_embedded(report: Report, stack: Stack, args: argparse.Namespace) -> None:
+    requests = args.embedded_requests
     path = manage(stack.env, "shell", "-c", "from completions.providers.llamacpp import resolve_model_path\n"
                   "from completions.services import GEMMA_PACKAGE\n"
                   "print(resolve_model_path(GEMMA_PACKAGE))").strip().splitlines()[-1]
@@ -514,7 +521,8 @@ async def generations(url: str, headers: dict[str, str], body: dict[str, object]
     return statistics.median(firsts), statistics.median(rates)
 
 
-def row_litellm(report: Report, stack: Stack, seconds: float) -> None:
+def row_litellm(report: Report, stack: Stack, args: argparse.Namespace) -> None:
+    seconds = args.seconds
     litellm = shutil.which("litellm") or str(Path(sys.executable).parent / "litellm")
     if not Path(litellm).exists():
         report.add("LiteLLM proxy (not installed)", "", "-")
@@ -556,7 +564,8 @@ class Stack:
         return [{"Authorization": f"Bearer {key}", "Content-Type": "application/json"} for key in self.keys]
 
 
-ROWS = ("json1", "json32", "stream16", "burst", "open", "daphne", "embedded", "litellm")
+ROWS = {"json1": row_json1, "json32": row_json32, "stream16": row_stream16, "burst": row_burst, "open": row_open,
+        "daphne": row_daphne, "embedded": row_embedded, "litellm": row_litellm}
 
 
 def main() -> None:
@@ -612,22 +621,9 @@ def main() -> None:
         # its 500th request), as a server that has been up for a while is.
         wrk(keyway_url + "/v1/chat/completions", keys[0], JSON_BODY, connections=32, seconds=4, scratch=scratch)
         report = Report()
-        if "json1" in only:
-            row_json1(report, stack, args.seconds)
-        if "json32" in only:
-            row_json32(report, stack, args.seconds)
-        if "stream16" in only:
-            row_stream16(report, stack, args.seconds)
-        if "burst" in only:
-            row_burst(report, stack, args.burst)
-        if "open" in only:
-            row_open(report, stack, args.open_streams)
-        if "daphne" in only:
-            row_daphne(report, stack, args.seconds)
-        if "embedded" in only:
-            row_embedded(report, stack, args.embedded_requests)
-        if "litellm" in only:
-            row_litellm(report, stack, args.seconds)
+        for name, row in ROWS.items():
+            if name in only:
+                row(report, stack, args)
         missed = [row.name for row in report.rows if row.met is False]
         print(f"\n{sum(row.met is True for row in report.rows)} targets met, {len(missed)} not"
               + (f": {', '.join(missed)}" if missed else ""))
