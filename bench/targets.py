@@ -336,15 +336,19 @@ def fmt(value: float, unit: str, digits: int = 2) -> str:
     return f"{value:,.{digits}f} {unit}"
 
 
+def chat_json(stack: Stack, *, direct: bool, connections: int, seconds: float) -> WrkResult:
+    """wrk's JSON chat completions, straight to the upstream or through Keyway."""
+    url, key = (stack.upstream_url, None) if direct else (stack.keyway_url, stack.key)
+    return wrk(url + "/v1/chat/completions", key, JSON_BODY, connections=connections, seconds=seconds,
+               scratch=stack.scratch)
+
+
 def row_json1(report: Report, stack: Stack, args: argparse.Namespace) -> None:
     seconds = args.seconds
-    wrk(stack.keyway_url + "/v1/chat/completions", stack.key, JSON_BODY, connections=1, seconds=1,
-        scratch=stack.scratch)
-    direct = wrk(stack.upstream_url + "/v1/chat/completions", None, JSON_BODY, connections=1, seconds=seconds,
-                 scratch=stack.scratch)
+    chat_json(stack, direct=False, connections=1, seconds=1)
+    direct = chat_json(stack, direct=True, connections=1, seconds=seconds)
     stalls_before = gc_pauses_over(stack.keyway_url, 0.005)
-    keyway = wrk(stack.keyway_url + "/v1/chat/completions", stack.key, JSON_BODY, connections=1, seconds=seconds,
-                 scratch=stack.scratch)
+    keyway = chat_json(stack, direct=False, connections=1, seconds=seconds)
     stalls = gc_pauses_over(stack.keyway_url, 0.005) - stalls_before
     added_p50 = keyway.p50_ms - direct.p50_ms
     added_p99 = keyway.p99_ms - direct.p99_ms
@@ -361,17 +365,14 @@ def row_json1(report: Report, stack: Stack, args: argparse.Namespace) -> None:
 
 def row_json32(report: Report, stack: Stack, args: argparse.Namespace) -> None:
     seconds = args.seconds
-    wrk(stack.keyway_url + "/v1/chat/completions", stack.key, JSON_BODY, connections=32, seconds=1,
-        scratch=stack.scratch)
-    direct = wrk(stack.upstream_url + "/v1/chat/completions", None, JSON_BODY, connections=32, seconds=seconds,
-                 scratch=stack.scratch)
+    chat_json(stack, direct=False, connections=32, seconds=1)
+    direct = chat_json(stack, direct=True, connections=32, seconds=seconds)
     backing = pids_of("redis-server") + pids_of("postgres")
     cpu_before = cpu_seconds(stack.keyway.pid)
     backing_before = process_cpu(backing)
     stalls_before = gc_pauses_over(stack.keyway_url, 0.005)
     profiler = start_profile(stack, seconds) if stack.profile else None
-    keyway = wrk(stack.keyway_url + "/v1/chat/completions", stack.key, JSON_BODY, connections=32, seconds=seconds,
-                 scratch=stack.scratch)
+    keyway = chat_json(stack, direct=False, connections=32, seconds=seconds)
     stalls = gc_pauses_over(stack.keyway_url, 0.005) - stalls_before
     if profiler is not None:
         summarize_profile(profiler, stack.profile)
