@@ -330,6 +330,7 @@ async def start(host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     args = parser.parse_args()
     try:
         import uvloop
@@ -337,7 +338,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(make_app(), host="127.0.0.1", port=args.port, access_log=None, print=None)
+    web.run_app(make_app(), host=args.host, port=args.port, access_log=None, print=None)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ class BillingConfig(AppConfig):
         process.register_startup_hook(ledger.recover_at_start)
         process.register_shutdown_hook(ledger.flush_at_shutdown)
         process.register_shutdown_hook(counters.flush_at_shutdown)
+        process.register_shutdown_hook(ledger.verify_at_shutdown)
         process.resettable(counters.reset)
         process.resettable(sessions.reset)
         # daphne does not speak lifespan, so its workers end without the shutdown hooks: write what is

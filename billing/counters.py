@@ -24,6 +24,11 @@ Counters, all in micro-USD except the rate windows:
 Settlement replaces a hold by the real cost; those adjustments (and TPM token counts) are sent on the event
 loop's next turn, together with everything else settled meanwhile, so under load many requests share one
 round trip. Until they are sent, a hold counts at its worst case: the counters err on the side of refusing.
+The same step appends each settled call's usage event to the shared usage stream (usage:{prefix}, a Redis
+Stream that billing.ledger's consumer group writes to the ledger): the charge on the counters and the event
+that writes it down land together or not at all. An answer waits for that step (`recorded()`), so a host
+that is lost after it answered has nothing of its own that the ledger still needs. Where the step fails
+(Redis away), the events go to this host's journal instead, which this host writes itself (billing.ledger).
 
 Holds of a worker that dies: each worker process keeps a lease (lease:{worker}, what it holds on each
 counter) and a heartbeat. Any live worker's heartbeat reaps the leases of workers whose heartbeat expired,
@@ -49,18 +54,22 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import os
 import secrets
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import orjson
 from django.conf import settings
 
+from billing.ledger import ledger, usage_stream, write_stream_periodically
 from billing.ratelimits import WINDOW
+from billing.services import SettledUsage
 from platform_site.kernel import breaker
 from platform_site.kernel.loops import PerLoop
 
@@ -85,8 +94,6 @@ NEEDS_REGISTRATION = -4
 
 DAY = 24 * 3600
 _MONTH_TTL = 40 * 24 * 3600
-_HEARTBEAT_EVERY = 10.0
-_HEARTBEAT_TTL = 30
 
 # KEYS: 1 requests window, 2 tokens window, 3 spend, 4 credit, 5 org month, 6 key month, 7 project month,
 #       8 project requests window, 9 project tokens window, 10 project requests day, 11 the worker's lease,
@@ -173,7 +180,8 @@ return {0, requests, tokens, prequests, ptokens, pday}
 # Settlements: ARGV[1] = n; KEYS[1..n] are counters moved by ARGV[1+i] (cost − hold, summed) where they exist
 # (token windows are created, with their expiry). Then, per lease j (KEYS[n+j]), ARGV lists how much of each
 # counter its settled holds were: taken off the lease, or — where the lease was reaped meanwhile, which
-# already gave the holds back — added back to the counter, so that counter ends at +cost. The last KEY marks
+# already gave the holds back — added back to the counter, so that counter ends at +cost. Then ARGV gives the
+# number of usage events and each event, appended to the usage stream (the KEY before last). The last KEY marks
 # the batch as applied: a batch sent again after an answer that never came (a timeout after Redis ran it) is
 # not applied twice. The mark lasts 15 minutes: a batch is sent again at the first answer from Redis after
 # the failure, which comes after the first sending ran (one key a batch; a day's marks were millions of keys).
@@ -192,7 +200,7 @@ for i = 1, n do
   end
 end
 local at = n + 2
-for j = n + 1, #KEYS - 1 do
+for j = n + 1, #KEYS - 2 do
   local lease = KEYS[j]
   local alive = redis.call('EXISTS', lease) == 1
   local fields = tonumber(ARGV[at])
@@ -205,6 +213,9 @@ for j = n + 1, #KEYS - 1 do
     end
   end
   at = at + 1 + 2 * fields
+end
+for e = 1, tonumber(ARGV[at]) do
+  redis.call('XADD', KEYS[#KEYS - 1], '*', 'e', ARGV[at + e])
 end
 return 0
 """
@@ -316,6 +327,10 @@ def names(
     )
 
 
+def _heartbeat_ttl() -> int:
+    return max(1, math.ceil(3 * settings.KEYWAY_WORKER_HEARTBEAT_INTERVAL))
+
+
 def _worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
@@ -358,6 +373,7 @@ class _RedisCounters:
         self.registering: asyncio.Task[None] | None = None
         self.heartbeats: asyncio.Task[None] | None = None
         self.reconciler: asyncio.Task[None] | None = None
+        self.usage_writer: asyncio.Task[None] | None = None
         # Names this worker gave up, whose leases are still to reap (a timeout left them uncertain).
         self.retiring: list[str] = []
         self.renaming: asyncio.Task[None] | None = None
@@ -370,7 +386,7 @@ class _RedisCounters:
         """Say this worker is alive, and give back the holds of workers that are not."""
         member = await self.heartbeat_script(
             keys=[f"{self.prefix}:bill:workers", f"{self.prefix}:bill:alive:{self.worker}"],
-            args=[self.worker, _HEARTBEAT_TTL, self.prefix, int(self.registered)],
+            args=[self.worker, _heartbeat_ttl(), self.prefix, int(self.registered)],
         )
         if self.registered and not int(member):
             # Stalled past the heartbeat and reaped: requests admitted before settle against the old lease
@@ -383,7 +399,7 @@ class _RedisCounters:
 
     async def _beat(self) -> None:
         while True:
-            await asyncio.sleep(_HEARTBEAT_EVERY)
+            await asyncio.sleep(settings.KEYWAY_WORKER_HEARTBEAT_INTERVAL)
             try:
                 await self._guard(self.heartbeat())
                 if self.retiring:
@@ -423,15 +439,22 @@ class _RedisCounters:
         loop = asyncio.get_running_loop()
         self.heartbeats = loop.create_task(self._beat())
         self.reconciler = loop.create_task(reconcile_periodically(self.client, self.worker))
+        if settings.KEYWAY_USAGE_STREAM_WRITER:
+            self.usage_writer = loop.create_task(write_stream_periodically())
 
-    async def admit(self, ask: Ask) -> Counted:
-        """The lease in the result is the one holding the hold (the one a settlement must give it back to)."""
+    async def start(self) -> None:
+        """Register this worker (and start writing the usage stream to the ledger) before the first request."""
         if self.heartbeats is None:
             # Registered before the first hold, so a worker that dies holding anything is always reapable;
             # once, however many first requests arrive together.
             if self.registering is None or self.registering.done() and self.registering.exception() is not None:
                 self.registering = asyncio.get_running_loop().create_task(self._register())
             await self._guard(asyncio.shield(self.registering))
+
+    async def admit(self, ask: Ask) -> Counted:
+        """The lease in the result is the one holding the hold (the one a settlement must give it back to)."""
+        if self.heartbeats is None:
+            await self.start()
         if self.retiring:
             await self._guard(self._renamed())
         for _ in range(2):
@@ -484,13 +507,16 @@ class _RedisCounters:
         if not self.registered:
             await self.heartbeat()
 
-    async def settle(self, amounts: dict[str, int], releases: Releases, batch: str) -> None:
-        keys: list[str] = [*amounts, *releases, f"{self.prefix}:bill:settled:{batch}"]
-        args: list[str | int] = [len(amounts), *amounts.values()]
+    async def settle(self, amounts: dict[str, int], releases: Releases, batch: str,
+                     events: Sequence[SettledUsage] = ()) -> None:
+        keys: list[str] = [*amounts, *releases, usage_stream(), f"{self.prefix}:bill:settled:{batch}"]
+        args: list[str | int | bytes] = [len(amounts), *amounts.values()]
         for held in releases.values():
             args.append(len(held))
             for counter, hold in held.items():
                 args += [counter, hold]
+        args.append(len(events))
+        args += [orjson.dumps(event.as_row()) for event in events]
         await self._guard(self.settle_script(keys=keys, args=args))
 
     async def seed(self, values: dict[str, int]) -> None:
@@ -501,7 +527,7 @@ class _RedisCounters:
         return None if value is None else int(value)
 
     async def close(self) -> None:
-        for task in (self.heartbeats, self.reconciler):
+        for task in (self.heartbeats, self.reconciler, self.usage_writer):
             if task is not None:
                 task.cancel()
         if self.registered:
@@ -582,8 +608,10 @@ class _LocalCounters:
 
     lease = ""  # one process: its holds die with it, and the counters are seeded anew from the ledger
 
-    async def settle(self, amounts: dict[str, int], releases: Releases, batch: str) -> None:
-        # In process nothing is ambiguous: a call that raised applied nothing.
+    async def settle(self, amounts: dict[str, int], releases: Releases, batch: str,
+                     events: Sequence[SettledUsage] = ()) -> None:
+        # In process nothing is ambiguous: a call that raised applied nothing. Events never come here: without
+        # Redis they are journaled when settled (`settle_later`).
         for name, amount in amounts.items():
             if ":rl:tok:" in name or name in self.values:
                 self.values[name] = self.values.get(name, 0) + amount
@@ -625,16 +653,34 @@ def store() -> Any:
 
 _unsent: defaultdict[str, int] = defaultdict(int)
 _releases: defaultdict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
-# Batches whose sending failed: (batch id, amounts, releases), sent again as they were.
+# Usage events settled since the last batch was built (with Redis only), and the future their batch resolves.
+_events: list[SettledUsage] = []
+_recorded: asyncio.Future[None] | None = None
+# Futures of batches being sent: `recorded()` waits for the last one when nothing new is queued.
+_in_flight: list[asyncio.Future[None]] = []
+# Batches whose sending failed: (batch id, amounts, releases), sent again as they were (their events went to
+# the journal).
 _resend: list[tuple[str, dict[str, int], dict[str, dict[str, int]]]] = []
 _sender: asyncio.Task[None] | None = None
 
 
-def settle_later(amounts: dict[str, int], *, lease: str = "", released: dict[str, int] | None = None) -> None:
-    """Queue a settlement: counter moves (cost − hold, a request's tokens) and the holds it gives back to its
-    lease. Sent on the loop's next turn with everything else settled meanwhile. Safe to call where awaiting
-    is not (a `finally` of a cancelled stream)."""
+def settle_later(
+    amounts: dict[str, int],
+    *,
+    lease: str = "",
+    released: dict[str, int] | None = None,
+    event: SettledUsage | None = None,
+) -> None:
+    """Queue a settlement: counter moves (cost − hold, a request's tokens), the holds it gives back to its
+    lease, and its usage event. Sent on the loop's next turn with everything else settled meanwhile. Safe to
+    call where awaiting is not (a `finally` of a cancelled stream)."""
     global _sender
+    if event is not None:
+        if settings.REDIS_URL:
+            _events.append(event)
+            ledger.keep(event)  # until the ledger has it, whatever becomes of Redis
+        else:
+            ledger.record(event)  # one process: its own journal, written by itself
     for name, amount in amounts.items():
         if amount:
             _unsent[name] += amount
@@ -642,14 +688,33 @@ def settle_later(amounts: dict[str, int], *, lease: str = "", released: dict[str
         for name, hold in released.items():
             if hold:
                 _releases[lease][name] += hold
-    if not _unsent and not _releases and not _resend:
+    if not _unsent and not _releases and not _resend and not _events:
         return
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        return  # no loop (shutdown): the hold stays at its worst case, or the reaper gives it back
+        # No loop (shutdown): the hold stays at its worst case, or the reaper gives it back; an event goes to
+        # the journal, which this host writes (or a later process replays).
+        _journal_events()
+        return
     if _sender is None or _sender.done() or _sender.get_loop() is not loop:
         _sender = loop.create_task(_send_soon())
+
+
+async def recorded() -> None:
+    """Wait until the usage events settled so far in this process are in the shared usage stream (or, where
+    Redis failed, in this host's journal). Never raises; returns at once without Redis (the journal line was
+    written when the call settled)."""
+    global _recorded
+    if _events:
+        if _recorded is None:
+            _recorded = asyncio.get_running_loop().create_future()
+        waiting = _recorded
+    elif _in_flight:
+        waiting = _in_flight[-1]
+    else:
+        return
+    await asyncio.shield(waiting)
 
 
 def unsent(name: str) -> int:
@@ -665,27 +730,63 @@ async def _send_soon() -> None:
         try:
             await flush()
         except breaker.Unavailable:
-            return  # kept, and sent again by the next admission or heartbeat once Redis answers
-        if not _unsent and not _releases:
+            # Kept, and sent again by the next admission or heartbeat once Redis answers; events settled
+            # meanwhile go to the journal now, so that no answer waits for Redis to come back.
+            _journal_events()
+            return
+        if not _unsent and not _releases and not _events:
             return
 
 
+def _journal_events(events: list[SettledUsage] | None = None) -> None:
+    """Events that could not reach the usage stream: into this host's journal, which this host writes to the
+    ledger itself. Written at most twice if Redis did run the batch after all (a timeout): the ledger keeps
+    one (it is idempotent on the call id)."""
+    global _recorded
+    if events is None:
+        events = list(_events)
+        _events.clear()
+        if _recorded is not None and not _recorded.done():
+            _recorded.set_result(None)
+        _recorded = None
+    for event in events:
+        ledger.record(event)
+
+
 async def flush() -> None:
-    """Send the queued settlements (also on shutdown, and by tests)."""
-    batches = list(_resend)
+    """Send the queued settlements and usage events (also on shutdown, and by tests)."""
+    global _recorded
+    batches: list[tuple[str, dict[str, int], dict[str, dict[str, int]], list[SettledUsage]]] = [
+        (batch, amounts, releases, []) for batch, amounts, releases in _resend
+    ]
     _resend.clear()
-    if _unsent or _releases:
-        batches.append((secrets.token_hex(12), dict(_unsent), {lease: dict(held) for lease, held in _releases.items()}))
+    done = _recorded
+    _recorded = None
+    if done is not None:
+        _in_flight.append(done)
+    if _unsent or _releases or _events:
+        releases = {lease: dict(held) for lease, held in _releases.items()}
+        batches.append((secrets.token_hex(12), dict(_unsent), releases, list(_events)))
         _unsent.clear()
         _releases.clear()
-    for position, (batch, amounts, releases) in enumerate(batches):
-        try:
-            await store().settle(amounts, releases, batch)
-        except Exception:
-            # Not lost on a passing Redis error, and not applied twice if Redis did run it before the error
-            # (a timeout): sent again as it was, under the same batch id, on the next flush.
-            _resend.extend(batches[position:])
-            raise
+        _events.clear()
+    try:
+        for position, (batch, amounts, releases, events) in enumerate(batches):
+            try:
+                await store().settle(amounts, releases, batch, events)
+            except BaseException:
+                # Not lost on a passing Redis error, and not applied twice if Redis did run it before the error
+                # (a timeout): sent again as it was, under the same batch id, on the next flush. The events go
+                # to the journal now, so that an answer waiting for them need not wait for Redis.
+                for failed, failed_amounts, failed_releases, failed_events in batches[position:]:
+                    _resend.append((failed, failed_amounts, failed_releases))
+                    _journal_events(failed_events)
+                raise
+    finally:
+        if done is not None:
+            _in_flight.remove(done)
+            if not done.done():
+                done.set_result(None)
 
 
 async def flush_at_shutdown() -> None:
@@ -701,8 +802,12 @@ async def flush_at_shutdown() -> None:
 
 def reset() -> None:
     """Forget the in-process counters and queued settlements (tests)."""
+    global _recorded
     _local.values.clear()
     _local.credit.clear()
     _unsent.clear()
     _releases.clear()
     _resend.clear()
+    _events.clear()
+    _in_flight.clear()
+    _recorded = None

@@ -95,13 +95,14 @@ class Meter:
         deployment_id: int | None = None,
         provider: str = "",
     ) -> int:
-        """Charge the real cost, release the rest of the hold, and journal the usage event. Returns the cost
-        in micro-USD; a second call does nothing and returns 0."""
+        """Charge the real cost, release the rest of the hold, and queue the usage event (see `recorded`).
+        Returns the cost in micro-USD; a second call does nothing and returns 0."""
         if self.settled:
             return 0
         self.settled = True
         self.prompt_tokens, self.cached_tokens, self.completion_tokens = prompt_tokens, cached_tokens, completion_tokens
         cost = 0
+        event = None
         if self.terms is not None:
             cost = cost_micros(
                 self.prices.get(model),
@@ -111,44 +112,49 @@ class Meter:
                 completion_tokens=completion_tokens,
             )
             now = time.monotonic()
-            # The journal line first: if the process dies right after it, the charge is in the journal and
-            # the hold merely stays at its worst case (refusing more, never overspending).
-            ledger.record(
-                SettledUsage(
-                    call_id=self.call_id,
-                    request_id=self.request_id,
-                    session_id=self.session_id,
-                    organization_id=self.key.organization_id,
-                    api_key_id=self.key.id,
-                    project_id=self.key.project_id,
-                    endpoint=self.endpoint,
-                    model=model,
-                    deployment_id=deployment_id,
-                    provider=provider,
-                    prompt_tokens=prompt_tokens,
-                    cached_tokens=cached_tokens,
-                    completion_tokens=completion_tokens,
-                    cost_micros=cost,
-                    status=status,
-                    usage_source=usage_source,
-                    latency_ms=int((now - self.started_clock) * 1000),
-                    ttft_ms=(
-                        int((self.first_token_clock - self.started_clock) * 1000)
-                        if self.first_token_clock is not None
-                        else None
-                    ),
-                    created_at=self.started_at,
-                )
+            event = SettledUsage(
+                call_id=self.call_id,
+                request_id=self.request_id,
+                session_id=self.session_id,
+                organization_id=self.key.organization_id,
+                api_key_id=self.key.id,
+                project_id=self.key.project_id,
+                endpoint=self.endpoint,
+                model=model,
+                deployment_id=deployment_id,
+                provider=provider,
+                prompt_tokens=prompt_tokens,
+                cached_tokens=cached_tokens,
+                completion_tokens=completion_tokens,
+                cost_micros=cost,
+                status=status,
+                usage_source=usage_source,
+                latency_ms=int((now - self.started_clock) * 1000),
+                ttft_ms=(
+                    int((self.first_token_clock - self.started_clock) * 1000)
+                    if self.first_token_clock is not None
+                    else None
+                ),
+                created_at=self.started_at,
             )
         adjustments = {name: cost - self.hold for name in self.hold_counters}
         if self.rate_state is not None:
             for name in self.tokens_counters:
                 adjustments[name] = prompt_tokens + completion_tokens - self.reserved_tokens
+        # With the event, in one step: without Redis the event is journaled now; with Redis it reaches the
+        # usage stream in the same atomic step as the counters (billing.counters).
         counters.settle_later(
-            adjustments, lease=self.lease, released={name: self.hold for name in self.hold_counters}
+            adjustments, lease=self.lease, released={name: self.hold for name in self.hold_counters}, event=event
         )
         metrics.usage_settled(model, Status(status).label, prompt_tokens, completion_tokens, cost)
         return cost
+
+    async def recorded(self) -> None:
+        """Wait until this settled call's usage event is where a lost host cannot take it: the shared usage
+        stream (or this host's journal while Redis is away). A surface awaits it before the answer's last
+        bytes, so that every answer a client received is in the ledger, whichever host dies next."""
+        if self.settled and self.terms is not None:
+            await counters.recorded()
 
 
 def _limits(key: AuthenticatedKey, terms: AccountTerms | None) -> tuple[int, int]:

@@ -8,7 +8,8 @@ run; the other way lets an organization spend past its credit or cap. Reconcilia
 - Leases of workers that are gone (not registered, no heartbeat) are reaped: their holds are given back.
 - Each money counter — spend:{org}, this month's month:{org}, kmonth:{key}, pmonth:{project} — should be what
   the ledger charged (the account's usage total, or this month's events of the organization, key or
-  project), plus the events journaled on this host but not yet written (billing.ledger), plus the holds of
+  project), plus the events settled but not yet written (in the shared usage stream, or journaled on this
+  host while Redis was away: billing.ledger), plus the holds of
   calls in flight. A counter is only checked while none of its calls is in flight (no hold on it in any
   lease) and it did not move for longer than the ledger takes to write what was settled
   (KEYWAY_USAGE_FLUSH_INTERVAL): then every settled call it counts is in the ledger or the journal, and
@@ -22,9 +23,11 @@ KEYWAY_RECONCILE_INTERVAL seconds in one worker at a time (a Redis lock), and on
 `manage.py reconcile_counters`. Without Redis there is nothing to reconcile: the counters live in the one
 process and start from the ledger.
 
-The journals read are this host's (KEYWAY_USAGE_JOURNAL_DIR). Across hosts, an event another host settled
-reaches the ledger within the same quiet window; one whose write keeps failing there would look like drift
-until it is written, and is corrected back by the next run.
+The journals read are this host's (KEYWAY_USAGE_JOURNAL_DIR): another host's journal only holds what it
+settled while Redis was away, which reaches the ledger within the same quiet window; one whose write keeps
+failing there would look like drift until it is written, and is corrected back by the next run. With more than
+_MOST_STREAMED events waiting in the stream (the database has been away for a while), the money counters are
+left for a later run.
 """
 
 from __future__ import annotations
@@ -113,12 +116,16 @@ async def _scan(client: Any, pattern: str) -> list[str]:
     return [name.decode() if isinstance(name, bytes) else name async for name in client.scan_iter(pattern, count=1000)]
 
 
-def _journaled(directory: Path) -> list[Any]:
-    """The events in this host's journals that the ledger does not hold yet."""
+_MOST_STREAMED = 200_000
+
+
+def _unwritten(directory: Path, streamed: list[Any]) -> list[Any]:
+    """The events in the usage stream (read before this) and this host's journals that the ledger does not
+    hold yet: an event written between the two reads is in the ledger now, and counted from there once."""
     from billing.ledger import read_journals
     from billing.models import UsageEvent
 
-    events = read_journals(directory)
+    events = list({event.call_id: event for event in [*streamed, *read_journals(directory)]}.values())
     if not events:
         return []
     ids = [event.call_id for event in events]
@@ -129,12 +136,14 @@ def _journaled(directory: Path) -> list[Any]:
 
 
 @returns_connection
-def _expected(counters: list[str], prefix: str, month: str) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
-    """What the ledger (and this host's journals) say each counter should be; and each organization's credit
-    (total, version)."""
+def _expected(
+    counters: list[str], prefix: str, month: str, streamed: list[Any]
+) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+    """What the ledger (and the events on their way to it) say each counter should be; and each organization's
+    credit (total, version)."""
     from billing.models import BillingAccount, UsageEvent
 
-    pending = _journaled(Path(settings.KEYWAY_USAGE_JOURNAL_DIR))
+    pending = _unwritten(Path(settings.KEYWAY_USAGE_JOURNAL_DIR), streamed)
     wanted: dict[str, set[int]] = defaultdict(set)
     for name in counters:
         kind = _kind(name)
@@ -225,8 +234,17 @@ async def reconcile(client: Any, *, prefix: str | None = None, quiet_seconds: fl
         total, version = await client.hmget(name, "t", "v")
         credit_before[name] = (total, version)
     await asyncio.sleep(quiet_seconds)
+    from billing.ledger import stream_events
+
+    streamed = await stream_events(client, prefix, limit=_MOST_STREAMED)
+    if streamed is None:
+        report.busy += len(quiet)
+        report.busy_counters += [(name, "the ledger is far behind the usage stream") for name in quiet]
+        quiet, streamed = [], []
     # Off the ORM thread the serving requests use: the month's sums may take a moment on a large ledger.
-    expected, credits = await sync_to_async(_expected, thread_sensitive=False)([*quiet, *credit_names], prefix, month)
+    expected, credits = await sync_to_async(_expected, thread_sensitive=False)(
+        [*quiet, *credit_names], prefix, month, streamed
+    )
     after = await _snapshot(client, quiet, leases)
     correct = client.register_script(_CORRECT)
     for name in quiet:

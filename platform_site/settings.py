@@ -483,6 +483,18 @@ KEYWAY_USAGE_FLUSH_BATCH = env_int("KEYWAY_USAGE_FLUSH_BATCH", 1000, minimum=1)
 # How long to wait before writing again after the database refused a batch (it is down): the batch waits in
 # the journal meanwhile.
 KEYWAY_USAGE_RETRY_INTERVAL = env_float("KEYWAY_USAGE_RETRY_INTERVAL", 1.0, minimum=0.01)
+# With Redis: how long usage events a worker read from the shared stream may stay unwritten before another
+# worker takes them over (the first was lost with its host, or is stuck); longer than a batch's write takes.
+KEYWAY_USAGE_CLAIM_IDLE = env_float("KEYWAY_USAGE_CLAIM_IDLE", 30.0, minimum=0.1)
+# With Redis: whether this process's workers write the shared usage stream to the ledger (every
+# KEYWAY_USAGE_FLUSH_INTERVAL seconds). Off where another process does (the test suite drains it itself).
+KEYWAY_USAGE_STREAM_WRITER = env_bool("KEYWAY_USAGE_STREAM_WRITER", True)
+# With Redis: each host keeps a copy of the events it sent to the usage stream and, this many seconds later,
+# writes those the ledger does not have (Redis lost them: restarted empty, flushed, failed over).
+KEYWAY_USAGE_VERIFY_AFTER = env_float("KEYWAY_USAGE_VERIFY_AFTER", 10.0, minimum=0.0)
+# With Redis: how often each worker says it is alive. A worker silent for three intervals is taken for dead
+# and the holds of the calls it was serving are given back (billing.counters).
+KEYWAY_WORKER_HEARTBEAT_INTERVAL = env_float("KEYWAY_WORKER_HEARTBEAT_INTERVAL", 10.0, minimum=0.2)
 # How often the shared billing counters are checked against the ledger and corrected (billing.reconcile), by
 # one worker at a time; 0 turns the periodic pass off (`manage.py reconcile_counters` still runs it).
 KEYWAY_RECONCILE_INTERVAL = env_float("KEYWAY_RECONCILE_INTERVAL", 300.0, minimum=0.0)

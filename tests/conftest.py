@@ -25,7 +25,8 @@ from referencing.jsonschema import DRAFT202012
 
 from apikeys.models import ApiKey
 from apikeys.services import apikey_create
-from billing.ledger import ledger
+from billing import counters
+from billing.ledger import drain_stream, ledger
 from completions.api.openapi import as_json_schema_2020
 from platform_site.kernel import loops, process
 from platform_site.models import Organization
@@ -34,12 +35,16 @@ from platform_site.services import organization_create
 OPENAPI_PATH = Path(settings.BASE_DIR).parent / "shared" / "openai-openapi.yaml"
 USES_POSTGRES = connection.vendor == "postgresql"
 USES_REDIS = bool(settings.REDIS_URL)
+SESSION_REDIS_URL = settings.REDIS_URL
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_usage_journal(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The suite's usage journals live apart from a development server's, which a recovery would replay."""
+    """The suite's usage journals live apart from a development server's, which a recovery would replay. With
+    Redis, the usage stream is written by the tests' own thread (below), not by a periodic writer that would
+    write one test's events during the next test (or while its tables are being emptied)."""
     settings.KEYWAY_USAGE_JOURNAL_DIR = tmp_path_factory.mktemp("usage-journal")
+    settings.KEYWAY_USAGE_STREAM_WRITER = False
 
 
 @pytest.fixture(autouse=True)
@@ -55,10 +60,17 @@ def _fresh_caches() -> Iterator[None]:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     """Write the usage a test produced before its database rows are torn down, in the test's own thread
-    (so a test inside a transaction writes inside it)."""
+    (so a test inside a transaction writes inside it): what is journaled, and with Redis what is in the usage
+    stream or still queued for it (each test starts with an empty Redis database: `cache.clear()`)."""
     yield
+    if USES_REDIS:
+        counters._journal_events()
     if ledger.pending():
         ledger.flush_sync()
+    if USES_REDIS and settings.REDIS_URL == SESSION_REDIS_URL:
+        # (A test that pointed REDIS_URL elsewhere, restored after this hook, sent nothing to this one.)
+        drain_stream()
+    ledger.verify_kept(older_than=0)  # what went to any Redis (nothing without one)
 
 
 @pytest.fixture

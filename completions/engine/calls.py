@@ -279,6 +279,7 @@ async def chat(
             usage=result.get("usage") if result is not None else None,
             produced=produced.text(),
         )
+    await meter.recorded()  # in the usage stream before the client has its answer
     completion["model"] = entry.public_id
     normalize_completion(completion)
     headers.update(_routing_headers(entry, deployment))
@@ -405,6 +406,7 @@ class ChatStream:
             raise
         self._upstream = None  # finished: nothing to stop
         self._settle(Status.OK)
+        await self._meter.recorded()  # in the usage stream before the surface sends the last frames
 
     def _settle(self, status: int) -> None:
         if self._settled:
@@ -585,6 +587,7 @@ async def embed(request: EmbeddingsRequest, *, caller: Caller) -> CallResult:
             meter, entry=entry, deployment=answered, inputs=request.inputs, status=status,
             usage=result.get("usage") if result is not None else None,
         )
+    await meter.recorded()  # in the usage stream before the client has its answer
     embeddings["model"] = entry.public_id
     return CallResult(
         call_id=call_id, body=embeddings, usage=embeddings.get("usage"), model=entry.public_id,

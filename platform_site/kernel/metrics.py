@@ -96,6 +96,12 @@ class _Metrics:
         self.gc_pause = Histogram("keyway_gc_pause_seconds",
                                   "CPU seconds of each garbage collection, by generation (2: a full collection).",
                                   ["generation"], buckets=_PAUSE_BUCKETS)
+        self.usage_backlog = Gauge("keyway_usage_stream_backlog",
+                                   "Usage events in the shared stream not yet written to the ledger (the newest "
+                                   "figure any worker read).", multiprocess_mode="mostrecent")
+        self.usage_written = Counter("keyway_usage_events_written",
+                                     "Usage events this worker wrote to the ledger, by where it read them (stream: "
+                                     "new, retried or claimed from a lost worker; journal).", ["source"])
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -154,6 +160,15 @@ def counter_corrected(kind: str, drift_micros: int) -> None:
     recorded = metrics()
     recorded.child(recorded.reconciled, kind).inc()
     recorded.child(recorded.drift, kind).inc(abs(drift_micros))
+
+
+def usage_written(source: str, events: int) -> None:
+    recorded = metrics()
+    recorded.child(recorded.usage_written, source).inc(events)
+
+
+def usage_backlog(events: int) -> None:
+    metrics().usage_backlog.set(events)
 
 
 def gc_paused(generation: int, seconds: float) -> None:

@@ -118,14 +118,14 @@ def start_keyway(
     return process, url
 
 
-def start_fake_upstream(log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_fake_upstream(log: Path, *, host: str = "127.0.0.1") -> tuple[subprocess.Popen[bytes], str]:
     """bench/fake_upstream.py as its own process (so it can be killed like a real upstream)."""
     port = free_port()
     process = subprocess.Popen(
-        [PYTHON, "bench/fake_upstream.py", "--port", str(port)], cwd=BASE_DIR, stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
+        [PYTHON, "bench/fake_upstream.py", "--port", str(port), "--host", host], cwd=BASE_DIR,
+        stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     wait_for(f"{url}/v1/models", process=process)
     return process, url
 

@@ -1,0 +1,109 @@
+"""The shared usage stream (billing.counters appends, billing.ledger's consumer group writes), against a real
+Redis: an answer's event is in the stream before the answer is released, an event settles with its counters in
+one step and once, and what a lost worker had read is claimed and written exactly once."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from billing import counters
+from billing.ledger import GROUP, drain_stream, usage_stream
+from billing.models import BillingAccount, UsageEvent
+from billing.services import SettledUsage
+from platform_site.models import Organization
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+@pytest.fixture
+async def store(settings: Any) -> AsyncIterator[Any]:
+    """A worker's Redis counters on a prefix of their own, in place of this loop's."""
+    import redis.asyncio
+
+    probe = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        await probe.ping()
+    except Exception:  # noqa: BLE001
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    settings.REDIS_URL = REDIS_URL
+    settings.KEYWAY_CACHE_PREFIX = f"test-{uuid.uuid4().hex[:8]}"
+    worker = counters._RedisCounters()
+    yield worker
+    for name in [name async for name in probe.scan_iter(f"{settings.KEYWAY_CACHE_PREFIX}:*")]:
+        await probe.delete(name)
+    await probe.aclose()
+    await worker.client.aclose()
+
+
+def _event(org: Organization, cost: int) -> SettledUsage:
+    return SettledUsage(
+        call_id=f"call_{uuid.uuid4().hex}", request_id="req", session_id="", organization_id=org.pk,
+        api_key_id=None, endpoint=1, model="m", deployment_id=None, provider="p", prompt_tokens=1, cached_tokens=0,
+        completion_tokens=1, cost_micros=cost, status=1, usage_source=1, latency_ms=1, ttft_ms=None,
+        created_at=time.time(),
+    )
+
+
+def _ledger(org: Organization) -> tuple[int, int]:
+    account = BillingAccount.objects.filter(organization=org).first()
+    return UsageEvent.objects.filter(organization=org).count(), account.usage_total_micros if account else 0
+
+
+async def test_an_event_is_in_the_stream_before_the_answer_is_released_and_reaches_the_ledger_once(
+    store: Any, org: Organization, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(counters, "store", lambda: store)
+    spend = f"{settings.KEYWAY_CACHE_PREFIX}:bill:spend:{org.pk}"
+    await store.client.set(spend, 500)  # a hold of 500 for the call below
+    counters.settle_later({spend: 300 - 500}, event=_event(org, 300))
+    await counters.recorded()
+    # Counters and event moved in the same step; nothing is written yet.
+    assert int(await store.client.get(spend)) == 300
+    assert await store.client.xlen(usage_stream()) == 1
+    assert await sync_to_async(_ledger)(org) == (0, 0)
+    # The same batch sent again (an answer lost to a timeout after Redis ran it) changes nothing.
+    assert await sync_to_async(drain_stream)() == 1
+    assert await sync_to_async(_ledger)(org) == (1, 300)
+    assert await store.client.xlen(usage_stream()) == 0
+    assert await sync_to_async(drain_stream)() == 0
+
+
+async def test_a_batch_sent_twice_adds_its_events_once(store: Any, org: Organization) -> None:
+    events = [_event(org, 100), _event(org, 200)]
+    await store.settle({}, {}, "batch-1", events)
+    await store.settle({}, {}, "batch-1", events)
+    assert await store.client.xlen(usage_stream()) == 2
+
+
+async def test_events_a_lost_worker_had_read_are_claimed_once_idle_and_written_once(
+    store: Any, org: Organization
+) -> None:
+    await store.settle({}, {}, "batch-2", [_event(org, 100), _event(org, 200), _event(org, 400)])
+    # A worker reads them, then its host is lost before it writes them: pending under its name.
+    await store.client.xgroup_create(usage_stream(), GROUP, id="0", mkstream=True)
+    read = await store.client.xreadgroup(GROUP, "lost-host:1:abcd", {usage_stream(): ">"}, count=10)
+    assert len(read[0][1]) == 3
+    # Not yet idle long enough: another worker leaves them (the first may only be slow).
+    assert await sync_to_async(drain_stream)(claim_idle=60) == 0
+    assert (await store.client.xpending(usage_stream(), GROUP))["pending"] == 3
+    assert await sync_to_async(_ledger)(org) == (0, 0)
+    # Idle past the delay: claimed, written, acknowledged and deleted.
+    await sync_to_async(time.sleep)(0.05)
+    assert await sync_to_async(drain_stream)(claim_idle=0.01) == 3
+    assert await sync_to_async(_ledger)(org) == (3, 700)
+    assert (await store.client.xpending(usage_stream(), GROUP))["pending"] == 0
+    assert await store.client.xlen(usage_stream()) == 0
+    # The lost worker's late write (it was only slow after all) charges nothing more: idempotent on the call id.
+    from billing.ledger import _decoded, _write
+
+    await sync_to_async(_write)(_decoded(read[0][1])[1])
+    assert await sync_to_async(_ledger)(org) == (3, 700)
