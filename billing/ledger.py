@@ -49,6 +49,7 @@ from django.conf import settings
 from django.db import DataError, IntegrityError, InterfaceError, OperationalError
 
 from billing.alerts import spend_alerts_after_usage
+from billing.partitions import ensure_usage_partitions_now_and_then
 from billing.services import SettledUsage, usage_events_write
 from platform_site.kernel import breaker, metrics
 from platform_site.kernel.orm import orm, returns_connection
@@ -246,6 +247,7 @@ _BAD_ROW = (IntegrityError, DataError, OverflowError)
 
 @returns_connection
 def _write(events: list[SettledUsage], directory: Path | None = None) -> None:
+    ensure_usage_partitions_now_and_then()  # at most once an hour: next months' partitions, on PostgreSQL
     try:
         usage_events_write(events)
     except _BAD_ROW:

@@ -266,7 +266,10 @@ def usage_events_write(events: Iterable[SettledUsage]) -> int:
             cursor.execute(
                 f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in _USAGE_COLUMNS)}) "  # noqa: S608
                 f"VALUES {', '.join([row] * len(batch))} "
-                f"ON CONFLICT ({quote('call_id')}) DO NOTHING RETURNING {quote('call_id')}",
+                # No conflict target: on PostgreSQL the unique key is (call_id, created_at), the ledger being
+                # partitioned by month (billing.partitions); on SQLite it is call_id. An event keeps its
+                # created_at wherever it is replayed from, so either way a call conflicts with itself.
+                f"ON CONFLICT DO NOTHING RETURNING {quote('call_id')}",
                 params,
             )
             new.extend(by_call[call_id] for (call_id,) in cursor.fetchall())
