@@ -729,9 +729,11 @@ async def _send_soon() -> None:
     while True:
         try:
             await flush()
-        except breaker.Unavailable:
+        except Exception as error:
             # Kept, and sent again by the next admission or heartbeat once Redis answers; events settled
             # meanwhile go to the journal now, so that no answer waits for Redis to come back.
+            if not isinstance(error, breaker.Unavailable):
+                logger.exception("Sending settlements failed; they are kept and sent again")
             _journal_events()
             return
         if not _unsent and not _releases and not _events:
