@@ -761,10 +761,11 @@ def books(env: dict[str, str], base: str, metrics_token: str, redis_db: Any) -> 
         prefix = env["KEYWAY_CACHE_PREFIX"]
         held = sum(
             abs(int(value))
-            for lease in redis_db.scan_iter(f"{prefix}:bill:lease:*", count=1000)
+            for lease in redis_db.scan_iter(f"{prefix}:{{s*}}:bill:lease:*", count=1000)
             for value in redis_db.hvals(lease)
         )
-        spend = int(redis_db.get(f"{prefix}:bill:spend:{organization}") or 0)
+        # The soak runs on one shard (KEYWAY_REDIS_SHARDS, billing.keys).
+        spend = int(redis_db.get(f"{prefix}:{{s0}}:bill:spend:{organization}") or 0)
         balanced = held == 0 and spend == int(cost)
         ok &= balanced
         lines.append(

@@ -12,7 +12,8 @@ under every one of them. An admitted request's token estimate (its prompt and it
 counts it) is added to the token windows in that step, so concurrent requests cannot all fit under a TPM
 that only their sum exceeds; settlement replaces the estimate by what was used.
 
-Counters, all in micro-USD except the rate windows:
+Counters, all in micro-USD except the rate windows (each name after the key prefix and the organization's
+shard tag, which make them Redis Cluster-safe: billing.keys):
 - spend:{org}        everything ever charged or reserved: written usage + settled-but-unwritten + open holds.
                      Seeded from the account's usage total the first time it is needed.
 - credit:{org}       the credit total with its version (the newest credit entry's id); every admission
@@ -67,7 +68,8 @@ from typing import Any, TypeVar
 import orjson
 from django.conf import settings
 
-from billing.ledger import ledger, usage_stream, write_stream_periodically
+from billing import keys
+from billing.ledger import ledger, write_stream_periodically
 from billing.ratelimits import WINDOW
 from billing.services import SettledUsage
 from platform_site.kernel import breaker
@@ -234,10 +236,10 @@ local function reap(workers, prefix, worker)
 end
 """
 
-# Heartbeat and reaping: KEYS 1 the set of workers, 2 this worker's heartbeat; ARGV 1 this worker, 2 ttl,
-# 3 the key prefix, 4 whether this worker registered before. Returns whether this worker was still
-# registered: one that had registered and no longer is was reaped, and must take a new name and lease
-# (it is not registered again under the old one).
+# Heartbeat and reaping, in one shard: KEYS 1 the shard's set of workers, 2 this worker's heartbeat there;
+# ARGV 1 this worker, 2 ttl, 3 the shard's key prefix (billing.keys), 4 whether this worker registered before.
+# Returns whether this worker was still registered: one that had registered and no longer is was reaped, and
+# must take a new name and lease (it is not registered again under the old one).
 _HEARTBEAT = _REAP_FUNCTION + """
 local member = redis.call('SISMEMBER', KEYS[1], ARGV[1])
 if member == 0 and ARGV[4] == '1' then return 0 end
@@ -249,7 +251,8 @@ end
 return member
 """
 
-# A clean stop: KEYS 1 the set of workers, 2 this worker's heartbeat; ARGV 1 this worker, 2 the key prefix.
+# A clean stop, in one shard: KEYS 1 the shard's set of workers, 2 this worker's heartbeat there; ARGV 1 this
+# worker, 2 the shard's key prefix.
 _RETIRE = _REAP_FUNCTION + """
 reap(KEYS[1], ARGV[2], ARGV[1])
 redis.call('DEL', KEYS[2])
@@ -282,6 +285,7 @@ class Ask:
     project_rpm: int = 0  # 0: no project limits (rate limits off, or a key without a project)
     project_tpm: int = 0
     project_rpd: int = 0  # 0: no daily limit
+    shard: int = 0  # the organization's (billing.keys), which every one of `keys` is in
 
     def argv(self) -> list[int]:
         return [
@@ -308,7 +312,7 @@ class Counted:
 def names(
     *, organization_id: int, key_public_id: str, key_id: int, project_id: int | None, model: str, now: float
 ) -> tuple[str, ...]:
-    prefix = settings.KEYWAY_CACHE_PREFIX
+    prefix = keys.shard_prefix(keys.shard_of(organization_id))
     window = int(now) // WINDOW
     month = time.strftime("%Y%m", time.gmtime(now))
     # Project windows are per model; their token window keeps ":rl:tok:" so settlement creates it like the key's.
@@ -378,17 +382,19 @@ class _RedisCounters:
         self.retiring: list[str] = []
         self.renaming: asyncio.Task[None] | None = None
 
-    @property
-    def lease(self) -> str:
-        return f"{self.prefix}:bill:lease:{self.worker}"
+    def lease(self, shard: int) -> str:
+        return keys.lease(shard, self.worker, self.prefix)
 
     async def heartbeat(self) -> None:
-        """Say this worker is alive, and give back the holds of workers that are not."""
-        member = await self.heartbeat_script(
-            keys=[f"{self.prefix}:bill:workers", f"{self.prefix}:bill:alive:{self.worker}"],
-            args=[self.worker, _heartbeat_ttl(), self.prefix, int(self.registered)],
-        )
-        if self.registered and not int(member):
+        """Say this worker is alive, and give back the holds of workers that are not, in every shard."""
+        members = await asyncio.gather(*(
+            self.heartbeat_script(
+                keys=[keys.workers(shard, self.prefix), keys.alive(shard, self.worker, self.prefix)],
+                args=[self.worker, _heartbeat_ttl(), keys.shard_prefix(shard, self.prefix), int(self.registered)],
+            )
+            for shard in keys.shards()
+        ))
+        if self.registered and not all(int(member) for member in members):
             # Stalled past the heartbeat and reaped: requests admitted before settle against the old lease
             # (at full cost, their holds already given back); new ones take a new lease.
             logger.warning("Worker %s was taken for dead and reaped; continuing under a new name", self.worker)
@@ -458,15 +464,15 @@ class _RedisCounters:
         if self.retiring:
             await self._guard(self._renamed())
         for _ in range(2):
-            lease = self.lease
+            lease = self.lease(ask.shard)
             try:
                 status, requests, tokens, project_requests, project_tokens, project_day = (
                     int(value) for value in await self._guard(self.admit_script(
-                        keys=[*ask.keys, lease, f"{self.prefix}:bill:workers"], args=[*ask.argv(), self.worker]
+                        keys=[*ask.keys, lease, keys.workers(ask.shard, self.prefix)], args=[*ask.argv(), self.worker]
                     ))
                 )
             except breaker.Unavailable as error:
-                if error.__cause__ is not None and self.lease == lease:
+                if error.__cause__ is not None and self.lease(ask.shard) == lease:
                     # The call failed after it may have been sent (a timeout): Redis may still run it and
                     # reserve a hold nobody will settle. This name is retired before the next admission: its
                     # lease reaped (that hold with it; calls in flight settle as reaped ones do, exactly), and
@@ -479,7 +485,7 @@ class _RedisCounters:
                 break
             # Redis lost this worker (restarted empty, or reaped it): a new name and lease, then admit again.
             # Once, however many admissions found it out together.
-            if self.lease == lease:
+            if self.lease(ask.shard) == lease:
                 logger.warning("Worker %s is not registered in Redis (restarted, or reaped); registering again",
                                self.worker)
                 self.retiring.append(self.worker)
@@ -499,25 +505,44 @@ class _RedisCounters:
             self.renaming = asyncio.get_running_loop().create_task(self._rename())
         await asyncio.shield(self.renaming)
 
+    async def _retire(self, worker: str) -> None:
+        await asyncio.gather(*(
+            self.retire_script(keys=[keys.workers(shard, self.prefix), keys.alive(shard, worker, self.prefix)],
+                               args=[worker, keys.shard_prefix(shard, self.prefix)])
+            for shard in keys.shards()
+        ))
+
     async def _rename(self) -> None:
         for old in list(self.retiring):
-            await self.retire_script(keys=[f"{self.prefix}:bill:workers", f"{self.prefix}:bill:alive:{old}"],
-                                     args=[old, self.prefix])
+            await self._retire(old)
             self.retiring.remove(old)
         if not self.registered:
             await self.heartbeat()
 
     async def settle(self, amounts: dict[str, int], releases: Releases, batch: str,
                      events: Sequence[SettledUsage] = ()) -> None:
-        keys: list[str] = [*amounts, *releases, usage_stream(), f"{self.prefix}:bill:settled:{batch}"]
-        args: list[str | int | bytes] = [len(amounts), *amounts.values()]
-        for held in releases.values():
-            args.append(len(held))
-            for counter, hold in held.items():
-                args += [counter, hold]
-        args.append(len(events))
-        args += [orjson.dumps(event.as_row()) for event in events]
-        await self._guard(self.settle_script(keys=keys, args=args))
+        """One script per shard the batch has calls in, each marked applied on its own: a batch sent again
+        after a failure is applied where it was not, once."""
+        if settings.KEYWAY_REDIS_SHARDS == 1:
+            names, args = _settlement(0, self.prefix, amounts, releases, batch, events)
+            await self._guard(self.settle_script(keys=names, args=args))
+            return
+        by_shard: defaultdict[int, tuple[dict[str, int], Releases, list[SettledUsage]]] = defaultdict(
+            lambda: ({}, {}, [])
+        )
+        for name, amount in amounts.items():
+            by_shard[keys.shard_in(name)][0][name] = amount
+        for lease, held in releases.items():
+            by_shard[keys.shard_in(lease)][1][lease] = held
+        for event in events:
+            by_shard[keys.shard_of(event.organization_id)][2].append(event)
+        parts = [_settlement(shard, self.prefix, *part[:2], batch, part[2]) for shard, part in by_shard.items()]
+        results = await asyncio.gather(
+            *(self._guard(self.settle_script(keys=names, args=args)) for names, args in parts), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def seed(self, values: dict[str, int]) -> None:
         await self._guard(self.seed_script(keys=list(values), args=[*values.values(), _MONTH_TTL]))
@@ -531,11 +556,22 @@ class _RedisCounters:
             if task is not None:
                 task.cancel()
         if self.registered:
-            await self.retire_script(
-                keys=[f"{self.prefix}:bill:workers", f"{self.prefix}:bill:alive:{self.worker}"],
-                args=[self.worker, self.prefix],
-            )
+            await self._retire(self.worker)
         await self.client.aclose()
+
+
+def _settlement(shard: int, prefix: str, amounts: dict[str, int], releases: Releases, batch: str,
+                events: Sequence[SettledUsage]) -> tuple[list[str], list[str | int | bytes]]:
+    """The settlement script's keys and arguments for one shard's part of a batch."""
+    names: list[str] = [*amounts, *releases, keys.usage_stream(shard, prefix), keys.settled(shard, batch, prefix)]
+    args: list[str | int | bytes] = [len(amounts), *amounts.values()]
+    for held in releases.values():
+        args.append(len(held))
+        for counter, hold in held.items():
+            args += [counter, hold]
+    args.append(len(events))
+    args += [orjson.dumps(event.as_row()) for event in events]
+    return names, args
 
 
 class _LocalCounters:

@@ -48,6 +48,7 @@ import orjson
 from django.conf import settings
 from django.db import DataError, IntegrityError, InterfaceError, OperationalError
 
+from billing import keys
 from billing.alerts import spend_alerts_after_usage
 from billing.partitions import ensure_usage_partitions_now_and_then
 from billing.services import SettledUsage, usage_events_write
@@ -395,55 +396,62 @@ class _StreamConsumer:
                 return self._drain(claim_idle, periodic)
 
     def _drain(self, claim_idle: float | None, periodic: bool) -> int:
+        # Each shard's stream on its own (billing.keys): on a Redis Cluster they are on different nodes.
         done = 0
-        while count := self._read("0", "retried"):
-            done += count
-        if claim_idle is not None or time.monotonic() - self.last_claim >= _CLAIM_EVERY:
+        claim = claim_idle is not None or time.monotonic() - self.last_claim >= _CLAIM_EVERY
+        if claim:
             self.last_claim = time.monotonic()
-            done += self._claim(settings.KEYWAY_USAGE_CLAIM_IDLE if claim_idle is None else claim_idle)
-        if periodic and not self._my_turn():
-            return done
-        while count := self._read(">", "stream"):
-            done += count
-            if count < _READ_BATCH:
-                # Not "until the stream is empty": under load, what arrived while one batch was being written
-                # would be written at once, in a chain of transactions of a few events each.
-                break
-        metrics.usage_backlog(int(self.client().xlen(usage_stream())))
+        backlog = 0
+        for shard in keys.shards():
+            stream = keys.usage_stream(shard)
+            while count := self._read(stream, "0", "retried"):
+                done += count
+            if claim:
+                done += self._claim(stream, settings.KEYWAY_USAGE_CLAIM_IDLE if claim_idle is None else claim_idle)
+            if periodic and not self._my_turn(stream):
+                continue
+            while count := self._read(stream, ">", "stream"):
+                done += count
+                if count < _READ_BATCH:
+                    # Not "until the stream is empty": under load, what arrived while one batch was being
+                    # written would be written at once, in a chain of transactions of a few events each.
+                    break
+            backlog += int(self.client().xlen(stream))
+        metrics.usage_backlog(backlog)
         return done
 
-    def _my_turn(self) -> bool:
+    def _my_turn(self, stream: str) -> bool:
         """One periodic drain per KEYWAY_USAGE_FLUSH_INTERVAL across every worker and host, whoever takes the
         turn: each writes a whole interval's events in one transaction, where every worker draining on its own
         clock would write the same events in as many smaller ones (measured: the ledger's share of the
         workers' CPU went from 13 % to 20 % with two workers, the per-batch roll-ups and alerts doubling)."""
         interval_ms = max(1, int(settings.KEYWAY_USAGE_FLUSH_INTERVAL * 1000))
-        return bool(self.client().set(f"{usage_stream()}:turn", self.name, nx=True, px=interval_ms))
+        return bool(self.client().set(f"{stream}:turn", self.name, nx=True, px=interval_ms))
 
-    def _read(self, start: str, source: str) -> int:
-        reply = self.client().xreadgroup(GROUP, self.name, {usage_stream(): start}, count=_READ_BATCH)
-        return self._write(reply[0][1] if reply else [], source)
+    def _read(self, stream: str, start: str, source: str) -> int:
+        reply = self.client().xreadgroup(GROUP, self.name, {stream: start}, count=_READ_BATCH)
+        return self._write(stream, reply[0][1] if reply else [], source)
 
-    def _claim(self, idle_seconds: float) -> int:
+    def _claim(self, stream: str, idle_seconds: float) -> int:
         client, done, start = self.client(), 0, "0-0"
         while True:
             next_start, entries, *_ = client.xautoclaim(
-                usage_stream(), GROUP, self.name, int(idle_seconds * 1000), start, count=_READ_BATCH
+                stream, GROUP, self.name, int(idle_seconds * 1000), start, count=_READ_BATCH
             )
             if entries:
                 logger.warning("Claimed %d usage events that a lost worker had read and not written", len(entries))
-            done += self._write(entries, "claimed")
+            done += self._write(stream, entries, "claimed")
             start = next_start.decode() if isinstance(next_start, bytes) else next_start
             if start == "0-0":
                 break
         # Consumers of processes long gone, with nothing pending: forgotten, so the group stays small.
-        for consumer in client.xinfo_consumers(usage_stream(), GROUP):
+        for consumer in client.xinfo_consumers(stream, GROUP):
             name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else consumer["name"]
             if name != self.name and not consumer["pending"] and consumer["idle"] > _FORGET_CONSUMERS_IDLE_MS:
-                client.xgroup_delconsumer(usage_stream(), GROUP, name)
+                client.xgroup_delconsumer(stream, GROUP, name)
         return done
 
-    def _write(self, entries: list[Any], source: str) -> int:
+    def _write(self, stream: str, entries: list[Any], source: str) -> int:
         if not entries:
             return 0
         ids, events = _decoded(entries)
@@ -451,19 +459,20 @@ class _StreamConsumer:
             _write(events)  # raises, leaving them pending with this consumer, if the database fails
             metrics.usage_written(source, len(events))
         pipe = self.client().pipeline(transaction=True)
-        pipe.xack(usage_stream(), GROUP, *ids)
-        pipe.xdel(usage_stream(), *ids)
+        pipe.xack(stream, GROUP, *ids)
+        pipe.xdel(stream, *ids)
         pipe.execute()
         return len(ids)
 
     def _make_group(self) -> None:
         from redis.exceptions import ResponseError
 
-        try:
-            self.client().xgroup_create(usage_stream(), GROUP, id="0", mkstream=True)
-        except ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+        for shard in keys.shards():
+            try:
+                self.client().xgroup_create(keys.usage_stream(shard), GROUP, id="0", mkstream=True)
+            except ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
 
 
 stream_consumer = _StreamConsumer()
@@ -500,26 +509,23 @@ async def write_stream_periodically() -> None:
             await asyncio.sleep(settings.KEYWAY_USAGE_RETRY_INTERVAL)
 
 
-def usage_stream(prefix: str | None = None) -> str:
-    """The Redis Stream of settled calls on their way to the ledger (billing.counters appends to it)."""
-    return f"{prefix or settings.KEYWAY_CACHE_PREFIX}:bill:usage"
-
-
 async def stream_events(client: Any, prefix: str, *, limit: int) -> list[SettledUsage] | None:
-    """The events in the usage stream (settled, not yet written), oldest first; None if there are more than
-    `limit` (billing.reconcile then leaves the money counters for a later run)."""
+    """The events in the usage streams (settled, not yet written), oldest first in each shard; None if there
+    are more than `limit` (billing.reconcile then leaves the money counters for a later run)."""
     found: list[SettledUsage] = []
-    start = "-"
-    while True:
-        entries = await client.xrange(usage_stream(prefix), min=start, max="+", count=1000)
-        if not entries:
-            return found
-        found.extend(_decoded(entries)[1])
-        if len(found) > limit:
-            return None
-        last = entries[-1][0].decode()
-        milliseconds, sequence = last.split("-")
-        start = f"{milliseconds}-{int(sequence) + 1}"
+    for shard in keys.shards():
+        start = "-"
+        while True:
+            entries = await client.xrange(keys.usage_stream(shard, prefix), min=start, max="+", count=1000)
+            if not entries:
+                break
+            found.extend(_decoded(entries)[1])
+            if len(found) > limit:
+                return None
+            last = entries[-1][0].decode()
+            milliseconds, sequence = last.split("-")
+            start = f"{milliseconds}-{int(sequence) + 1}"
+    return found
 
 
 async def flush_at_shutdown() -> None:

@@ -24,7 +24,7 @@ from django.conf import settings
 from django.db.models import Sum
 
 from apikeys.auth import AuthenticatedKey
-from billing import counters
+from billing import counters, keys
 from billing.exceptions import CountersUnavailable, QuotaExceeded, RateLimitExceeded
 from billing.ledger import ledger
 from billing.limits import project_limits
@@ -246,6 +246,7 @@ async def admit(
             project_rpm=project_limit.requests_per_minute if project_limit is not None else 0,
             project_tpm=project_limit.tokens_per_minute if project_limit is not None else 0,
             project_rpd=project_limit.requests_per_day if project_limit is not None else 0,
+            shard=keys.shard_of(key.organization_id),
         )
         try:
             lease, rate_state = await _count_and_reserve(ask, key=key, model=models[0], now=now)

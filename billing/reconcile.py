@@ -45,6 +45,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db.models import Sum
 
+from billing import keys
 from platform_site.kernel import metrics
 from platform_site.kernel.orm import returns_connection
 
@@ -144,16 +145,16 @@ def _expected(
     from billing.models import BillingAccount, UsageEvent
 
     pending = _unwritten(Path(settings.KEYWAY_USAGE_JOURNAL_DIR), streamed)
-    wanted: dict[str, set[int]] = defaultdict(set)
+    # Each counter by its kind and owner (organization, key or project): its name carries its shard.
+    wanted: dict[str, dict[int, str]] = defaultdict(dict)
     for name in counters:
-        kind = _kind(name)
-        wanted[kind].add(int(name.split(":bill:", 1)[1].split(":")[1]))
+        wanted[_kind(name)][int(name.split(":bill:", 1)[1].split(":")[1])] = name
     expected: dict[str, int] = {}
-    organizations = wanted["spend"] | wanted["credit"]
+    organizations = set(wanted["spend"]) | set(wanted["credit"])
     accounts = {row[0]: row[1:] for row in BillingAccount.objects.filter(organization_id__in=organizations)
                 .values_list("organization_id", "usage_total_micros", "credit_total_micros", "credit_version")}
-    for organization_id in wanted["spend"]:
-        expected[f"{prefix}:bill:spend:{organization_id}"] = accounts.get(organization_id, (0, 0, 0))[0]
+    for organization_id, name in wanted["spend"].items():
+        expected[name] = accounts.get(organization_id, (0, 0, 0))[0]
     year, number = int(month[:4]), int(month[4:])
     start = datetime(year, number, 1, tzinfo=UTC)
     end = datetime(year + number // 12, number % 12 + 1, 1, tzinfo=UTC)
@@ -161,25 +162,25 @@ def _expected(
     for kind, column in (("month", "organization_id"), ("kmonth", "api_key_id"), ("pmonth", "project_id")):
         if not wanted[kind]:
             continue
-        for name in (f"{prefix}:bill:{kind}:{owner}:{month}" for owner in wanted[kind]):
+        for name in wanted[kind].values():
             expected[name] = 0
-        rows = (this_month.filter(**{f"{column}__in": wanted[kind]}).values(column)
+        rows = (this_month.filter(**{f"{column}__in": list(wanted[kind])}).values(column)
                 .annotate(total=Sum("cost_micros")).values_list(column, "total"))
         for owner, total in rows:
-            expected[f"{prefix}:bill:{kind}:{owner}:{month}"] = int(total or 0)
+            expected[wanted[kind][owner]] = int(total or 0)
     for event in pending:
         in_month = time.strftime("%Y%m", time.gmtime(event.created_at)) == month
+        organization = event.organization_id
         for name, applies in (
-            (f"{prefix}:bill:spend:{event.organization_id}", True),
-            (f"{prefix}:bill:month:{event.organization_id}:{month}", in_month),
-            (f"{prefix}:bill:kmonth:{event.api_key_id}:{month}", in_month),
-            (f"{prefix}:bill:pmonth:{event.project_id}:{month}", in_month),
+            (keys.spend(organization, prefix), True),
+            (keys.month("month", organization, month, organization_id=organization, prefix=prefix), in_month),
+            (keys.month("kmonth", event.api_key_id, month, organization_id=organization, prefix=prefix), in_month),
+            (keys.month("pmonth", event.project_id, month, organization_id=organization, prefix=prefix), in_month),
         ):
             if applies and name in expected:
                 expected[name] += event.cost_micros
-    credits = {f"{prefix}:bill:credit:{organization_id}": (accounts[organization_id][1],
-                                                          accounts[organization_id][2])
-               for organization_id in wanted["credit"] if organization_id in accounts}
+    credits = {name: (accounts[organization_id][1], accounts[organization_id][2])
+               for organization_id, name in wanted["credit"].items() if organization_id in accounts}
     return expected, credits
 
 
@@ -187,9 +188,10 @@ async def _reap_orphans(client: Any, prefix: str, report: Report) -> list[str]:
     """Reap the leases of workers that are gone; returns the leases left (live workers')."""
     script = client.register_script(_REAP_ORPHAN)
     live = []
-    for lease in await _scan(client, f"{prefix}:bill:lease:*"):
-        worker = lease.split(":bill:lease:", 1)[1]
-        if int(await script(keys=[f"{prefix}:bill:workers", f"{prefix}:bill:alive:{worker}", lease], args=[worker])):
+    for lease in await _scan(client, keys.every("lease:*", prefix)):
+        worker, shard = lease.split(":bill:lease:", 1)[1], keys.shard_in(lease)
+        if int(await script(keys=[keys.workers(shard, prefix), keys.alive(shard, worker, prefix), lease],
+                            args=[worker])):
             report.reaped_leases += 1
             logger.warning("Reaped the lease of worker %s, which is gone, and gave its holds back", worker)
         else:
@@ -198,13 +200,21 @@ async def _reap_orphans(client: Any, prefix: str, report: Report) -> list[str]:
 
 
 async def _snapshot(client: Any, counters: list[str], leases: list[str]) -> dict[str, tuple[int, int]]:
-    """Each counter's value and the holds on it, read atomically (a few hundred counters per script)."""
+    """Each counter's value and the holds on it, read atomically (a few hundred counters of one shard, and the
+    shard's leases, per script)."""
     script = client.register_script(_SNAPSHOT)
     found: dict[str, tuple[int, int]] = {}
-    for start in range(0, len(counters), 500):
-        batch = counters[start:start + 500]
-        values = await script(keys=[*batch, *leases], args=[len(batch)])
-        found.update({name: (int(values[2 * i]), int(values[2 * i + 1])) for i, name in enumerate(batch)})
+    leases_of: defaultdict[int, list[str]] = defaultdict(list)
+    for lease in leases:
+        leases_of[keys.shard_in(lease)].append(lease)
+    counters_of: defaultdict[int, list[str]] = defaultdict(list)
+    for name in counters:
+        counters_of[keys.shard_in(name)].append(name)
+    for shard, names in counters_of.items():
+        for start in range(0, len(names), 500):
+            batch = names[start:start + 500]
+            values = await script(keys=[*batch, *leases_of[shard]], args=[len(batch)])
+            found.update({name: (int(values[2 * i]), int(values[2 * i + 1])) for i, name in enumerate(batch)})
     return found
 
 
@@ -216,19 +226,19 @@ async def reconcile(client: Any, *, prefix: str | None = None, quiet_seconds: fl
         quiet_seconds = max(1.0, 4 * settings.KEYWAY_USAGE_FLUSH_INTERVAL)
     report = Report()
     if dry_run:
-        leases = await _scan(client, f"{prefix}:bill:lease:*")
+        leases = await _scan(client, keys.every("lease:*", prefix))
     else:
         leases = await _reap_orphans(client, prefix, report)
     month = time.strftime("%Y%m", time.gmtime())
     money = [name for pattern in ("spend:*", f"month:*:{month}", f"kmonth:*:{month}", f"pmonth:*:{month}")
-             for name in await _scan(client, f"{prefix}:bill:{pattern}")]
+             for name in await _scan(client, keys.every(pattern, prefix))]
     before = await _snapshot(client, money, leases)
     quiet = [name for name, (value, held) in before.items() if value >= 0 and held == 0]
     report.checked = len(money)
     report.busy = len(money) - len(quiet)
     report.busy_counters += [(name, f"{held} held by calls in flight") for name, (value, held) in before.items()
                              if value >= 0 and held != 0]
-    credit_names = await _scan(client, f"{prefix}:bill:credit:*")
+    credit_names = await _scan(client, keys.every("credit:*", prefix))
     credit_before = {}
     for name in credit_names:
         total, version = await client.hmget(name, "t", "v")

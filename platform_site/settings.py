@@ -495,6 +495,11 @@ KEYWAY_USAGE_VERIFY_AFTER = env_float("KEYWAY_USAGE_VERIFY_AFTER", 10.0, minimum
 # With Redis: how often each worker says it is alive. A worker silent for three intervals is taken for dead
 # and the holds of the calls it was serving are given back (billing.counters).
 KEYWAY_WORKER_HEARTBEAT_INTERVAL = env_float("KEYWAY_WORKER_HEARTBEAT_INTERVAL", 10.0, minimum=0.2)
+# With Redis: how many shards (hash tags) the billing keys are spread over (billing.keys). 1 on a single
+# Redis (README, "Several hosts": Redis Cluster). Change it only with every worker stopped.
+KEYWAY_REDIS_SHARDS = env_int("KEYWAY_REDIS_SHARDS", 1, minimum=1)
+if KEYWAY_REDIS_SHARDS > 1024:
+    raise ImproperlyConfigured("KEYWAY_REDIS_SHARDS must be at most 1024.")
 # How often the shared billing counters are checked against the ledger and corrected (billing.reconcile), by
 # one worker at a time; 0 turns the periodic pass off (`manage.py reconcile_counters` still runs it).
 KEYWAY_RECONCILE_INTERVAL = env_float("KEYWAY_RECONCILE_INTERVAL", 300.0, minimum=0.0)

@@ -18,7 +18,7 @@ from asgiref.sync import sync_to_async
 from django.db.models import Sum
 
 from apikeys.services import apikey_create
-from billing import counters, metering
+from billing import counters, keys, metering
 from billing.models import BillingAccount, Plan, Price, UsageEvent
 from billing.pricing import forget_cached_terms
 from billing.services import billing_plan_set, credit_add
@@ -261,7 +261,7 @@ async def _dead_worker_admits(raw_key: str) -> tuple[counters._RedisCounters, me
     # It dies: its heartbeat stops, and its last heartbeat expires.
     assert dead.heartbeats is not None
     dead.heartbeats.cancel()
-    await dead.client.delete(f"{dead.prefix}:bill:alive:{dead.worker}")
+    await dead.client.delete(keys.alive(keys.shard_of(meter.key.organization_id), dead.worker))
     return dead, meter
 
 
@@ -277,7 +277,7 @@ async def test_a_dead_workers_holds_are_given_back_by_a_live_workers_heartbeat(
     await live.heartbeat()
     assert (await _burst(asgi_client, api_key[1], 1, max_tokens=7))[0].status_code == 200
     assert await _spend_counter(fake) == JSON_COST
-    assert not await dead.client.exists(dead.lease)
+    assert not await dead.client.exists(dead.lease(keys.shard_of(fake.pk)))
     await dead.client.aclose()
 
 
@@ -292,7 +292,8 @@ async def test_a_worker_reaped_while_still_running_settles_at_full_cost_without_
     # The stalled worker wakes up and settles the request it was serving (2 tokens of the 7 reserved).
     meter.settle(model="ok", status=1, usage_source=1, prompt_tokens=9, completion_tokens=2)
     assert await _spend_counter(fake) == 2 * 1000
-    assert (await dead.heartbeat()) is None and dead.lease != meter.lease  # it continues under a new lease
+    # It continues under a new lease.
+    assert (await dead.heartbeat()) is None and dead.lease(keys.shard_of(fake.pk)) != meter.lease
     await dead.close()
 
 
@@ -406,7 +407,7 @@ async def test_an_admission_that_ran_but_whose_answer_was_lost_leaves_no_hold(
     first = (await _burst(asgi_client, api_key[1], 1, max_tokens=7))[0]
     assert first.status_code == 200, first.text
     store = counters.store()
-    real, lease = store.admit_script, store.lease
+    real, lease = store.admit_script, store.lease(keys.shard_of(fake.pk))
 
     async def ran_then_timed_out(**kwargs: Any) -> Any:
         await real(**kwargs)
@@ -418,6 +419,6 @@ async def test_an_admission_that_ran_but_whose_answer_was_lost_leaves_no_hold(
     breaker.redis.reset()  # the breaker's pause is over
     assert await _spend_counter(fake) > JSON_COST  # the lost admission's hold, for now
     again = (await _burst(asgi_client, api_key[1], 1, max_tokens=7))[0]
-    assert again.status_code == 200, (again.text, await _spend_counter(fake), store.retiring, lease, store.lease)
-    assert store.lease != lease and not await store.client.exists(lease)
+    assert again.status_code == 200, (again.text, await _spend_counter(fake), store.retiring, lease)
+    assert store.lease(keys.shard_of(fake.pk)) != lease and not await store.client.exists(lease)
     assert await _spend_counter(fake) == 2 * JSON_COST == (await _ledger_of(fake))["cost"]

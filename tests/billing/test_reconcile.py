@@ -17,6 +17,7 @@ from django.conf import settings
 from django.core.management import call_command
 
 from apikeys.models import ApiKey
+from billing import keys
 from billing.models import BillingAccount
 from billing.reconcile import reconcile
 from billing.services import SettledUsage, credit_add, usage_events_write
@@ -81,7 +82,7 @@ async def test_a_pass_corrects_quiet_drift_leaves_busy_counters_and_reaps_dead_l
     journal = Path(settings.KEYWAY_USAGE_JOURNAL_DIR) / f"host-1-{time.time_ns()}-1.usage"
     journal.write_bytes(orjson.dumps(_event(org, key, 50).as_row()) + b"\n")
 
-    bill = f"{prefix}:bill"
+    bill = f"{keys.shard_prefix(0, prefix)}:bill"  # one shard: every billing key in it
     await redis_client.set(f"{bill}:spend:{org.pk}", 9999)  # drifted up
     await redis_client.set(f"{bill}:month:{org.pk}:{month}", 3150)  # right, once the dead lease's 100 is back
     await redis_client.set(f"{bill}:kmonth:{key.pk}:{month}", 0, ex=3600)  # drifted down
@@ -129,7 +130,7 @@ async def test_a_counter_that_moves_during_the_pass_is_left_alone(
 ) -> None:
     from billing import reconcile as module
 
-    name = f"{prefix}:bill:spend:{org.pk}"
+    name = keys.spend(org.pk, prefix)
     await redis_client.set(name, 777)
     real = module._expected
 

@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.conf import settings
 
-from billing import counters
-from billing.ledger import GROUP, drain_stream, usage_stream
+from billing import counters, keys
+from billing.ledger import GROUP, drain_stream
 from billing.models import BillingAccount, UsageEvent
 from billing.services import SettledUsage
 from platform_site.models import Organization
@@ -62,18 +61,18 @@ async def test_an_event_is_in_the_stream_before_the_answer_is_released_and_reach
     store: Any, org: Organization, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(counters, "store", lambda: store)
-    spend = f"{settings.KEYWAY_CACHE_PREFIX}:bill:spend:{org.pk}"
+    spend = keys.spend(org.pk)
     await store.client.set(spend, 500)  # a hold of 500 for the call below
     counters.settle_later({spend: 300 - 500}, event=_event(org, 300))
     await counters.recorded()
     # Counters and event moved in the same step; nothing is written yet.
     assert int(await store.client.get(spend)) == 300
-    assert await store.client.xlen(usage_stream()) == 1
+    assert await store.client.xlen(keys.usage_stream(0)) == 1
     assert await sync_to_async(_ledger)(org) == (0, 0)
     # The same batch sent again (an answer lost to a timeout after Redis ran it) changes nothing.
     assert await sync_to_async(drain_stream)() == 1
     assert await sync_to_async(_ledger)(org) == (1, 300)
-    assert await store.client.xlen(usage_stream()) == 0
+    assert await store.client.xlen(keys.usage_stream(0)) == 0
     assert await sync_to_async(drain_stream)() == 0
 
 
@@ -81,7 +80,7 @@ async def test_a_batch_sent_twice_adds_its_events_once(store: Any, org: Organiza
     events = [_event(org, 100), _event(org, 200)]
     await store.settle({}, {}, "batch-1", events)
     await store.settle({}, {}, "batch-1", events)
-    assert await store.client.xlen(usage_stream()) == 2
+    assert await store.client.xlen(keys.usage_stream(0)) == 2
 
 
 async def test_events_a_lost_worker_had_read_are_claimed_once_idle_and_written_once(
@@ -89,19 +88,19 @@ async def test_events_a_lost_worker_had_read_are_claimed_once_idle_and_written_o
 ) -> None:
     await store.settle({}, {}, "batch-2", [_event(org, 100), _event(org, 200), _event(org, 400)])
     # A worker reads them, then its host is lost before it writes them: pending under its name.
-    await store.client.xgroup_create(usage_stream(), GROUP, id="0", mkstream=True)
-    read = await store.client.xreadgroup(GROUP, "lost-host:1:abcd", {usage_stream(): ">"}, count=10)
+    await store.client.xgroup_create(keys.usage_stream(0), GROUP, id="0", mkstream=True)
+    read = await store.client.xreadgroup(GROUP, "lost-host:1:abcd", {keys.usage_stream(0): ">"}, count=10)
     assert len(read[0][1]) == 3
     # Not yet idle long enough: another worker leaves them (the first may only be slow).
     assert await sync_to_async(drain_stream)(claim_idle=60) == 0
-    assert (await store.client.xpending(usage_stream(), GROUP))["pending"] == 3
+    assert (await store.client.xpending(keys.usage_stream(0), GROUP))["pending"] == 3
     assert await sync_to_async(_ledger)(org) == (0, 0)
     # Idle past the delay: claimed, written, acknowledged and deleted.
     await sync_to_async(time.sleep)(0.05)
     assert await sync_to_async(drain_stream)(claim_idle=0.01) == 3
     assert await sync_to_async(_ledger)(org) == (3, 700)
-    assert (await store.client.xpending(usage_stream(), GROUP))["pending"] == 0
-    assert await store.client.xlen(usage_stream()) == 0
+    assert (await store.client.xpending(keys.usage_stream(0), GROUP))["pending"] == 0
+    assert await store.client.xlen(keys.usage_stream(0)) == 0
     # The lost worker's late write (it was only slow after all) charges nothing more: idempotent on the call id.
     from billing.ledger import _decoded, _write
 
