@@ -523,10 +523,6 @@ class _RedisCounters:
                      events: Sequence[SettledUsage] = ()) -> None:
         """One script per shard the batch has calls in, each marked applied on its own: a batch sent again
         after a failure is applied where it was not, once."""
-        if settings.KEYWAY_REDIS_SHARDS == 1:
-            names, args = _settlement(0, self.prefix, amounts, releases, batch, events)
-            await self._guard(self.settle_script(keys=names, args=args))
-            return
         by_shard: defaultdict[int, tuple[dict[str, int], Releases, list[SettledUsage]]] = defaultdict(
             lambda: ({}, {}, [])
         )
@@ -536,11 +532,11 @@ class _RedisCounters:
             by_shard[keys.shard_in(lease)][1][lease] = held
         for event in events:
             by_shard[keys.shard_of(event.organization_id)][2].append(event)
-        parts = [_settlement(shard, self.prefix, *part[:2], batch, part[2]) for shard, part in by_shard.items()]
-        results = await asyncio.gather(
-            *(self._guard(self.settle_script(keys=names, args=args)) for names, args in parts), return_exceptions=True
-        )
-        for result in results:
+        calls = []
+        for shard, (shard_amounts, shard_releases, shard_events) in by_shard.items():
+            names, args = _settlement(shard, self.prefix, shard_amounts, shard_releases, batch, shard_events)
+            calls.append(self._guard(self.settle_script(keys=names, args=args)))
+        for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, BaseException):
                 raise result
 
