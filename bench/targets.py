@@ -270,11 +270,26 @@ async def open_streams(url: str, headers: list[dict[str, str]], body: bytes, cou
 
 # ---------------------------------------------------------------------------------------------------- /metrics
 
-def gc_pauses_over(url: str, seconds: float) -> int:
-    """Garbage collections that paused a worker for longer than `seconds`, summed over the workers so far."""
+def scrape(url: str) -> str:
     request = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
     with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
-        text = response.read().decode()
+        return response.read().decode()
+
+
+def round_trips(url: str) -> tuple[float, float]:
+    """Admissions that went to Redis, and answered API requests, summed over the workers so far."""
+    trips = answered = 0.0
+    for line in scrape(url).splitlines():
+        if line.startswith("keyway_admission_round_trips_total"):
+            trips += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("keyway_requests_total{"):
+            answered += float(line.rsplit(" ", 1)[1])
+    return trips, answered
+
+
+def gc_pauses_over(url: str, seconds: float) -> int:
+    """Garbage collections that paused a worker for longer than `seconds`, summed over the workers so far."""
+    text = scrape(url)
     total = under = 0.0
     for line in text.splitlines():
         if line.startswith("keyway_gc_pause_seconds_count"):
@@ -371,9 +386,12 @@ def row_json32(report: Report, stack: Stack, args: argparse.Namespace) -> None:
     cpu_before = cpu_seconds(stack.keyway.pid)
     backing_before = process_cpu(backing)
     stalls_before = gc_pauses_over(stack.keyway_url, 0.005)
+    trips_before, answered_before = round_trips(stack.keyway_url)
     profiler = start_profile(stack, seconds) if stack.profile else None
     keyway = chat_json(stack, direct=False, connections=32, seconds=seconds)
     stalls = gc_pauses_over(stack.keyway_url, 0.005) - stalls_before
+    trips_after, answered_after = round_trips(stack.keyway_url)
+    local = max(0.0, 1 - (trips_after - trips_before) / max(1.0, answered_after - answered_before))
     if profiler is not None:
         summarize_profile(profiler, stack.profile)
     gateway = (cpu_seconds(stack.keyway.pid) - cpu_before) * 1000 / keyway.requests
@@ -386,6 +404,8 @@ def row_json32(report: Report, stack: Stack, args: argparse.Namespace) -> None:
     report.add("c=32 JSON CPU/request: Redis + PostgreSQL", "", fmt(services, "ms", 3))
     report.add("c=32 JSON CPU/request, all", "", fmt(gateway + services, "ms", 3), "<= 0.5 ms",
                gateway + services <= 0.5)
+    report.add("c=32 admissions without a Redis round trip", "", fmt(100 * local, "%", 1), "most (> 50 %)",
+               local > 0.5)
     report.add("GC pauses over 5 ms (c=32 run)", "", str(stalls), "0", stalls == 0)
     if keyway.errors or direct.errors:
         report.add("c=32 JSON errors", str(direct.errors), str(keyway.errors), "0", False)

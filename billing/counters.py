@@ -31,6 +31,10 @@ that writes it down land together or not at all. An answer waits for that step (
 that is lost after it answered has nothing of its own that the ledger still needs. Where the step fails
 (Redis away), the events go to this host's journal instead, which this host writes itself (billing.ledger).
 
+Leased admission (billing.slices): the admission script may also grant a slice of the room left, for more
+requests like this one, which this worker then admits in process (`_take`) until one does not fit; what is
+left goes back with the settlements. The exactness rules are in billing.slices.
+
 Holds of a worker that dies: each worker process keeps a lease (lease:{worker}, what it holds on each
 counter) and a heartbeat. Any live worker's heartbeat reaps the leases of workers whose heartbeat expired,
 releasing their holds in one atomic script, so a crashed worker cannot lock an organization out for good.
@@ -68,11 +72,11 @@ from typing import Any, TypeVar
 import orjson
 from django.conf import settings
 
-from billing import keys
+from billing import keys, slices
 from billing.ledger import ledger, write_stream_periodically
 from billing.ratelimits import WINDOW
 from billing.services import SettledUsage
-from platform_site.kernel import breaker
+from platform_site.kernel import breaker, metrics
 from platform_site.kernel.loops import PerLoop
 
 T = TypeVar("T")
@@ -93,97 +97,161 @@ NEEDS_ORG_MONTH = -1
 NEEDS_KEY_MONTH = -2
 NEEDS_PROJECT_MONTH = -3
 NEEDS_REGISTRATION = -4
+SLICED_ELSEWHERE = 10  # refused while the counter had room out in slices: nothing counted, ask again
 
 DAY = 24 * 3600
 _MONTH_TTL = 40 * 24 * 3600
 
 # KEYS: 1 requests window, 2 tokens window, 3 spend, 4 credit, 5 org month, 6 key month, 7 project month,
 #       8 project requests window, 9 project tokens window, 10 project requests day, 11 the worker's lease,
-#       12 the set of workers
+#       12 the set of workers, 13 the shard's slices (what each counter has out in workers' slices)
 # ARGV: 1 window ttl, 2 rpm (0: no rate limits), 3 tpm, 4 estimated tokens, 5 hold, 6 prepaid (1/0),
 #       7 spend seed (-1: not metered), 8 credit total, 9 credit version, 10 org cap (-1: none), 11 key cap
 #       (-1: none), 12 project cap (-1: none), 13 project rpm (0: no project limits), 14 project tpm,
-#       15 project requests per day (0: none), 16 day ttl, 17 the worker
-# Returns the status, then the key's requests and tokens this minute, the project's, and the project's day.
+#       15 project requests per day (0: none), 16 day ttl, 17 the worker, 18 the most requests a slice may be
+#       for (0: no slice), 19 whether a refusal may wait for slices out in other workers (1/0)
+# Returns the status, then the key's requests and tokens this minute, the project's, and the project's day
+# (this request counted, its slice not), then how many more requests like this one the slice is for.
 # A worker missing from the set (Redis restarted empty, or the worker was reaped) must register again first.
+# A refusal on a counter that has room out in slices (billing.slices) counts nothing and says so (status 10)
+# when it may wait: the slices come back within their lifetime, and the request is asked again.
 _ADMIT = """
-if redis.call('SISMEMBER', KEYS[12], ARGV[17]) == 0 then return {-4, 0, 0, 0, 0, 0} end
+if redis.call('SISMEMBER', KEYS[12], ARGV[17]) == 0 then return {-4, 0, 0, 0, 0, 0, 0} end
 local org_cap = tonumber(ARGV[10])
 local key_cap = tonumber(ARGV[11])
 local project_cap = tonumber(ARGV[12])
-if org_cap >= 0 and redis.call('EXISTS', KEYS[5]) == 0 then return {-1, 0, 0, 0, 0, 0} end
-if key_cap >= 0 and redis.call('EXISTS', KEYS[6]) == 0 then return {-2, 0, 0, 0, 0, 0} end
-if project_cap >= 0 and redis.call('EXISTS', KEYS[7]) == 0 then return {-3, 0, 0, 0, 0, 0} end
+if org_cap >= 0 and redis.call('EXISTS', KEYS[5]) == 0 then return {-1, 0, 0, 0, 0, 0, 0} end
+if key_cap >= 0 and redis.call('EXISTS', KEYS[6]) == 0 then return {-2, 0, 0, 0, 0, 0, 0} end
+if project_cap >= 0 and redis.call('EXISTS', KEYS[7]) == 0 then return {-3, 0, 0, 0, 0, 0, 0} end
 local requests, tokens, prequests, ptokens, pday = 0, 0, 0, 0, 0
+local counted = {}
+local function refuse(status, key)
+  if ARGV[19] == '1' and tonumber(redis.call('HGET', KEYS[13], key) or '0') > 0 then
+    for _, name in ipairs(counted) do redis.call('DECR', name) end
+    return {10, 0, 0, 0, 0, 0, 0}
+  end
+  return {status, requests, tokens, prequests, ptokens, pday, 0}
+end
 local rpm = tonumber(ARGV[2])
+local estimate = tonumber(ARGV[4])
+local prpm = tonumber(ARGV[13])
+local prpd = tonumber(ARGV[15])
 if rpm > 0 then
-  local estimate = tonumber(ARGV[4])
   requests = redis.call('INCR', KEYS[1])
+  counted[1] = KEYS[1]
   if requests == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
   tokens = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if requests > rpm then return {1, requests, tokens, 0, 0, 0} end
-  if tokens + estimate > tonumber(ARGV[3]) then return {2, requests, tokens, 0, 0, 0} end
-  if tonumber(ARGV[13]) > 0 then
+  if requests > rpm then return refuse(1, KEYS[1]) end
+  if tokens + estimate > tonumber(ARGV[3]) then return refuse(2, KEYS[2]) end
+  if prpm > 0 then
     prequests = redis.call('INCR', KEYS[8])
+    counted[2] = KEYS[8]
     if prequests == 1 then redis.call('EXPIRE', KEYS[8], ARGV[1]) end
     ptokens = tonumber(redis.call('GET', KEYS[9]) or '0')
-    if prequests > tonumber(ARGV[13]) then return {6, requests, tokens, prequests, ptokens, 0} end
-    if ptokens + estimate > tonumber(ARGV[14]) then return {7, requests, tokens, prequests, ptokens, 0} end
+    if prequests > prpm then return refuse(6, KEYS[8]) end
+    if ptokens + estimate > tonumber(ARGV[14]) then return refuse(7, KEYS[9]) end
   end
-  if tonumber(ARGV[15]) > 0 then
+  if prpd > 0 then
     pday = redis.call('INCR', KEYS[10])
+    counted[#counted + 1] = KEYS[10]
     if pday == 1 then redis.call('EXPIRE', KEYS[10], ARGV[16]) end
-    if pday > tonumber(ARGV[15]) then return {8, requests, tokens, prequests, ptokens, pday} end
+    if pday > prpd then return refuse(8, KEYS[10]) end
   end
 end
 local hold = tonumber(ARGV[5])
 local metered = tonumber(ARGV[7]) >= 0
+local prepaid = ARGV[6] == '1'
+local credit = 0
 if metered then redis.call('SET', KEYS[3], ARGV[7], 'NX') end
-if ARGV[6] == '1' then
+if prepaid then
   local version = tonumber(redis.call('HGET', KEYS[4], 'v') or '-1')
   if tonumber(ARGV[9]) > version then redis.call('HSET', KEYS[4], 't', ARGV[8], 'v', ARGV[9]) end
-  local credit = tonumber(redis.call('HGET', KEYS[4], 't'))
-  if tonumber(redis.call('GET', KEYS[3])) + hold > credit then
-    return {3, requests, tokens, prequests, ptokens, pday}
+  credit = tonumber(redis.call('HGET', KEYS[4], 't'))
+  if tonumber(redis.call('GET', KEYS[3])) + hold > credit then return refuse(3, KEYS[3]) end
+end
+local caps = {{org_cap, 5, 4}, {key_cap, 6, 5}, {project_cap, 7, 9}}
+for _, cap in ipairs(caps) do
+  if cap[1] >= 0 and tonumber(redis.call('GET', KEYS[cap[2]])) + hold > cap[1] then
+    return refuse(cap[3], KEYS[cap[2]])
   end
-end
-if org_cap >= 0 and tonumber(redis.call('GET', KEYS[5])) + hold > org_cap then
-  return {4, requests, tokens, prequests, ptokens, pday}
-end
-if key_cap >= 0 and tonumber(redis.call('GET', KEYS[6])) + hold > key_cap then
-  return {5, requests, tokens, prequests, ptokens, pday}
-end
-if project_cap >= 0 and tonumber(redis.call('GET', KEYS[7])) + hold > project_cap then
-  return {9, requests, tokens, prequests, ptokens, pday}
 end
 if metered then
   redis.call('INCRBY', KEYS[3], hold)
   redis.call('HINCRBY', KEYS[11], KEYS[3], hold)
 end
-for i, cap in ipairs({org_cap, key_cap, project_cap}) do
-  if cap >= 0 then
-    redis.call('INCRBY', KEYS[4 + i], hold)
-    redis.call('HINCRBY', KEYS[11], KEYS[4 + i], hold)
+for _, cap in ipairs(caps) do
+  if cap[1] >= 0 then
+    redis.call('INCRBY', KEYS[cap[2]], hold)
+    redis.call('HINCRBY', KEYS[11], KEYS[cap[2]], hold)
   end
 end
 if rpm > 0 then
   -- Admitted: its estimate (prompt and output limit) counts in the token windows now; settlement corrects it.
-  local estimate = tonumber(ARGV[4])
   tokens = redis.call('INCRBY', KEYS[2], estimate)
   redis.call('EXPIRE', KEYS[2], 120)
-  if tonumber(ARGV[13]) > 0 then
+  if prpm > 0 then
     ptokens = redis.call('INCRBY', KEYS[9], estimate)
     redis.call('EXPIRE', KEYS[9], 120)
   end
 end
-return {0, requests, tokens, prequests, ptokens, pday}
+-- The slice: room for n more requests like this one on every counter it counts against, n at most a
+-- 1/(4 x workers) share of the room left on the tightest one, so that every worker could take as much and
+-- none near a limit (then n is 0, and every request comes here).
+local n = tonumber(ARGV[18])
+if n == 0 then return {0, requests, tokens, prequests, ptokens, pday, 0} end
+local spread = 4 * math.max(1, redis.call('SCARD', KEYS[12]))
+local function fit(room, each)
+  if each > 0 then n = math.min(n, math.floor(room / (each * spread))) end
+end
+local sliced = {}
+if rpm > 0 then
+  fit(rpm - requests, 1)
+  fit(tonumber(ARGV[3]) - tokens, estimate)
+  sliced[#sliced + 1] = {1, 1}
+  sliced[#sliced + 1] = {2, estimate}
+  if prpm > 0 then
+    fit(prpm - prequests, 1)
+    fit(tonumber(ARGV[14]) - ptokens, estimate)
+    sliced[#sliced + 1] = {8, 1}
+    sliced[#sliced + 1] = {9, estimate}
+  end
+  if prpd > 0 then
+    fit(prpd - pday, 1)
+    sliced[#sliced + 1] = {10, 1}
+  end
+end
+if metered then
+  if prepaid then fit(credit - tonumber(redis.call('GET', KEYS[3])), hold) end
+  sliced[#sliced + 1] = {3, hold}
+  for _, cap in ipairs(caps) do
+    if cap[1] >= 0 then
+      fit(cap[1] - tonumber(redis.call('GET', KEYS[cap[2]])), hold)
+      sliced[#sliced + 1] = {cap[2], hold}
+    end
+  end
+end
+if n <= 0 then return {0, requests, tokens, prequests, ptokens, pday, 0} end
+for _, counter in ipairs(sliced) do
+  local name, amount = KEYS[counter[1]], n * counter[2]
+  if amount > 0 then
+    redis.call('INCRBY', name, amount)
+    -- Money counters: the slice is a hold in the lease (reaped with it); each counter's share out in slices
+    -- is in the shard's hash, and in the lease, so that reaping takes it off.
+    if counter[1] >= 3 and counter[1] <= 7 then redis.call('HINCRBY', KEYS[11], name, amount) end
+    redis.call('HINCRBY', KEYS[13], name, amount)
+    redis.call('HINCRBY', KEYS[11], 'g|' .. name, amount)
+  end
+end
+return {0, requests, tokens, prequests, ptokens, pday, n}
 """
 
 # Settlements: ARGV[1] = n; KEYS[1..n] are counters moved by ARGV[1+i] (cost − hold, summed) where they exist
 # (token windows are created, with their expiry). Then, per lease j (KEYS[n+j]), ARGV lists how much of each
 # counter its settled holds were: taken off the lease, or — where the lease was reaped meanwhile, which
-# already gave the holds back — added back to the counter, so that counter ends at +cost. Then ARGV gives the
-# number of usage events and each event, appended to the usage stream (the KEY before last). The last KEY marks
+# already gave the holds back — added back to the counter, so that counter ends at +cost. A field "g|counter"
+# is a slice given back (billing.slices): taken off the lease and the shard's slices (the third KEY from the
+# end). Then ARGV gives the number of usage events and each event, appended to the usage stream (the KEY
+# before last). The last KEY marks
 # the batch as applied: a batch sent again after an answer that never came (a timeout after Redis ran it) is
 # not applied twice. The mark lasts 15 minutes: a batch is sent again at the first answer from Redis after
 # the failure, which comes after the first sending ran (one key a batch; a day's marks were millions of keys).
@@ -202,13 +270,20 @@ for i = 1, n do
   end
 end
 local at = n + 2
-for j = n + 1, #KEYS - 2 do
+for j = n + 1, #KEYS - 3 do
   local lease = KEYS[j]
   local alive = redis.call('EXISTS', lease) == 1
   local fields = tonumber(ARGV[at])
   for f = 1, fields do
     local counter, hold = ARGV[at + 2 * f - 1], tonumber(ARGV[at + 2 * f])
-    if alive then
+    if string.sub(counter, 1, 2) == 'g|' then
+      -- A slice given back: its counter's share out in slices (already taken off where the lease was reaped).
+      if alive then
+        if redis.call('HINCRBY', lease, counter, -hold) <= 0 then redis.call('HDEL', lease, counter) end
+        local name = string.sub(counter, 3)
+        if redis.call('HINCRBY', KEYS[#KEYS - 2], name, -hold) <= 0 then redis.call('HDEL', KEYS[#KEYS - 2], name) end
+      end
+    elseif alive then
       redis.call('HINCRBY', lease, counter, -hold)
     elseif redis.call('EXISTS', counter) == 1 then
       redis.call('INCRBY', counter, hold)
@@ -229,7 +304,12 @@ local function reap(workers, prefix, worker)
   local held = redis.call('HGETALL', lease)
   for i = 1, #held, 2 do
     local amount = tonumber(held[i + 1])
-    if amount ~= 0 and redis.call('EXISTS', held[i]) == 1 then redis.call('INCRBY', held[i], -amount) end
+    if string.sub(held[i], 1, 2) == 'g|' then
+      local sliced, name = prefix .. ':bill:sliced', string.sub(held[i], 3)
+      if redis.call('HINCRBY', sliced, name, -amount) <= 0 then redis.call('HDEL', sliced, name) end
+    elseif amount ~= 0 and redis.call('EXISTS', held[i]) == 1 then
+      redis.call('INCRBY', held[i], -amount)
+    end
   end
   redis.call('DEL', lease)
   redis.call('SREM', workers, worker)
@@ -381,6 +461,9 @@ class _RedisCounters:
         # Names this worker gave up, whose leases are still to reap (a timeout left them uncertain).
         self.retiring: list[str] = []
         self.renaming: asyncio.Task[None] | None = None
+        # This worker's admission slices (billing.slices), by the counters they are for.
+        self.slices: dict[tuple[str, ...], slices.Slice] = {}
+        self.asking: set[tuple[str, ...]] = set()  # the counters of admissions on their way that ask for one
 
     def lease(self, shard: int) -> str:
         return keys.lease(shard, self.worker, self.prefix)
@@ -411,7 +494,7 @@ class _RedisCounters:
                 if self.retiring:
                     await self._guard(self._renamed())
                 if _resend or _unsent or _releases:
-                    await flush()  # settlements kept through an outage, now that Redis answers
+                    await _send()  # settlements kept through an outage, now that Redis answers
             except breaker.Unavailable:
                 pass  # the breaker logged it, once
             except Exception:
@@ -459,16 +542,68 @@ class _RedisCounters:
 
     async def admit(self, ask: Ask) -> Counted:
         """The lease in the result is the one holding the hold (the one a settlement must give it back to)."""
+        if self.slices:
+            counted = self._take(ask)
+            if counted is not None:
+                return counted
         if self.heartbeats is None:
             await self.start()
         if self.retiring:
             await self._guard(self._renamed())
+        waiting_until = 0.0
+        while True:
+            loop = asyncio.get_running_loop()
+            may_wait = not waiting_until or loop.time() < waiting_until
+            # One slice asked for at a time for the same counters: a burst that reaches Redis together would
+            # otherwise take a slice each, which nobody uses once the burst is in.
+            asking = ask.keys not in self.asking
+            if asking:
+                self.asking.add(ask.keys)
+            try:
+                counted, granted = await self._admit_in_redis(ask, may_wait, asking)
+            finally:
+                if asking:
+                    self.asking.discard(ask.keys)
+            metrics.admission_round_trip()
+            if counted.status != SLICED_ELSEWHERE:
+                break
+            # Refused on a counter with room out in slices, this worker's or another's: counted nothing. Ours
+            # go back now; the others' within their lifetime. Asked again until they are back.
+            lifetime = settings.KEYWAY_ADMISSION_SLICE_SECONDS
+            waiting_until = waiting_until or loop.time() + 3 * lifetime
+            self.give_back_all()
+            await asyncio.sleep(lifetime / 4)
+        if granted:
+            held = slices.Slice(
+                ask, lease=counted.lease, requests=granted,
+                counted=(counted.requests, counted.tokens, counted.project_requests, counted.project_tokens,
+                         counted.project_day),
+                expires=loop.time() + settings.KEYWAY_ADMISSION_SLICE_SECONDS,
+            )
+            older = self.slices.get(ask.keys)
+            if older is not None and older.lease == held.lease and older.terms == held.terms:
+                del self.slices[ask.keys]
+                held.merge(older)  # admissions that went to Redis together, each with a slice
+            else:
+                self._give_back(ask.keys)
+            self.slices[ask.keys] = held
+            loop.call_at(held.expires, self._expire, ask.keys, held)
+        if _resend:
+            settle_later({})  # Redis answers again: send what was kept through the outage now
+        return counted
+
+    async def _admit_in_redis(self, ask: Ask, may_wait: bool, asking: bool) -> tuple[Counted, int]:
+        """One admission script (again under a new name where Redis lost this worker's), asking for a slice or
+        not: what it counted, and how many requests the slice it granted is for."""
         for _ in range(2):
             lease = self.lease(ask.shard)
             try:
-                status, requests, tokens, project_requests, project_tokens, project_day = (
+                status, requests, tokens, project_requests, project_tokens, project_day, granted = (
                     int(value) for value in await self._guard(self.admit_script(
-                        keys=[*ask.keys, lease, keys.workers(ask.shard, self.prefix)], args=[*ask.argv(), self.worker]
+                        keys=[*ask.keys, lease, keys.workers(ask.shard, self.prefix),
+                              keys.sliced(ask.shard, self.prefix)],
+                        args=[*ask.argv(), self.worker, settings.KEYWAY_ADMISSION_SLICE if asking else 0,
+                              int(may_wait)],
                     ))
                 )
             except breaker.Unavailable as error:
@@ -494,9 +629,38 @@ class _RedisCounters:
             await self._guard(self._renamed())
         if status == NEEDS_REGISTRATION:
             raise breaker.Unavailable
-        if _resend:
-            settle_later({})  # Redis answers again: send what was kept through the outage now
-        return Counted(status, requests, tokens, project_requests, project_tokens, project_day, lease)
+        return Counted(status, requests, tokens, project_requests, project_tokens, project_day, lease), granted
+
+    def _take(self, ask: Ask) -> Counted | None:
+        """Admit from this worker's slice for the request's counters, without a round trip; or None, having
+        given back a slice that does not fit it."""
+        held = self.slices.get(ask.keys)
+        if held is None:
+            return None
+        lease = self.lease(ask.shard)
+        counted = held.take(ask, lease, asyncio.get_running_loop().time())
+        if counted is None:
+            self._give_back(ask.keys)
+            return None
+        requests, tokens, project_requests, project_tokens, project_day = counted
+        return Counted(ADMITTED, requests, tokens, project_requests, project_tokens, project_day, lease)
+
+    def _expire(self, names: tuple[str, ...], held: slices.Slice) -> None:
+        if self.slices.get(names) is held:
+            self._give_back(names)
+
+    def _give_back(self, names: tuple[str, ...]) -> None:
+        """Give back what is left of a slice, with its share out in slices. A slice of a lease this worker no
+        longer has is dropped: reaping that lease gave it all back."""
+        held = self.slices.pop(names, None)
+        if held is None or held.lease != self.lease(keys.shard_in(held.lease)):
+            return
+        amounts, released = held.given_back(names)
+        settle_later(amounts, lease=held.lease, released=released)
+
+    def give_back_all(self) -> None:
+        for names in list(self.slices):
+            self._give_back(names)
 
     async def _renamed(self) -> None:
         """Retire the names this worker gave up (reap their leases, forget them) and register the new one;
@@ -559,7 +723,8 @@ class _RedisCounters:
 def _settlement(shard: int, prefix: str, amounts: dict[str, int], releases: Releases, batch: str,
                 events: Sequence[SettledUsage]) -> tuple[list[str], list[str | int | bytes]]:
     """The settlement script's keys and arguments for one shard's part of a batch."""
-    names: list[str] = [*amounts, *releases, keys.usage_stream(shard, prefix), keys.settled(shard, batch, prefix)]
+    names: list[str] = [*amounts, *releases, keys.sliced(shard, prefix), keys.usage_stream(shard, prefix),
+                        keys.settled(shard, batch, prefix)]
     args: list[str | int | bytes] = [len(amounts), *amounts.values()]
     for held in releases.values():
         args.append(len(held))
@@ -760,7 +925,7 @@ async def _send_soon() -> None:
     await asyncio.sleep(0)
     while True:
         try:
-            await flush()
+            await _send()
         except Exception as error:
             # Kept, and sent again by the next admission or heartbeat once Redis answers; events settled
             # meanwhile go to the journal now, so that no answer waits for Redis to come back.
@@ -788,7 +953,16 @@ def _journal_events(events: list[SettledUsage] | None = None) -> None:
 
 
 async def flush() -> None:
-    """Send the queued settlements and usage events (also on shutdown, and by tests)."""
+    """Give back this worker's admission slices, and send them with the queued settlements and usage events
+    (on shutdown, before seeding a counter from the ledger, and by tests): then the counters hold exactly
+    what is charged and held by calls in flight."""
+    if settings.REDIS_URL:
+        store().give_back_all()
+    await _send()
+
+
+async def _send() -> None:
+    """Send the queued settlements and usage events."""
     global _recorded
     batches: list[tuple[str, dict[str, int], dict[str, dict[str, int]], list[SettledUsage]]] = [
         (batch, amounts, releases, []) for batch, amounts, releases in _resend

@@ -58,6 +58,11 @@ def lease(shard: int, worker: str, prefix: str | None = None) -> str:
     return f"{shard_prefix(shard, prefix)}:bill:lease:{worker}"
 
 
+def sliced(shard: int, prefix: str | None = None) -> str:
+    """How much of each of the shard's counters is out in workers' admission slices (billing.slices)."""
+    return f"{shard_prefix(shard, prefix)}:bill:sliced"
+
+
 def settled(shard: int, batch: str, prefix: str | None = None) -> str:
     """The mark of a settlement batch applied in the shard."""
     return f"{shard_prefix(shard, prefix)}:bill:settled:{batch}"

@@ -80,14 +80,20 @@ redis.call('HSET', KEYS[1], 't', ARGV[3], 'v', ARGV[4])
 return 1
 """
 
-# KEYS 1 the set of workers, 2 the worker's heartbeat, 3 its lease; ARGV 1 the worker. Reaps a lease whose
-# worker is neither registered nor alive (it cannot take new holds: admission refuses unregistered workers).
+# KEYS 1 the set of workers, 2 the worker's heartbeat, 3 its lease, 4 the shard's slices (billing.slices);
+# ARGV 1 the worker. Reaps a lease whose worker is neither registered nor alive (it cannot take new holds:
+# admission refuses unregistered workers).
 _REAP_ORPHAN = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local held = redis.call('HGETALL', KEYS[3])
 for i = 1, #held, 2 do
   local amount = tonumber(held[i + 1])
-  if amount ~= 0 and redis.call('EXISTS', held[i]) == 1 then redis.call('INCRBY', held[i], -amount) end
+  if string.sub(held[i], 1, 2) == 'g|' then
+    local name = string.sub(held[i], 3)
+    if redis.call('HINCRBY', KEYS[4], name, -amount) <= 0 then redis.call('HDEL', KEYS[4], name) end
+  elseif amount ~= 0 and redis.call('EXISTS', held[i]) == 1 then
+    redis.call('INCRBY', held[i], -amount)
+  end
 end
 redis.call('DEL', KEYS[3])
 return 1
@@ -190,8 +196,8 @@ async def _reap_orphans(client: Any, prefix: str, report: Report) -> list[str]:
     live = []
     for lease in await _scan(client, keys.every("lease:*", prefix)):
         worker, shard = lease.split(":bill:lease:", 1)[1], keys.shard_in(lease)
-        if int(await script(keys=[keys.workers(shard, prefix), keys.alive(shard, worker, prefix), lease],
-                            args=[worker])):
+        names = [keys.workers(shard, prefix), keys.alive(shard, worker, prefix), lease, keys.sliced(shard, prefix)]
+        if int(await script(keys=names, args=[worker])):
             report.reaped_leases += 1
             logger.warning("Reaped the lease of worker %s, which is gone, and gave its holds back", worker)
         else:

@@ -500,6 +500,16 @@ KEYWAY_WORKER_HEARTBEAT_INTERVAL = env_float("KEYWAY_WORKER_HEARTBEAT_INTERVAL",
 KEYWAY_REDIS_SHARDS = env_int("KEYWAY_REDIS_SHARDS", 1, minimum=1)
 if KEYWAY_REDIS_SHARDS > 1024:
     raise ImproperlyConfigured("KEYWAY_REDIS_SHARDS must be at most 1024.")
+# With Redis: leased admission (billing.slices). An admission that goes to Redis may also take a slice of the
+# room left under every limit it counts against, for up to this many more requests like it, which the worker
+# then admits without a round trip; 0 sends every admission to Redis. Slices shrink as the room does (none
+# near a limit) and are given back within KEYWAY_ADMISSION_SLICE_SECONDS.
+KEYWAY_ADMISSION_SLICE = env_int("KEYWAY_ADMISSION_SLICE", 32, minimum=0)
+if KEYWAY_ADMISSION_SLICE > 1000:
+    raise ImproperlyConfigured("KEYWAY_ADMISSION_SLICE must be at most 1000.")
+KEYWAY_ADMISSION_SLICE_SECONDS = env_float("KEYWAY_ADMISSION_SLICE_SECONDS", 0.1, minimum=0.005)
+if KEYWAY_ADMISSION_SLICE_SECONDS > 5:
+    raise ImproperlyConfigured("KEYWAY_ADMISSION_SLICE_SECONDS must be at most 5.")
 # How often the shared billing counters are checked against the ledger and corrected (billing.reconcile), by
 # one worker at a time; 0 turns the periodic pass off (`manage.py reconcile_counters` still runs it).
 KEYWAY_RECONCILE_INTERVAL = env_float("KEYWAY_RECONCILE_INTERVAL", 300.0, minimum=0.0)

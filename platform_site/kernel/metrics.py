@@ -102,6 +102,9 @@ class _Metrics:
         self.usage_written = Counter("keyway_usage_events_written",
                                      "Usage events this worker wrote to the ledger, by where it read them (stream: "
                                      "new, retried or claimed from a lost worker; journal).", ["source"])
+        self.round_trips = Counter("keyway_admission_round_trips",
+                                   "Admissions that went to Redis: the others were admitted from a worker's slice "
+                                   "without a round trip (billing.slices).")
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -133,6 +136,10 @@ def usage_settled(model: str, outcome: str, prompt_tokens: int, completion_token
         recorded.child(recorded.tokens, model, "completion").inc(completion_tokens)
     if cost_micros:
         recorded.child(recorded.spend, model).inc(cost_micros / 1_000_000)
+
+
+def admission_round_trip() -> None:
+    metrics().round_trips.inc()
 
 
 def open_changed(kind: str, delta: int) -> None:
