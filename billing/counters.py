@@ -72,7 +72,7 @@ from typing import Any, TypeVar
 import orjson
 from django.conf import settings
 
-from billing import keys, slices
+from billing import connections, keys, slices
 from billing.ledger import ledger, write_stream_periodically
 from billing.ratelimits import WINDOW
 from billing.services import SettledUsage
@@ -429,23 +429,11 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 class _RedisCounters:
     def __init__(self) -> None:
-        import redis.asyncio
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        timeout = settings.KEYWAY_REDIS_TIMEOUT
-        # A blocking pool: a burst larger than the pool waits for a connection instead of failing (briefly: a
-        # pool that stays exhausted is a Redis that stopped answering). No retries: a call that timed out may
-        # still run on Redis, and a retry would then reserve twice while the caller learns of one (a hold
-        # nobody settles); a failure is the breaker's to count and the worker's to resolve (a new lease,
-        # below). A connection idle for a while is checked with a PING before use, so one that Redis dropped
-        # is replaced instead of failing a call.
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            settings.REDIS_URL, max_connections=settings.KEYWAY_REDIS_POOL_SIZE, timeout=max(2.0, 4 * timeout),
-            socket_connect_timeout=timeout, socket_timeout=timeout, retry=Retry(NoBackoff(), 0),
-            health_check_interval=30,
-        )
-        self.client = redis.asyncio.Redis(connection_pool=pool)
+        # No retries (billing.connections): a call that timed out may still run on Redis, and a retry would then
+        # reserve twice while the caller learns of one (a hold nobody settles); a failure is the breaker's to
+        # count and the worker's to resolve (a new lease, below).
+        self.client = connections.async_client(timeout=settings.KEYWAY_REDIS_TIMEOUT,
+                                               pool_size=settings.KEYWAY_REDIS_POOL_SIZE)
         self.admit_script = self.client.register_script(_ADMIT)
         self.settle_script = self.client.register_script(_SETTLE)
         self.seed_script = self.client.register_script(_SEED)
@@ -516,7 +504,7 @@ class _RedisCounters:
             # The idle connections are as dead as this one if Redis restarted: dropped now, so that after
             # the breaker's pause each call opens a fresh one instead of failing on a stale one.
             with contextlib.suppress(Exception):
-                await self.client.connection_pool.disconnect(inuse_connections=False)
+                await connections.drop_idle_connections(self.client)
             raise breaker.Unavailable from error
         breaker.redis.succeeded()
         return result

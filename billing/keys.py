@@ -9,10 +9,9 @@ leases, usage stream and settlement marks. Each script then touches one shard:
 - a settlement batch, one script per shard it has calls in;
 - a heartbeat, one script per shard, each reaping the workers gone from that shard.
 
-One shard, the default, keeps everything in one slot. On a cluster, a multiple of the number of primaries
-would spread organizations over them; Keyway's Redis clients are single-node ones today (README, "Several
-hosts"), so more shards only serve tests/billing/test_redis_cluster.py so far. Changing the number of shards
-renames every counter: do it with every worker stopped; the counters are seeded anew from the ledger.
+One shard, the default, keeps everything in one slot. On a cluster (billing.connections), a multiple of the
+number of primaries spreads organizations over them. Changing the number of shards renames every counter: do it
+with every worker stopped; the counters are seeded anew from the ledger.
 """
 
 from __future__ import annotations

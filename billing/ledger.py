@@ -48,7 +48,7 @@ import orjson
 from django.conf import settings
 from django.db import DataError, IntegrityError, InterfaceError, OperationalError
 
-from billing import keys
+from billing import connections, keys
 from billing.alerts import spend_alerts_after_usage
 from billing.partitions import ensure_usage_partitions_now_and_then
 from billing.services import SettledUsage, usage_events_write
@@ -370,13 +370,10 @@ class _StreamConsumer:
         self._client_url = ""
 
     def client(self) -> Any:
-        import redis
-
-        if self._client is None or self._client_url != settings.REDIS_URL:
-            timeout = max(settings.KEYWAY_REDIS_TIMEOUT, 5.0)
-            self._client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=timeout,
-                                                socket_connect_timeout=settings.KEYWAY_REDIS_TIMEOUT)
-            self._client_url = settings.REDIS_URL
+        if self._client is None or self._client_url != connections.url():
+            self._client = connections.sync_client(timeout=max(settings.KEYWAY_REDIS_TIMEOUT, 5.0),
+                                                   connect_timeout=settings.KEYWAY_REDIS_TIMEOUT)
+            self._client_url = connections.url()
         return self._client
 
     def drain(self, *, claim_idle: float | None = None, periodic: bool = False) -> int:

@@ -495,8 +495,14 @@ KEYWAY_USAGE_VERIFY_AFTER = env_float("KEYWAY_USAGE_VERIFY_AFTER", 10.0, minimum
 # With Redis: how often each worker says it is alive. A worker silent for three intervals is taken for dead
 # and the holds of the calls it was serving are given back (billing.counters).
 KEYWAY_WORKER_HEARTBEAT_INTERVAL = env_float("KEYWAY_WORKER_HEARTBEAT_INTERVAL", 10.0, minimum=0.2)
+# With Redis: where billing's keys live (billing.connections), if not on REDIS_URL, and whether that is a Redis
+# Cluster (the URL names any of its nodes).
+KEYWAY_BILLING_REDIS_URL = env_str("KEYWAY_BILLING_REDIS_URL", "")
+KEYWAY_BILLING_REDIS_CLUSTER = env_bool("KEYWAY_BILLING_REDIS_CLUSTER", False)
+if KEYWAY_BILLING_REDIS_CLUSTER and not (KEYWAY_BILLING_REDIS_URL or REDIS_URL):
+    raise ImproperlyConfigured("KEYWAY_BILLING_REDIS_CLUSTER needs KEYWAY_BILLING_REDIS_URL (or REDIS_URL).")
 # With Redis: how many shards (hash tags) the billing keys are spread over (billing.keys). 1 on a single
-# Redis (README, "Several hosts": Redis Cluster). Change it only with every worker stopped.
+# Redis; on a Redis Cluster, a multiple of its primaries. Change it only with every worker stopped.
 KEYWAY_REDIS_SHARDS = env_int("KEYWAY_REDIS_SHARDS", 1, minimum=1)
 if KEYWAY_REDIS_SHARDS > 1024:
     raise ImproperlyConfigured("KEYWAY_REDIS_SHARDS must be at most 1024.")

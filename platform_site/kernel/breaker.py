@@ -77,7 +77,9 @@ def connection_errors() -> tuple[type[BaseException], ...]:
     """What a call to an unreachable Redis raises: refused, reset, timed out, or still loading its data."""
     import redis.exceptions
 
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, TimeoutError)
+    # A Redis Cluster that lost a node, or slots, until it fails over (billing.connections).
+    cluster = (redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError, redis.exceptions.SlotNotCoveredError)
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, TimeoutError, *cluster)
 
 
 redis = Breaker("Redis", "KEYWAY_REDIS_RETRY_AFTER")

@@ -1,11 +1,11 @@
-"""Billing's Redis keys are Redis Cluster-safe (billing.keys): run on a real cluster node, with organizations in
-four shards, every script and transaction touches one hash slot.
+"""Billing on a real Redis Cluster (billing.connections, billing.keys): three primary nodes, organizations in
+four shards spread over them, every script and transaction in one hash slot.
 
-A Redis Cluster refuses a command or script that declares keys of two slots (CROSSSLOT), and a script that
-reaches an undeclared key of another slot. The node here is a cluster of one, which owns every slot: it
-enforces both rules as a cluster of many does, and needs no client that follows redirections. Admission with
-rate limits, credit and every monthly cap; a settlement batch spanning the shards; the usage streams written to
-the ledger; a dead worker's holds reaped in two shards by a live worker's heartbeat; a reconciliation pass.
+A Redis Cluster refuses a command or script that declares keys of two slots (CROSSSLOT), a script that reaches
+an undeclared key of another slot, and a key whose slot another node holds (MOVED, which the cluster client
+follows). Admission with rate limits, credit and every monthly cap, with slices (billing.slices); a settlement
+batch spanning the shards; the usage streams written to the ledger; a dead worker's holds reaped in two shards
+by a live worker's heartbeat; a reconciliation pass, which scans every node.
 """
 
 from __future__ import annotations
@@ -54,42 +54,63 @@ def _free_port() -> int:
     raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
+NODES = 3
+
+
 @pytest.fixture(scope="module")
-def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Redis Cluster of one node, holding all 16,384 slots."""
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[int, int, int]]]:
+    """A Redis Cluster of three primary nodes, each holding a third of the 16,384 slots: (port, first slot,
+    last slot) of each."""
     import redis
 
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed")
-    directory: Path = tmp_path_factory.mktemp("redis-cluster")
-    port = _free_port()
-    node = subprocess.Popen(  # noqa: S603 (a fixed argument list)
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-         "--cluster-config-file", str(directory / "nodes.conf"), "--dir", str(directory), "--save", "",
-         "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(host="127.0.0.1", port=port)
+    nodes, clients, made = [], [], []
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-        while client.cluster("info")["cluster_state"] != "ok":
+        for number in range(NODES):
+            directory: Path = tmp_path_factory.mktemp(f"redis-cluster-{number}")
+            port = _free_port()
+            nodes.append(subprocess.Popen(  # noqa: S603 (a fixed argument list)
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", str(directory / "nodes.conf"), "--dir", str(directory), "--save", "",
+                 "--appendonly", "no"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
+            clients.append(redis.Redis(host="127.0.0.1", port=port))
+            first, last = number * 16384 // NODES, (number + 1) * 16384 // NODES - 1
+            made.append((port, first, last))
+        deadline = time.monotonic() + 20
+        for client in clients:
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        for client, (_, first, last) in zip(clients, made, strict=True):
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+        for port, _, _ in made[1:]:
+            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+        while not all(client.cluster("info")["cluster_state"] == "ok" for client in clients):
             assert time.monotonic() < deadline, "the cluster never became ready"
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+            time.sleep(0.1)
+        yield made
     finally:
-        client.close()
-        node.terminate()
-        node.wait(timeout=10)
+        for client in clients:
+            client.close()
+        for node in nodes:
+            node.terminate()
+            node.wait(timeout=10)
+
+
+def _node_of(cluster: list[tuple[int, int, int]], name: str) -> int:
+    from redis.crc import key_slot
+
+    slot = key_slot(name.encode())
+    return next(port for port, first, last in cluster if first <= slot <= last)
 
 
 # Redis 7 checks that a script reaches only keys of its declared keys' slot when the script says it is a
@@ -102,25 +123,40 @@ SCRIPTS = {
 
 
 @pytest.fixture
-def on_cluster(cluster_url: str, settings: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+def on_cluster(cluster: list[tuple[int, int, int]], settings: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Billing on the cluster (billing.connections), in four shards spread over its three nodes; the rest of
+    Keyway (the cache) on this machine's Redis."""
+    import redis
+
+    try:
+        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping()
+    except redis.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
     for module, names in SCRIPTS.items():
         for name in names:
             monkeypatch.setattr(module, name, "#!lua\n" + getattr(module, name))
-    settings.REDIS_URL = cluster_url
+    settings.REDIS_URL = "redis://127.0.0.1:6379/14"
+    settings.KEYWAY_BILLING_REDIS_URL = f"redis://127.0.0.1:{cluster[0][0]}/0"
+    settings.KEYWAY_BILLING_REDIS_CLUSTER = True
     settings.KEYWAY_REDIS_SHARDS = SHARDS
     settings.KEYWAY_CACHE_PREFIX = f"test-{uuid.uuid4().hex[:8]}"
-    return cluster_url
+    # Every node holds a shard: the proof below runs on all three.
+    assert {_node_of(cluster, keys.spend(shard)) for shard in range(SHARDS)} == {port for port, _, _ in cluster}
+    return settings.KEYWAY_BILLING_REDIS_URL
 
 
-def test_the_node_refuses_what_a_cluster_refuses(on_cluster: str) -> None:
-    """The proof below can fail: this node refuses keys of two slots, declared or reached from a script."""
+def test_the_nodes_refuse_what_a_cluster_refuses(on_cluster: str, cluster: list[tuple[int, int, int]]) -> None:
+    """The proof below can fail: a node refuses keys of two slots, declared or reached from a script, and a
+    key of a slot another node holds."""
     import redis
 
-    client = redis.Redis.from_url(on_cluster)
+    client = redis.Redis(host="127.0.0.1", port=_node_of(cluster, keys.spend(0)))
     with pytest.raises(redis.ResponseError, match="hash to the same slot"):
         client.eval("return 1", 2, keys.spend(0), keys.spend(1))
     with pytest.raises(redis.ResponseError, match="do not hash to the same slot"):
         client.eval("#!lua\nreturn redis.call('GET', ARGV[1])", 1, keys.spend(0), keys.spend(1))
+    with pytest.raises(redis.exceptions.MovedError):
+        client.get(keys.spend(2))
     client.close()
 
 

@@ -6,6 +6,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
+from billing import connections
 from billing.reconcile import Report, reconcile
 
 
@@ -36,9 +37,7 @@ class Command(BaseCommand):
         self.stdout.write(report.line())
 
     async def _run(self, *, dry_run: bool, quiet_seconds: float | None) -> Report:
-        import redis.asyncio
-
-        client = redis.asyncio.Redis.from_url(settings.REDIS_URL, socket_timeout=10, socket_connect_timeout=5)
+        client = connections.async_client(timeout=10, pool_size=4, blocking=False)
         try:
             return await reconcile(client, dry_run=dry_run, quiet_seconds=quiet_seconds)
         finally:
