@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,23 +14,15 @@ import pytest
 from billing import counters, keys
 from billing.counters import ADMITTED, REFUSED_CREDIT, REFUSED_REQUESTS, Ask
 
-REDIS_URL = "redis://127.0.0.1:6379/14"
 ORG = 7
 HOLD = 1_000
 
 
 @pytest.fixture
-async def workers(settings: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[counters._RedisCounters]]:
+async def workers(
+    own_redis: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[list[counters._RedisCounters]]:
     """Two workers' Redis counters on a prefix of their own; settlements go out through the first."""
-    import redis.asyncio
-
-    probe = redis.asyncio.Redis.from_url(REDIS_URL)
-    try:
-        await probe.ping()
-    except Exception:  # noqa: BLE001
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    settings.REDIS_URL = REDIS_URL
-    settings.KEYWAY_CACHE_PREFIX = f"test-{uuid.uuid4().hex[:8]}"
     settings.KEYWAY_USAGE_STREAM_WRITER = False
     settings.KEYWAY_RECONCILE_INTERVAL = 0
     settings.KEYWAY_ADMISSION_SLICE = 32
@@ -54,9 +45,6 @@ async def workers(settings: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
         worker.slices.clear()
         await worker.close()
     counters.reset()
-    for name in [name async for name in probe.scan_iter(f"{settings.KEYWAY_CACHE_PREFIX}:*")]:
-        await probe.delete(name)
-    await probe.aclose()
 
 
 def _ask(*, rpm: int = 0, tpm: int = 0, prepaid: bool = False, credit: int = 0, hold: int = HOLD, version: int = 1,

@@ -20,26 +20,13 @@ from platform_site.models import Organization
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-REDIS_URL = "redis://127.0.0.1:6379/14"
 
 
 @pytest.fixture
-async def store(settings: Any) -> AsyncIterator[Any]:
+async def store(own_redis: Any) -> AsyncIterator[Any]:
     """A worker's Redis counters on a prefix of their own, in place of this loop's."""
-    import redis.asyncio
-
-    probe = redis.asyncio.Redis.from_url(REDIS_URL)
-    try:
-        await probe.ping()
-    except Exception:  # noqa: BLE001
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    settings.REDIS_URL = REDIS_URL
-    settings.KEYWAY_CACHE_PREFIX = f"test-{uuid.uuid4().hex[:8]}"
     worker = counters._RedisCounters()
     yield worker
-    for name in [name async for name in probe.scan_iter(f"{settings.KEYWAY_CACHE_PREFIX}:*")]:
-        await probe.delete(name)
-    await probe.aclose()
     await worker.client.aclose()
 
 
