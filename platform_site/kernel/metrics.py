@@ -18,6 +18,7 @@ import contextlib
 import functools
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -69,40 +70,45 @@ class _Metrics:
     def __init__(self) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
+        # Nothing goes in prometheus-client's default registry: /metrics reads every worker's files
+        # (exposition), and a second registration of a name there raises DuplicateTimeseries.
+        counter = functools.partial(Counter, registry=None)
+        gauge = functools.partial(Gauge, registry=None)
+        histogram = functools.partial(Histogram, registry=None)
         self.directory = _setup()
-        self.requests = Counter("keyway_requests", "API requests answered, by endpoint and HTTP status.",
+        self.requests = counter("keyway_requests", "API requests answered, by endpoint and HTTP status.",
                                 ["endpoint", "status"])
-        self.latency = Histogram("keyway_request_duration_seconds",
+        self.latency = histogram("keyway_request_duration_seconds",
                                  "Seconds until an API response starts (a stream's headers), by endpoint.",
                                  ["endpoint"], buckets=_LATENCY_BUCKETS)
-        self.tokens = Counter("keyway_tokens", "Tokens metered, by model and kind (prompt, completion).",
+        self.tokens = counter("keyway_tokens", "Tokens metered, by model and kind (prompt, completion).",
                               ["model", "kind"])
-        self.spend = Counter("keyway_spend_usd", "Spend charged to organizations, in USD, by model.", ["model"])
-        self.calls = Counter("keyway_calls", "Model calls settled, by model and outcome.", ["model", "outcome"])
-        self.open = Gauge("keyway_open", "Streams and WebSockets open now.", ["kind"], multiprocess_mode="livesum")
-        self.queue = Gauge("keyway_model_queue", "Generations of an embedded model running and waiting now.",
+        self.spend = counter("keyway_spend_usd", "Spend charged to organizations, in USD, by model.", ["model"])
+        self.calls = counter("keyway_calls", "Model calls settled, by model and outcome.", ["model", "outcome"])
+        self.open = gauge("keyway_open", "Streams and WebSockets open now.", ["kind"], multiprocess_mode="livesum")
+        self.queue = gauge("keyway_model_queue", "Generations of an embedded model running and waiting now.",
                            ["model", "state"], multiprocess_mode="livesum")
-        self.upstream_errors = Counter("keyway_upstream_errors",
+        self.upstream_errors = counter("keyway_upstream_errors",
                                        "Failed or refused upstream attempts, by provider and kind.",
                                        ["provider", "kind"])
-        self.backing = Gauge("keyway_backing_service_up",
+        self.backing = gauge("keyway_backing_service_up",
                              "1 while every worker reaches the backing service (redis), 0 while any does not.",
                              ["service"], multiprocess_mode="livemin")
-        self.drift = Counter("keyway_counter_drift_micros",
+        self.drift = counter("keyway_counter_drift_micros",
                              "Drift between the shared billing counters and the ledger, corrected by reconciliation "
                              "(absolute micro-USD, by counter kind).", ["counter"])
-        self.reconciled = Counter("keyway_counter_corrections",
+        self.reconciled = counter("keyway_counter_corrections",
                                   "Shared counters corrected by reconciliation, by counter kind.", ["counter"])
-        self.gc_pause = Histogram("keyway_gc_pause_seconds",
+        self.gc_pause = histogram("keyway_gc_pause_seconds",
                                   "CPU seconds of each garbage collection, by generation (2: a full collection).",
                                   ["generation"], buckets=_PAUSE_BUCKETS)
-        self.usage_backlog = Gauge("keyway_usage_stream_backlog",
+        self.usage_backlog = gauge("keyway_usage_stream_backlog",
                                    "Usage events in the shared stream not yet written to the ledger (the newest "
                                    "figure any worker read).", multiprocess_mode="mostrecent")
-        self.usage_written = Counter("keyway_usage_events_written",
+        self.usage_written = counter("keyway_usage_events_written",
                                      "Usage events this worker wrote to the ledger, by where it read them (stream: "
                                      "new, retried or claimed from a lost worker; journal).", ["source"])
-        self.round_trips = Counter("keyway_admission_round_trips",
+        self.round_trips = counter("keyway_admission_round_trips",
                                    "Admissions that went to Redis: the others were admitted from a worker's slice "
                                    "without a round trip (billing.slices).")
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -116,9 +122,25 @@ class _Metrics:
         return found
 
 
-@functools.cache
+_instance: _Metrics | None = None
+_made = threading.Lock()
+
+
 def metrics() -> _Metrics:
-    return _Metrics()
+    """This process's metrics, made once: the event loop and the worker's threads (the usage writer, the
+    reconciler, sync_to_async's pool) may all ask first at the same time."""
+    found = _instance
+    if found is None:
+        found = _make()
+    return found
+
+
+def _make() -> _Metrics:
+    global _instance
+    with _made:
+        if _instance is None:
+            _instance = _Metrics()
+        return _instance
 
 
 def request_answered(endpoint: str, status: int, seconds: float) -> None:
@@ -198,8 +220,9 @@ def exposition() -> tuple[bytes, str]:
 
 def process_ended() -> None:
     """This worker is going away: its live gauges stop counting."""
-    if metrics.cache_info().currsize:
+    recorded = _instance
+    if recorded is not None:
         from prometheus_client import multiprocess
 
         with contextlib.suppress(OSError):
-            multiprocess.mark_process_dead(os.getpid(), str(metrics().directory))
+            multiprocess.mark_process_dead(os.getpid(), str(recorded.directory))

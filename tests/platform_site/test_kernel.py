@@ -195,3 +195,37 @@ def test_both_schema_validators_accept_a_real_completion_and_reject_a_broken_one
         validate("ErrorResponse", {"error": {"message": "m", "type": "t", "param": None, "code": None}})
         with pytest.raises(AssertionError):
             validate("ErrorResponse", {"message": "no envelope"})
+
+
+def test_metrics_are_made_once_when_threads_ask_for_them_first_at_the_same_time(
+    settings: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker's event loop and its threads (usage writer, reconciler, sync_to_async's pool) may ask first
+    # together; the second maker used to register its names again and answer the request with a 500.
+    from prometheus_client import values
+
+    from platform_site.kernel import metrics
+
+    settings.KEYWAY_METRICS_DIR = str(tmp_path)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(values, "ValueClass", values.ValueClass)
+    made, failures = [], []
+    for _ in range(5):
+        monkeypatch.setattr(metrics, "_instance", None)
+        start = threading.Barrier(8)
+
+        def ask(start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                made.append(metrics.metrics())
+            except Exception as exc:  # noqa: BLE001 - what the test looks for
+                failures.append(exc)
+
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not failures
+        assert len({id(found) for found in made[-8:]}) == 1
+    metrics.request_answered("chat.completions", 200, 0.01)
