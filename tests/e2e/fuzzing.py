@@ -455,7 +455,6 @@ def fuzz_stack(var_dir: Path, *, cases: int) -> Iterator[dict[str, Any]]:
             KEYWAY_UPSTREAM_NAME="fake",
             KEYWAY_AUTH_FAILURES_PER_MINUTE="1000000000",
         )
-        server.manage(env, "migrate", "--no-input", "-v", "0")
         server.manage(env, "bootstrap")
         code = _SETUP.format(chat=CHAT_MODEL, embeddings=EMBEDDINGS_MODEL, prefix=KEY_PREFIX,
                              usage_keys=usage_keys_for(cases),

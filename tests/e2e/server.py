@@ -49,8 +49,44 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+# A migrated database made once per test session and copied for each stack: a copy takes half a second where
+# migrating takes ~15 (measured: 14.5 s on PostgreSQL, 12 of them CPU). A PostgreSQL database name, or an SQLite
+# file.
+_template: str | None = None
+
+
+def _migrated_template() -> str:
+    global _template
+    if _template is not None:
+        return _template
+    import atexit
+    import tempfile
+
+    var_dir = Path(tempfile.mkdtemp(prefix="keyway-e2e-template-"))
+    env = dict(os.environ, DEBUG="1", KEYWAY_VAR_DIR=str(var_dir), PYTHONUNBUFFERED="1")
+    database_url = os.environ.get("DATABASE_URL", "")
+    if database_url.startswith("postgres"):
+        import psycopg
+
+        name = f"keyway_e2e_template_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(database_url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        atexit.register(drop_database, name)
+        env["DATABASE_URL"] = database_url.rsplit("/", 1)[0] + f"/{name}"
+        manage(env, "migrate", "--no-input", "-v", "0")
+        _template = name
+    else:
+        manage(env, "migrate", "--no-input", "-v", "0")
+        _template = str(var_dir / "keyway.sqlite3")
+    return _template
+
+
 def make_environment(var_dir: Path) -> tuple[dict[str, str], str | None]:
-    """Environment for server and CLI processes: their own var dir and database. Returns (env, pg_db_name)."""
+    """Environment for server and CLI processes: their own var dir and a migrated database of their own.
+    Returns (env, pg_db_name)."""
+    import shutil
+
+    template = _migrated_template()
     env = dict(os.environ)
     env.update(
         DEBUG="1",
@@ -67,8 +103,11 @@ def make_environment(var_dir: Path) -> tuple[dict[str, str], str | None]:
         database_name = f"keyway_e2e_{uuid.uuid4().hex[:10]}"
         admin_url = database_url.rsplit("/", 1)[0] + "/postgres"
         with psycopg.connect(admin_url, autocommit=True) as connection:
-            connection.execute(f'CREATE DATABASE "{database_name}"')
+            connection.execute(f'CREATE DATABASE "{database_name}" TEMPLATE "{template}"')
         env["DATABASE_URL"] = database_url.rsplit("/", 1)[0] + f"/{database_name}"
+    else:
+        var_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, var_dir / "keyway.sqlite3")
     if os.environ.get("REDIS_URL"):
         # A prefix of its own, so a test run never reads another run's cached keys.
         env["KEYWAY_CACHE_PREFIX"] = f"e2e-{uuid.uuid4().hex[:8]}"
@@ -184,7 +223,6 @@ def keyway_stack(
         upstream, upstream_url = start_fake_upstream(var_dir / "upstream.log")
         env.update(KEYWAY_UPSTREAM_BASE_URL=f"{upstream_url}/v1", KEYWAY_UPSTREAM_MODELS=upstream_models,
                    KEYWAY_UPSTREAM_NAME="fake")
-        manage(env, "migrate", "--no-input", "-v", "0")
         manage(env, "bootstrap")
         key = manage(env, "createapikey", "demo", "--name", "e2e").strip()
         process, url = start_keyway(env, var_dir / "server.log", uvicorn=True, workers=workers)

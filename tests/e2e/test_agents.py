@@ -52,7 +52,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, mcp_server: Any) -> Iterator
         try:
             env.update(KEYWAY_UPSTREAM_BASE_URL=model_url, KEYWAY_UPSTREAM_MODELS="scripted",
                        KEYWAY_UPSTREAM_NAME="scripted", KEYWAY_FETCH_ALLOW_PRIVATE="1")
-            server.manage(env, "migrate", "--no-input", "-v", "0")
             server.manage(env, "bootstrap")
             key, secret = server.django_shell(env, SETUP.replace("{mcp_url}", mcp_server.url)).split()[-2:]
             process, url = server.start_keyway(env, var_dir / "server.log", uvicorn=True, workers=2)

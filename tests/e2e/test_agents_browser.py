@@ -48,7 +48,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     env, database = server.make_environment(var_dir)
     process = None
     try:
-        server.manage(env, "migrate", "--no-input", "-v", "0")
         server.django_shell(env, SETUP)
         process, url = server.start_keyway(env, var_dir / "server.log")
         yield {"url": url}

@@ -91,7 +91,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     env["KEYWAY_EMAIL_FILE_PATH"] = str(var_dir / "mail")
     process = None
     try:
-        server.manage(env, "migrate", "--no-input", "-v", "0")
         last_month, last_month_name = server.django_shell(env, SETUP).strip().splitlines()[-1].split(" ", 1)
         process, url = server.start_keyway(env, var_dir / "server.log")
         yield {"url": url, "mail_dir": var_dir / "mail", "last_month": last_month, "last_month_name": last_month_name}

@@ -74,7 +74,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     env["KEYWAY_EMAIL_FILE_PATH"] = str(mail_dir)
     process = None
     try:
-        server.manage(env, "migrate", "--no-input", "-v", "0")
         server.manage(env, "bootstrap")
         process, url = server.start_keyway(env, var_dir / "server.log")
         yield {"url": url, "mail_dir": mail_dir, "log": var_dir / "server.log"}

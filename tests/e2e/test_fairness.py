@@ -30,7 +30,6 @@ def _stack(var_dir: Any, **settings: str) -> Iterator[dict[str, Any]]:
     env.update(settings)
     process = None
     try:
-        server.manage(env, "migrate", "--no-input", "-v", "0")
         server.manage(env, "bootstrap")
         server.manage(env, "createorg", "Other", "--slug", "other")
         keys = {

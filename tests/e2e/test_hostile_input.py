@@ -29,7 +29,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     process = upstream = None
     try:
         upstream, upstream_url = server.start_fake_upstream(var_dir / "server.log")
-        server.manage(env, "migrate", "--no-input", "-v", "0")
         server.manage(env, "bootstrap")
         # A vision model (the fake upstream answers anything): image URLs are fetched by Keyway for it.
         server.django_shell(env, (

@@ -44,7 +44,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             KEYWAY_UPSTREAM_TOKENIZER=GEMMA_TOKENIZER,
             KEYWAY_DEFAULT_RPM="100000",
         )
-        server.manage(env, "migrate", "--no-input", "-v", "0")
         output = server.manage(env, "bootstrap")
         key = next(word for word in output.split() if word.startswith("sk-kw-"))
         server.django_shell(

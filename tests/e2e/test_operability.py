@@ -29,7 +29,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         upstream, upstream_url = server.start_fake_upstream(var_dir / "upstream.log")
         env.update(KEYWAY_UPSTREAM_BASE_URL=f"{upstream_url}/v1", KEYWAY_UPSTREAM_MODELS="ok,http500",
                    KEYWAY_UPSTREAM_NAME="fake")
-        server.manage(env, "migrate", "--no-input", "-v", "0")
         server.manage(env, "bootstrap")
         key = server.manage(env, "createapikey", "demo", "--name", "ops").strip()
         process, url = server.start_keyway(env, log, uvicorn=True, workers=2)

@@ -44,7 +44,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     env, database = server.make_environment(var_dir)
     process = None
     try:
-        server.manage(env, "migrate", "--no-input", "-v", "0")
         printed = server.manage(env, "bootstrap")
         password = re.search(r"password: (\S+)", printed)
         assert password is not None, "bootstrap printed no password for the demo user"

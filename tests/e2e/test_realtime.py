@@ -45,7 +45,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         processes.append(upstream)
         env.update(KEYWAY_UPSTREAM_BASE_URL=f"{upstream_url}/v1", KEYWAY_UPSTREAM_NAME="fake",
                    KEYWAY_UPSTREAM_MODELS="drip")
-        server.manage(env, "migrate", "--no-input", "-v", "0")
         bootstrap = server.manage(env, "bootstrap")
         # An audio model, relayed to the fake upstream's realtime WebSocket.
         server.django_shell(env, (

@@ -23,7 +23,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     env["KEYWAY_BODY_READ_TIMEOUT"] = "2"
     process = None
     try:
-        server.manage(env, "migrate", "--no-input", "-v", "0")
         server.manage(env, "bootstrap")
         key = server.manage(env, "createapikey", "demo", "--name", "slow").strip()
         process, url = server.start_keyway(env, var_dir / "server.log", uvicorn=True)

@@ -215,7 +215,6 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                     **{name: secrets.token_urlsafe(48) for name in ("SECRET_KEY", "KEYWAY_KEY_PEPPER",
                                                                      "KEYWAY_ENCRYPTION_KEY")},
                 )
-                server.manage(env, "migrate", "--no-input", "-v", "0")
                 output = server.manage(env, "bootstrap")
                 key = next(word for word in output.split() if word.startswith("sk-kw-"))
                 limited, prepaid = server.django_shell(

@@ -67,7 +67,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     env, database = server.make_environment(var_dir)
     process = None
     try:
-        server.manage(env, "migrate", "--no-input", "-v", "0")
         session = server.django_shell(env, SEED).strip().splitlines()[-1]
         process, url = server.start_keyway(env, var_dir / "server.log")
         yield {"url": url, "session": session}
