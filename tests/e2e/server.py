@@ -223,6 +223,8 @@ def keyway_stack(
         upstream, upstream_url = start_fake_upstream(var_dir / "upstream.log")
         env.update(KEYWAY_UPSTREAM_BASE_URL=f"{upstream_url}/v1", KEYWAY_UPSTREAM_MODELS=upstream_models,
                    KEYWAY_UPSTREAM_NAME="fake")
+        if "DATABASE_URL" in (env_extra or {}):
+            manage(env, "migrate", "--no-input", "-v", "0")  # a database of the test's own, not the template's copy
         manage(env, "bootstrap")
         key = manage(env, "createapikey", "demo", "--name", "e2e").strip()
         process, url = start_keyway(env, var_dir / "server.log", uvicorn=True, workers=workers)
