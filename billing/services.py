@@ -200,11 +200,13 @@ class SettledUsage:
     project_id: int | None = None  # last: journals written before projects end at created_at
 
     def as_row(self) -> tuple[object, ...]:
+        # Plain ints where the callers pass IntegerChoices members: a row of strings and numbers only is one the
+        # garbage collector stops tracking (billing.ledger keeps rows for seconds).
         return (
             self.call_id, self.request_id, self.session_id, self.organization_id,
-            self.api_key_id, self.endpoint, self.model, self.deployment_id,
+            self.api_key_id, int(self.endpoint), self.model, self.deployment_id,
             self.provider, self.prompt_tokens, self.cached_tokens, self.completion_tokens, self.cost_micros,
-            self.status, self.usage_source, self.latency_ms, self.ttft_ms, self.created_at, self.project_id,
+            int(self.status), int(self.usage_source), self.latency_ms, self.ttft_ms, self.created_at, self.project_id,
         )
 
     @classmethod

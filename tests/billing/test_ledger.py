@@ -156,3 +156,34 @@ def test_a_row_the_database_refuses_is_set_aside_and_the_rest_is_written(org: Or
     assert rejected[0]["error"] in ("DataError", "OverflowError")
     # Not a journal: a replay does not pick it up.
     assert recover_orphans(tmp_path) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_kept_copy_writes_what_the_ledger_lacks_and_holds_nothing_the_collector_walks(
+    org: Organization, tmp_path: Path, settings: Any
+) -> None:
+    import gc
+
+    from billing.ledger import _Ledger
+
+    settings.KEYWAY_USAGE_JOURNAL_DIR = str(tmp_path)
+    ledger = _Ledger()
+    events = [_event(org, f"req_kept_{i}") for i in range(3)]
+    for event in events:
+        # As the engine settles them: IntegerChoices members, not ints.
+        event.endpoint, event.status = UsageEvent.Endpoint.CHAT, UsageEvent.Status.OK
+        event.usage_source = UsageEvent.UsageSource.REPORTED
+        ledger.keep(event)
+    # Kept for seconds at thousands of requests a second: rows of strings and numbers, which a young
+    # collection stops tracking, so full collections do not walk them.
+    gc.collect(0)
+    kept = list(tmp_path.glob("kept-*.usage"))
+    assert len(kept) == 1
+    assert list(events[0].as_row()) == orjson.loads(kept[0].read_bytes().splitlines()[0])
+    assert ledger._kept is not None and not any(gc.is_tracked(row) for row in ledger._kept.rows)
+    # The usage stream delivered the first; Redis lost the other two.
+    usage_events_write(events[:1])
+    assert ledger.verify_kept(older_than=0) == 2
+    assert sorted(UsageEvent.objects.values_list("request_id", flat=True)) == [e.request_id for e in events]
+    assert BillingAccount.objects.get(pk=org.pk).usage_total_micros == 3 * 1234
+    assert not list(tmp_path.glob("kept-*.usage"))
