@@ -3,13 +3,12 @@ run this stack (see platform_site.asgi) and makes the same checks itself."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Awaitable, Callable
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, HttpResponseBase
 
-from platform_site.kernel import logs
+from platform_site.kernel import ids, logs
 from platform_site.kernel.errors import error_response
 from platform_site.kernel.params import nul_byte_error, nul_byte_param
 
@@ -18,7 +17,7 @@ API_PREFIXES = ("/v1/", "/api/")
 
 
 def new_request_id() -> str:
-    return f"req_{secrets.token_hex(16)}"
+    return f"req_{ids.token_hex(16)}"
 
 
 class RequestIdMiddleware:

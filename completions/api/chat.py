@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +15,7 @@ from completions.api.http import ApiRequest, api_endpoint, json_body, json_respo
 from completions.api.requests import parse_chat
 from completions.api.turns import chat_turn, is_turn
 from completions.engine import calls
+from platform_site.kernel import ids
 from platform_site.kernel.errors import to_api_error
 
 
@@ -25,7 +25,7 @@ async def chat_completions(request: ApiRequest) -> HttpResponseBase:
     if is_turn(body, request.api_key.pinned_model):
         return await chat_turn(request, body)
     chat, report = parse_chat(body, model_pinned=bool(request.api_key.pinned_model))
-    completion_id = f"chatcmpl-{secrets.token_hex(12)}"
+    completion_id = f"chatcmpl-{ids.token_hex(12)}"
     if chat.stream:
         stream = await calls.chat_stream(chat, caller=request.caller, prepare=content_step(report))
         return StreamingHttpResponse(

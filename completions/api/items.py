@@ -16,10 +16,10 @@ names (`messages[3].content[0].image_url.url`) back into that.
 from __future__ import annotations
 
 import re
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from platform_site.kernel import ids
 from platform_site.kernel.errors import ApiError
 
 _ITEM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -32,7 +32,7 @@ _ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(20)}"
+    return f"{prefix}_{ids.token_hex(20)}"
 
 
 def _kind(value: Any) -> str:

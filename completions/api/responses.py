@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from conversations import selectors as stored
 from conversations import services as store
 from conversations.exceptions import ConversationFull, DuplicateItemId
 from conversations.models import StoredResponse
+from platform_site.kernel import ids
 from platform_site.kernel.errors import ApiError, server_error, to_api_error
 from platform_site.kernel.groupcommit import GroupCommit
 from platform_site.kernel.orm import orm
@@ -61,7 +61,7 @@ HEARTBEAT_EVERY = 5.0
 
 
 def new_response_id() -> str:
-    return f"resp_{secrets.token_hex(24)}"
+    return f"resp_{ids.token_hex(24)}"
 
 
 def not_found(response_id: str) -> ApiError:

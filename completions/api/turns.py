@@ -15,7 +15,6 @@ byte for byte OpenAI's.
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,6 +34,7 @@ from completions.api.content import content_step
 from completions.api.http import ApiRequest, json_response
 from completions.api.requests import parse_chat
 from completions.engine.calls import Caller
+from platform_site.kernel import ids
 from platform_site.kernel.errors import ApiError, to_api_error
 from platform_site.kernel.orm import orm
 
@@ -177,7 +177,7 @@ async def chat_turn(request: ApiRequest, body: dict[str, Any]) -> HttpResponseBa
             events = turn.events()
             first = await anext(events, None)
             public_model = agent.public_model if agent else turn.headers.get("x-keyway-model", "")
-            body_iter = _TurnStream(turn, events, first, saver, completion_id=f"chatcmpl-{secrets.token_hex(12)}",
+            body_iter = _TurnStream(turn, events, first, saver, completion_id=f"chatcmpl-{ids.token_hex(12)}",
                                     model=public_model, progress=progress, request_id=request.request_id)
             handed_over = True
             return StreamingHttpResponse(
@@ -192,7 +192,7 @@ async def chat_turn(request: ApiRequest, body: dict[str, Any]) -> HttpResponseBa
             turn.close()
             run_slots.give_back(key.organization_id)
     completion = {
-        "id": f"chatcmpl-{secrets.token_hex(12)}",
+        "id": f"chatcmpl-{ids.token_hex(12)}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": agent.public_model if agent else turn.headers.get("x-keyway-model", ""),

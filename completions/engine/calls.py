@@ -18,7 +18,6 @@ rate-limit headers too. The engine never builds an HTTP response; surfaces never
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +34,7 @@ from completions.engine.routing import first_success, plan
 from completions.engine.tokenizers import preload_token_counter
 from completions.engine.usage import Produced, max_output_tokens, settle_chat, settle_embeddings
 from completions.providers.base import ChatCall, EmbeddingsCall, UpstreamTimeout
-from platform_site.kernel import process
+from platform_site.kernel import ids, process
 from platform_site.kernel.errors import ApiError
 
 # Runs after admission and before the first upstream call, with the models that may answer: work a surface
@@ -46,7 +45,7 @@ Attempt = tuple[CatalogEntry, DeploymentEntry]
 
 
 def new_call_id() -> str:
-    return f"call-{secrets.token_hex(12)}"
+    return f"call-{ids.token_hex(12)}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,14 +9,15 @@ so every surface (REST, Realtime, Responses, agents) starts from the same canoni
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 import orjson
 
+from platform_site.kernel import ids
+
 
 def _call_id() -> str:
-    return f"call_{secrets.token_hex(12)}"
+    return f"call_{ids.token_hex(12)}"
 
 
 def _arguments_text(arguments: Any) -> str:

@@ -12,7 +12,6 @@ import base64
 import binascii
 import io
 import re
-import secrets
 import wave
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import orjson
 
 from completions.realtime.protocol import Dialect, invalid
+from platform_site.kernel import ids
 
 MAX_TOOLS = 128
 MAX_METADATA_PAIRS = 16
@@ -34,7 +34,7 @@ _READ_ONLY = ("id", "object", "expires_at", "client_secret")
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(10)}"
+    return f"{prefix}_{ids.token_hex(10)}"
 
 
 def as_string(value: Any, param: str, *, limit: int | None = None) -> str:

@@ -229,3 +229,36 @@ def test_metrics_are_made_once_when_threads_ask_for_them_first_at_the_same_time(
         assert not failures
         assert len({id(found) for found in made[-8:]}) == 1
     metrics.request_answered("chat.completions", 200, 0.01)
+
+
+def test_ids_are_unique_across_threads_and_a_forked_child_does_not_repeat_its_parents() -> None:
+    import os
+
+    from platform_site.kernel import ids
+
+    made: list[list[str]] = [[] for _ in range(4)]
+
+    def draw(into: list[str]) -> None:
+        into.extend(ids.token_hex(16) for _ in range(2_000))
+
+    threads = [threading.Thread(target=draw, args=(into,)) for into in made]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = [value for into in made for value in into]
+    assert len(set(every)) == len(every) == 8_000
+    assert all(len(value) == 32 and int(value, 16) >= 0 for value in every)
+    assert len(ids.token_hex(5_000)) == 10_000  # more than a block at once
+
+    ids.token_hex(8)  # the parent holds a block with bytes left in it
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child process
+        os.write(write, ids.token_hex(16).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    from_child = os.read(read, 64).decode()
+    os.close(read)
+    assert len(from_child) == 32 and from_child != ids.token_hex(16)
