@@ -277,9 +277,11 @@ def _insert_new_events(events: list[SettledUsage]) -> list[str]:
 
 @functools.cache
 def _column_type(column: str) -> str:
-    """The PostgreSQL type of a usage_events column (`bigint`, `varchar(64)`, ...)."""
+    """The PostgreSQL type of a usage_events column's array (`bigint`, `varchar`, ...), without a length: an
+    explicit cast to varchar(64) cuts a longer value silently, where the INSERT's own assignment refuses it
+    (and the event is set aside, whole)."""
     field = next(field for field in UsageEvent._meta.concrete_fields if field.column == column)
-    return str(field.db_type(connection))
+    return str(field.db_type(connection)).split("(", 1)[0]
 
 
 @transaction.atomic

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 from asgiref.sync import sync_to_async
+from django.db import connection
 from django.db.models import Sum
 
 from billing.ledger import recover_orphans
@@ -148,12 +149,21 @@ def test_a_row_the_database_refuses_is_set_aside_and_the_rest_is_written(org: Or
     # A value no column can hold: DataError on PostgreSQL, OverflowError from SQLite's driver.
     bad = _event(org, "req_bad")
     bad.prompt_tokens = 2**70
-    _write([good[0], bad, *good[1:]], tmp_path)
-    assert set(UsageEvent.objects.values_list("request_id", flat=True)) == {e.request_id for e in good}
-    assert BillingAccount.objects.get(pk=org.pk).usage_total_micros == 3 * 1234
+    # A model name past its column's 128 characters: refused on PostgreSQL (set aside whole, never cut),
+    # kept whole by SQLite, which has no lengths.
+    long = _event(org, "req_long")
+    long.model = "m" * 200
+    _write([good[0], bad, long, *good[1:]], tmp_path)
+    on_postgresql = connection.vendor == "postgresql"
+    written = {e.request_id for e in good} | (set() if on_postgresql else {"req_long"})
+    models = dict(UsageEvent.objects.values_list("request_id", "model"))
+    assert set(models) == written
+    assert models.get("req_long", long.model) == long.model
+    assert BillingAccount.objects.get(pk=org.pk).usage_total_micros == len(written) * 1234
     rejected = [orjson.loads(line) for line in (tmp_path / "rejected.usage-rows").read_bytes().splitlines()]
-    assert len(rejected) == 1 and rejected[0]["event"][0] == "req_bad"
-    assert rejected[0]["error"] in ("DataError", "OverflowError")
+    assert [row["event"][0] for row in rejected] == (["req_bad", "req_long"] if on_postgresql else ["req_bad"])
+    assert {row["error"] for row in rejected} <= {"DataError", "OverflowError"}
+    assert all(row["event"][6] == long.model for row in rejected[1:])
     # Not a journal: a replay does not pick it up.
     assert recover_orphans(tmp_path) == 0
 
