@@ -162,8 +162,12 @@ class _Ledger:
             if lacking:
                 _write(lacking, self._directory())
                 missing += len(lacking)
-                logger.warning("%d usage events sent to the usage stream were not in the ledger after %.0f s; "
-                               "written from this host's copy", len(lacking), older_than)
+                if older_than > 0:
+                    logger.warning("%d usage events sent to the usage stream were not in the ledger after %.0f s; "
+                                   "written from this host's copy", len(lacking), older_than)
+                else:
+                    logger.info("%d usage events this worker settled were not in the ledger yet as it stopped; "
+                                "written from its copy", len(lacking))
             with self._lock:
                 self._kept_sealed.remove(kept)
             kept.discard()
@@ -573,4 +577,13 @@ def flush_at_exit() -> None:
             ledger.flush_sync()
         except Exception:
             logger.exception("Could not write buffered usage at exit; it stays in the journal")
+    if settings.REDIS_URL:
+        # With Redis, every event this worker settled is in its kept copy: what the ledger lacks of it
+        # (settlements the stop left unsent, events in the stream that no consumer has written yet) is written
+        # now, as verify_at_shutdown does under lifespan; a consumer that writes the same events later charges
+        # nothing twice (idempotent on the call id). After lifespan's shutdown nothing is left to check.
+        try:
+            ledger.verify_kept(older_than=0)
+        except Exception:
+            logger.exception("Could not check the usage this worker sent against the ledger; its copy stays on disk")
 
