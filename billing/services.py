@@ -242,7 +242,7 @@ def _insert_new_events(events: list[SettledUsage]) -> list[str]:
     table = connection.ops.quote_name(UsageEvent._meta.db_table)
     names = ", ".join(connection.ops.quote_name(column) for column in _USAGE_COLUMNS)
     adapt = connection.ops.adapt_datetimefield_value
-    rows = []
+    rows: list[list[Any]] = []
     for event in events:
         values = list(event.as_row())
         values[_CREATED_AT] = adapt(datetime.fromtimestamp(event.created_at, tz=UTC))
@@ -250,26 +250,23 @@ def _insert_new_events(events: list[SettledUsage]) -> list[str]:
     # No conflict target: on PostgreSQL the unique key is (call_id, created_at), the ledger being partitioned by
     # month (billing.partitions); on SQLite it is call_id. An event keeps its created_at wherever it is replayed
     # from, so either way a call conflicts with itself.
-    inserted: list[str] = []
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            arrays = ", ".join(f"%s::{_column_type(column)}[]" for column in _USAGE_COLUMNS)
-            columns: list[Any] = [list(column) for column in zip(*rows, strict=True)]
-            cursor.execute(
-                f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) "  # noqa: S608
-                "ON CONFLICT DO NOTHING RETURNING call_id",
-                columns,
-            )
-            inserted.extend(call_id for (call_id,) in cursor.fetchall())
-            return inserted
+    statements: list[tuple[str, list[Any]]] = []
+    if connection.vendor == "postgresql":
+        arrays = ", ".join(f"%s::{_column_type(column)}[]" for column in _USAGE_COLUMNS)
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        statements.append((f"SELECT * FROM unnest({arrays})", columns))  # noqa: S608 - column types, not input
+    else:
         row = "(" + ", ".join(["%s"] * len(_USAGE_COLUMNS)) + ")"
         for start in range(0, len(rows), _ROWS_PER_STATEMENT):
             batch = rows[start : start + _ROWS_PER_STATEMENT]
-            params: list[Any] = [value for values in batch for value in values]
+            params = [value for values in batch for value in values]
+            statements.append((f"VALUES {', '.join([row] * len(batch))}", params))
+    inserted: list[str] = []
+    with connection.cursor() as cursor:
+        for source, arguments in statements:
             cursor.execute(
-                f"INSERT INTO {table} ({names}) VALUES {', '.join([row] * len(batch))} "  # noqa: S608
-                "ON CONFLICT DO NOTHING RETURNING call_id",
-                params,
+                f"INSERT INTO {table} ({names}) {source} ON CONFLICT DO NOTHING RETURNING call_id",  # noqa: S608
+                arguments,
             )
             inserted.extend(call_id for (call_id,) in cursor.fetchall())
     return inserted

@@ -358,7 +358,7 @@ def _fuzz_mode(
         except Unsatisfiable:
             return  # nothing in this operation's requests can be made invalid (GET /openapi.json takes nothing)
         except InvalidSchema as exc:
-            if not str(exc).startswith(_GENERATOR_LIMIT):
+            if not str(exc).startswith(_GENERATOR_LIMIT) or attempt == _GENERATOR_RETRIES:
                 _generation_failed(outcome, mode, exc)
                 return
             # schemathesis could not lay out one drawn array (its own limit, raised while drawing: no request
