@@ -443,6 +443,7 @@ def _complete(llama: Any, **options: Any) -> Any:
 def _forget_prompt(llama: Any) -> None:
     llama.reset()
     llama.evaluated = ()
+    llama.prompt_logits = None
 
 
 # Prompt tokens evaluated per step: about 0.25 s of this machine's two cores.
@@ -486,40 +487,63 @@ def _reusable(evaluated: tuple[int, ...], head: tuple[int, ...]) -> int:
     return shared // _PREFILL_CHUNK * _PREFILL_CHUNK
 
 
+def _logits_row(llama: Any) -> Any:
+    """The logits the context's last evaluation output, as a writable view of llama.cpp's own buffer: what the
+    next sample reads."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(llama.n_vocab(),))
+
+
 def _prefilled(llama: Any, messages: list[dict[str, str]], **options: Any) -> Iterator[Any]:
     """_complete(stream=True), with the prompt evaluated the canonical way first, a chunk per step.
 
     Canonical: every token but the last in chunks of _PREFILL_CHUNK aligned at its multiples, then the last
-    token alone (create_chat_completion finds the rest evaluated and evaluates only that one). Two things
-    follow:
+    token alone. Three things follow:
     - A long prompt holds the other generations for one chunk at a time rather than for the whole of its
       evaluation (1,500 tokens take some 6 s here).
     - The same tokens cut the same way give bit-identical state, so what this instance still holds of its
-      previous prompt is kept instead of evaluated again: all but the last token of the same prompt, or the
-      whole chunks a conversation's next turn shares with its last one. A fixed seed gives the same answer
-      either way (tested). Evaluated afresh in one batch, a prompt gives different last bits of its logits
-      than cut in two; that is why the cut is fixed rather than taken from whatever the cache holds, and
-      why a cold prompt costs one step more (about 16 ms here) than in one batch, for a repeated one costing
-      one token instead of all (64 → 20 ms for a 16-token prompt; bench/targets.py, `embedded`).
+      previous prompt is kept instead of evaluated again: the whole chunks a conversation's next turn shares
+      with its last one. A fixed seed gives the same answer either way (tested). Evaluated afresh in one
+      batch, a prompt gives different last bits of its logits than cut in two; that is why the cut is fixed
+      rather than taken from whatever the cache holds, and why a cold prompt costs one step more (about
+      16 ms here) than in one batch.
+    - The same prompt again evaluates nothing: the logits its last token gave are kept (one row, 1 MB for
+      Gemma's vocabulary) and written back into llama.cpp's buffer, the cache is cut back to the prompt, and
+      the first token is sampled at once from the very numbers a fresh evaluation would give. A repeated
+      prompt's first token came 18 ms after the request; now 3-4 ms (in process; bench/targets.py
+      `embedded` through the server).
+    create_chat_completion then finds the whole prompt evaluated and its logits live, and samples.
     Yields None per chunk evaluated, then the completion's chunks."""
     tokens = _prompt_tokens(llama, messages)
     if tokens is None:
         _forget_prompt(llama)
+        yield from llama.create_chat_completion(messages=messages, stream=True, **options)
+        return
+    prompt = tuple(tokens)
+    kept_logits = getattr(llama, "prompt_logits", None)
+    if kept_logits is not None and kept_logits[0] == prompt:
+        llama.n_tokens = len(prompt)
+        llama.eval(())  # drops the previous answer from the cache; evaluates nothing
+        _logits_row(llama)[:] = kept_logits[1]
     else:
-        head = tuple(tokens[:-1])
+        llama.prompt_logits = None
+        head = prompt[:-1]
         kept = _reusable(getattr(llama, "evaluated", ()), head)
         # Everything past the kept tokens is dropped from the cache by the next evaluation.
         llama.n_tokens = kept
         llama.evaluated = head[:kept]
-        for start in range(kept, len(head), _PREFILL_CHUNK):
-            end = min(start + _PREFILL_CHUNK, len(head))
-            try:
+        try:
+            for start in range(kept, len(head), _PREFILL_CHUNK):
+                end = min(start + _PREFILL_CHUNK, len(head))
                 llama.eval(head[start:end])
-            except BaseException:
-                _forget_prompt(llama)  # what a failed evaluation left in the cache is unknown
-                raise
-            llama.evaluated = head[:end]
-            yield None
+                llama.evaluated = head[:end]
+                yield None
+            llama.eval(prompt[-1:])
+        except BaseException:
+            _forget_prompt(llama)  # what a failed evaluation left in the cache is unknown
+            raise
+        llama.prompt_logits = (prompt, _logits_row(llama).copy())
     yield from llama.create_chat_completion(messages=messages, stream=True, **options)
 
 

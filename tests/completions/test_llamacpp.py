@@ -438,8 +438,9 @@ def conversation(turns: int) -> list[dict[str, str]]:
 async def test_a_prompt_reuses_what_the_last_one_left_and_answers_as_a_fresh_instance_would(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The next turn of a conversation evaluates only what its last turn did not, and the same prompt again only
-    its last token; a fixed seed gives the same answer as on an instance that holds nothing."""
+    """The next turn of a conversation evaluates only what its last turn did not, and the same prompt again
+    nothing (its last token's logits are kept); a fixed seed gives the same answer as on an instance that holds
+    nothing."""
     await PROVIDER.chat(call(max_tokens=1))  # loaded
     loaded = llamacpp.models.items()[GEMMA_PACKAGE]
     evaluated: list[int] = []
@@ -475,5 +476,32 @@ async def test_a_prompt_reuses_what_the_last_one_left_and_answers_as_a_fresh_ins
 
     assert cold_cost == prompt_tokens > 250
     assert warm_cost < prompt_tokens // 2  # the first three turns came from the cache
-    assert again_cost == 1  # the same prompt: only its last token
+    assert again_cost == 0  # the same prompt: its logits were kept
     assert warm == again == cold
+
+
+async def test_a_repeated_prompt_samples_from_kept_logits_exactly_as_a_cold_instance_does() -> None:
+    """The same prompt again is answered from the logits its last evaluation left (written back into llama.cpp's
+    buffer): its logprobs and answer are those of an instance that holds nothing, and a different prompt in
+    between is not answered from them."""
+    await PROVIDER.chat(call(max_tokens=1))  # loaded
+    loaded = llamacpp.models.items()[GEMMA_PACKAGE]
+
+    def forget_everything() -> None:
+        for instance in loaded.instances:
+            llamacpp._forget_prompt(instance)
+
+    async def answer(content: str) -> tuple[str, list[tuple[str, float]]]:
+        result = await PROVIDER.chat(call(content, max_tokens=4, seed=3, temperature=0.8, logprobs=True,
+                                          top_logprobs=2))
+        choice = result["choices"][0]
+        return choice["message"]["content"], [(entry["token"], entry["logprob"])
+                                              for entry in choice["logprobs"]["content"]]
+
+    forget_everything()
+    cold = await answer("Name a colour.")
+    other_cold = await answer("Name a river.")
+    assert await answer("Name a colour.") == cold  # the instance held "a river" in between: evaluated again
+    assert await answer("Name a colour.") == cold  # the same prompt again: from the kept logits
+    assert await answer("Name a river.") == other_cold
+    assert any(instance.prompt_logits is not None for instance in loaded.instances)
