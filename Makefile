@@ -31,7 +31,7 @@ $(VENV)/.test-deps: pyproject.toml $(VENV)/.run-deps
 run: $(VENV)/.run-deps
 	$(PY) manage.py migrate --no-input -v 0
 	$(PY) manage.py bootstrap
-	$(VENV)/bin/daphne -b 127.0.0.1 -p 8000 platform_site.asgi:application
+	$(PY) -m platform_site.serve -b 127.0.0.1 -p 8000 platform_site.asgi:application
 
 # The browser tests drive Debian's Chromium through Playwright: a test tool's own browser download cannot
 # work on this network, so the system package is installed when it is missing.

@@ -194,7 +194,8 @@ def main() -> None:
         else:
             if args.workers != 1:
                 parser.error("daphne runs one process; use --server uvicorn for several workers")
-            command = [sys.executable, "-m", "daphne", "-p", str(port), "-v", "0", "platform_site.asgi:application"]
+            command = [sys.executable, "-m", "platform_site.serve", "-p", str(port), "-v", "0",
+                       "platform_site.asgi:application"]
         keyway = subprocess.Popen(command, cwd=BASE_DIR, env=env)
         keyway_url = f"http://127.0.0.1:{port}"
         wait_for(f"{keyway_url}/health", process=keyway)

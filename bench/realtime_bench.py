@@ -111,7 +111,8 @@ def main() -> None:
                        "--loop", "uvloop", "--http", "httptools", "--ws", args.ws, "--no-access-log",
                        "--log-level", "warning"]
         else:
-            command = [sys.executable, "-m", "daphne", "-p", str(port), "-v", "0", "platform_site.asgi:application"]
+            command = [sys.executable, "-m", "platform_site.serve", "-p", str(port), "-v", "0",
+                       "platform_site.asgi:application"]
         keyway = subprocess.Popen(command, cwd=BASE_DIR, env=env)
         base = f"127.0.0.1:{port}"
         wait_for(f"http://{base}/health", process=keyway)

@@ -836,7 +836,8 @@ def main() -> None:
             command = [sys.executable, "-m", "uvicorn", "platform_site.asgi:application", *options.split()]
             command += ["--log-level", "warning"]
         else:
-            command = [sys.executable, "-m", "daphne", "-p", str(port), "-v", "0", "platform_site.asgi:application"]
+            command = [sys.executable, "-m", "platform_site.serve", "-p", str(port), "-v", "0",
+                       "platform_site.asgi:application"]
         log = scratch / "keyway.log"
         # A session of its own, so that a Ctrl-C ends the load and leaves the server up for the books.
         keyway = subprocess.Popen(

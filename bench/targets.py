@@ -129,7 +129,7 @@ def start_uvicorn(env: dict[str, str], workers: int, log: Path) -> tuple[subproc
 def start_daphne(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "-v", "0",
+        [sys.executable, "-m", "platform_site.serve", "-b", "127.0.0.1", "-p", str(port), "-v", "0",
          "platform_site.asgi:application"],
         cwd=BASE_DIR, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )

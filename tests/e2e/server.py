@@ -150,7 +150,8 @@ def start_keyway(
         command = [PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
                    "--workers", str(workers), "platform_site.asgi:application"]
     else:
-        command = [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "platform_site.asgi:application"]
+        command = [PYTHON, "-m", "platform_site.serve", "-b", "127.0.0.1", "-p", str(port),
+                   "platform_site.asgi:application"]
     process = subprocess.Popen(command, cwd=BASE_DIR, env=env, stdout=handle, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_for(f"{url}/health", process=process)
