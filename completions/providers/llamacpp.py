@@ -495,6 +495,14 @@ def _logits_row(llama: Any) -> Any:
     return np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(llama.n_vocab(),))
 
 
+def _evaluate(llama: Any, tokens: tuple[int, ...]) -> None:
+    try:
+        llama.eval(tokens)
+    except BaseException:
+        _forget_prompt(llama)  # what a failed evaluation left in the cache is unknown
+        raise
+
+
 def _prefilled(llama: Any, messages: list[dict[str, str]], **options: Any) -> Iterator[Any]:
     """_complete(stream=True), with the prompt evaluated the canonical way first, a chunk per step.
 
@@ -533,16 +541,12 @@ def _prefilled(llama: Any, messages: list[dict[str, str]], **options: Any) -> It
         # Everything past the kept tokens is dropped from the cache by the next evaluation.
         llama.n_tokens = kept
         llama.evaluated = head[:kept]
-        try:
-            for start in range(kept, len(head), _PREFILL_CHUNK):
-                end = min(start + _PREFILL_CHUNK, len(head))
-                llama.eval(head[start:end])
-                llama.evaluated = head[:end]
-                yield None
-            llama.eval(prompt[-1:])
-        except BaseException:
-            _forget_prompt(llama)  # what a failed evaluation left in the cache is unknown
-            raise
+        for start in range(kept, len(head), _PREFILL_CHUNK):
+            end = min(start + _PREFILL_CHUNK, len(head))
+            _evaluate(llama, head[start:end])
+            llama.evaluated = head[:end]
+            yield None
+        _evaluate(llama, prompt[-1:])
         llama.prompt_logits = (prompt, _logits_row(llama).copy())
     yield from llama.create_chat_completion(messages=messages, stream=True, **options)
 
