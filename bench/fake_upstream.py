@@ -10,6 +10,9 @@ The requested model name picks the behaviour:
   stream-garbage         send two chunks, then a data line that is not JSON
   stream-stall           send two chunks, then nothing for 30 s (a silent upstream mid-stream)
   trickle                answer like ok, a few bytes at a time (a slow network): TRICKLE_SECONDS in all
+  stream-framing         stream like ok, framed every way the SSE format allows: CRLF line ends, comment
+                         lines, an event's JSON over two data lines, writes cut in the middle of lines
+  stream-huge            send two chunks, then a data line of 2 MiB that never ends
   drip                   stream like ok, one chunk every DRIP_SECONDS (clients that leave mid-stream)
   slow-stream-<S>        stream like ok, the chunks spread over S seconds (many long streams at once)
   chars                  answer like ok, but count one prompt token per character of the messages' text (as
@@ -107,6 +110,32 @@ async def _trickle(response: web.StreamResponse, data: bytes, seconds: float) ->
         await asyncio.sleep(seconds / 50)
 
 
+async def _framed(response: web.StreamResponse, model: str) -> None:
+    """ok's stream (CHUNKS content chunks, a finish chunk, usage), framed in every way SSE allows and written in
+    pieces cut mid-line."""
+    events = [_chunk(model, {"role": "assistant", "content": ""})]
+    events += [_chunk(model, {"content": f"t{index} "}) for index in range(CHUNKS)]
+    events.append(_chunk(model, {}, "stop"))
+    usage = {"id": "chatcmpl-upstream", "object": "chat.completion.chunk", "created": int(time.time()),
+             "model": model, "choices": [],
+             "usage": {"prompt_tokens": 9, "completion_tokens": CHUNKS, "total_tokens": 9 + CHUNKS}}
+    events.append(b"data: " + orjson.dumps(usage) + b"\n\n")
+    framed = b": keep-alive\r\n\r\n"
+    for index, event in enumerate(events):
+        data = event.removeprefix(b"data: ").rstrip(b"\n")
+        if index % 3 == 0:  # the JSON over two data lines (joined with a newline, which JSON reads as space)
+            cut = data.index(b",") + 1
+            framed += b"data: " + data[:cut] + b"\r\ndata:" + data[cut:] + b"\r\n\r\n"
+        elif index % 3 == 1:
+            framed += b"event: message\r\nid: " + str(index).encode() + b"\r\ndata: " + data + b"\r\n\r\n"
+        else:
+            framed += b"data: " + data + b"\n\n"
+    framed += b"data: [DONE]\r\n\r\n"
+    for start in range(0, len(framed), 37):
+        await response.write(framed[start : start + 37])
+        await asyncio.sleep(0)
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = orjson.loads(await request.read())
     model = body.get("model", "ok")
@@ -141,8 +170,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await response.write(_chunk(model, {}, "stop" if model != "tools-split" else "tool_calls"))
         await response.write(b"data: [DONE]\n\n")
         return response
+    if model == "stream-framing":
+        await _framed(response, model)
+        return response
     await response.write(_chunk(model, {"role": "assistant", "content": ""}))
-    cut = model in ("stream-break", "stream-garbage", "stream-stall")
+    cut = model in ("stream-break", "stream-garbage", "stream-stall", "stream-huge")
     count = 2 if cut else CHUNKS
     pause = DRIP_SECONDS if model == "drip" else 0.0
     if model.startswith("slow-stream-"):
@@ -162,6 +194,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await response.write(b"data: <html>502 Bad Gateway</html>\n\n")
         return response
     if model == "stream-stall":
+        await asyncio.sleep(30)
+        return response
+    if model == "stream-huge":
+        for _ in range(32):
+            await response.write(b"data: " + b"x" * 65536)
         await asyncio.sleep(30)
         return response
     await response.write(_chunk(model, {}, "stop"))

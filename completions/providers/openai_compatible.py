@@ -152,6 +152,15 @@ def _rejection(status: int, raw: bytes, retry_after: str | None = None) -> Provi
     return rejected
 
 
+# The most one server-sent event of an upstream's stream may hold (its data lines together, or one line not yet
+# ended): past it the stream is refused rather than buffered.
+_MAX_STREAM_EVENT = 1 << 20
+
+
+def _event_too_large() -> UpstreamUnavailable:
+    return UpstreamUnavailable("The upstream provider sent a stream event over 1 MiB.")
+
+
 class OpenAICompatibleProvider:
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -246,30 +255,60 @@ class OpenAICompatibleProvider:
         try:
             if response.status >= 400:
                 raise _rejection(response.status, await response.read(), response.headers.get("Retry-After"))
+            # The events are cut from whatever the connection has buffered (readany), not read a line at a time:
+            # aiohttp's readline is two calls and a scan per line, 13 % of a relayed stream's CPU.
+            held: list[bytes] = []  # the start of a line whose end has not arrived
+            held_bytes = 0
             data_lines: list[bytes] = []
-            async for raw_line in response.content:
-                line = raw_line.rstrip(b"\r\n")
-                if line:
-                    if line.startswith(b"data:"):
-                        data_lines.append(line[5:].lstrip(b" "))
-                    continue
-                if not data_lines:
-                    continue
-                data = b"\n".join(data_lines)
-                data_lines = []
-                if data.startswith(b"[DONE]"):
-                    finished = True
+            event_bytes = 0
+            while not finished:
+                block = await response.content.readany()
+                if not block:
                     break
-                try:
-                    chunk = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    raise UpstreamUnavailable("The upstream provider sent a stream event that is not JSON.") from None
-                if not isinstance(chunk, dict):
-                    raise UpstreamUnavailable("The upstream provider sent an unexpected stream event.")
-                if chunk.get("error"):
-                    # Mid-stream failures are the upstream's own; their text is not passed on.
-                    raise UpstreamUnavailable("The upstream provider failed mid-stream.")
-                yield chunk
+                if b"\n" not in block:
+                    held.append(block)
+                    held_bytes += len(block)
+                    if held_bytes + event_bytes > _MAX_STREAM_EVENT:
+                        raise _event_too_large()
+                    continue
+                if held:
+                    held.append(block)
+                    block = b"".join(held)
+                    held, held_bytes = [], 0
+                lines = block.split(b"\n")
+                tail = lines.pop()
+                if tail:
+                    held, held_bytes = [tail], len(tail)
+                for line in lines:
+                    if line.endswith(b"\r"):
+                        line = line[:-1]
+                    if line:
+                        if line.startswith(b"data:"):
+                            data = line[5:].lstrip(b" ")
+                            data_lines.append(data)
+                            event_bytes += len(data)
+                            if event_bytes > _MAX_STREAM_EVENT:
+                                raise _event_too_large()
+                        continue
+                    if not data_lines:
+                        continue
+                    data = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
+                    data_lines, event_bytes = [], 0
+                    if data.startswith(b"[DONE]"):
+                        finished = True
+                        break
+                    try:
+                        chunk = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        raise UpstreamUnavailable(
+                            "The upstream provider sent a stream event that is not JSON."
+                        ) from None
+                    if not isinstance(chunk, dict):
+                        raise UpstreamUnavailable("The upstream provider sent an unexpected stream event.")
+                    if chunk.get("error"):
+                        # Mid-stream failures are the upstream's own; their text is not passed on.
+                        raise UpstreamUnavailable("The upstream provider failed mid-stream.")
+                    yield chunk
             if not finished:
                 raise UpstreamUnavailable("The upstream provider ended the stream before it was complete.")
         except TimeoutError:

@@ -24,7 +24,8 @@ from tests.e2e.server import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-FAULTS = ["slow", "badjson", "http429", "http500", "stream-break", "stream-garbage", "stream-stall", "trickle"]
+FAULTS = ["slow", "badjson", "http429", "http500", "stream-break", "stream-garbage", "stream-stall", "stream-huge",
+          "trickle", "stream-framing"]
 OUTPUT_PRICE = 1_000_000_000  # 1,000 micro-USD an output token
 INPUT_PRICE = 1_000_000  # 1 micro-USD an input token: a charged prompt shows in the cost
 
@@ -81,6 +82,8 @@ CASES = [
     ("stream-break", True, 200, "upstream_error", UsageEvent.Status.INCOMPLETE, True),
     ("stream-garbage", True, 200, "upstream_error", UsageEvent.Status.INCOMPLETE, True),
     ("stream-stall", True, 200, "upstream_timeout", UsageEvent.Status.INCOMPLETE, True),
+    ("stream-huge", True, 200, "upstream_error", UsageEvent.Status.INCOMPLETE, True),
+    ("stream-framing", True, 200, None, UsageEvent.Status.OK, True),
     ("trickle", False, 200, None, UsageEvent.Status.OK, True),
     ("trickle", True, 200, None, UsageEvent.Status.OK, True),
 ]
@@ -104,6 +107,10 @@ async def test_each_upstream_fault_gets_its_documented_answer_charges_what_was_m
         assert events[-1] == "[DONE]"
         errors = [event for event in events[:-1] if "error" in event]
         assert [error["error"]["code"] for error in errors] == ([code] if code else [])
+        if code is None:  # whole, however the upstream cut and framed its bytes
+            text = "".join(event["choices"][0]["delta"].get("content") or "" for event in events[:-1]
+                           if event.get("choices"))
+            assert text == "".join(f"t{index} " for index in range(20))
     else:
         assert answer.json()["choices"][0]["message"]["content"] == "Hello from the fake upstream."
     if model == "http429":
