@@ -218,6 +218,26 @@ class ApiHandler(ASGIHandler):
             response["Access-Control-Expose-Headers"] = _CORS_EXPOSED
         await self.send_response(response, send)
 
+    async def send_response(self, response: HttpResponseBase, send: Any) -> None:
+        """Django's, for an event stream without its per-part layers: two async generators, make_bytes and
+        chunk_bytes for every event, which is a bytes object already (about 3 % of a relayed stream's CPU).
+        Anything else is Django's to send."""
+        parts = getattr(response, "_iterator", None) if getattr(response, "is_async", False) else None
+        if parts is None or not hasattr(parts, "aclose"):
+            await super().send_response(response, send)
+            return
+        headers = [
+            (name.encode("ascii"), value.encode("latin-1")) for name, value in response.items()
+        ]
+        headers += [(b"Set-Cookie", cookie.output(header="").encode("ascii").strip())
+                    for cookie in response.cookies.values()]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        async with contextlib.aclosing(parts):
+            async for part in parts:
+                body = part if type(part) is bytes else response.make_bytes(part)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+        await send({"type": "http.response.body"})
+
     async def _read_body(self, scope: dict[str, Any], receive: Any) -> bytes:
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         for name, value in scope.get("headers", ()):
