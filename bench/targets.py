@@ -99,17 +99,15 @@ def process_cpu(pids: list[int]) -> float:
     return sum(cpu_seconds(pid) for pid in pids)
 
 
-def wait_until_idle(pid: int, *, busy: float = 0.05, longest: float = 30.0) -> float:
+def wait_until_idle(pid: int, *, busy: float = 0.05, longest: float = 30.0) -> None:
     """Wait until a process and its children use under `busy` of a core (for up to `longest` seconds): what one
-    row left running (5,000 streams' settlements, the ledger's writes) is not measured in the next. Returns the
-    seconds waited."""
-    started = time.monotonic()
-    while time.monotonic() - started < longest:
+    row left running (5,000 streams' settlements, the ledger's writes) is not measured in the next."""
+    deadline = time.monotonic() + longest
+    while time.monotonic() < deadline:
         before = cpu_seconds(pid)
         time.sleep(0.5)
         if cpu_seconds(pid) - before < busy * 0.5:
-            break
-    return time.monotonic() - started
+            return
 
 
 def rss_bytes(pid: int) -> int:
