@@ -13,6 +13,8 @@ The requested model name picks the behaviour:
   stream-framing         stream like ok, framed every way the SSE format allows: CRLF line ends, comment
                          lines, an event's JSON over two data lines, writes cut in the middle of lines
   stream-huge            send two chunks, then a data line of 2 MiB that never ends
+  stream-burst           stream like ok, every event in one write (a fast upstream: they arrive together)
+  burst-garbage          the role and two chunks, then a data line that is not JSON, in one write
   drip                   stream like ok, one chunk every DRIP_SECONDS (clients that leave mid-stream)
   slow-stream-<S>        stream like ok, the chunks spread over S seconds (many long streams at once)
   chars                  answer like ok, but count one prompt token per character of the messages' text (as
@@ -110,9 +112,8 @@ async def _trickle(response: web.StreamResponse, data: bytes, seconds: float) ->
         await asyncio.sleep(seconds / 50)
 
 
-async def _framed(response: web.StreamResponse, model: str) -> None:
-    """ok's stream (CHUNKS content chunks, a finish chunk, usage), framed in every way SSE allows and written in
-    pieces cut mid-line."""
+def _ok_events(model: str) -> list[bytes]:
+    """ok's stream as events: the role, CHUNKS content chunks, a finish chunk and usage (no [DONE])."""
     events = [_chunk(model, {"role": "assistant", "content": ""})]
     events += [_chunk(model, {"content": f"t{index} "}) for index in range(CHUNKS)]
     events.append(_chunk(model, {}, "stop"))
@@ -120,6 +121,12 @@ async def _framed(response: web.StreamResponse, model: str) -> None:
              "model": model, "choices": [],
              "usage": {"prompt_tokens": 9, "completion_tokens": CHUNKS, "total_tokens": 9 + CHUNKS}}
     events.append(b"data: " + orjson.dumps(usage) + b"\n\n")
+    return events
+
+
+async def _framed(response: web.StreamResponse, model: str) -> None:
+    """ok's stream, framed in every way SSE allows and written in pieces cut mid-line."""
+    events = _ok_events(model)
     framed = b": keep-alive\r\n\r\n"
     for index, event in enumerate(events):
         data = event.removeprefix(b"data: ").rstrip(b"\n")
@@ -172,6 +179,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return response
     if model == "stream-framing":
         await _framed(response, model)
+        return response
+    if model == "stream-burst":
+        await response.write(b"".join(_ok_events(model)) + b"data: [DONE]\n\n")
+        return response
+    if model == "burst-garbage":
+        await response.write(b"".join(_ok_events(model)[:3]) + b"data: <html>502 Bad Gateway</html>\n\n")
         return response
     await response.write(_chunk(model, {"role": "assistant", "content": ""}))
     cut = model in ("stream-break", "stream-garbage", "stream-stall", "stream-huge")

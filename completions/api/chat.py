@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -62,17 +63,23 @@ class _ServerSentEvents:
         return self._events()
 
     async def _events(self) -> AsyncIterator[bytes]:
+        """One part per batch of chunks that arrived together, so that one write relays them all."""
         envelope = self.envelope
+        frame = sse.frame
         try:
-            async for choices in self.stream:
-                yield sse.frame({**envelope, "choices": choices})
+            async with contextlib.aclosing(self.stream.batches()) as batches:
+                async for batch in batches:
+                    if len(batch) == 1:
+                        yield frame({**envelope, "choices": batch[0]})
+                    else:
+                        yield b"".join([frame({**envelope, "choices": choices}) for choices in batch])
         except Exception as exc:  # noqa: BLE001 - after the first byte an error can only be an SSE event
             # The stream has settled itself as incomplete; the client learns why.
-            yield sse.error_frame(to_api_error(exc, request_id=self.request_id).body())
-            yield sse.DONE
+            yield sse.error_frame(to_api_error(exc, request_id=self.request_id).body()) + sse.DONE
             return
         # The stream settled itself when the upstream finished, before these last frames.
         if self.include_usage and self.stream.usage is not None:
             final: dict[str, Any] = {**envelope, "choices": [], "usage": self.stream.usage}
-            yield sse.frame(final)
-        yield sse.DONE
+            yield frame(final) + sse.DONE
+        else:
+            yield sse.DONE

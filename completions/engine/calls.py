@@ -18,7 +18,8 @@ rate-limit headers too. The engine never builds an HTTP response; surfaces never
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,7 +292,7 @@ async def chat(
 async def chat_stream(
     request: ChatRequest, *, caller: Caller, prepare: Prepare | None = None, call_id: str | None = None
 ) -> ChatStream:
-    """One chat completion, answered in chunks. The first chunk is awaited here, before anything is sent: an
+    """One chat completion, answered in chunks. The first ones are awaited here, before anything is sent: an
     upstream that fails at once can still be replaced by the next deployment, or get the client a proper
     HTTP status and a JSON error. Once a byte has gone to the client there is no retry.
 
@@ -304,7 +305,9 @@ async def chat_stream(
 
     tried: Attempt | None = None
 
-    async def open_stream(entry: CatalogEntry, deployment: DeploymentEntry) -> tuple[Any, dict[str, Any] | None]:
+    async def open_stream(
+        entry: CatalogEntry, deployment: DeploymentEntry
+    ) -> tuple[Any, list[dict[str, Any]] | None]:
         nonlocal tried
         tried = (entry, deployment)
         await preload_token_counter(entry, deployment)
@@ -347,8 +350,9 @@ class ChatStream:
       by a WebSocket consumer, or by leaving `async with`): the client is charged for what was produced
       (`client_disconnected`) and the upstream is told to stop.
 
-    Iterating yields each chunk's `choices`, already in OpenAI's shape; `usage` holds the upstream's
-    report once it came.
+    Iterating yields each chunk's `choices`, already in OpenAI's shape; `batches()` yields them in lists, one
+    per batch of chunks that arrived together (a surface relays a batch in one write). `usage` holds the
+    upstream's report once it came.
     """
 
     def __init__(
@@ -359,7 +363,7 @@ class ChatStream:
         entry: CatalogEntry,
         deployment: DeploymentEntry,
         upstream: Any,
-        first: dict[str, Any] | None,
+        first: list[dict[str, Any]] | None,
         headers: dict[str, str],
     ) -> None:
         self.call_id = call_id
@@ -382,22 +386,32 @@ class ChatStream:
         return self._choices()
 
     async def _choices(self) -> AsyncIterator[list[dict[str, Any]]]:
+        async with contextlib.aclosing(self.batches()) as batches:
+            async for batch in batches:
+                for choices in batch:
+                    yield choices
+
+    async def batches(self) -> AsyncGenerator[list[list[dict[str, Any]]], None]:
         if self._settled:
             return  # closed before it was read
-        upstream, chunk = self._upstream, self._first
+        upstream, batch = self._upstream, self._first
         self._first = None
         normalizer, produced = self._normalizer, self._produced
         try:
-            while chunk is not None:
-                usage = chunk.pop("usage", None)
-                if usage:
-                    self.usage = usage
-                choices = chunk.get("choices")
-                if choices:
-                    normalizer.frame_choices(choices)
-                    produced.add_choices(choices)
-                    yield choices
-                chunk = await anext(upstream, None)
+            while batch is not None:
+                out = []
+                for chunk in batch:
+                    usage = chunk.pop("usage", None)
+                    if usage:
+                        self.usage = usage
+                    choices = chunk.get("choices")
+                    if choices:
+                        normalizer.frame_choices(choices)
+                        produced.add_choices(choices)
+                        out.append(choices)
+                if out:
+                    yield out
+                batch = await anext(upstream, None)
         except Exception as error:
             self._upstream = None  # it raised, so it is finished
             self._settle(Status.INCOMPLETE)

@@ -65,9 +65,10 @@ class ChatProvider(Protocol):
     async def chat(self, call: ChatCall) -> dict[str, Any]:
         """Return a `chat.completion` object (id, model and created are rewritten by the caller)."""
 
-    def chat_stream(self, call: ChatCall) -> AsyncGenerator[dict[str, Any], None]:
-        """Yield `chat.completion.chunk` objects; the last one carries `usage` when the backend knows it.
-        Closing the iterator early must stop the generation upstream."""
+    def chat_stream(self, call: ChatCall) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """Yield `chat.completion.chunk` objects in batches: each batch (never empty) holds the chunks that
+        arrived together, in order, so that they can be relayed together. The last chunk carries `usage` when
+        the backend knows it. Closing the iterator early must stop the generation upstream."""
 
     async def embeddings(self, call: EmbeddingsCall) -> dict[str, Any]:
         """Return an embeddings `list` object."""

@@ -742,7 +742,7 @@ class LlamaCppProvider:
             "usage": _usage(meter),
         }
 
-    async def chat_stream(self, call: ChatCall) -> AsyncGenerator[dict[str, Any], None]:
+    async def chat_stream(self, call: ChatCall) -> AsyncGenerator[list[dict[str, Any]], None]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         meter = _new_meter(call.body)
@@ -754,22 +754,30 @@ class LlamaCppProvider:
         )
         try:
             while True:
+                # The chunks generated while the loop was busy elsewhere go out together, as one batch.
                 item = await queue.get()
+                batch: list[dict[str, Any]] = []
+                while item is not _DONE and not isinstance(item, BaseException):
+                    batch.append(item)
+                    item = queue.get_nowait() if not queue.empty() else None
+                    if item is None:
+                        break
+                if batch:
+                    yield batch
                 if item is _DONE:
                     break
                 if isinstance(item, BaseException):
                     if isinstance(item, UpstreamTimeout):
                         item.usage = _usage(meter)
                     raise _stopped() if isinstance(item, Cancelled) else item
-                yield item
-            yield {
+            yield [{
                 "id": "",
                 "object": "chat.completion.chunk",
                 "created": int(started),
                 "model": call.upstream_model,
                 "choices": [],
                 "usage": _usage(meter),
-            }
+            }]
         finally:
             # Runs on normal end, on error and when the client disconnects (the generator is closed).
             meter.cancel.set()

@@ -150,6 +150,6 @@ class OnnxEmbeddingsProvider:
     async def chat(self, call: ChatCall) -> dict[str, Any]:
         raise UnsupportedByModel("This model serves embeddings only.", param="model")
 
-    def chat_stream(self, call: ChatCall) -> AsyncGenerator[dict[str, Any], None]:
+    def chat_stream(self, call: ChatCall) -> AsyncGenerator[list[dict[str, Any]], None]:
         # Raised when the stream is requested, before any byte is sent.
         raise UnsupportedByModel("This model serves embeddings only.", param="model")

@@ -161,6 +161,21 @@ def _event_too_large() -> UpstreamUnavailable:
     return UpstreamUnavailable("The upstream provider sent a stream event over 1 MiB.")
 
 
+def _add_event(data: bytes, batch: list[dict[str, Any]]) -> Exception | None:
+    """Append an event's chunk to the batch; or return the failure the event is, appending nothing."""
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return UpstreamUnavailable("The upstream provider sent a stream event that is not JSON.")
+    if not isinstance(chunk, dict):
+        return UpstreamUnavailable("The upstream provider sent an unexpected stream event.")
+    if chunk.get("error"):
+        # Mid-stream failures are the upstream's own; their text is not passed on.
+        return UpstreamUnavailable("The upstream provider failed mid-stream.")
+    batch.append(chunk)
+    return None
+
+
 class OpenAICompatibleProvider:
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -229,16 +244,16 @@ class OpenAICompatibleProvider:
             raise UpstreamUnavailable("The upstream provider sent an embeddings answer without data.")
         return data
 
-    async def chat_stream(self, call: ChatCall) -> AsyncGenerator[dict[str, Any], None]:
+    async def chat_stream(self, call: ChatCall) -> AsyncGenerator[list[dict[str, Any]], None]:
         gate = upstream_gates.get()
         await gate.enter(call.key)
         try:
-            async for chunk in self._stream(call):
-                yield chunk
+            async for batch in self._stream(call):
+                yield batch
         finally:
             gate.leave(call.key)
 
-    async def _stream(self, call: ChatCall) -> AsyncGenerator[dict[str, Any], None]:
+    async def _stream(self, call: ChatCall) -> AsyncGenerator[list[dict[str, Any]], None]:
         payload = {**call.body, "model": call.upstream_model, "stream": True}
         # Always ask for usage: metering must not depend on what the client asked for.
         payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
@@ -256,7 +271,8 @@ class OpenAICompatibleProvider:
             if response.status >= 400:
                 raise _rejection(response.status, await response.read(), response.headers.get("Retry-After"))
             # The events are cut from whatever the connection has buffered (readany), not read a line at a time:
-            # aiohttp's readline is two calls and a scan per line, 13 % of a relayed stream's CPU.
+            # aiohttp's readline is two calls and a scan per line, 13 % of a relayed stream's CPU. The events
+            # of one read are yielded together, as one batch, which the surfaces relay in one write.
             held: list[bytes] = []  # the start of a line whose end has not arrived
             held_bytes = 0
             data_lines: list[bytes] = []
@@ -279,6 +295,8 @@ class OpenAICompatibleProvider:
                 tail = lines.pop()
                 if tail:
                     held, held_bytes = [tail], len(tail)
+                batch: list[dict[str, Any]] = []
+                failure: Exception | None = None
                 for line in lines:
                     if line.endswith(b"\r"):
                         line = line[:-1]
@@ -288,7 +306,8 @@ class OpenAICompatibleProvider:
                             data_lines.append(data)
                             event_bytes += len(data)
                             if event_bytes > _MAX_STREAM_EVENT:
-                                raise _event_too_large()
+                                failure = _event_too_large()
+                                break
                         continue
                     if not data_lines:
                         continue
@@ -297,18 +316,13 @@ class OpenAICompatibleProvider:
                     if data.startswith(b"[DONE]"):
                         finished = True
                         break
-                    try:
-                        chunk = orjson.loads(data)
-                    except orjson.JSONDecodeError:
-                        raise UpstreamUnavailable(
-                            "The upstream provider sent a stream event that is not JSON."
-                        ) from None
-                    if not isinstance(chunk, dict):
-                        raise UpstreamUnavailable("The upstream provider sent an unexpected stream event.")
-                    if chunk.get("error"):
-                        # Mid-stream failures are the upstream's own; their text is not passed on.
-                        raise UpstreamUnavailable("The upstream provider failed mid-stream.")
-                    yield chunk
+                    failure = _add_event(data, batch)
+                    if failure is not None:
+                        break
+                if batch:
+                    yield batch  # what came before a failure in the same read is relayed (and charged) first
+                if failure is not None:
+                    raise failure
             if not finished:
                 raise UpstreamUnavailable("The upstream provider ended the stream before it was complete.")
         except TimeoutError:
@@ -321,7 +335,6 @@ class OpenAICompatibleProvider:
             else:
                 # Closing the connection is what tells the upstream to stop generating.
                 response.close()
-
 
     async def realtime_connect(self, upstream_model: str, *, beta: bool) -> aiohttp.ClientWebSocketResponse:
         """Open the upstream's realtime WebSocket for `upstream_model` with the gateway's credentials (never

@@ -38,7 +38,9 @@ async def test_same_seed_gives_the_same_answer_and_max_tokens_is_a_hard_limit() 
 
 async def test_stream_reports_the_same_usage_as_the_plain_call() -> None:
     plain = await PROVIDER.chat(call(max_tokens=5, seed=3, temperature=0))
-    chunks = [chunk async for chunk in PROVIDER.chat_stream(call(max_tokens=5, seed=3, temperature=0))]
+    batches = [batch async for batch in PROVIDER.chat_stream(call(max_tokens=5, seed=3, temperature=0))]
+    assert all(batches)  # a batch is never empty
+    chunks = [chunk for batch in batches for chunk in batch]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == plain["choices"][0]["message"]["content"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]

@@ -25,7 +25,7 @@ from tests.e2e.server import free_port
 pytestmark = pytest.mark.django_db(transaction=True)
 
 FAULTS = ["slow", "badjson", "http429", "http500", "stream-break", "stream-garbage", "stream-stall", "stream-huge",
-          "trickle", "stream-framing"]
+          "trickle", "stream-framing", "stream-burst", "burst-garbage"]
 OUTPUT_PRICE = 1_000_000_000  # 1,000 micro-USD an output token
 INPUT_PRICE = 1_000_000  # 1 micro-USD an input token: a charged prompt shows in the cost
 
@@ -84,6 +84,8 @@ CASES = [
     ("stream-stall", True, 200, "upstream_timeout", UsageEvent.Status.INCOMPLETE, True),
     ("stream-huge", True, 200, "upstream_error", UsageEvent.Status.INCOMPLETE, True),
     ("stream-framing", True, 200, None, UsageEvent.Status.OK, True),
+    ("stream-burst", True, 200, None, UsageEvent.Status.OK, True),
+    ("burst-garbage", True, 200, "upstream_error", UsageEvent.Status.INCOMPLETE, True),
     ("trickle", False, 200, None, UsageEvent.Status.OK, True),
     ("trickle", True, 200, None, UsageEvent.Status.OK, True),
 ]
@@ -152,3 +154,38 @@ async def test_a_request_the_server_stops_before_answering_gets_a_503_to_retry_a
         await asyncio.sleep(0.02)
     event, spent = await _charged(faulty)
     assert event.status == UsageEvent.Status.CLIENT_DISCONNECTED and spent == event.cost_micros
+
+
+async def test_events_that_arrive_together_leave_together_and_a_failure_among_them_loses_none(
+    faulty: Organization, api_key: tuple[Any, str]
+) -> None:
+    """A fast upstream's events reach the gateway in one read; they are relayed in one write, not one each. Those
+    read together with a broken event still reach the client, before the error event, and are charged."""
+    from bench.hotpath_bench import asgi_call
+    from platform_site.asgi import application
+
+    def request(model: str) -> bytes:
+        return orjson.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+                             "stream": True, "stream_options": {"include_usage": True}})
+
+    sent: list[dict[str, Any]] = []
+    assert await asgi_call(application, api_key[1], request("stream-burst"), messages=sent) == 200
+    parts = [message["body"] for message in sent if message["type"] == "http.response.body" and message.get("body")]
+    events = _events(b"".join(parts).decode())
+    assert len(events) == 24  # the role, 20 chunks, the finish, usage, [DONE]
+    assert "".join(event["choices"][0]["delta"].get("content") or "" for event in events[:22]) == "".join(
+        f"t{index} " for index in range(20))
+    assert events[-2]["usage"]["completion_tokens"] == 20 and events[-1] == "[DONE]"
+    # One read: the 22 chunks in one write; the usage and [DONE], which follow the settlement, in another.
+    assert len(parts) == 2, [part[:40] for part in parts]
+
+    sent.clear()
+    assert await asgi_call(application, api_key[1], request("burst-garbage"), messages=sent) == 200
+    parts = [message["body"] for message in sent if message["type"] == "http.response.body" and message.get("body")]
+    events = _events(b"".join(parts).decode())
+    assert [event["choices"][0]["delta"].get("content") for event in events[:3]] == ["", "t0 ", "t1 "]
+    assert events[3]["error"]["code"] == "upstream_error" and events[4] == "[DONE]" and len(events) == 5
+    await metering.flush()
+    status, output = await sync_to_async(lambda: UsageEvent.objects.order_by("created_at").values_list(
+        "status", "completion_tokens").last())()
+    assert status == UsageEvent.Status.INCOMPLETE and output > 0
