@@ -78,22 +78,24 @@ def prepare_demo(env: dict[str, str], upstream_url: str) -> str:
     return key
 
 
+def own_cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process, without its children's (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and all its descendants (uvicorn's workers are children)."""
-    total = 0.0
+    """User + system CPU of a process and its children (uvicorn's workers)."""
     pids = [pid]
     try:
         children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
         pids += [int(child) for child in children]
     except FileNotFoundError:
         pass
-    for one in pids:
-        try:
-            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return total
+    return sum(own_cpu_seconds(one) for one in pids)
 
 
 async def load(url: str, headers: dict[str, str], body: bytes, *, concurrency: int, seconds: float,
