@@ -181,11 +181,15 @@ class UsageEvent(models.Model):
     request_id = models.CharField(max_length=64, db_index=True)
     # The WebSocket connection, agent run or conversation the call belongs to; "" for a plain request.
     session_id = models.CharField(max_length=64, blank=True, default="")
-    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
-    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # No index of their own: those of Meta.indexes, which start with them, serve every lookup by them (and the
+    # checks of a deleted parent); one more index per row written is one more page to update.
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+", db_index=False)
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+                                db_index=False)
     # The key's project when the call was made (keys never move between projects; kept here so that usage
     # and project budgets are read without a join, and survive the key).
-    project = models.ForeignKey(Project, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    project = models.ForeignKey(Project, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+                                db_index=False)
     endpoint = models.PositiveSmallIntegerField(choices=Endpoint.choices)
     model = models.CharField(max_length=128)
     deployment_id = models.PositiveIntegerField(null=True, blank=True)
