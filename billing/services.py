@@ -237,7 +237,9 @@ def _insert_new_events(events: list[SettledUsage]) -> list[str]:
     On PostgreSQL, one statement whose parameters are a column each (`unnest` of 19 arrays): its text is the same
     for every batch. Rows of placeholders made psycopg parse a query with 19 placeholders per event, a new one
     for every batch size: 78-106 µs of CPU per event (bench: 500-event batches), on the thread that shares
-    the GIL with the event loop; by columns it is a few. SQLite has no arrays: rows of placeholders there.
+    the GIL with the event loop; by columns it is a few. The arrays go in binary, bound by the server: Django's
+    cursor binds on the client, quoting every element of every array as text (12.5 µs of CPU per event in
+    600-event batches, against 5.3). SQLite has no arrays: rows of placeholders there.
     """
     table = connection.ops.quote_name(UsageEvent._meta.db_table)
     names = ", ".join(connection.ops.quote_name(column) for column in _USAGE_COLUMNS)
@@ -250,23 +252,28 @@ def _insert_new_events(events: list[SettledUsage]) -> list[str]:
     # No conflict target: on PostgreSQL the unique key is (call_id, created_at), the ledger being partitioned by
     # month (billing.partitions); on SQLite it is call_id. An event keeps its created_at wherever it is replayed
     # from, so either way a call conflicts with itself.
-    statements: list[tuple[str, list[Any]]] = []
+    inserted: list[str] = []
     if connection.vendor == "postgresql":
-        arrays = ", ".join(f"%s::{_column_type(column)}[]" for column in _USAGE_COLUMNS)
+        import psycopg
+
+        arrays = ", ".join(f"%b::{_column_type(column)}[]" for column in _USAGE_COLUMNS)
         columns = [list(column) for column in zip(*rows, strict=True)]
-        statements.append((f"SELECT * FROM unnest({arrays})", columns))  # noqa: S608 - column types, not input
-    else:
-        row = "(" + ", ".join(["%s"] * len(_USAGE_COLUMNS)) + ")"
+        statement = (f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) "  # noqa: S608 - column types
+                     "ON CONFLICT DO NOTHING RETURNING call_id")
+        connection.ensure_connection()
+        # Django's errors (IntegrityError, DataError) from psycopg's, as its own cursor raises them.
+        with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
+            cursor.execute(statement, columns, prepare=False)  # never a named statement: a pooler may sit between
+            inserted.extend(call_id for (call_id,) in cursor.fetchall())
+        return inserted
+    row = "(" + ", ".join(["%s"] * len(_USAGE_COLUMNS)) + ")"
+    with connection.cursor() as cursor:
         for start in range(0, len(rows), _ROWS_PER_STATEMENT):
             batch = rows[start : start + _ROWS_PER_STATEMENT]
-            params = [value for values in batch for value in values]
-            statements.append((f"VALUES {', '.join([row] * len(batch))}", params))
-    inserted: list[str] = []
-    with connection.cursor() as cursor:
-        for source, arguments in statements:
             cursor.execute(
-                f"INSERT INTO {table} ({names}) {source} ON CONFLICT DO NOTHING RETURNING call_id",  # noqa: S608
-                arguments,
+                f"INSERT INTO {table} ({names}) VALUES {', '.join([row] * len(batch))} "  # noqa: S608
+                "ON CONFLICT DO NOTHING RETURNING call_id",
+                [value for values in batch for value in values],
             )
             inserted.extend(call_id for (call_id,) in cursor.fetchall())
     return inserted
