@@ -296,14 +296,26 @@ class Run:
         return self.writer.feed(step, self._started)
 
     async def produce(self) -> AsyncIterator[list[dict[str, Any]]]:
-        """The events of the output as the chunks come; raises what breaks the stream."""
+        """The events of the output as the chunks come, those of the chunks that arrived together in one list
+        (which goes out in one write); raises what breaks the stream."""
         assert self.stream is not None
-        yield self.record(["s", "in_progress"])
+        # The first chunks are in already (calls.chat_stream waited for them): the opening goes with them.
+        events = list(self.record(["s", "in_progress"]))
         recorder = self.recorder
-        async for choices in self.stream:
-            events = [event for step in recorder.steps(choices) for event in self.record(step)]
+        try:
+            async with contextlib.aclosing(self.stream.batches()) as batches:
+                async for batch in batches:
+                    events += [event for choices in batch for step in recorder.steps(choices)
+                               for event in self.record(step)]
+                    if events:
+                        yield events
+                        events = []
+        except Exception:
             if events:
-                yield events
+                yield events  # numbered already: sent before the error, or the client would see a gap
+            raise
+        if events:
+            yield events
 
     def end(self, status: str, error: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Close the output, settle the call, and make the final Response object. Returns the closing
@@ -393,8 +405,7 @@ class _Streamed:
 
     async def _frames(self) -> AsyncIterator[bytes]:
         run = self.run
-        for event in run.writer.header(run.body("in_progress")):
-            yield sse.event_frame(event)
+        yield b"".join(sse.event_frame(event) for event in run.writer.header(run.body("in_progress")))
         try:
             async for events in run.produce():
                 yield b"".join(sse.event_frame(event) for event in events)
@@ -412,8 +423,7 @@ class _Streamed:
             yield sse.event_frame({"type": "error", "code": error.code, "message": error.message,
                                    "param": error.param, "sequence_number": run.writer.sequence})
             return
-        for event in run.writer.terminal(run.final):
-            yield sse.event_frame(event)
+        yield b"".join(sse.event_frame(event) for event in run.writer.terminal(run.final))
 
 
 _tasks: set[asyncio.Task[Any]] = set()

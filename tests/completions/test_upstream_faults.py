@@ -179,6 +179,15 @@ async def test_events_that_arrive_together_leave_together_and_a_failure_among_th
     # One read: the 22 chunks in one write; the usage and [DONE], which follow the settlement, in another.
     assert len(parts) == 2, [part[:40] for part in parts]
 
+    # A Responses stream the same way: its opening events, the output's (one write), the closing and the end.
+    sent.clear()
+    body = orjson.dumps({"model": "stream-burst", "input": "hi", "stream": True, "store": False})
+    assert await asgi_call(application, api_key[1], body, path="/v1/responses", messages=sent) == 200
+    parts = [message["body"] for message in sent if message["type"] == "http.response.body" and message.get("body")]
+    names = [line[7:] for line in b"".join(parts).decode().splitlines() if line.startswith("event: ")]
+    assert names.count("response.output_text.delta") == 20 and names[-1] == "response.completed"
+    assert len(parts) == 4, [part[:60] for part in parts]
+
     sent.clear()
     assert await asgi_call(application, api_key[1], request("burst-garbage"), messages=sent) == 200
     parts = [message["body"] for message in sent if message["type"] == "http.response.body" and message.get("body")]
