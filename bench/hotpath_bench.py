@@ -49,10 +49,12 @@ AGENT_BODY = BODY.replace(b'"model": "bench"', b'"model": "agent:bench"')
 
 async def asgi_call(
     app: object, raw_key: str, body: bytes, path: str = "/v1/chat/completions",
-    messages: list[dict[str, object]] | None = None,
+    messages: list[dict[str, object]] | None = None, *, method: str = "POST",
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> int:
     """One request through the ASGI app, as a server would make it; returns the status (and appends what the
-    app sent to `messages`, when given: tests read it)."""
+    app sent to `messages`, when given: tests read it). `headers` replaces the Host, Content-Type and bearer
+    key ones."""
     status = 0
     sent = False
 
@@ -72,11 +74,12 @@ async def asgi_call(
             status = int(message["status"])  # type: ignore[call-overload]
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
         "path": path, "raw_path": path.encode(), "query_string": b"",
         "root_path": "", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000),
-        "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
-                    (b"authorization", f"Bearer {raw_key}".encode())],
+        "headers": headers if headers is not None else [
+            (b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+            (b"authorization", f"Bearer {raw_key}".encode())],
     }
     await app(scope, receive, send)  # type: ignore[operator]
     return status
