@@ -228,19 +228,21 @@ class ApiHandler(ASGIHandler):
           generators, make_bytes and chunk_bytes for every event, which is a bytes object already (about 3 % of
           a relayed stream's CPU).
         Anything else (a sync iterator) is Django's to send."""
+        parts = None
+        if response.streaming:
+            parts = getattr(response, "_iterator", None) if getattr(response, "is_async", False) else None
+            if parts is None or not hasattr(parts, "aclose"):
+                await super().send_response(response, send)
+                return
         headers = [(name.encode("ascii"), value.encode("latin-1")) for name, value in response.items()]
         headers += [(b"Set-Cookie", cookie.output(header="").encode("ascii").strip())
                     for cookie in response.cookies.values()]
-        if not response.streaming:
+        if parts is None:
             body = response.content  # type: ignore[attr-defined]
             if response.status_code not in _BODILESS and not response.has_header("Content-Length"):
                 headers.append((b"Content-Length", str(len(body)).encode("ascii")))
             await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
             await send({"type": "http.response.body", "body": body})
-            return
-        parts = getattr(response, "_iterator", None) if getattr(response, "is_async", False) else None
-        if parts is None or not hasattr(parts, "aclose"):
-            await super().send_response(response, send)
             return
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         async with contextlib.aclosing(parts):

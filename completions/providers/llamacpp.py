@@ -532,7 +532,7 @@ def _prefilled(llama: Any, messages: list[dict[str, str]], **options: Any) -> It
     kept_logits = getattr(llama, "prompt_logits", None)
     if kept_logits is not None and kept_logits[0] == prompt:
         llama.n_tokens = len(prompt)
-        llama.eval(())  # drops the previous answer from the cache; evaluates nothing
+        _evaluate(llama, ())  # drops the previous answer from the cache; evaluates nothing
         _logits_row(llama)[:] = kept_logits[1]
     else:
         llama.prompt_logits = None
