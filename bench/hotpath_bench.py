@@ -176,6 +176,8 @@ def main() -> None:
     parser.add_argument("--heap", action="store_true",
                         help="at the end, list what the oldest generation holds besides the frozen heap")
     parser.add_argument("--cases", default="json,stream,realtime,responses,stored,agent")
+    parser.add_argument("--pstats", help="also write each case's profile to DIR/<case>-<concurrency>.pstats "
+                        "(for pstats' callers and cumulative views)", metavar="DIR")
     parser.add_argument("--top", type=int, default=0, help="also list the N functions called most per request")
     args = parser.parse_args()
 
@@ -246,6 +248,8 @@ def main() -> None:
                     await _run(application, raw_key, body, requests=200, concurrency=concurrency)
                     profile.disable()
                     stats = pstats.Stats(profile)
+                    if args.pstats:
+                        stats.dump_stats(Path(args.pstats) / f"{name}-{concurrency}.pstats")
                     calls = stats.total_calls / 200  # type: ignore[attr-defined]
                     per_1k = "/".join(f"{count * 1000 / args.requests:.0f}" for count in pauses.counts)
                     longest = "/".join(f"{pause * 1000:.1f}" for pause in pauses.longest)

@@ -47,6 +47,7 @@ _router = ProtocolTypeRouter({"http": http_app, "websocket": import_string(setti
 # Everything built so far lives as long as the process: out of the garbage collector's sight from now on.
 heap.watch_pauses()
 heap.freeze()
+heap.collect_young_less_often()
 
 
 async def _lifespan(receive, send):  # type: ignore[no-untyped-def]

@@ -22,6 +22,7 @@ def test_building_the_asgi_application_freezes_what_is_alive_and_watches_the_col
 
     assert gc.get_freeze_count() > 50_000  # Django, the apps, the URL conf: out of every collection's walk
     assert heap._pause in gc.callbacks
+    assert gc.get_threshold()[0] == heap.YOUNG_THRESHOLD
 
 
 def test_every_collection_is_recorded_by_generation_at_the_next_request() -> None:
