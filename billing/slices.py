@@ -5,7 +5,9 @@ requests like it on every counter it counts against — its key's and project's 
 organization's spend and each monthly cap. The slice is counted in Redis at once, as if those n requests had
 been admitted, so that the sum of what every worker admits never passes a limit. The worker then admits the
 next requests of the same key, project and model from the slice, in process, until one of them does not fit
-in what is left; then the next admission goes to Redis, and the rest of the slice is given back.
+in what is left; then the next admission goes to Redis, and the rest of the slice is given back. Admissions for
+the same counters that arrive while it is on its way wait for the slice it brings, rather than each making a
+round trip of its own; where it brings none (near a limit), they go on to Redis.
 
 Exactness near a limit (the proofs of issue 4: of more requests than a limit allows, exactly the allowed
 number is served, across processes and hosts) rests on three rules:

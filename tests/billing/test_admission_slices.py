@@ -87,6 +87,51 @@ async def test_most_admissions_take_no_round_trip_and_a_flush_leaves_the_counter
     assert await _out_in_slices(worker) == {}
 
 
+async def test_admissions_arriving_together_take_from_the_slice_on_its_way(workers: list[Any]) -> None:
+    """While one admission is in Redis asking for a slice, the others for the same counters wait for it rather
+    than each making a round trip of its own; those it has no room for wait for the next."""
+    worker = workers[0]
+    await worker.admit(_ask(rpm=10_000, tpm=10**9, key="warm"))  # registered: the next admission asks at once
+    worker.calls["admissions"] = 0
+    ask = _ask(rpm=10_000, tpm=10**9)
+    counted = await asyncio.gather(*(worker.admit(ask) for _ in range(100)))
+    assert all(one.status == ADMITTED for one in counted)
+    # One round trip, and a slice for 32 more, per 33 admissions: as if they had come one by one.
+    assert worker.calls["admissions"] == 4
+    assert sorted(one.requests for one in counted) == list(range(1, 101))
+    await counters.flush()
+    assert await _value(worker, ask.keys[0]) == 100
+    assert await _out_in_slices(worker) == {}
+
+
+async def test_a_flush_waits_for_the_batch_another_task_is_sending(
+    workers: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slice given back by an admission goes out in the background; a flush that starts while that batch is
+    on its way returns only once it is applied (the counters are exact when a flush returns)."""
+    worker = workers[0]
+    ask = _ask(rpm=10_000, tpm=10**9)
+    await worker.admit(ask)
+    release = asyncio.Event()
+    settle = worker.settle
+
+    async def slow_settle(*args: Any, **kwargs: Any) -> None:
+        await release.wait()
+        await settle(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "settle", slow_settle)
+    worker._give_back(ask.keys)  # queued, and sent by the background sender
+    await asyncio.sleep(0.01)
+    assert len(counters._in_flight) == 1
+    flushing = asyncio.create_task(counters.flush())
+    await asyncio.sleep(0.05)
+    assert not flushing.done()
+    release.set()
+    await flushing
+    assert await _value(worker, ask.keys[0]) == 1
+    assert await _out_in_slices(worker) == {}
+
+
 async def test_a_slice_expires_and_comes_back_by_itself(workers: list[Any]) -> None:
     worker = workers[0]
     ask = _ask(rpm=10_000, tpm=10**9)
@@ -112,10 +157,22 @@ async def test_other_limits_or_new_credit_send_the_admission_to_redis(workers: l
     assert worker.calls["admissions"] == 3
 
 
+async def _registered(workers: list[Any]) -> None:
+    """Each worker past its first admission (on other counters): the admissions that follow arrive together
+    at a worker that asks Redis at once, so that the others wait for its slice."""
+    for worker in workers:
+        await worker.admit(_ask(key="warm", hold=0))
+
+
+@pytest.mark.parametrize("registered", [False, True])
 @pytest.mark.parametrize("spread", [1, 3])
-async def test_an_rpm_limit_is_exact_across_two_workers_with_slices(workers: list[Any], spread: int) -> None:
+async def test_an_rpm_limit_is_exact_across_two_workers_with_slices(
+    workers: list[Any], spread: int, registered: bool
+) -> None:
     """Of 300 requests at once, on two workers, under an RPM of 100: exactly 100 admitted, though slices were
     out in both workers when the room ran out; every refusal counted once."""
+    if registered:
+        await _registered(workers)
     ask = _ask(rpm=100, tpm=10**9)
     results = await asyncio.gather(*(workers[(n // spread) % 2].admit(ask) for n in range(300)))
     statuses = [one.status for one in results]
@@ -128,8 +185,11 @@ async def test_an_rpm_limit_is_exact_across_two_workers_with_slices(workers: lis
     assert await _out_in_slices(workers[0]) == {}
 
 
-async def test_prepaid_credit_is_exact_across_two_workers_with_slices(workers: list[Any]) -> None:
+@pytest.mark.parametrize("registered", [False, True])
+async def test_prepaid_credit_is_exact_across_two_workers_with_slices(workers: list[Any], registered: bool) -> None:
     """Credit for 200 holds, 500 requests at once on two workers: exactly 200 admitted, each hold once."""
+    if registered:
+        await _registered(workers)
     ask = _ask(prepaid=True, credit=200 * HOLD)
     results = await asyncio.gather(*(workers[n % 2].admit(ask) for n in range(500)))
     statuses = [one.status for one in results]
