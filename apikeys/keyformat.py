@@ -8,7 +8,7 @@ import re
 import secrets
 import string
 
-from django.conf import settings
+from platform_site.kernel.conf import settings  # Django's, read faster (the module says why)
 
 PREFIX = "sk-kw-"
 _PUBLIC_ALPHABET = string.ascii_lowercase + string.digits

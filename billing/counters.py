@@ -70,13 +70,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
-from django.conf import settings
 
 from billing import connections, keys, slices
 from billing.ledger import ledger, write_stream_periodically
 from billing.ratelimits import WINDOW
 from billing.services import SettledUsage
 from platform_site.kernel import breaker, metrics
+from platform_site.kernel.conf import settings  # Django's, read faster (the module says why)
 from platform_site.kernel.loops import PerLoop
 
 T = TypeVar("T")

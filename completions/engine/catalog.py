@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from django.conf import settings
 from django.db.models import Prefetch
 
 from completions.models import Deployment, Model, Provider
 from completions.providers.base import ChatProvider, ProviderConfig
 from completions.providers.registry import provider_for
+from platform_site.kernel.conf import settings  # Django's, read faster (the module says why)
 from platform_site.kernel.singleflight import SingleFlight
 
 

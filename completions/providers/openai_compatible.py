@@ -12,7 +12,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-from django.conf import settings
 
 from completions.providers.base import (
     ChatCall,
@@ -24,6 +23,7 @@ from completions.providers.base import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from platform_site.kernel.conf import settings  # Django's, read faster (the module says why)
 from platform_site.kernel.loops import PerLoop
 
 
