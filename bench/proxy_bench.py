@@ -30,6 +30,7 @@ import orjson
 BASE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BASE_DIR))
 
+from platform_site import serve  # noqa: E402
 from tests.e2e.server import (  # noqa: E402
     drop_database,
     free_port,
@@ -196,8 +197,7 @@ def main() -> None:
         else:
             if args.workers != 1:
                 parser.error("daphne runs one process; use --server uvicorn for several workers")
-            command = [sys.executable, "-m", "platform_site.serve", "-p", str(port), "-v", "0",
-                       "platform_site.asgi:application"]
+            command = serve.command(port)
         keyway = subprocess.Popen(command, cwd=BASE_DIR, env=env)
         keyway_url = f"http://127.0.0.1:{port}"
         wait_for(f"{keyway_url}/health", process=keyway)

@@ -27,6 +27,7 @@ BASE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BASE_DIR))
 
 from bench.proxy_bench import LEDGER_COUNT, cpu_seconds, prepare_demo  # noqa: E402
+from platform_site import serve  # noqa: E402
 from tests.e2e.server import (  # noqa: E402
     drop_database,
     free_port,
@@ -111,8 +112,7 @@ def main() -> None:
                        "--loop", "uvloop", "--http", "httptools", "--ws", args.ws, "--no-access-log",
                        "--log-level", "warning"]
         else:
-            command = [sys.executable, "-m", "platform_site.serve", "-p", str(port), "-v", "0",
-                       "platform_site.asgi:application"]
+            command = serve.command(port)
         keyway = subprocess.Popen(command, cwd=BASE_DIR, env=env)
         base = f"127.0.0.1:{port}"
         wait_for(f"http://{base}/health", process=keyway)

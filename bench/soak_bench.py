@@ -97,6 +97,7 @@ BASE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BASE_DIR))
 
 from bench.proxy_bench import LEDGER_COUNT, cpu_seconds, percentile, prepare_demo  # noqa: E402
+from platform_site import serve  # noqa: E402
 from tests.e2e.server import (  # noqa: E402
     drop_database,
     free_port,
@@ -836,8 +837,7 @@ def main() -> None:
             command = [sys.executable, "-m", "uvicorn", "platform_site.asgi:application", *options.split()]
             command += ["--log-level", "warning"]
         else:
-            command = [sys.executable, "-m", "platform_site.serve", "-p", str(port), "-v", "0",
-                       "platform_site.asgi:application"]
+            command = serve.command(port)
         log = scratch / "keyway.log"
         # A session of its own, so that a Ctrl-C ends the load and leaves the server up for the books.
         keyway = subprocess.Popen(

@@ -51,6 +51,7 @@ BASE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BASE_DIR))
 
 from bench.proxy_bench import PREPAID_SETUP, cpu_seconds, own_cpu_seconds, percentile  # noqa: E402
+from platform_site import serve  # noqa: E402
 from tests.e2e.server import (  # noqa: E402
     drop_database,
     free_port,
@@ -150,8 +151,7 @@ def start_uvicorn(env: dict[str, str], workers: int, log: Path) -> tuple[subproc
 def start_daphne(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "platform_site.serve", "-b", "127.0.0.1", "-p", str(port), "-v", "0",
-         "platform_site.asgi:application"],
+        serve.command(port),
         cwd=BASE_DIR, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

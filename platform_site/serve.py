@@ -21,6 +21,13 @@ from collections.abc import Callable
 _CACHED_CONTENT_TYPE_LENGTH = 128
 
 
+def command(port: int, *, quiet: bool = True) -> list[str]:
+    """The command line that serves Keyway this way on 127.0.0.1:`port` (the e2e tests' and benches' daphne);
+    `quiet`: daphne's own log at verbosity 0."""
+    return [sys.executable, "-m", "platform_site.serve", "-b", "127.0.0.1", "-p", str(port),
+            *(["-v", "0"] if quiet else []), "platform_site.asgi:application"]
+
+
 def use_uvloop() -> bool:
     """uvloop's event loop policy, when uvloop is installed (before daphne is imported)."""
     try:

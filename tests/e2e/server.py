@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx2
 
+from platform_site import serve
+
 BASE_DIR = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
@@ -150,8 +152,7 @@ def start_keyway(
         command = [PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
                    "--workers", str(workers), "platform_site.asgi:application"]
     else:
-        command = [PYTHON, "-m", "platform_site.serve", "-b", "127.0.0.1", "-p", str(port),
-                   "platform_site.asgi:application"]
+        command = serve.command(port, quiet=False)
     process = subprocess.Popen(command, cwd=BASE_DIR, env=env, stdout=handle, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_for(f"{url}/health", process=process)
