@@ -12,11 +12,12 @@ more at a worker's `WARM_UP_REQUESTS`th HTTP request, after the first calls of e
 keep for good (provider clients, tokenizers, SDK types, connection pools). That second freeze is one pause,
 once (10-25 ms).
 
-The youngest generation is collected after 5,000 new container objects, not CPython's 700. At concurrency 32 a
+The youngest generation is collected after 2,500 new container objects, not CPython's 700. At concurrency 32 a
 worker holds a few thousand young objects of the requests in flight, and at 700 every young collection walked
 them again: bench/hotpath_bench.py measured 56-59 young collections per 1,000 JSON requests, 16-18 µs of CPU a
-request (3.5-4 %). At 5,000: 1 per 1,000 requests and 1 µs a request; the longest young pause went from 0.5-0.6
-ms to 1.2-1.5 ms, far under the 5 ms a stall is counted from.
+request (3.5-4 %). At 2,500: 2-3 per 1,000 and 2 µs a request, with the longest young pause at 0.7-1.8 ms. At
+5,000 the cost fell only 1 µs more while the longest pauses doubled (up to 3.7 ms in a stream case), too close
+to the 5 ms a stall is counted from.
 
 Each collection's pause is recorded in `keyway_gc_pause_seconds` by generation, so a stall is visible in
 production, not only in a benchmark. It is the collector's CPU time, not the wall time: on a busy machine the
@@ -34,7 +35,7 @@ from typing import Any
 from platform_site.kernel import metrics
 
 # New container objects (allocations less deallocations) between two collections of the youngest generation.
-YOUNG_THRESHOLD = 5_000
+YOUNG_THRESHOLD = 2_500
 
 # HTTP requests a worker serves before its heap is frozen the second time.
 WARM_UP_REQUESTS = 500
