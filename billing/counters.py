@@ -704,6 +704,9 @@ class _RedisCounters:
         for shard, (shard_amounts, shard_releases, shard_events) in by_shard.items():
             names, args = _settlement(shard, self.prefix, shard_amounts, shard_releases, batch, shard_events)
             calls.append(self._guard(self.settle_script(keys=names, args=args)))
+        if len(calls) == 1:
+            await calls[0]  # the usual case (one shard): no task of its own, as gather would make
+            return
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, BaseException):
                 raise result
