@@ -256,14 +256,11 @@ def _not_in_ledger(rows: Sequence[tuple[Any, ...]]) -> list[SettledUsage]:
     ids = [row[0] for row in rows]
     found: set[str] = set()
     if database.vendor == "postgresql":
-        import psycopg
+        from platform_site.database.server_bound import first_column
 
         table = database.ops.quote_name(UsageEvent._meta.db_table)
-        database.ensure_connection()
-        with database.wrap_database_errors, psycopg.Cursor(database.connection) as cursor:
-            cursor.execute(f"SELECT call_id FROM {table} WHERE call_id = ANY(%b::varchar[])",  # noqa: S608
-                           [ids], prepare=False)
-            found.update(call_id for (call_id,) in cursor.fetchall())
+        statement = f"SELECT call_id FROM {table} WHERE call_id = ANY(%b::varchar[])"  # noqa: S608 - a table name
+        found.update(first_column(statement, [ids]))
     else:
         for start in range(0, len(ids), 1000):
             found.update(
