@@ -8,6 +8,7 @@ from django.http import HttpRequest
 
 from completions.engine.catalog import catalog_invalidate
 from completions.models import Deployment, Model, Provider
+from completions.providers.upstream_http import check_header
 
 
 class ProviderForm(forms.ModelForm):
@@ -47,6 +48,11 @@ class ProviderForm(forms.ModelForm):
             isinstance(name, str) and isinstance(value, str) for name, value in headers.items()
         ):
             raise forms.ValidationError('Give an object of header names and string values, e.g. {"X-Org": "42"}.')
+        for name, value in headers.items():
+            try:
+                check_header(name, value)
+            except ValueError as error:
+                raise forms.ValidationError(f"This header cannot be sent: {error}.") from None
         return headers
 
     def save(self, commit: bool = True) -> Any:

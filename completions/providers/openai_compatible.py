@@ -1,7 +1,8 @@
-"""Any OpenAI-compatible HTTP upstream (OpenAI, vLLM, llama.cpp server, Ollama…) through one pooled client.
+"""Any OpenAI-compatible HTTP upstream (OpenAI, vLLM, llama.cpp server, Ollama…) through pooled clients.
 
-aiohttp rather than httpx: measured here as a bare proxy on loopback, aiohttp sustains ~940 req/s against
-~290 for httpx, and the proxy hop is the hot path of the whole platform.
+JSON calls (chat completions, embeddings) go through upstream_http, Keyway's own lean HTTP/1.1 client (its
+module says why); streams and realtime WebSockets through aiohttp. aiohttp rather than httpx: measured here
+as a bare proxy on loopback, aiohttp sustains ~940 req/s against ~290 for httpx.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from completions.providers.base import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from completions.providers.upstream_http import Origin, UpstreamHTTPError, upstream_http
 from platform_site.kernel.conf import settings  # Django's, read faster (the module says why)
 from platform_site.kernel.loops import PerLoop
 
@@ -183,18 +185,29 @@ class OpenAICompatibleProvider:
         self.headers = {"Content-Type": "application/json", **dict(config.extra_headers)}
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
-        self.timeout, self.stream_timeout = self._timeouts(config.timeout or settings.KEYWAY_UPSTREAM_TIMEOUT)
+        self.timeout = config.timeout or settings.KEYWAY_UPSTREAM_TIMEOUT
+        self.stream_timeout = self._stream_timeout(self.timeout)
+        self._origin: Origin | None = None
+
+    def origin(self) -> Origin:
+        """The JSON calls' origin, built on first use: a configuration the client cannot send (not an http(s)
+        URL, a line break in a header) fails those calls, not the catalog that holds every provider."""
+        if self._origin is None:
+            try:
+                self._origin = Origin(self.base_url, self.headers)
+            except ValueError:
+                raise UpstreamUnavailable(
+                    "The upstream provider's configuration cannot be used (its base URL or headers)."
+                ) from None
+        return self._origin
 
     @staticmethod
-    def _timeouts(total: float) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
-        connect = min(total, settings.KEYWAY_UPSTREAM_CONNECT_TIMEOUT)
+    def _stream_timeout(total: float) -> aiohttp.ClientTimeout:
         # A stream that keeps producing is not cut at the total limit: the limit applies to each wait for the
         # upstream (the first byte, then every read), so only a silent upstream times out. The connect limit
         # is the socket's own (sock_connect), not aiohttp's pool wait.
-        return (
-            aiohttp.ClientTimeout(total=total, sock_connect=connect),
-            aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=total),
-        )
+        connect = min(total, settings.KEYWAY_UPSTREAM_CONNECT_TIMEOUT)
+        return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=total)
 
     def loaded_models(self) -> list[str]:
         return []
@@ -210,20 +223,21 @@ class OpenAICompatibleProvider:
             gate.leave(key)
 
     async def _post_json_now(self, path: str, payload: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-        client_timeout = self._timeouts(timeout)[0] if timeout else self.timeout
+        origin = self.origin()
+        total = timeout or self.timeout
         try:
-            async with upstream_sessions.get().post(
-                self.base_url + path, data=orjson.dumps(payload), headers=self.headers, timeout=client_timeout
-            ) as response:
-                raw = await response.read()
-                if response.status >= 400:
-                    raise _rejection(response.status, raw, response.headers.get("Retry-After"))
+            answer = await upstream_http.get().post(
+                origin, path, orjson.dumps(payload), timeout=total,
+                connect_timeout=min(total, settings.KEYWAY_UPSTREAM_CONNECT_TIMEOUT),
+            )
         except TimeoutError:
             raise UpstreamTimeout("The upstream provider did not answer in time.") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(f"Could not reach the upstream provider ({type(exc).__name__}).") from None
+        except UpstreamHTTPError as exc:
+            raise UpstreamUnavailable(f"Could not reach the upstream provider ({exc.reason}).") from None
+        if answer.status >= 400:
+            raise _rejection(answer.status, answer.body, answer.retry_after)
         try:
-            data = orjson.loads(raw)
+            data = orjson.loads(answer.body)
         except orjson.JSONDecodeError:
             raise UpstreamUnavailable("The upstream provider sent a body that is not JSON.") from None
         if not isinstance(data, dict):
@@ -260,7 +274,7 @@ class OpenAICompatibleProvider:
         try:
             response = await upstream_sessions.get().post(
                 self.base_url + "/chat/completions", data=orjson.dumps(payload), headers=self.headers,
-                timeout=self._timeouts(call.timeout)[1] if call.timeout else self.stream_timeout,
+                timeout=self._stream_timeout(call.timeout) if call.timeout else self.stream_timeout,
             )
         except TimeoutError:
             raise UpstreamTimeout("The upstream provider did not answer in time.") from None
