@@ -1,5 +1,5 @@
 """CPU per upstream JSON call of the two HTTP clients Keyway could make it with: aiohttp (as the providers
-configure it for streams) and completions.providers.upstream_http (what JSON calls use), in one process on
+configured it) and completions.providers.upstream_http (what JSON calls use), in one process on
 uvloop, against the fake upstream (bench/fake_upstream.py, a real HTTP server in its own process). Rounds
 alternate between the two, so that the machine's drift falls on both.
 

@@ -1,8 +1,7 @@
 """Any OpenAI-compatible HTTP upstream (OpenAI, vLLM, llama.cpp server, Ollama…) through pooled clients.
 
-JSON calls (chat completions, embeddings) go through upstream_http, Keyway's own lean HTTP/1.1 client (its
-module says why); streams and realtime WebSockets through aiohttp. aiohttp rather than httpx: measured here
-as a bare proxy on loopback, aiohttp sustains ~940 req/s against ~290 for httpx.
+Chat completions (whole and streamed) and embeddings go through upstream_http, Keyway's own lean HTTP/1.1
+client (its module says why); realtime WebSockets through aiohttp.
 """
 
 from __future__ import annotations
@@ -51,8 +50,8 @@ async def _close_session(session: aiohttp.ClientSession) -> None:
     await session.close()
 
 
-# One client session (and so one connection pool) per event loop: a session must not cross loops, and a
-# server process runs a single loop, so in production this is exactly one pool per worker.
+# The realtime WebSockets' client session, one per event loop: a session must not cross loops, and a server
+# process runs a single loop, so in production this is exactly one pool per worker.
 upstream_sessions: PerLoop[aiohttp.ClientSession] = PerLoop(
     "upstream HTTP", _new_session, _close_session, is_closed=lambda session: session.closed
 )
@@ -186,7 +185,6 @@ class OpenAICompatibleProvider:
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
         self.timeout = config.timeout or settings.KEYWAY_UPSTREAM_TIMEOUT
-        self.stream_timeout = self._stream_timeout(self.timeout)
         self._origin: Origin | None = None
 
     def origin(self) -> Origin:
@@ -200,14 +198,6 @@ class OpenAICompatibleProvider:
                     "The upstream provider's configuration cannot be used (its base URL or headers)."
                 ) from None
         return self._origin
-
-    @staticmethod
-    def _stream_timeout(total: float) -> aiohttp.ClientTimeout:
-        # A stream that keeps producing is not cut at the total limit: the limit applies to each wait for the
-        # upstream (the first byte, then every read), so only a silent upstream times out. The connect limit
-        # is the socket's own (sock_connect), not aiohttp's pool wait.
-        connect = min(total, settings.KEYWAY_UPSTREAM_CONNECT_TIMEOUT)
-        return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=total)
 
     def loaded_models(self) -> list[str]:
         return []
@@ -271,28 +261,32 @@ class OpenAICompatibleProvider:
         payload = {**call.body, "model": call.upstream_model, "stream": True}
         # Always ask for usage: metering must not depend on what the client asked for.
         payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
+        origin = self.origin()
+        read_timeout = call.timeout or self.timeout
         try:
-            response = await upstream_sessions.get().post(
-                self.base_url + "/chat/completions", data=orjson.dumps(payload), headers=self.headers,
-                timeout=self._stream_timeout(call.timeout) if call.timeout else self.stream_timeout,
+            # The read timeout applies to each wait for the upstream (the head, then every read), not to the
+            # whole stream: a stream that keeps producing is not cut, only a silent upstream times out.
+            stream = await upstream_http.get().open_stream(
+                origin, "/chat/completions", orjson.dumps(payload), read_timeout=read_timeout,
+                connect_timeout=min(read_timeout, settings.KEYWAY_UPSTREAM_CONNECT_TIMEOUT),
             )
         except TimeoutError:
             raise UpstreamTimeout("The upstream provider did not answer in time.") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(f"Could not reach the upstream provider ({type(exc).__name__}).") from None
+        except UpstreamHTTPError as exc:
+            raise UpstreamUnavailable(f"Could not reach the upstream provider ({exc.reason}).") from None
         finished = False
         try:
-            if response.status >= 400:
-                raise _rejection(response.status, await response.read(), response.headers.get("Retry-After"))
-            # The events are cut from whatever the connection has buffered (readany), not read a line at a time:
-            # aiohttp's readline is two calls and a scan per line, 13 % of a relayed stream's CPU. The events
-            # of one read are yielded together, as one batch, which the surfaces relay in one write.
+            if stream.status >= 400:
+                raise _rejection(stream.status, await stream.read_whole(), stream.retry_after)
+            # The events are cut from whatever the connection has buffered, not read a line at a time (a
+            # readline per line was 13 % of a relayed stream's CPU). The events of one read are yielded
+            # together, as one batch, which the surfaces relay in one write.
             held: list[bytes] = []  # the start of a line whose end has not arrived
             held_bytes = 0
             data_lines: list[bytes] = []
             event_bytes = 0
             while not finished:
-                block = await response.content.readany()
+                block = await stream.read_any()
                 if not block:
                     break
                 if b"\n" not in block:
@@ -341,14 +335,12 @@ class OpenAICompatibleProvider:
                 raise UpstreamUnavailable("The upstream provider ended the stream before it was complete.")
         except TimeoutError:
             raise UpstreamTimeout("The upstream provider did not finish in time.") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(f"The upstream stream broke ({type(exc).__name__}).") from None
+        except UpstreamHTTPError as exc:
+            raise UpstreamUnavailable(f"The upstream stream broke ({exc.reason}).") from None
         finally:
-            if finished:
-                response.release()
-            else:
-                # Closing the connection is what tells the upstream to stop generating.
-                response.close()
+            # Kept for the next call if it was read to its end; closed otherwise, which is what tells the
+            # upstream to stop generating.
+            stream.close()
 
     async def realtime_connect(self, upstream_model: str, *, beta: bool) -> aiohttp.ClientWebSocketResponse:
         """Open the upstream's realtime WebSocket for `upstream_model` with the gateway's credentials (never

@@ -1,25 +1,28 @@
-"""The upstream's JSON calls (chat completions, embeddings) over a small HTTP/1.1 client of Keyway's own.
+"""The upstream's chat completions (whole and streamed) and embeddings over a lean HTTP/1.1 client of Keyway's
+own. Realtime WebSockets stay on aiohttp (openai_compatible).
 
-Streams and realtime WebSockets stay on aiohttp (openai_compatible). A JSON call is the proxy's hottest path,
-and aiohttp's client is most of its cost: measured with bench/upstream_client_bench.py against the fake
-upstream, aiohttp costs 80 µs of CPU per call at concurrency 32 and 165 µs at concurrency 1; this client
-costs about a quarter of that. The work it leaves out is work a JSON POST to a configured upstream never
-needs: cookies, redirects, proxies, multipart, tracing hooks, per-call timer and payload objects.
+Why not aiohttp: a call to the upstream is the proxy's hottest path, and aiohttp's client was most of its
+cost. Measured with bench/upstream_client_bench.py against the fake upstream, a JSON call costs 78-83 µs of
+CPU through aiohttp at concurrency 32 (154-158 at concurrency 1) and 21-22 (51-53) through this client. What
+it leaves out, a POST to a configured upstream never needs: cookies, redirects, proxies, multipart, tracing
+hooks, per-call timer and payload objects.
 
-What it does do, and the bounds it keeps:
-- HTTP/1.1 with keep-alive: one pool of idle connections per origin and event loop, newest first; a
-  connection idle for 30 s, closed by the server, or in any state but "answered whole" is never reused. A POST
-  is never sent twice (as aiohttp does not), so a server that closes an idle connection just as a call takes
+What it does, and the bounds it keeps:
+- HTTP/1.1 with keep-alive: one pool of idle connections per origin and event loop, newest first. A connection
+  idle for 30 s, closed by the server, or in any state but "answered to its end" is never reused. A POST is
+  never sent twice (aiohttp does not either), so a server that closes an idle connection just as a call takes
   it fails that call, which the router then sends to the next deployment.
-- Responses parsed by httptools (llhttp, the parser uvicorn uses): Content-Length, chunked, or ended by the
-  server closing; 1xx interim answers skipped; gzip and deflate bodies decompressed (Keyway asks for
-  identity, but an upstream may compress anyway).
-- Bounds: the head at most 64 KiB, the body at most MAX_ANSWER (compressed and decompressed); the whole call
-  (connecting included) within its timeout, the connect within its own. A call cancelled or timed out closes
-  its connection.
-- TLS with the default context (certificates and host names verified against the system's CAs, or
+- Answers parsed by httptools (llhttp, the parser uvicorn uses): Content-Length, chunked, or ended by the
+  server closing; 1xx interim answers skipped. Whole answers compressed with gzip or deflate are unpacked
+  (Keyway asks for identity, but a server may compress anyway); a compressed stream is refused.
+- Bounds: the head at most 64 KiB; a whole answer at most MAX_ANSWER, compressed and unpacked; a stream read
+  at most _READ_AHEAD (and one socket read) ahead of its reader, after which the connection stops reading and
+  TCP holds the upstream back. A whole answer (connecting included) within its timeout; a stream's head and
+  each of its reads within the read timeout; the connect within its own. A call cancelled, timed out, or a
+  stream closed before its end closes its connection, which tells the upstream to stop.
+- TLS with the default context: certificates and host names checked against the system's CAs (or
   SSL_CERT_FILE's).
-- Header names and values checked when the origin is built: a CR, LF or NUL in the provider's configured
+- Header names and values checked when the origin is built: a CR, LF or NUL in a provider's configured
   headers or key raises ValueError rather than reach the wire.
 """
 
@@ -42,6 +45,8 @@ MAX_ANSWER = 256 * 1024 * 1024
 _MAX_HEAD = 64 * 1024
 _KEEP_IDLE = 30.0
 _MAX_IDLE = 512  # idle connections kept per origin and loop (the upstream gate bounds those in use)
+# The most of a stream read ahead of its reader: past it the connection stops reading until the reader catches up.
+_READ_AHEAD = 256 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\0]")
 
@@ -103,14 +108,19 @@ class Origin:
 
 
 class _Connection(asyncio.Protocol):
-    """One connection to an origin; between calls it waits in its pool."""
+    """One connection to an origin; between calls it waits in its pool. A call reads its answer whole
+    (`post`) or as it arrives (`open_stream`)."""
 
     def __init__(self, pool: UpstreamHTTP, key: tuple[str, str, int]) -> None:
         self.pool, self.key = pool, key
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future[Answer] | None = None
+        self.waiter: asyncio.Future[Answer] | None = None  # the whole answer, or a stream's head
+        self.reader: asyncio.Future[None] | None = None  # a stream's reader, waiting for more
+        self.active = False  # a call is using it
+        self.whole = True
         self.closed = False
+        self.paused = False
         self.idle_since = 0.0
         self.reusable = False
         self._reset()
@@ -118,21 +128,30 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.chunks: list[bytes] = []
-        self.size = self.head_size = 0
+        self.size = self.head_size = self.buffered = 0
         self.encoding = b""
         self.retry_after: str | None = None
         self.delimited = False  # a Content-Length or chunked body: not ended by the connection closing
+        self.ended = False
+        self.error: BaseException | None = None
 
-    def begin(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Answer]:
+    def begin(self, loop: asyncio.AbstractEventLoop, *, whole: bool) -> asyncio.Future[Answer]:
         self._reset()
-        self.reusable = False
+        self.whole, self.active, self.reusable = whole, True, False
         self.waiter = loop.create_future()
         return self.waiter
+
+    def finish(self) -> None:
+        self.active = False
+        self.waiter = self.reader = None
 
     def fail(self, error: BaseException) -> None:
         """End the call in progress with `error` and close the connection."""
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(error)
+        elif self.active and self.error is None:
+            self.error = error
+            self._wake()
         self.close()
 
     def time_out(self) -> None:
@@ -143,13 +162,17 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def _wake(self) -> None:
+        if self.reader is not None and not self.reader.done():
+            self.reader.set_result(None)
+
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.waiter is None or self.waiter.done():
+        if not self.active or self.ended or self.error is not None:
             self.close()  # bytes nobody asked for: this connection's state is unknown now
             return
         try:
@@ -164,15 +187,13 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            if self.status >= 200 and not self.delimited:
-                # A body without a length or chunks ends where the connection does.
-                self.on_message_complete()
-            else:
-                waiter.set_exception(UpstreamHTTPError(type(exc).__name__ if exc else "ServerDisconnected"))
-        else:
+        if not self.active:
             self.pool.forget(self)
+        elif not self.ended and self.error is None:
+            if self.status >= 200 and not self.delimited:
+                self.on_message_complete()  # a body without a length or chunks ends where the connection does
+            else:
+                self.fail(UpstreamHTTPError(type(exc).__name__ if exc else "ServerDisconnected"))
 
     # httptools callbacks
 
@@ -191,25 +212,106 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        if self.whole or self.status < 200 or self.waiter is None or self.waiter.done():
+            return
+        if self.encoding not in (b"", b"identity"):
+            self.fail(UpstreamHTTPError("UnsupportedContentEncoding"))  # asked for identity; a stream is not unpacked
+            return
+        self.waiter.set_result(Answer(self.status, b"", self.retry_after))
 
     def on_body(self, body: bytes) -> None:
+        if self.error is not None:
+            return
         self.size += len(body)
-        if self.size > MAX_ANSWER:
-            self.fail(UpstreamHTTPError("AnswerTooLarge"))
+        if self.whole:
+            if self.size > MAX_ANSWER:
+                self.fail(UpstreamHTTPError("AnswerTooLarge"))
+                return
+            self.chunks.append(body)
             return
         self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > _READ_AHEAD and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()  # TCP holds the upstream back until the reader catches up
+        self._wake()
 
     def on_message_complete(self) -> None:
-        waiter = self.waiter
-        if waiter is None or waiter.done():
+        if not self.active or self.error is not None:
             return
         if self.status < 200:
             self._reset()  # 100 Continue and the like: the answer follows
             return
+        self.ended = True
         self.reusable = not self.closed and self.parser.should_keep_alive()
-        body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-        self.chunks = []
-        waiter.set_result(Answer(self.status, body, self.retry_after))
+        if self.whole:
+            if self.waiter is not None and not self.waiter.done():
+                body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+                self.chunks = []
+                self.waiter.set_result(Answer(self.status, body, self.retry_after))
+        else:
+            self._wake()
+
+
+def _time_out(reader: asyncio.Future[None]) -> None:
+    if not reader.done():
+        reader.set_exception(TimeoutError())
+
+
+class Stream:
+    """An answer read as it arrives (a chat completion's server-sent events). `close()` it when done."""
+
+    __slots__ = ("status", "retry_after", "_connection", "_read_timeout", "_loop")
+
+    def __init__(self, connection: _Connection, head: Answer, read_timeout: float) -> None:
+        self.status, self.retry_after = head.status, head.retry_after
+        self._connection, self._read_timeout = connection, read_timeout
+        self._loop = asyncio.get_running_loop()
+
+    async def read_any(self) -> bytes:
+        """Whatever has arrived since the last read, waiting up to the read timeout for something; b"" once
+        the answer has ended. Raises TimeoutError, or UpstreamHTTPError if it broke (after what came before)."""
+        connection = self._connection
+        while not connection.chunks:
+            if connection.error is not None:
+                raise connection.error
+            if connection.ended:
+                return b""
+            reader = connection.reader = self._loop.create_future()
+            timer = self._loop.call_later(self._read_timeout, _time_out, reader)
+            try:
+                await reader
+            finally:
+                timer.cancel()
+                connection.reader = None
+        chunks = connection.chunks
+        connection.chunks, connection.buffered = [], 0
+        if connection.paused and not connection.closed:
+            connection.paused = False
+            assert connection.transport is not None
+            connection.transport.resume_reading()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def read_whole(self) -> bytes:
+        """The rest of the answer (an error's body), MAX_ANSWER at most."""
+        parts, size = [], 0
+        while block := await self.read_any():
+            size += len(block)
+            if size > MAX_ANSWER:
+                raise UpstreamHTTPError("AnswerTooLarge")
+            parts.append(block)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Back to its pool if the answer was read to its end and the server keeps the connection; closed
+        otherwise, which tells the upstream to stop generating."""
+        connection = self._connection
+        keep = connection.ended and connection.reusable and not connection.closed and not connection.chunks
+        connection.finish()
+        if keep and not connection.pool.is_closed:
+            connection.pool._put(connection, self._loop.time())
+        else:
+            connection.close()
 
 
 class UpstreamHTTP:
@@ -227,7 +329,7 @@ class UpstreamHTTP:
         connection = self._take(origin.key, loop.time())
         if connection is None:
             connection = await self._connect(origin, min(connect_timeout, timeout))
-        waiter = connection.begin(loop)
+        waiter = connection.begin(loop, whole=True)
         assert connection.transport is not None
         connection.transport.write(origin.request(path, body))
         timer = loop.call_at(deadline, connection.time_out)
@@ -238,7 +340,7 @@ class UpstreamHTTP:
             raise
         finally:
             timer.cancel()
-            connection.waiter = None
+            connection.finish()
         if connection.reusable and not self.is_closed:
             self._put(connection, loop.time())
         else:
@@ -246,6 +348,28 @@ class UpstreamHTTP:
         if connection.encoding not in (b"", b"identity"):
             return answer._replace(body=_decompressed(connection.encoding, answer.body))
         return answer
+
+    async def open_stream(self, origin: Origin, path: str, body: bytes, *, read_timeout: float,
+                          connect_timeout: float) -> Stream:
+        """POST `body` and return the answer once its head has arrived (within `read_timeout`, as each read
+        after it); its body is read from the Stream. Raises TimeoutError, UpstreamHTTPError."""
+        loop = asyncio.get_running_loop()
+        connection = self._take(origin.key, loop.time())
+        if connection is None:
+            connection = await self._connect(origin, min(connect_timeout, read_timeout))
+        waiter = connection.begin(loop, whole=False)
+        assert connection.transport is not None
+        connection.transport.write(origin.request(path, body))
+        timer = loop.call_later(read_timeout, connection.time_out)
+        try:
+            head = await waiter
+        except BaseException:
+            connection.close()
+            connection.finish()
+            raise
+        finally:
+            timer.cancel()
+        return Stream(connection, head, read_timeout)
 
     async def _connect(self, origin: Origin, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()

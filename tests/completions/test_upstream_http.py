@@ -310,3 +310,127 @@ async def test_a_provider_whose_headers_cannot_be_sent_fails_its_calls_not_the_c
         name="up", kind="openai_compatible", base_url="http://127.0.0.1:9/v1", api_key="sk\r\nX-Injected: 1"))
     with pytest.raises(UpstreamUnavailable, match="configuration cannot be used"):
         await provider.chat(ChatCall(upstream_model="m", body={"messages": []}, request_id="r", timeout=1.0))
+
+
+async def open_stream(client: UpstreamHTTP, base_url: str, *, read_timeout: float = 5.0) -> upstream_http.Stream:
+    origin = Origin(base_url, {"Content-Type": "application/json"})
+    return await client.open_stream(origin, "/chat/completions", b'{"stream": true}', read_timeout=read_timeout,
+                                    connect_timeout=read_timeout)
+
+
+def sse(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+async def test_a_stream_is_read_as_it_arrives_and_its_connection_kept_once_read_to_its_end(serve, client) -> None:
+    async def events(reader, writer, number) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for index in range(3):
+            sse(writer, b"data: %d\n\n" % index)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+
+    server, base_url = await serve(events)
+    for _ in range(2):
+        stream = await open_stream(client, base_url)
+        assert stream.status == 200
+        reads = []
+        while block := await stream.read_any():
+            reads.append(block)
+        stream.close()
+        assert b"".join(reads) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+        assert len(reads) == 3  # each as it came, not the whole at the end
+    assert server.connections == 1
+
+    left_early = asyncio.Event()
+
+    async def endless(reader, writer, number) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try:
+            while True:
+                sse(writer, b"data: more\n\n")
+                await writer.drain()
+                await asyncio.sleep(0.01)
+        except ConnectionError:
+            left_early.set()
+            raise
+
+    _, base_url = await serve(endless)
+    stream = await open_stream(client, base_url)
+    assert await stream.read_any()
+    stream.close()  # not read to its end: the connection closes, which stops the upstream
+    await asyncio.wait_for(left_early.wait(), 5)
+    assert client.connections() == 1  # the first server's
+
+
+async def test_a_reader_that_falls_behind_holds_the_upstream_back(serve, client) -> None:
+    piece = b"data: " + b"x" * 16_000 + b"\n\n"
+    sent = 0
+
+    async def flood(reader, writer, number) -> None:
+        nonlocal sent
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(2000):  # 32 MB, more than the sockets buffer
+            sse(writer, piece)
+            sent += len(piece)
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+
+    _, base_url = await serve(flood)
+    stream = await open_stream(client, base_url)
+    await asyncio.sleep(0.5)
+    connection = stream._connection
+    assert connection.paused and connection.buffered <= upstream_http._READ_AHEAD + 256 * 1024  # and one read
+    assert sent < 2000 * len(piece)  # the server is held at its socket's buffers
+    total = 0
+    while block := await stream.read_any():
+        total += len(block)
+    stream.close()
+    assert total == 2000 * len(piece)
+
+
+async def test_a_stream_that_stalls_or_breaks_fails_after_what_came_before(serve, client) -> None:
+    async def stall(reader, writer, number) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sse(writer, b"data: 1\n\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    _, base_url = await serve(stall)
+    stream = await open_stream(client, base_url, read_timeout=0.3)
+    assert await stream.read_any() == b"data: 1\n\n"
+    with pytest.raises(TimeoutError):
+        await stream.read_any()
+    stream.close()
+
+    async def silent(reader, writer, number) -> None:
+        await asyncio.sleep(5)
+
+    _, base_url = await serve(silent)
+    with pytest.raises(TimeoutError):
+        await open_stream(client, base_url, read_timeout=0.3)
+
+    async def hang_up(reader, writer, number) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sse(writer, b"data: 1\n\n")
+        await writer.drain()
+        writer.close()
+
+    _, base_url = await serve(hang_up)
+    stream = await open_stream(client, base_url)
+    assert await stream.read_any() == b"data: 1\n\n"
+    with pytest.raises(UpstreamHTTPError, match="ServerDisconnected"):
+        await stream.read_any()
+    stream.close()
+
+    _, base_url = await serve(reply(b'{"error": {"message": "slow down"}}', "Retry-After: 7", status="429 Too Many"))
+    stream = await open_stream(client, base_url)
+    assert (stream.status, stream.retry_after) == (429, "7")
+    assert await stream.read_whole() == b'{"error": {"message": "slow down"}}'
+    stream.close()
+    assert client.connections() == 1
+
+    _, base_url = await serve(reply(b"data: 1\n\n", "Content-Encoding: gzip"))
+    with pytest.raises(UpstreamHTTPError, match="UnsupportedContentEncoding"):
+        await open_stream(client, base_url)
