@@ -318,8 +318,9 @@ class UpstreamHTTP:
     """This event loop's connections to every origin."""
 
     def __init__(self) -> None:
-        self.idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self.idle: dict[tuple[str, str, int], list[_Connection]] = {}  # per origin, oldest first
         self.is_closed = False
+        self.swept = 0.0
 
     async def post(self, origin: Origin, path: str, body: bytes, *, timeout: float, connect_timeout: float) -> Answer:
         """POST `body` (JSON) to `path` under `origin`'s base URL; the whole answer, decompressed. Raises
@@ -389,7 +390,9 @@ class UpstreamHTTP:
         idle = self.idle.get(key)
         while idle:
             connection = idle.pop()
-            if not connection.closed and now - connection.idle_since < _KEEP_IDLE:
+            transport = connection.transport
+            if (not connection.closed and transport is not None and not transport.is_closing()
+                    and now - connection.idle_since < _KEEP_IDLE):
                 return connection
             connection.close()
         return None
@@ -400,6 +403,17 @@ class UpstreamHTTP:
         idle.append(connection)
         if len(idle) > _MAX_IDLE:
             idle.pop(0).close()
+        if now - self.swept >= _KEEP_IDLE:
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """Close the connections idle for _KEEP_IDLE, in every pool (each pool is oldest first)."""
+        self.swept = now
+        for key, idle in list(self.idle.items()):
+            while idle and now - idle[0].idle_since >= _KEEP_IDLE:
+                idle.pop(0).close()
+            if not idle:
+                del self.idle[key]
 
     def forget(self, connection: _Connection) -> None:
         """A connection closed while idle (by the server, or by `close`): out of its pool."""

@@ -434,3 +434,24 @@ async def test_a_stream_that_stalls_or_breaks_fails_after_what_came_before(serve
     _, base_url = await serve(reply(b"data: 1\n\n", "Content-Encoding: gzip"))
     with pytest.raises(UpstreamHTTPError, match="UnsupportedContentEncoding"):
         await open_stream(client, base_url)
+
+
+async def test_connections_idle_past_the_keep_alive_are_closed_in_every_pool(serve, client, monkeypatch) -> None:
+    monkeypatch.setattr(upstream_http, "_KEEP_IDLE", 0.2)
+    closed = asyncio.Event()
+
+    async def answer_then_watch(reader, writer, number) -> None:
+        await reply(b"{}")(reader, writer, number)
+        if not await reader.read(1):  # the client closed it
+            closed.set()
+
+    first, first_url = await serve(answer_then_watch)
+    second, second_url = await serve(reply(b"{}"))
+    await post(client, first_url)
+    await post(client, second_url)
+    assert client.connections() == 2
+    await asyncio.sleep(0.3)
+    await post(client, second_url)  # its old connection is too old to use; putting the new one back sweeps
+    await asyncio.wait_for(closed.wait(), 5)
+    assert client.connections() == 1
+    assert (first.connections, second.connections) == (1, 2)
