@@ -325,25 +325,11 @@ class UpstreamHTTP:
     async def post(self, origin: Origin, path: str, body: bytes, *, timeout: float, connect_timeout: float) -> Answer:
         """POST `body` (JSON) to `path` under `origin`'s base URL; the whole answer, decompressed. Raises
         TimeoutError past `timeout` (connect_timeout for the connect alone), UpstreamHTTPError otherwise."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        connection = self._take(origin.key, loop.time())
-        if connection is None:
-            connection = await self._connect(origin, min(connect_timeout, timeout))
-        waiter = connection.begin(loop, whole=True)
-        assert connection.transport is not None
-        connection.transport.write(origin.request(path, body))
-        timer = loop.call_at(deadline, connection.time_out)
-        try:
-            answer = await waiter
-        except BaseException:
-            connection.close()  # cancelled, timed out or failed: what the connection holds now is unknown
-            raise
-        finally:
-            timer.cancel()
-            connection.finish()
+        connection, answer = await self._exchange(origin, path, body, whole=True, wait=timeout,
+                                                  connect_timeout=connect_timeout)
+        connection.finish()
         if connection.reusable and not self.is_closed:
-            self._put(connection, loop.time())
+            self._put(connection, asyncio.get_running_loop().time())
         else:
             connection.close()
         if connection.encoding not in (b"", b"identity"):
@@ -352,25 +338,33 @@ class UpstreamHTTP:
 
     async def open_stream(self, origin: Origin, path: str, body: bytes, *, read_timeout: float,
                           connect_timeout: float) -> Stream:
-        """POST `body` and return the answer once its head has arrived (within `read_timeout`, as each read
-        after it); its body is read from the Stream. Raises TimeoutError, UpstreamHTTPError."""
+        """POST `body` and return the answer once its head has arrived (within `read_timeout` of the connection,
+        as each read after it); its body is read from the Stream. Raises TimeoutError, UpstreamHTTPError."""
+        connection, head = await self._exchange(origin, path, body, whole=False, wait=read_timeout,
+                                                connect_timeout=connect_timeout)
+        return Stream(connection, head, read_timeout)
+
+    async def _exchange(self, origin: Origin, path: str, body: bytes, *, whole: bool, wait: float,
+                        connect_timeout: float) -> tuple[_Connection, Answer]:
+        """Send the request on a kept connection or a new one, and wait for the whole answer (`wait` seconds from
+        now, connecting included) or a stream's head (`wait` seconds from the connection)."""
         loop = asyncio.get_running_loop()
-        connection = self._take(origin.key, loop.time())
+        started = loop.time()
+        connection = self._take(origin.key, started)
         if connection is None:
-            connection = await self._connect(origin, min(connect_timeout, read_timeout))
-        waiter = connection.begin(loop, whole=False)
+            connection = await self._connect(origin, min(connect_timeout, wait))
+        waiter = connection.begin(loop, whole=whole)
         assert connection.transport is not None
         connection.transport.write(origin.request(path, body))
-        timer = loop.call_later(read_timeout, connection.time_out)
+        timer = loop.call_at((started if whole else loop.time()) + wait, connection.time_out)
         try:
-            head = await waiter
+            return connection, await waiter
         except BaseException:
-            connection.close()
+            connection.close()  # cancelled, timed out or failed: what the connection holds now is unknown
             connection.finish()
             raise
         finally:
             timer.cancel()
-        return Stream(connection, head, read_timeout)
 
     async def _connect(self, origin: Origin, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
