@@ -188,7 +188,7 @@ class OpenAICompatibleProvider:
         self._origin: Origin | None = None
 
     def origin(self) -> Origin:
-        """The JSON calls' origin, built on first use: a configuration the client cannot send (not an http(s)
+        """The upstream calls' origin, built on first use: a configuration the client cannot send (not an http(s)
         URL, a line break in a header) fails those calls, not the catalog that holds every provider."""
         if self._origin is None:
             try:
