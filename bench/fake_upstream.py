@@ -17,6 +17,7 @@ The requested model name picks the behaviour:
   burst-garbage          the role and two chunks, then a data line that is not JSON, in one write
   drip                   stream like ok, one chunk every DRIP_SECONDS (clients that leave mid-stream)
   slow-stream-<S>        stream like ok, the chunks spread over S seconds (many long streams at once)
+  no-usage               stream like ok, but report no usage however it is asked (as llama_cpp.server does)
   chars                  answer like ok, but count one prompt token per character of the messages' text (as
                          CJK text often costs): more than a byte-based estimate expects
   tools-split / tools-repeat / tools-whole
@@ -219,7 +220,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(30)
         return response
     await response.write(_chunk(model, {}, "stop"))
-    if (body.get("stream_options") or {}).get("include_usage"):
+    if (body.get("stream_options") or {}).get("include_usage") and model != "no-usage":
         usage = {"id": "chatcmpl-upstream", "object": "chat.completion.chunk", "created": int(time.time()),
                  "model": model, "choices": [],
                  "usage": {"prompt_tokens": 9, "completion_tokens": count, "total_tokens": 9 + count}}

@@ -78,8 +78,19 @@ class _ServerSentEvents:
             yield sse.error_frame(to_api_error(exc, request_id=self.request_id).body()) + sse.DONE
             return
         # The stream settled itself when the upstream finished, before these last frames.
-        if self.include_usage and self.stream.usage is not None:
-            final: dict[str, Any] = {**envelope, "choices": [], "usage": self.stream.usage}
+        if self.include_usage:
+            final: dict[str, Any] = {**envelope, "choices": [], "usage": self._usage()}
             yield frame(final) + sse.DONE
         else:
             yield sse.DONE
+
+    def _usage(self) -> dict[str, Any] | None:
+        """The upstream's own report, or else the tokens the call was charged for (counted), as OpenAI reports
+        them: a client that asked for usage always gets it."""
+        if self.stream.usage is not None:
+            return self.stream.usage
+        billed = self.stream.billed_usage
+        if billed is None:
+            return None
+        return {"prompt_tokens": billed["prompt_tokens"], "completion_tokens": billed["completion_tokens"],
+                "total_tokens": billed["total_tokens"]}

@@ -14,13 +14,15 @@ from asgiref.sync import sync_to_async
 
 from apikeys.models import ApiKey
 from bench import fake_upstream
+from billing import metering
+from billing.models import UsageEvent
 from completions.models import Provider
 from completions.providers.openai_compatible import upstream_gates
 from completions.services import provider_upsert_openai_compatible
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-MODELS = ["ok", "slow", "http500", "http429", "http400", "http401", "badjson", "stream-break"]
+MODELS = ["ok", "slow", "http500", "http429", "http400", "http401", "badjson", "stream-break", "no-usage"]
 
 
 @pytest.fixture
@@ -71,6 +73,24 @@ async def test_stream_is_reframed_and_usage_only_sent_when_asked(
         validate_schema("CreateChatCompletionStreamResponse", chunk.model_dump(exclude_unset=True))
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 20
+
+
+async def test_a_stream_whose_upstream_reports_no_usage_ends_with_the_usage_it_was_charged_for(
+    sdk: openai.AsyncOpenAI, validate_schema
+) -> None:
+    stream = await sdk.chat.completions.create(
+        model="no-usage", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [chunk async for chunk in stream]
+    validate_schema("CreateChatCompletionStreamResponse", chunks[-1].model_dump(exclude_unset=True))
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    await metering.flush()
+    event = await UsageEvent.objects.filter(model="no-usage").afirst()
+    assert event is not None and event.usage_source == UsageEvent.UsageSource.ESTIMATED  # no tokenizer for it
+    assert (event.prompt_tokens, event.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens)
 
 
 async def test_stream_helper_of_the_sdk_accumulates_one_role(sdk: openai.AsyncOpenAI) -> None:
