@@ -278,6 +278,9 @@ def main() -> None:
         upstream.wait(timeout=10)
         from django.db import connections
 
+        from billing.ledger import flush_at_exit
+
+        flush_at_exit()  # now, while the scratch database exists: the exit hook would find it dropped
         connections.close_all()
         drop_database(database)
 
