@@ -306,12 +306,8 @@ class Stream:
         """Back to its pool if the answer was read to its end and the server keeps the connection; closed
         otherwise, which tells the upstream to stop generating."""
         connection = self._connection
-        keep = connection.ended and connection.reusable and not connection.closed and not connection.chunks
-        connection.finish()
-        if keep and not connection.pool.is_closed:
-            connection.pool._put(connection, self._loop.time())
-        else:
-            connection.close()
+        connection.pool.release(connection, read_to_end=connection.ended and not connection.chunks,
+                                now=self._loop.time())
 
 
 class UpstreamHTTP:
@@ -327,11 +323,7 @@ class UpstreamHTTP:
         TimeoutError past `timeout` (connect_timeout for the connect alone), UpstreamHTTPError otherwise."""
         connection, answer = await self._exchange(origin, path, body, whole=True, wait=timeout,
                                                   connect_timeout=connect_timeout)
-        connection.finish()
-        if connection.reusable and not self.is_closed:
-            self._put(connection, asyncio.get_running_loop().time())
-        else:
-            connection.close()
+        self.release(connection, read_to_end=True, now=asyncio.get_running_loop().time())
         if connection.encoding not in (b"", b"identity"):
             return answer._replace(body=_decompressed(connection.encoding, answer.body))
         return answer
@@ -390,6 +382,15 @@ class UpstreamHTTP:
                 return connection
             connection.close()
         return None
+
+    def release(self, connection: _Connection, *, read_to_end: bool, now: float) -> None:
+        """A call's end: its connection back to the pool if its answer was read to the end and the server keeps
+        it; closed otherwise."""
+        connection.finish()
+        if read_to_end and connection.reusable and not connection.closed and not self.is_closed:
+            self._put(connection, now)
+        else:
+            connection.close()
 
     def _put(self, connection: _Connection, now: float) -> None:
         connection.idle_since = now
