@@ -45,6 +45,16 @@ def async_client(*, timeout: float, pool_size: int, blocking: bool = True) -> An
     return redis.asyncio.Redis(connection_pool=pool)
 
 
+def scripts_client(*, timeout: float, pool_size: int) -> Any:
+    """billing.lean_redis's client for the hot scripts, on one Redis that it can reach as redis-py would; None
+    on a cluster, or a URL it leaves to redis-py (a unix socket, query options)."""
+    from billing import lean_redis
+
+    if settings.KEYWAY_BILLING_REDIS_CLUSTER or not lean_redis.supports(url()):
+        return None
+    return lean_redis.LeanRedis(url(), timeout=timeout, pool_size=pool_size)
+
+
 def sync_client(*, timeout: float, connect_timeout: float) -> Any:
     """A synchronous client (the usage stream's consumer, on the ledger's writer thread)."""
     import redis

@@ -434,11 +434,16 @@ class _RedisCounters:
         # count and the worker's to resolve (a new lease, below).
         self.client = connections.async_client(timeout=settings.KEYWAY_REDIS_TIMEOUT,
                                                pool_size=settings.KEYWAY_REDIS_POOL_SIZE)
-        self.admit_script = self.client.register_script(_ADMIT)
-        self.settle_script = self.client.register_script(_SETTLE)
-        self.seed_script = self.client.register_script(_SEED)
-        self.heartbeat_script = self.client.register_script(_HEARTBEAT)
-        self.retire_script = self.client.register_script(_RETIRE)
+        # The scripts run on billing.lean_redis's client where it can reach Redis (its docstring says why);
+        # everything else on redis-py's.
+        self.scripts = connections.scripts_client(timeout=settings.KEYWAY_REDIS_TIMEOUT,
+                                                  pool_size=settings.KEYWAY_REDIS_POOL_SIZE)
+        register = self.client.register_script if self.scripts is None else self.scripts.script
+        self.admit_script = register(_ADMIT)
+        self.settle_script = register(_SETTLE)
+        self.seed_script = register(_SEED)
+        self.heartbeat_script = register(_HEARTBEAT)
+        self.retire_script = register(_RETIRE)
         self.prefix = settings.KEYWAY_CACHE_PREFIX
         self.worker = _worker_name()
         self.registered = False
@@ -507,6 +512,8 @@ class _RedisCounters:
             # the breaker's pause each call opens a fresh one instead of failing on a stale one.
             with contextlib.suppress(Exception):
                 await connections.drop_idle_connections(self.client)
+                if self.scripts is not None:
+                    await self.scripts.drop_idle()
             raise breaker.Unavailable from error
         breaker.redis.succeeded()
         return result
@@ -725,6 +732,8 @@ class _RedisCounters:
         if self.registered:
             await self._retire(self.worker)
         await self.client.aclose()
+        if self.scripts is not None:
+            await self.scripts.aclose()
 
 
 def _settlement(shard: int, prefix: str, amounts: dict[str, int], releases: Releases, batch: str,

@@ -127,7 +127,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 REDIS_URL = env_str("REDIS_URL", "")
 # Namespaces every key Keyway puts in Redis (cache and rate-limit counters).
 KEYWAY_CACHE_PREFIX = env_str("KEYWAY_CACHE_PREFIX", "kw")
-# Connections per worker process for the rate limiter's asynchronous Redis client.
+# Connections per worker process for billing's asynchronous Redis clients (each: billing.counters' scripts,
+# and redis-py's for the rest).
 KEYWAY_REDIS_POOL_SIZE = env_int("KEYWAY_REDIS_POOL_SIZE", 64, minimum=1)
 # How long a call to Redis may take (connecting, or waiting for an answer) before it counts as failed, and how
 # long this process then fails fast without trying (platform_site.kernel.breaker). No request waits on a
