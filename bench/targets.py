@@ -382,6 +382,19 @@ def summarize_profile(profiler: subprocess.Popen[bytes], path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------- the rows
 
+def python_speed() -> float:
+    """Nanoseconds per iteration of a pure-Python loop, the best of 3 (this interpreter, now). Every figure of
+    the table scales with it, and this machine's speed varies from day to day (2.5 times between two sessions):
+    compare two tables only beside it."""
+    best = float("inf")
+    for _ in range(3):
+        started, total = time.perf_counter(), 0
+        for number in range(2_000_000):
+            total += number
+        best = min(best, time.perf_counter() - started)
+    return best / 2_000_000 * 1e9
+
+
 def fmt(value: float, unit: str, digits: int = 2) -> str:
     return f"{value:,.{digits}f} {unit}"
 
@@ -694,6 +707,8 @@ def main() -> None:
         print(f"Keyway: uvicorn, {args.workers} workers, {database_kind}, {counters} counters,"
               f" auth + rate limits + metering on; {args.seconds:g} s per case; {os.cpu_count()} cores "
               "shared with the upstream and the load generator")
+        print(f"This machine now: {python_speed():.0f} ns per iteration of a pure-Python loop (compare tables only"
+              " beside it)")
         print(f"  {'':<44}{'direct':>16}{'keyway':>16}  {'target':<22}")
         # Every worker past its warm-up (its connections, caches, and the heap's second freeze, a one-time pause at
         # its 500th request), as a server that has been up for a while is.
