@@ -8,7 +8,7 @@ import orjson
 import pytest
 from django.urls import Resolver404, clear_url_caches
 
-from platform_site.api_handler import _StaticRoutes
+from platform_site.api_handler import _ServedHosts, _StaticRoutes
 
 
 def test_only_literal_routes_are_kept_and_a_new_url_conf_starts_afresh() -> None:
@@ -28,6 +28,26 @@ def test_only_literal_routes_are_kept_and_a_new_url_conf_starts_afresh() -> None
     clear_url_caches()  # what a changed URL conf does (tests' override_settings(ROOT_URLCONF=…) among them)
     again = routes.resolve("/v1/chat/completions")
     assert again is not first and again.url_name == "chat-completions"
+
+
+def test_only_hosts_found_valid_are_kept_and_new_allowed_hosts_start_afresh(settings: Any) -> None:
+    settings.ALLOWED_HOSTS = ["api.example.com", ".tenant.example"]
+    hosts = _ServedHosts()
+    for host in ("api.example.com", "api.example.com:443", "a.tenant.example", "API.EXAMPLE.COM"):
+        assert hosts.serves(host), host
+        assert hosts.serves(host), host  # kept
+    assert hosts._valid == {"api.example.com", "api.example.com:443", "a.tenant.example", "API.EXAMPLE.COM"}
+    for host in ("evil.example.com", "", "api.example.com:bad", "api.example.com\x00", "[::1"):
+        assert not hosts.serves(host), host
+        assert not hosts.serves(host), host  # refused each time, never kept
+    for index in range(200):  # made-up hosts that are valid fill it only up to its limit
+        assert hosts.serves(f"x{index}.tenant.example")
+    assert len(hosts._valid) == _ServedHosts.LIMIT
+    assert hosts.serves("x199.tenant.example")  # still answered right when not kept
+
+    settings.ALLOWED_HOSTS = ["other.example.com"]  # a new setting: what was valid is checked again
+    assert not hosts.serves("api.example.com")
+    assert hosts.serves("other.example.com") and hosts._valid == {"other.example.com"}
 
 
 @pytest.mark.django_db
