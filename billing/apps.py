@@ -12,7 +12,7 @@ class BillingConfig(AppConfig):
 
     def ready(self) -> None:
         # Wired here, not at import (platform_site.kernel.process).
-        from billing import counters, ledger, sessions
+        from billing import counters, ledger, metering, sessions
         from billing.pricing import forget_cached_terms
         from billing.services import on_credit_change
         from platform_site.kernel import process
@@ -26,6 +26,7 @@ class BillingConfig(AppConfig):
         process.register_shutdown_hook(counters.flush_at_shutdown)
         process.register_shutdown_hook(ledger.verify_at_shutdown)
         process.resettable(counters.reset)
+        process.resettable(metering.reset)
         process.resettable(sessions.reset)
         # daphne does not speak lifespan, so its workers end without the shutdown hooks: write what is
         # buffered while the process can still reach the database.

@@ -24,7 +24,8 @@ shard tag, which make them Redis Cluster-safe: billing.keys):
                      ledger on first use (the only case that costs a query).
 Settlement replaces a hold by the real cost; those adjustments (and TPM token counts) are sent on the event
 loop's next turn, together with everything else settled meanwhile, so under load many requests share one
-round trip. Until they are sent, a hold counts at its worst case: the counters err on the side of refusing.
+round trip; a call that settles while no other is under way is sent at once (no other could join it). The
+scripts run on billing.lean_redis's client, on one Redis (its docstring says why). Until they are sent, a hold counts at its worst case: the counters err on the side of refusing.
 The same step appends each settled call's usage event to the shared usage stream (usage:{prefix}, a Redis
 Stream that billing.ledger's consumer group writes to the ledger): the charge on the counters and the event
 that writes it down land together or not at all. An answer waits for that step (`recorded()`), so a host
@@ -698,17 +699,8 @@ class _RedisCounters:
                      events: Sequence[SettledUsage] = ()) -> None:
         """One script per shard the batch has calls in, each marked applied on its own: a batch sent again
         after a failure is applied where it was not, once."""
-        by_shard: defaultdict[int, tuple[dict[str, int], Releases, list[SettledUsage]]] = defaultdict(
-            lambda: ({}, {}, [])
-        )
-        for name, amount in amounts.items():
-            by_shard[keys.shard_in(name)][0][name] = amount
-        for lease, held in releases.items():
-            by_shard[keys.shard_in(lease)][1][lease] = held
-        for event in events:
-            by_shard[keys.shard_of(event.organization_id)][2].append(event)
         calls = []
-        for shard, (shard_amounts, shard_releases, shard_events) in by_shard.items():
+        for shard, (shard_amounts, shard_releases, shard_events) in _by_shard(amounts, releases, events).items():
             names, args = _settlement(shard, self.prefix, shard_amounts, shard_releases, batch, shard_events)
             calls.append(self._guard(self.settle_script(keys=names, args=args)))
         if len(calls) == 1:
@@ -717,6 +709,22 @@ class _RedisCounters:
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, BaseException):
                 raise result
+
+    def begin_settle(self, amounts: dict[str, int], releases: Releases, batch: str,
+                     events: Sequence[SettledUsage]) -> Awaitable[None] | None:
+        """`settle`, its script written to Redis before this returns, for a caller with work of its own to do
+        meanwhile; await what it returns. None, with nothing sent, unless the batch is in one shard and the
+        scripts' client has a connection free (then `settle` it as usual)."""
+        begin = getattr(self.settle_script, "begin", None)
+        if begin is None or not breaker.redis.allows():
+            return None
+        by_shard = _by_shard(amounts, releases, events)
+        if len(by_shard) != 1:
+            return None
+        ((shard, (shard_amounts, shard_releases, shard_events)),) = by_shard.items()
+        names, args = _settlement(shard, self.prefix, shard_amounts, shard_releases, batch, shard_events)
+        started = begin(keys=names, args=args)
+        return None if started is None else self._guard(started)
 
     async def seed(self, values: dict[str, int]) -> None:
         await self._guard(self.seed_script(keys=list(values), args=[*values.values(), _MONTH_TTL]))
@@ -734,6 +742,21 @@ class _RedisCounters:
         await self.client.aclose()
         if self.scripts is not None:
             await self.scripts.aclose()
+
+
+def _by_shard(amounts: dict[str, int], releases: Releases, events: Sequence[SettledUsage]
+              ) -> dict[int, tuple[dict[str, int], Releases, list[SettledUsage]]]:
+    """A settlement batch's parts, by the shard they are in."""
+    by_shard: defaultdict[int, tuple[dict[str, int], Releases, list[SettledUsage]]] = defaultdict(
+        lambda: ({}, {}, [])
+    )
+    for name, amount in amounts.items():
+        by_shard[keys.shard_in(name)][0][name] = amount
+    for lease, held in releases.items():
+        by_shard[keys.shard_in(lease)][1][lease] = held
+    for event in events:
+        by_shard[keys.shard_of(event.organization_id)][2].append(event)
+    return by_shard
 
 
 def _settlement(shard: int, prefix: str, amounts: dict[str, int], releases: Releases, batch: str,
@@ -884,35 +907,41 @@ def settle_later(
     lease: str = "",
     released: dict[str, int] | None = None,
     event: SettledUsage | None = None,
+    alone: bool = False,
 ) -> None:
     """Queue a settlement: counter moves (cost − hold, a request's tokens), the holds it gives back to its
-    lease, and its usage event. Sent on the loop's next turn with everything else settled meanwhile. Safe to
-    call where awaiting is not (a `finally` of a cancelled stream)."""
+    lease, and its usage event. Sent on the loop's next turn with everything else settled meanwhile, or, when
+    the caller says it is `alone` (no other call of this process is under way, so none could join its batch),
+    written to Redis before this returns: the caller's last steps then run while Redis works. Safe to call
+    where awaiting is not (a `finally` of a cancelled stream)."""
     global _sender
-    if event is not None:
-        if settings.REDIS_URL:
-            _events.append(event)
-            ledger.keep(event)  # until the ledger has it, whatever becomes of Redis
-        else:
-            ledger.record(event)  # one process: its own journal, written by itself
-    for name, amount in amounts.items():
-        if amount:
-            _unsent[name] += amount
-    if lease and released:
-        for name, hold in released.items():
-            if hold:
-                _releases[lease][name] += hold
-    if not _unsent and not _releases and not _resend and not _events:
-        return
+    if event is not None and not settings.REDIS_URL:
+        ledger.record(event)  # one process: its own journal, written by itself
+        event = None
+    elif event is not None:
+        _events.append(event)
     try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        # No loop (shutdown): the hold stays at its worst case, or the reaper gives it back; an event goes to
-        # the journal, which this host writes (or a later process replays).
-        _journal_events()
-        return
-    if _sender is None or _sender.done() or _sender.get_loop() is not loop:
-        _sender = loop.create_task(_send_soon())
+        for name, amount in amounts.items():
+            if amount:
+                _unsent[name] += amount
+        if lease and released:
+            for name, hold in released.items():
+                if hold:
+                    _releases[lease][name] += hold
+        if not _unsent and not _releases and not _resend and not _events:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            # No loop (shutdown): the hold stays at its worst case, or the reaper gives it back; an event goes
+            # to the journal, which this host writes (or a later process replays).
+            _journal_events()
+            return
+        if _sender is None or _sender.done() or _sender.get_loop() is not loop:
+            _sender = loop.create_task(_send_soon(_begin() if alone else None))
+    finally:
+        if event is not None:
+            ledger.keep(event)  # until the ledger has it, whatever becomes of Redis
 
 
 async def recorded() -> None:
@@ -935,14 +964,41 @@ def unsent(name: str) -> int:
     return _unsent.get(name, 0) + sum(amounts.get(name, 0) for _, amounts, _ in _resend)
 
 
-async def _send_soon() -> None:
-    # One turn of the loop: every request settling in this turn rides along in the same round trip. Then
-    # again for what settled while that round trip was under way (`settle_later` did not start another
-    # sender meanwhile), until nothing is queued: the last settlements of a burst are never left waiting.
-    await asyncio.sleep(0)
+# Batches taken from the queue to send (batch id, amounts, releases, events), and the future resolved once they
+# are sent; the first of them possibly already written to Redis (_begin).
+_Batch = tuple[str, dict[str, int], dict[str, dict[str, int]], list[SettledUsage]]
+_Taken = tuple[list[_Batch], asyncio.Future[None]]
+
+
+def _begin() -> tuple[_Taken, Awaitable[None] | None] | None:
+    """The queued settlements taken as one batch and, where the store can, written to Redis now (see
+    settle_later); None, with nothing taken, when batches that failed wait to go first."""
+    if _resend or not settings.REDIS_URL:
+        return None
+    taken = _take()
+    batch, amounts, releases, events = taken[0][0]
+    try:
+        first = store().begin_settle(amounts, releases, batch, events)
+    except Exception:  # noqa: BLE001 - sent the usual way by the sender, which reports what fails
+        first = None
+    return taken, first
+
+
+async def _send_soon(begun: tuple[_Taken, Awaitable[None] | None] | None = None) -> None:
+    # One turn of the loop: every request settling in this turn rides along in the same round trip (unless a
+    # batch was begun already). Then again for what settled while that round trip was under way (`settle_later`
+    # did not start another sender meanwhile), until nothing is queued: the last settlements of a burst are
+    # never left waiting.
+    if begun is None:
+        await asyncio.sleep(0)
     while True:
         try:
-            await _send()
+            if begun is not None:
+                taken, first = begun
+                begun = None
+                await _send(taken, first)
+            else:
+                await _send()
         except Exception as error:
             # Kept, and sent again by the next admission or heartbeat once Redis answers; events settled
             # meanwhile go to the journal now, so that no answer waits for Redis to come back.
@@ -982,12 +1038,10 @@ async def flush() -> None:
     await _send()
 
 
-async def _send() -> None:
-    """Send the queued settlements and usage events."""
+def _take() -> _Taken:
+    """The batches to send now: those that failed before, then everything queued since."""
     global _recorded
-    batches: list[tuple[str, dict[str, int], dict[str, dict[str, int]], list[SettledUsage]]] = [
-        (batch, amounts, releases, []) for batch, amounts, releases in _resend
-    ]
+    batches: list[_Batch] = [(batch, amounts, releases, []) for batch, amounts, releases in _resend]
     _resend.clear()
     # Resolved once this send is over, for `recorded()` and `flush()` to wait on.
     done = _recorded or asyncio.get_running_loop().create_future()
@@ -999,10 +1053,20 @@ async def _send() -> None:
         _unsent.clear()
         _releases.clear()
         _events.clear()
+    return batches, done
+
+
+async def _send(taken: _Taken | None = None, first: Awaitable[None] | None = None) -> None:
+    """Send the queued settlements and usage events (or those `taken` already, the first batch begun as
+    `first`)."""
+    batches, done = taken if taken is not None else _take()
     try:
         for position, (batch, amounts, releases, events) in enumerate(batches):
             try:
-                await store().settle(amounts, releases, batch, events)
+                if position == 0 and first is not None:
+                    await first
+                else:
+                    await store().settle(amounts, releases, batch, events)
             except BaseException:
                 # Not lost on a passing Redis error, and not applied twice if Redis did run it before the error
                 # (a timeout): sent again as it was, under the same batch id, on the next flush. The events go

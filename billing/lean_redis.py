@@ -35,7 +35,7 @@ import collections
 import functools
 import hashlib
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -154,8 +154,8 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
             self.client._forget(self)
 
-    async def call(self, payload: bytes, replies: int, timeout: float) -> list[Any]:
-        """Send `payload` (that many commands) and return their replies (error replies as _ErrorReply)."""
+    def send(self, payload: bytes, replies: int, timeout: float) -> tuple[asyncio.Future[list[Any]], Any]:
+        """Write `payload` (that many commands) now; `wait()` on what this returns for their replies."""
         if self.closed:
             raise exceptions.ConnectionError("Connection to Redis lost")
         loop = asyncio.get_running_loop()
@@ -163,7 +163,11 @@ class _Connection(asyncio.Protocol):
         self.replies, self.expected = [], replies
         assert self.transport is not None
         self.transport.write(payload)
-        timer = loop.call_later(timeout, _time_out, waiter)
+        return waiter, loop.call_later(timeout, _time_out, waiter)
+
+    async def wait(self, sent: tuple[asyncio.Future[list[Any]], Any]) -> list[Any]:
+        """The replies (error replies as _ErrorReply) of what `send` wrote."""
+        waiter, timer = sent
         try:
             return await waiter
         except BaseException:
@@ -172,6 +176,9 @@ class _Connection(asyncio.Protocol):
         finally:
             timer.cancel()
             self.waiter = None
+
+    async def call(self, payload: bytes, replies: int, timeout: float) -> list[Any]:
+        return await self.wait(self.send(payload, replies, timeout))
 
 
 class Script:
@@ -184,8 +191,18 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
 
     async def __call__(self, keys: Sequence[Arg] = (), args: Sequence[Arg] = ()) -> Any:
+        return await self._finish(self.client.execute("EVALSHA", self.sha, len(keys), *keys, *args), keys, args)
+
+    def begin(self, keys: Sequence[Arg] = (), args: Sequence[Arg] = ()) -> Coroutine[Any, Any, Any] | None:
+        """The call written to Redis now, before this returns, if a connection is free (None if not: then await
+        the script as usual); await what this returns for the reply. For a caller with work of its own to do
+        while Redis runs the script."""
+        started = self.client.begin("EVALSHA", self.sha, len(keys), *keys, *args)
+        return None if started is None else self._finish(started, keys, args)
+
+    async def _finish(self, started: Awaitable[Any], keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         try:
-            return await self.client.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+            return await started
         except exceptions.NoScriptError:
             # Not run (a Redis that restarted or flushed its scripts): EVAL runs it and caches it, in one trip.
             return await self.client.execute("EVAL", self.source, len(keys), *keys, *args)
@@ -226,24 +243,50 @@ class LeanRedis:
         """One command's reply; an error reply raised as redis-py would."""
         connection = await self._acquire()
         try:
-            (reply,) = await connection.call(pack(args), 1, self.timeout)
+            sent = connection.send(pack(args), 1, self.timeout)
+        except BaseException:
+            self._release(connection)
+            raise
+        return await self._reply(connection, sent)
+
+    def begin(self, *args: Arg) -> Coroutine[Any, Any, Any] | None:
+        """`execute`, with the command written before this returns, on a connection that is free now; None if
+        none is (nothing is written)."""
+        connection = self._idle_connection(asyncio.get_running_loop().time())
+        if connection is None:
+            return None
+        try:
+            sent = connection.send(pack(args), 1, self.timeout)
+        except BaseException:
+            self._release(connection)
+            raise
+        return self._reply(connection, sent)
+
+    async def _reply(self, connection: _Connection, sent: tuple[asyncio.Future[list[Any]], Any]) -> Any:
+        try:
+            (reply,) = await connection.wait(sent)
         finally:
             self._release(connection)
         if type(reply) is _ErrorReply:
             raise _error(str(reply))
         return reply
 
+    def _idle_connection(self, now: float) -> _Connection | None:
+        while self.idle:
+            connection = self.idle.pop()
+            if connection.closed:
+                continue
+            if now - connection.idle_since > IDLE_LIMIT:
+                connection.close()
+                continue
+            return connection
+        return None
+
     async def _acquire(self) -> _Connection:
         loop = asyncio.get_running_loop()
         while True:
-            now = loop.time()
-            while self.idle:
-                connection = self.idle.pop()
-                if connection.closed:
-                    continue
-                if now - connection.idle_since > IDLE_LIMIT:
-                    connection.close()
-                    continue
+            connection = self._idle_connection(loop.time())
+            if connection is not None:
                 return connection
             if len(self.connections) + self.opening < self.pool_size:
                 return await self._connect()

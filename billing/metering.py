@@ -36,6 +36,9 @@ from platform_site.kernel.conf import settings  # Django's, read faster (the mod
 from platform_site.kernel.orm import orm
 
 Endpoint = UsageEvent.Endpoint
+# Calls of this process admitted and not settled yet. A call that settles while no other is under way sends its
+# settlement at once (counters.settle_later's `alone`): no other could join its batch on the loop's next turn.
+_open_meters = 0
 Status = UsageEvent.Status
 UsageSource = UsageEvent.UsageSource
 
@@ -100,6 +103,8 @@ class Meter:
         if self.settled:
             return 0
         self.settled = True
+        global _open_meters
+        _open_meters -= 1
         self.prompt_tokens, self.cached_tokens, self.completion_tokens = prompt_tokens, cached_tokens, completion_tokens
         cost = 0
         event = None
@@ -144,7 +149,8 @@ class Meter:
         # With the event, in one step: without Redis the event is journaled now; with Redis it reaches the
         # usage stream in the same atomic step as the counters (billing.counters).
         counters.settle_later(
-            adjustments, lease=self.lease, released={name: self.hold for name in self.hold_counters}, event=event
+            adjustments, lease=self.lease, released={name: self.hold for name in self.hold_counters}, event=event,
+            alone=_open_meters == 0,
         )
         metrics.usage_settled(model, Status(status).label, prompt_tokens, completion_tokens, cost)
         return cost
@@ -253,6 +259,8 @@ async def admit(
         except breaker.Unavailable:
             _without_counters(ask)
             hold = 0  # nothing was reserved: settlement adds the whole cost, where the counters still exist
+    global _open_meters
+    _open_meters += 1
     return Meter(
         key=key,
         call_id=call_id,
@@ -358,6 +366,12 @@ async def _count_and_reserve(
     if status in _QUOTA_CODES:
         raise QuotaExceeded(_QUOTA_CODES[status], headers=rate_state.headers() if rate_state else None)
     return counted.lease, rate_state
+
+
+def reset() -> None:
+    """Forget the calls left open (tests)."""
+    global _open_meters
+    _open_meters = 0
 
 
 async def flush() -> None:

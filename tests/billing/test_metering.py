@@ -279,6 +279,7 @@ async def test_a_dead_workers_holds_are_given_back_by_a_live_workers_heartbeat(
     assert await _spend_counter(fake) == JSON_COST
     assert not await dead.client.exists(dead.lease(keys.shard_of(fake.pk)))
     await dead.client.aclose()
+    await dead.scripts.aclose()
 
 
 @pytest.mark.skipif(not USES_REDIS, reason="leases exist only in the counters shared through Redis")

@@ -28,6 +28,7 @@ async def store(own_redis: Any) -> AsyncIterator[Any]:
     worker = counters._RedisCounters()
     yield worker
     await worker.client.aclose()
+    await worker.scripts.aclose()
 
 
 def _event(org: Organization, cost: int) -> SettledUsage:
@@ -61,6 +62,35 @@ async def test_an_event_is_in_the_stream_before_the_answer_is_released_and_reach
     assert await sync_to_async(_ledger)(org) == (1, 300)
     assert await store.client.xlen(keys.usage_stream(0)) == 0
     assert await sync_to_async(drain_stream)() == 0
+
+
+async def test_a_call_settling_alone_is_written_to_redis_before_settle_later_returns(
+    store: Any, org: Organization, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alone (no other call of the process under way), a settlement need not wait for the loop's next turn to
+    gather others: its script is written at once, and the caller's last steps run while Redis works. Not
+    alone, it waits for that turn. Either way its event reaches the stream once, and this host keeps a copy."""
+    from billing.ledger import ledger
+
+    monkeypatch.setattr(counters, "store", lambda: store)
+    await store.seed({f"{keys.shard_prefix(0)}:warm": 0})  # a script run: a connection in the scripts' pool
+    assert len(store.scripts.idle) == 1
+    alone, together = _event(org, 100), _event(org, 200)
+
+    counters.settle_later({}, event=alone, alone=True)
+    assert not store.scripts.idle  # taken: its script is written, the reply awaited
+    assert [connection.waiter is not None for connection in store.scripts.connections] == [True]
+    await counters.recorded()
+    assert await store.client.xlen(keys.usage_stream(0)) == 1 and len(store.scripts.idle) == 1
+
+    counters.settle_later({}, event=together, alone=False)
+    assert len(store.scripts.idle) == 1  # nothing written yet: its batch waits for the loop's next turn
+    await counters.recorded()
+    assert await store.client.xlen(keys.usage_stream(0)) == 2
+    kept = {row[0] for row in ledger._kept.rows} if ledger._kept is not None else set()
+    assert {alone.call_id, together.call_id} <= kept
+    assert await sync_to_async(drain_stream)() == 2
+    assert await sync_to_async(_ledger)(org) == (2, 300)
 
 
 async def test_a_batch_sent_twice_adds_its_events_once(store: Any, org: Organization) -> None:
