@@ -25,7 +25,8 @@ shard tag, which make them Redis Cluster-safe: billing.keys):
 Settlement replaces a hold by the real cost; those adjustments (and TPM token counts) are sent on the event
 loop's next turn, together with everything else settled meanwhile, so under load many requests share one
 round trip; a call that settles while no other is under way is sent at once (no other could join it). The
-scripts run on billing.lean_redis's client, on one Redis (its docstring says why). Until they are sent, a hold counts at its worst case: the counters err on the side of refusing.
+scripts run on billing.lean_redis's client, on one Redis (its docstring says why). Until they are sent, a hold
+counts at its worst case: the counters err on the side of refusing.
 The same step appends each settled call's usage event to the shared usage stream (usage:{prefix}, a Redis
 Stream that billing.ledger's consumer group writes to the ledger): the charge on the counters and the event
 that writes it down land together or not at all. An answer waits for that step (`recorded()`), so a host
