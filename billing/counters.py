@@ -994,12 +994,9 @@ async def _send_soon(begun: tuple[_Taken, Awaitable[None] | None] | None = None)
         await asyncio.sleep(0)
     while True:
         try:
-            if begun is not None:
-                taken, first = begun
-                begun = None
-                await _send(taken, first)
-            else:
-                await _send()
+            taken, first = begun or (None, None)
+            begun = None
+            await _send(taken, first)
         except Exception as error:
             # Kept, and sent again by the next admission or heartbeat once Redis answers; events settled
             # meanwhile go to the journal now, so that no answer waits for Redis to come back.

@@ -241,20 +241,16 @@ class LeanRedis:
 
     async def execute(self, *args: Arg) -> Any:
         """One command's reply; an error reply raised as redis-py would."""
-        connection = await self._acquire()
-        try:
-            sent = connection.send(pack(args), 1, self.timeout)
-        except BaseException:
-            self._release(connection)
-            raise
-        return await self._reply(connection, sent)
+        return await self._start(await self._acquire(), args)
 
     def begin(self, *args: Arg) -> Coroutine[Any, Any, Any] | None:
         """`execute`, with the command written before this returns, on a connection that is free now; None if
         none is (nothing is written)."""
         connection = self._idle_connection(asyncio.get_running_loop().time())
-        if connection is None:
-            return None
+        return None if connection is None else self._start(connection, args)
+
+    def _start(self, connection: _Connection, args: tuple[Arg, ...]) -> Coroutine[Any, Any, Any]:
+        """The command written on `connection` now; its reply (or error) from awaiting what this returns."""
         try:
             sent = connection.send(pack(args), 1, self.timeout)
         except BaseException:

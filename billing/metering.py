@@ -36,11 +36,12 @@ from platform_site.kernel.conf import settings  # Django's, read faster (the mod
 from platform_site.kernel.orm import orm
 
 Endpoint = UsageEvent.Endpoint
+Status = UsageEvent.Status
+UsageSource = UsageEvent.UsageSource
+
 # Calls of this process admitted and not settled yet. A call that settles while no other is under way sends its
 # settlement at once (counters.settle_later's `alone`): no other could join its batch on the loop's next turn.
 _open_meters = 0
-Status = UsageEvent.Status
-UsageSource = UsageEvent.UsageSource
 
 _QUOTA_CODES = {
     counters.REFUSED_CREDIT: "insufficient_quota",
@@ -150,7 +151,7 @@ class Meter:
         # usage stream in the same atomic step as the counters (billing.counters).
         counters.settle_later(
             adjustments, lease=self.lease, released={name: self.hold for name in self.hold_counters}, event=event,
-            alone=_open_meters == 0,
+            alone=_open_meters <= 0,
         )
         metrics.usage_settled(model, Status(status).label, prompt_tokens, completion_tokens, cost)
         return cost
