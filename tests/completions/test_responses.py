@@ -603,11 +603,14 @@ async def test_responses_count_against_the_keys_rate_limit(
                                  http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=application)))
     first = await limited.responses.with_raw_response.create(model="ok", input="x")
     assert first.headers["x-ratelimit-limit-requests"] == "2"
-    await limited.responses.create(model="ok", input="x", background=True)
+    started = await limited.responses.create(model="ok", input="x", background=True)
     with pytest.raises(openai.RateLimitError) as caught:
         await limited.responses.create(model="ok", input="x", background=True)
     assert caught.value.response.headers.get("retry-after")
     await limited.close()
+    # The run must end inside this test: its last writes, left to a thread after the test, would lock the next
+    # test's first write out of SQLite's shared in-memory database.
+    await _until(sdk, started.id, ("completed",))
 
 
 async def test_logprobs_are_included_when_asked(sdk: openai.AsyncOpenAI) -> None:
