@@ -360,10 +360,20 @@ async def realtime(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def make_app() -> web.Application:
+class _Unkept(list):  # type: ignore[type-arg]
+    """What a standalone server sees, which nobody can read: not kept. Kept, it grew by every request, and the
+    full collections of that growing heap stalled the upstream for 7 ms after 40,000 requests and 54 ms after
+    170,000 (wrk at concurrency 1: the bench's direct p99.9, and its p99 from 0.2 to 8 ms)."""
+
+    def append(self, item: object) -> None:
+        pass
+
+
+def make_app(*, keep_seen: bool = True) -> web.Application:
+    """`keep_seen`: the requests are kept in app[SEEN] and app[REALTIME_SEEN], for tests to read."""
     app = web.Application()
-    app[SEEN] = []
-    app[REALTIME_SEEN] = []
+    app[SEEN] = [] if keep_seen else _Unkept()
+    app[REALTIME_SEEN] = [] if keep_seen else _Unkept()
     app.router.add_get("/v1/realtime", realtime)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
@@ -393,7 +403,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(make_app(), host=args.host, port=args.port, access_log=None, print=None, backlog=BACKLOG)
+    web.run_app(make_app(keep_seen=False), host=args.host, port=args.port, access_log=None, print=None, backlog=BACKLOG)
 
 
 if __name__ == "__main__":
