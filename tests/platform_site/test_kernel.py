@@ -116,6 +116,22 @@ async def test_an_expired_copy_is_served_while_it_reloads_when_stale_is_allowed(
     assert await cache.get("k") == "k:v2"  # the background reload landed (served as the copy at hand)
 
 
+async def test_a_copy_read_late_in_its_life_is_reloaded_in_the_background_and_replaced_before_it_expires() -> None:
+    load = _CountingLoad(delay=0.05)
+    cache: SingleFlight[str, str] = SingleFlight(load, ttl=lambda: 2.0)
+    assert await cache.get("k") == "k:v1"
+    loaded = time.monotonic()
+    await asyncio.sleep(1.6)  # past 3/4 of the TTL, not past it
+    load.value = "v2"
+    started = time.monotonic()
+    assert await cache.get("k") == "k:v1"  # served at once, while the reload runs
+    assert time.monotonic() - started < 0.04 and time.monotonic() - loaded < 2.0
+    await asyncio.sleep(2.2 - (time.monotonic() - loaded))  # the first copy has expired
+    started = time.monotonic()
+    assert await cache.get("k") == "k:v2"  # its replacement, loaded before: nobody waited
+    assert time.monotonic() - started < 0.04 and load.calls == 2
+
+
 async def test_a_failed_load_is_not_cached() -> None:
     attempts = 0
 
