@@ -10,6 +10,9 @@ and Redis prefix when DATABASE_URL and REDIS_URL are set (SQLite and in-process 
 
   json1     concurrency 1, JSON: p50, p99 and p99.9 added to the direct figure; the garbage collector's
             pauses over 5 ms in the workers meanwhile (keyway_gc_pause_seconds on /metrics)
+  sparse    one JSON request after each 2 s of quiet, as most tenants send them: p50 and max beside the direct
+            figure (no target yet: a closing note of issue 16 measured 6-7 ms under `make run`, against 2.2 ms
+            back to back, the hot path's cached copies all expired and reloaded one after another)
   json32    concurrency 32, JSON: requests/s, and CPU per request of Keyway's workers, Redis and PostgreSQL
   stream16  concurrency 16, 20-chunk SSE streams: first byte (p50), streams/s, CPU per stream
   burst     1,000 streams arriving at once: first byte at p99 (from the burst's start), median of 3 bursts each way
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import os
 import secrets
 import shutil
@@ -38,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
@@ -68,6 +73,7 @@ STREAM_BODY = orjson.dumps({"model": "bench", "messages": [{"role": "user", "con
 METRICS_TOKEN = "bench-metrics-token"  # noqa: S105 - a scratch server's, for this run only
 OPEN_STREAM_SECONDS = 20
 BURST_ROUNDS = 3  # bursts each way (row_burst)
+SPARSE_REQUESTS, SPARSE_QUIET = 8, 2.0  # requests each way, and the seconds of quiet before each (row_sparse)
 OPEN_STREAM_KEYS = 10  # a key may hold KEYWAY_UPSTREAM_MAX_PER_KEY calls per worker; the load is many clients'
 
 
@@ -426,6 +432,36 @@ def row_json1(report: Report, stack: Stack, args: argparse.Namespace) -> None:
         report.add("c=1 JSON errors", str(direct.errors), str(keyway.errors), "0", False)
 
 
+def sparse_requests(url: str, key: str | None) -> list[float]:
+    """SPARSE_REQUESTS JSON chat completions on one kept-alive connection, each after SPARSE_QUIET seconds of
+    quiet: the milliseconds of each."""
+    parsed = urllib.parse.urlsplit(url)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    connection = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=30)
+    timings = []
+    try:
+        for _ in range(SPARSE_REQUESTS):
+            time.sleep(SPARSE_QUIET)
+            started = time.perf_counter()
+            connection.request("POST", "/v1/chat/completions", body=JSON_BODY, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            timings.append((time.perf_counter() - started) * 1000)
+            if response.status != 200:
+                raise RuntimeError(f"{url} answered {response.status}")
+    finally:
+        connection.close()
+    return timings
+
+
+def row_sparse(report: Report, stack: Stack, args: argparse.Namespace) -> None:
+    direct = sparse_requests(stack.upstream_url, None)
+    keyway = sparse_requests(stack.keyway_url, stack.key)
+    report.add(f"sparse JSON (each after {SPARSE_QUIET:g} s quiet) p50", fmt(statistics.median(direct), "ms"),
+               fmt(statistics.median(keyway), "ms"))
+    report.add("sparse JSON max", fmt(max(direct), "ms"), fmt(max(keyway), "ms"))
+
+
 def row_json32(report: Report, stack: Stack, args: argparse.Namespace) -> None:
     seconds = args.seconds
     chat_json(stack, direct=False, connections=32, seconds=1)
@@ -655,8 +691,8 @@ class Stack:
         return [{"Authorization": f"Bearer {key}", "Content-Type": "application/json"} for key in self.keys]
 
 
-ROWS = {"json1": row_json1, "json32": row_json32, "stream16": row_stream16, "burst": row_burst, "open": row_open,
-        "daphne": row_daphne, "embedded": row_embedded, "litellm": row_litellm}
+ROWS = {"json1": row_json1, "sparse": row_sparse, "json32": row_json32, "stream16": row_stream16, "burst": row_burst,
+        "open": row_open, "daphne": row_daphne, "embedded": row_embedded, "litellm": row_litellm}
 
 
 def main() -> None:
