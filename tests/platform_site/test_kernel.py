@@ -132,6 +132,63 @@ async def test_a_copy_read_late_in_its_life_is_reloaded_in_the_background_and_re
     assert time.monotonic() - started < 0.04 and load.calls == 2
 
 
+class _OrderedLoad:
+    """A load that notes which cache's key it loaded, in the order the one ORM thread ran them."""
+
+    def __init__(self, name: str, order: list[str], delay: float = 0.02) -> None:
+        self.name, self.order, self.delay = name, order, delay
+
+    def __call__(self, key: str) -> str:
+        self.order.append(self.name)
+        time.sleep(self.delay)
+        return f"{self.name}:{key}"
+
+
+async def test_a_background_reload_lets_a_load_a_request_waits_for_go_first() -> None:
+    """After a quiet spell every copy has expired: the stale catalog's reload must not hold up the loads the
+    request waits for next in the one ORM thread."""
+    order: list[str] = []
+    stale: SingleFlight[str, str] = SingleFlight(_OrderedLoad("stale", order), ttl=lambda: 0.0,
+                                                 stale_while_revalidate=True)
+    waited: SingleFlight[str, str] = SingleFlight(_OrderedLoad("waited", order), ttl=lambda: 0.0)
+    assert await stale.get("k") == "stale:k"
+    order.clear()
+    assert await stale.get("k") == "stale:k"  # served stale; its reload is asked for first...
+    assert await waited.get("k") == "waited:k"
+    await asyncio.sleep(0.1)
+    assert order == ["waited", "stale"]  # ...yet ran after the load the request waited for
+
+
+async def test_a_request_that_comes_to_need_a_delayed_reload_does_not_wait_out_its_delay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("platform_site.kernel.singleflight._BACKGROUND_DELAY", 5.0)
+    load = _CountingLoad(delay=0.01)
+    cache: SingleFlight[str, str] = SingleFlight(load, ttl=lambda: 0.2)
+    assert await cache.get("k") == "k:v1"
+    await asyncio.sleep(0.16)  # past 3/4 of the TTL
+    load.value = "v2"
+    assert await cache.get("k") == "k:v1"  # a background reload is asked for, 5 s from now
+    await asyncio.sleep(0.06)  # the copy has expired: this request needs the reload
+    started = time.monotonic()
+    assert await cache.get("k") == "k:v2"
+    assert time.monotonic() - started < 1.0 and load.calls == 2
+
+
+async def test_a_delayed_reload_overtaken_by_an_invalidation_spares_the_database(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("platform_site.kernel.singleflight._BACKGROUND_DELAY", 0.05)
+    load = _CountingLoad(delay=0)
+    cache: SingleFlight[str, str] = SingleFlight(load, ttl=lambda: 0.0, stale_while_revalidate=True)
+    await cache.get("k")
+    await cache.get("k")  # stale: a reload is asked for, 50 ms from now
+    cache.invalidate("k")
+    await asyncio.sleep(0.1)
+    assert load.calls == 1
+    assert await cache.get("k") == "k:v1" and load.calls == 2  # the invalidated copy is loaded anew, at once
+
+
 async def test_a_failed_load_is_not_cached() -> None:
     attempts = 0
 
