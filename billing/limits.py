@@ -78,6 +78,11 @@ def _ttl() -> float:
 _limits: SingleFlight[int, ProjectLimits] = SingleFlight(_load, ttl=_ttl, stale_if_error=True)
 
 
+def wanted_limits(project_id: int) -> tuple[SingleFlight[int, ProjectLimits], int]:
+    """The project's limits, for singleflight.prefetch."""
+    return _limits, project_id
+
+
 async def project_limits(project_id: int) -> ProjectLimits:
     return await _limits.get(project_id)
 

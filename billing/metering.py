@@ -26,14 +26,23 @@ from apikeys.auth import AuthenticatedKey
 from billing import counters, keys
 from billing.exceptions import CountersUnavailable, QuotaExceeded, RateLimitExceeded
 from billing.ledger import ledger
-from billing.limits import project_limits
+from billing.limits import project_limits, wanted_limits
 from billing.models import UsageDaily, UsageEvent
-from billing.pricing import AccountTerms, ModelPrice, account_terms, cost_micros, price_table
+from billing.pricing import (
+    AccountTerms,
+    ModelPrice,
+    account_terms,
+    cost_micros,
+    price_table,
+    wanted_prices,
+    wanted_terms,
+)
 from billing.ratelimits import WINDOW, RateState, tighter
 from billing.services import SettledUsage
 from platform_site.kernel import breaker, metrics
 from platform_site.kernel.conf import settings  # Django's, read faster (the module says why)
 from platform_site.kernel.orm import orm
+from platform_site.kernel.singleflight import prefetch
 
 Endpoint = UsageEvent.Endpoint
 Status = UsageEvent.Status
@@ -210,6 +219,10 @@ async def admit(
         model=models[0],
         now=now,
     )
+    if settings.KEYWAY_METERING:
+        # After a quiet spell all three are due: loaded in one ORM visit rather than one after another.
+        prefetch(wanted_terms(key.organization_id), wanted_prices(),
+                 *((wanted_limits(key.project_id),) if key.project_id is not None else ()))
     terms = await account_terms(key.organization_id) if settings.KEYWAY_METERING else None
     project = await project_limits(key.project_id) if key.project_id is not None else None
     rpm, tpm = _limits(key, terms)

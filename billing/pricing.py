@@ -103,6 +103,16 @@ _terms: SingleFlight[int, AccountTerms] = SingleFlight(_load_terms, ttl=_ttl, st
 _prices: SingleFlight[None, dict[str, ModelPrice]] = SingleFlight(_load_prices, ttl=_ttl, stale_if_error=True)
 
 
+def wanted_terms(organization_id: int) -> tuple[SingleFlight[int, AccountTerms], int]:
+    """The organization's terms, for singleflight.prefetch."""
+    return _terms, organization_id
+
+
+def wanted_prices() -> tuple[SingleFlight[None, dict[str, ModelPrice]], None]:
+    """The price table, for singleflight.prefetch."""
+    return _prices, None
+
+
 async def account_terms(organization_id: int) -> AccountTerms:
     return await _terms.get(organization_id)
 

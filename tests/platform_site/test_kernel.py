@@ -189,6 +189,44 @@ async def test_a_delayed_reload_overtaken_by_an_invalidation_spares_the_database
     assert await cache.get("k") == "k:v1" and load.calls == 2  # the invalidated copy is loaded anew, at once
 
 
+async def test_prefetched_copies_are_loaded_in_one_orm_visit_and_a_failure_reaches_only_its_own_reader(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from platform_site.kernel import singleflight
+
+    visits = 0
+    real_orm = singleflight.orm
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal visits
+        visits += 1
+        return await real_orm(*args, **kwargs)
+
+    monkeypatch.setattr(singleflight, "orm", counted)
+
+    def broken(key: str) -> str:
+        raise ConnectionError("no such row today")
+
+    order: list[str] = []
+    terms: SingleFlight[str, str] = SingleFlight(_OrderedLoad("terms", order, delay=0), ttl=lambda: 60.0)
+    prices: SingleFlight[str, str] = SingleFlight(_OrderedLoad("prices", order, delay=0), ttl=lambda: 60.0)
+    limits: SingleFlight[str, str] = SingleFlight(broken, ttl=lambda: 60.0)
+    catalog: SingleFlight[str, str] = SingleFlight(_OrderedLoad("catalog", order, delay=0), ttl=lambda: 0.0,
+                                                   stale_while_revalidate=True)
+    await catalog.get("k")
+    order.clear()
+    visits = 0
+    singleflight.prefetch((terms, "org"), (prices, "all"), (limits, "project"), (catalog, "k"))
+    with pytest.raises(ConnectionError):
+        await limits.get("project")  # joins the batch, and gets its own load's error...
+    assert await terms.get("org") == "terms:org"  # ...which the others' readers do not
+    assert await prices.get("all") == "prices:all"
+    # One visit for the three that were due; the stale catalog copy was not one of them.
+    assert visits == 1 and order == ["terms", "prices"]
+    singleflight.prefetch((terms, "org"), (prices, "all"))  # fresh now: nothing to load
+    assert visits == 1
+
+
 async def test_a_failed_load_is_not_cached() -> None:
     attempts = 0
 
