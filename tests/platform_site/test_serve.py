@@ -1,5 +1,6 @@
 """`make run`'s server command (platform_site.serve): daphne on uvloop, with Twisted's Content-Type parsing
-remembered. The e2e tests run every daphne process through it; these check what they cannot see."""
+remembered and without Twisted's access log line. The e2e tests run every daphne process through it; these
+check what they cannot see."""
 
 from __future__ import annotations
 
@@ -57,3 +58,23 @@ def test_the_cache_wraps_twisted_once() -> None:
         assert http._parseContentType is wrapped
     finally:
         http._parseContentType = original
+
+
+def test_daphne_keeps_its_own_access_log_and_formats_no_twisted_one(tmp_path: Path) -> None:
+    """At verbosity 2 daphne routes Twisted's log to Python's logging, where Twisted's combined-log line for each
+    request would show; the command drops that line (it was formatted for every request, and discarded at the
+    verbosity `make run` uses), and daphne's own access log still has the request."""
+    from tests.e2e.server import free_port, stop, wait_for
+
+    port = free_port()
+    access = tmp_path / "access.log"
+    command = serve.command(port, quiet=False)
+    command[-1:-1] = ["-v", "2", "--access-log", str(access)]
+    output = tmp_path / "daphne.out"
+    process = subprocess.Popen(command, cwd=BASE_DIR, stdout=output.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", process=process)
+    finally:
+        stop(process)
+    assert '"GET /health' in access.read_text()
+    assert '"GET /health HTTP/1.1"' not in output.read_text()  # Twisted's combined-log format
