@@ -11,9 +11,10 @@ and Redis prefix when DATABASE_URL and REDIS_URL are set (SQLite and in-process 
   json1     concurrency 1, JSON: p50, p99 and p99.9 added to the direct figure; the garbage collector's
             pauses over 5 ms in the workers meanwhile (keyway_gc_pause_seconds on /metrics)
   sparse    one JSON request after each 2 s of quiet, as most tenants send them: p50 and max beside the direct
-            figure (no target yet: issue 16's tenth closing note measured 9.6-11.3 ms on PostgreSQL + Redis and
-            14.2 ms on SQLite, against 0.6-0.7 ms back to back: the hot path's cached copies have all expired,
-            and are reloaded one after another)
+            figure (no target yet). The hot path's cached copies have all expired by then and are reloaded:
+            9.6-11.3 ms on PostgreSQL + Redis and 14.2 ms on SQLite at issue 16's tenth closing note, 7.3 and
+            8.3 ms at its eleventh (the catalog's reload waits its turn, the billing copies load in one ORM
+            visit), against 0.6-0.7 ms back to back
   json32    concurrency 32, JSON: requests/s, and CPU per request of Keyway's workers, Redis and PostgreSQL
   stream16  concurrency 16, 20-chunk SSE streams: first byte (p50), streams/s, CPU per stream
   burst     1,000 streams arriving at once: first byte at p99 (from the burst's start), median of 3 bursts each way
