@@ -512,6 +512,9 @@ def row_stream16(report: Report, stack: Stack, args: argparse.Namespace) -> None
     first_direct, first_keyway = statistics.median(direct) * 1000, statistics.median(keyway) * 1000
     report.add("c=16 streams first byte p50", fmt(first_direct, "ms"), fmt(first_keyway, "ms"), "<= 3 ms",
                first_keyway <= 3)
+    # Both loads saturate the two cores (the direct one: the upstream and the client), so the absolute figure is
+    # mostly queueing, and the direct one alone can exceed 3 ms: what Keyway adds is shown beside it.
+    report.add("c=16 streams first byte added p50", "", fmt(first_keyway - first_direct, "ms"))
     report.add("c=16 streams/s", fmt(len(direct) / direct_took, "", 0), fmt(len(keyway) / took, "", 0))
     report.add("c=16 CPU/20-chunk stream: workers", "", fmt(gateway, "ms", 3), "<= 1 ms", gateway <= 1)
     report.add("c=16 CPU/stream: Redis + PostgreSQL", "", fmt(services, "ms", 3))
