@@ -527,8 +527,7 @@ class _RedisCounters:
         loop = asyncio.get_running_loop()
         self.heartbeats = loop.create_task(self._beat())
         self.reconciler = loop.create_task(reconcile_periodically(self.client, self.worker))
-        if settings.KEYWAY_USAGE_STREAM_WRITER:
-            self.usage_writer = loop.create_task(write_stream_periodically())
+        self.usage_writer = loop.create_task(write_stream_periodically())
 
     async def start(self) -> None:
         """Register this worker (and start writing the usage stream to the ledger) before the first request."""

@@ -511,8 +511,10 @@ def drain_stream(*, claim_idle: float | None = None, periodic: bool = False) -> 
 
 
 async def write_stream_periodically() -> None:
-    """Each worker runs this (with Redis, unless KEYWAY_USAGE_STREAM_WRITER is off): every
-    KEYWAY_USAGE_FLUSH_INTERVAL seconds, write what the usage stream holds, on the ledger's writer thread."""
+    """Each worker runs this with Redis: every KEYWAY_USAGE_FLUSH_INTERVAL seconds, on the ledger's writer thread,
+    write what the usage stream holds (unless KEYWAY_USAGE_STREAM_WRITER is off: `manage.py usage_writer` does it
+    elsewhere), and check the copies this host kept of what it sent against the ledger. The check is this host's
+    own, whoever writes the stream: left undone, its copies would pile up for as long as the process lives."""
     from redis.exceptions import RedisError
 
     while True:
@@ -520,7 +522,7 @@ async def write_stream_periodically() -> None:
         try:
             # While Redis is away the events wait there (or in the journals written meanwhile); the copies this
             # host kept are checked against the ledger either way.
-            if breaker.redis.allows():
+            if settings.KEYWAY_USAGE_STREAM_WRITER and breaker.redis.allows():
                 await ledger._in_writer_thread(functools.partial(drain_stream, periodic=True))
             await ledger._in_writer_thread(ledger.verify_kept)
         except (OperationalError, InterfaceError) as error:

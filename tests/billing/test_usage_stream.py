@@ -4,6 +4,7 @@ one step and once, and what a lost worker had read is claimed and written exactl
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -123,3 +124,47 @@ async def test_events_a_lost_worker_had_read_are_claimed_once_idle_and_written_o
 
     await sync_to_async(_write)(_decoded(read[0][1])[1])
     assert await sync_to_async(_ledger)(org) == (3, 700)
+
+
+async def test_usage_writer_once_writes_what_waits_in_the_stream(store: Any, org: Organization) -> None:
+    """`manage.py usage_writer`, the writer of hosts that take ledger writing off the gateways."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    await store.settle({}, {}, "batch-3", [_event(org, 100), _event(org, 200)])
+    output = StringIO()
+    await sync_to_async(call_command)("usage_writer", "--once", stdout=output)
+    assert output.getvalue().strip() == "2 usage event(s) written from the usage stream."
+    assert await sync_to_async(_ledger)(org) == (2, 300)
+    assert await store.client.xlen(keys.usage_stream(0)) == 0
+
+
+async def test_with_the_stream_writer_off_a_worker_still_checks_its_kept_copies(
+    store: Any, org: Organization, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where `usage_writer` writes the stream (KEYWAY_USAGE_STREAM_WRITER=0 on the gateways), each gateway still
+    checks the copies it kept of what it sent: what Redis lost is written from them, and they are let go (they
+    piled up on disk and in memory for as long as the worker lived)."""
+    from billing import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "_KEPT_SEGMENT_SECONDS", 0.05)
+    settings.KEYWAY_USAGE_VERIFY_AFTER = 0.05
+    settings.KEYWAY_USAGE_FLUSH_INTERVAL = 0.05
+    settings.KEYWAY_USAGE_STREAM_WRITER = False
+    lost = _event(org, 700)  # sent to the usage stream, which Redis then lost
+    ledger_module.ledger.keep(lost)
+    await asyncio.sleep(0.06)
+    ledger_module.ledger.keep(_event(org, 0))  # a segment is sealed, and checked, once the next one begins
+    await store.start()  # a worker's registration: its heartbeats, its reconciler, its periodic usage task
+    try:
+        for _ in range(100):
+            if await sync_to_async(_ledger)(org) == (1, 700):
+                break
+            await asyncio.sleep(0.05)
+        assert await sync_to_async(_ledger)(org) == (1, 700)
+        assert not ledger_module.ledger._kept_sealed
+    finally:
+        for task in (store.heartbeats, store.reconciler, store.usage_writer):
+            if task is not None:
+                task.cancel()
