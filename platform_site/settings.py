@@ -488,7 +488,8 @@ KEYWAY_USAGE_RETRY_INTERVAL = env_float("KEYWAY_USAGE_RETRY_INTERVAL", 1.0, mini
 # worker takes them over (the first was lost with its host, or is stuck); longer than a batch's write takes.
 KEYWAY_USAGE_CLAIM_IDLE = env_float("KEYWAY_USAGE_CLAIM_IDLE", 30.0, minimum=0.1)
 # With Redis: whether this process's workers write the shared usage stream to the ledger (every
-# KEYWAY_USAGE_FLUSH_INTERVAL seconds). Off where another process does (the test suite drains it itself).
+# KEYWAY_USAGE_FLUSH_INTERVAL seconds). Off where another process does: `manage.py usage_writer` on other hosts
+# (README, Several hosts), or the test suite, which drains it itself.
 KEYWAY_USAGE_STREAM_WRITER = env_bool("KEYWAY_USAGE_STREAM_WRITER", True)
 # With Redis: each host keeps a copy of the events it sent to the usage stream and, this many seconds later,
 # writes those the ledger does not have (Redis lost them: restarted empty, flushed, failed over).
