@@ -168,8 +168,7 @@ class SingleFlight(Generic[K, V]):
                 pending = loop.create_task(self._load_in_turn(key, turn, generation))
             else:
                 pending = loop.create_task(orm(self._load, key))
-            self._inflight[key] = pending
-            pending.add_done_callback(lambda done: self._remember(key, now, generation, done))
+            self._track(key, now, generation, pending)
         elif not background:
             waiting = self._waiting.get(key)
             if waiting is not None:
@@ -184,8 +183,11 @@ class SingleFlight(Generic[K, V]):
 
     def _adopt(self, key: K, now: float, together: asyncio.Task[list[Any]], index: int) -> None:
         """Make this copy's load the `index`th of a prefetched batch."""
-        generation = self._generation
         pending = asyncio.get_running_loop().create_task(self._one_of(together, index))
+        self._track(key, now, self._generation, pending)
+
+    def _track(self, key: K, now: float, generation: int, pending: asyncio.Task[V]) -> None:
+        """`pending` is this copy's load under way: joined by whoever needs it, kept when it ends (_remember)."""
         self._inflight[key] = pending
         pending.add_done_callback(lambda done: self._remember(key, now, generation, done))
 
