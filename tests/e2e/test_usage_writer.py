@@ -1,8 +1,8 @@
 """Ledger writing off the gateway: a server with KEYWAY_USAGE_STREAM_WRITER=0 leaves its usage events in the
 Redis usage stream, and `manage.py usage_writer`, a process of its own, writes them to the ledger until SIGTERM.
 
-The stack: bench/fake_upstream.py, Keyway under daphne, a database of its own, Redis under a key prefix of its
-own (needs REDIS_URL: without Redis there is no stream, and each worker writes its own journal).
+The stack: tests/e2e/server.py's usual one: the fake upstream, Keyway on uvicorn, a database and a Redis key prefix
+of its own. Needs REDIS_URL: without Redis there is no stream, and each worker writes its own journal.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import time
-from typing import Any
 
 import httpx2
 import pytest
@@ -34,18 +33,10 @@ def test_a_usage_writer_process_writes_what_gateways_without_a_writer_leave_in_t
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     var_dir = tmp_path_factory.mktemp("keyway-usage-writer")
-    log = var_dir / "servers.log"
-    env, database = server.make_environment(var_dir)  # and a Redis key prefix of its own
-    processes: list[subprocess.Popen[Any]] = []
-    try:
-        upstream, upstream_url = server.start_fake_upstream(log)
-        processes.append(upstream)
-        env.update(KEYWAY_UPSTREAM_BASE_URL=f"{upstream_url}/v1", KEYWAY_UPSTREAM_NAME="fake",
-                   KEYWAY_UPSTREAM_MODELS="ok")
-        key = next(word for word in server.manage(env, "bootstrap").split() if word.startswith("sk-kw-"))
-        gateway, url = server.start_keyway({**env, "KEYWAY_USAGE_STREAM_WRITER": "0"}, log)
-        processes.append(gateway)
-        with httpx2.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+    with server.keyway_stack(var_dir, upstream_models="ok", env_extra={"KEYWAY_USAGE_STREAM_WRITER": "0"}) as gateway:
+        env = gateway["env"]
+        with httpx2.Client(base_url=gateway["url"], headers={"Authorization": f"Bearer {gateway['key']}"},
+                           timeout=30) as client:
             for _ in range(12):
                 answer = client.post("/v1/chat/completions",
                                      json={"model": "ok", "messages": [{"role": "user", "content": "hi"}]})
@@ -55,16 +46,14 @@ def test_a_usage_writer_process_writes_what_gateways_without_a_writer_leave_in_t
 
         writer = subprocess.Popen([server.PYTHON, "manage.py", "usage_writer"], cwd=server.BASE_DIR, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        processes.append(writer)
-        deadline = time.monotonic() + 30
-        while _ledger_rows(env) != 12 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert _ledger_rows(env) == 12
-        writer.send_signal(signal.SIGTERM)
-        output, _ = writer.communicate(timeout=30)
+        try:
+            deadline = time.monotonic() + 30
+            while _ledger_rows(env) != 12 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert _ledger_rows(env) == 12
+            writer.send_signal(signal.SIGTERM)
+            output, _ = writer.communicate(timeout=30)
+        finally:
+            server.stop(writer)  # type: ignore[arg-type]
         assert writer.returncode == 0, output
         assert "12 usage event(s) written from the usage stream." in output
-    finally:
-        for process in processes:
-            server.stop(process)
-        server.drop_database(database)
